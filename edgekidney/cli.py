@@ -1,0 +1,240 @@
+"""The ``edgekidney`` command line: a thin layer over functions that tests call directly.
+
+Each command parses its options and calls one function. An :class:`EdgeKidneyError` becomes
+``error: <message>`` on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EdgeKidneyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Kidney-stone classifier for CT slices: train, export, quantize, build engines, serve.")
+bench_app = typer.Typer(no_args_is_help=True, help="Accuracy and latency benchmarks (also in benchmarks/).")
+app.add_typer(bench_app, name="bench")
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn an EdgeKidneyError into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeKidneyError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def command(*args, **kwargs):
+    def register(fn):
+        return app.command(*args, **kwargs)(user_errors(fn))
+
+    return register
+
+
+def echo_json(obj, path: Optional[Path]) -> None:
+    text = json.dumps(obj, indent=2)
+    if path is None:
+        return
+    if str(path) == "-":
+        typer.echo(text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+@command("synth")
+def synth_cmd(
+    out: Path = typer.Argument(..., help="Folder to write Normal/ and Stone/ DICOM slices into."),
+    patients: int = typer.Option(24, min=2, help="Synthetic patients (each contributes to both classes)."),
+    slices: int = typer.Option(5, min=1, help="Slices per class per patient."),
+    size: int = typer.Option(256, min=32, help="Slice size in pixels."),
+    seed: int = typer.Option(0),
+):
+    """Write synthetic CT-like DICOM slices (clearly labelled synthetic, licence-free)."""
+    from .data.synthetic import SynthConfig, generate
+
+    counts = generate(out, SynthConfig(patients=patients, slices_per_class=slices, size=size, seed=seed))
+    typer.echo(f"wrote {sum(counts.values())} synthetic slices to {out}: {counts}")
+
+
+@command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class (Normal/, Stone/, ...)."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write model.pt, split.csv, metrics.json into."),
+    classes: Optional[str] = typer.Option(None, help="Classes to use, in order, e.g. Normal,Stone."),
+    positive: Optional[str] = typer.Option(None, help="Positive class for stone metrics (default: named like 'stone')."),
+    weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a local ResNet50 state dict."),
+    weights_sha256: Optional[str] = typer.Option(None, help="Expected sha256 of --weights PATH."),
+    image_size: int = typer.Option(224, min=32),
+    epochs: int = typer.Option(12, min=1),
+    freeze_epochs: int = typer.Option(2, min=0, help="Epochs with the backbone frozen before fine-tuning all layers."),
+    batch_size: int = typer.Option(16, min=2),
+    lr: float = typer.Option(1e-3),
+    patience: int = typer.Option(4, min=1, help="Early stopping: epochs without a better validation AUC."),
+    label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5),
+    target_sensitivity: float = typer.Option(0.95, min=0.01, max=1.0),
+    val_fraction: float = typer.Option(0.2), test_fraction: float = typer.Option(0.0),
+    block_size: int = typer.Option(20, min=1, help="File-number block = one group when no DICOM patient id."),
+    window_center: float = typer.Option(40.0, help="CT window centre (HU) for DICOM."),
+    window_width: float = typer.Option(400.0, help="CT window width (HU) for DICOM."),
+    png16_hu_offset: Optional[int] = typer.Option(None, help="Read 16-bit PNGs as HU + OFFSET (else full-range)."),
+    augment: bool = typer.Option(True, help="Rotations, shifts and intensity jitter while training."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0),
+):
+    """Fine-tune ResNet50 on a folder of CT slices."""
+    from .data.dataset import SplitConfig, parse_classes
+    from .preprocess import Preprocessing
+    from .train import TrainConfig, train
+
+    pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
+                        png16_hu_offset=png16_hu_offset)
+    cfg = TrainConfig(data=data, out=out, classes=parse_classes(classes), positive_class=positive, weights=weights,
+                      weights_sha256=weights_sha256, image_size=image_size, epochs=epochs, freeze_epochs=freeze_epochs,
+                      batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,
+                      target_sensitivity=target_sensitivity, seed=seed, device=device, augment=augment,
+                      split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
+    metrics = train(cfg, log=typer.echo)
+    from .metrics import format_report
+
+    typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
+                                             f"threshold for sensitivity >= {target_sensitivity}):"))
+    typer.echo(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}")
+
+
+@command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory (or its model.pt)."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write; the sidecar goes next to it (.json)."),
+    opset: int = typer.Option(18, min=17),
+    parity_images: int = typer.Option(8, min=1),
+    tolerance: float = typer.Option(1e-3),
+):
+    """Export a checkpoint to ONNX with a JSON sidecar and a PyTorch parity check."""
+    from .export import export_onnx
+
+    card = export_onnx(run, out, opset=opset, parity_images=parity_images, tolerance=tolerance)
+    parity = card.extra["parity"]
+    typer.echo(f"wrote {out} (sha256 {card.sha256[:12]}), parity max |dlogit| {parity['max_abs_logit_diff']:.2e} "
+               f"on {parity['n_images']} real slices")
+
+
+@command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Argument(..., help="Checkpoint (RUN or model.pt), ONNX model or engine."),
+    data: Path = typer.Argument(..., help="Dataset folder, or a split manifest (RUN/split.csv)."),
+    split: Optional[str] = typer.Option(None, help="train | val | test: evaluate one split only."),
+    classes: Optional[str] = typer.Option(None, help="Class folders to use (default: all, which the model must know)."),
+    target_sensitivity: float = typer.Option(0.95, min=0.01, max=1.0),
+    store_threshold: bool = typer.Option(False, help="Write the threshold for the target sensitivity into the sidecar."),
+    backend: Optional[str] = typer.Option(None, help="ort | trt (default from the model file)."),
+    batch_size: int = typer.Option(16, min=1),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
+):
+    """Sensitivity, specificity, AUC and the confusion matrix of a model on labelled slices."""
+    from .data.dataset import parse_classes
+    from .evaluate import evaluate
+    from .metrics import format_report
+
+    result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
+                      target_sensitivity=target_sensitivity, store_threshold=store_threshold, backend=backend)
+    if str(json_out) != "-":
+        typer.echo(format_report(result["at_model_threshold"], f"{result['data']}, {result['n']} slices, "
+                                                               f"at the model's threshold:"))
+        typer.echo(f"  threshold for sensitivity >= {target_sensitivity}: {result['threshold_for_target']:.4f} "
+                   f"(specificity there {result['at_target_threshold']['specificity']:.4f})")
+        if store_threshold:
+            typer.echo(f"stored threshold in {result['stored_threshold_in']}")
+    echo_json(result, json_out)
+
+
+@command("infer")
+def infer_cmd(
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
+    paths: List[Path] = typer.Argument(..., help="Image/DICOM files and folders."),
+    backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
+    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
+    batch_size: int = typer.Option(8, min=1),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
+    keep_going: bool = typer.Option(False, help="Skip bad files, report them, exit non-zero at the end."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON ('-' for stdout)."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write results as CSV ('-' for stdout)."),
+):
+    """Classify CT slices: stone probability and label per file."""
+    from .predict import Classifier, expand_inputs
+
+    files = expand_inputs(paths)
+    options = {"device": device, "threads": threads} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
+    with Classifier(model, backend=backend, threshold=threshold, **options) as clf:
+        preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going)
+    rows = [p.to_dict() for p in preds]
+    to_stdout = "-" in (str(json_out), str(csv_out))
+    if not to_stdout:
+        width = max([len(r["path"]) for r in rows] + [4])
+        typer.echo(f"{'path':<{width}}  {'p(' + clf.card.positive_class + ')':>10}  label")
+        for r in rows:
+            typer.echo(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {r['label']}")
+    if json_out is not None:
+        echo_json({"model": str(model), "threshold": clf.threshold, "predictions": rows,
+                   "failures": [f.__dict__ for f in failures]}, json_out)
+    if csv_out is not None:
+        fh = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
+        w = csv.DictWriter(fh, fieldnames=["path", "probability", "label", "threshold"])
+        w.writeheader()
+        w.writerows(rows)
+        if fh is not sys.stdout:
+            fh.close()
+    for f in failures:
+        typer.echo(f"skipped: {f.error}", err=True)
+    if failures:
+        fail(f"{len(failures)} of {len(files)} file(s) could not be classified")
+
+
+@command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the synthetic data and all artifacts."),
+    epochs: int = typer.Option(6, min=1), image_size: int = typer.Option(128, min=32),
+    patients: int = typer.Option(24, min=4), seed: int = typer.Option(0),
+):
+    """The whole job on built-in synthetic CT slices: data -> train -> ONNX -> evaluate -> infer."""
+    from .demo import run_demo
+
+    run_demo(out, epochs=epochs, image_size=image_size, patients=patients, seed=seed, log=typer.echo)
+
+
+# -- quantization commands (issue 3) ----------------------------------------------------------------
+
+
+# -- TensorRT engine commands (issue 4) -------------------------------------------------------------
+
+
+# -- service commands (issue 5) ----------------------------------------------------------------------
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

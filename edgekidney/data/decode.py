@@ -1,0 +1,172 @@
+"""Decode one CT slice (DICOM, PNG, JPEG) into a 2-D float32 array in 0..1.
+
+No torch here: the on-device runtime and the server decode with this module too.
+
+- DICOM: stored values -> Hounsfield units (RescaleSlope/RescaleIntercept) -> CT window -> 0..1.
+- PNG/JPEG, 8-bit: value / 255 (the image is taken as already windowed by whoever exported it).
+- PNG, 16-bit: value / 65535, or, when the model's preprocessing names ``png16_hu_offset``,
+  HU = value - offset followed by the CT window, exactly as DICOM.
+- RGB/RGBA/palette images are converted to grayscale (ITU-R 601 luma, Pillow's "L").
+
+Every problem is raised as :class:`~edgekidney.errors.InputError` (or ``DependencyError`` for a
+missing DICOM decoder) with a message that starts with the file's name.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DependencyError, InputError
+from ..preprocess import Preprocessing, window_hu
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+DICOM_DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+
+
+def is_dicom_bytes(head: bytes) -> bool:
+    """True when the bytes carry the DICOM Part 10 magic ("DICM" after the 128-byte preamble)."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return is_dicom_bytes(fh.read(132))
+    except OSError:
+        return False
+
+
+def is_candidate_file(path: Path) -> bool:
+    """Files a dataset folder may hold: images by suffix, DICOM by suffix or (no suffix) by magic."""
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return True
+    return suffix == "" and looks_like_dicom(path)
+
+
+def load_slice(path: str | Path, config: Preprocessing) -> np.ndarray:
+    """Read and decode one file into a 2-D float32 slice in 0..1."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an image file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_slice(data, str(path), config, dicom_hint=path.suffix.lower() in DICOM_SUFFIXES)
+
+
+def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool = False) -> np.ndarray:
+    """Decode the bytes of one slice. ``name`` is only used in error messages."""
+    if not data:
+        raise InputError(f"{name}: empty file")
+    if dicom_hint or is_dicom_bytes(data[:132]):
+        gray = _decode_dicom(data, name, config)
+    else:
+        gray = _decode_image(data, name, config)
+    h, w = gray.shape
+    if min(h, w) < config.min_input_size:
+        raise InputError(f"{name}: image is {w}x{h} px, smaller than the {config.min_input_size} px minimum")
+    if not np.isfinite(gray).all():
+        raise InputError(f"{name}: pixel data contains NaN or infinity")
+    return gray
+
+
+def _decode_dicom(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise InputError(f"{name}: not a readable DICOM file ({_one_line(exc)})") from None
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise InputError(f"{name}: DICOM float pixel data is not a CT image edgekidney can read")
+        raise InputError(f"{name}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = getattr(file_meta, "TransferSyntaxUID", None) if file_meta is not None else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises ValueError/RuntimeError/AttributeError/NotImplementedError
+        text = _one_line(exc)
+        if "missing dependencies" in text or "no available" in text.lower() or "plugins are missing" in text:
+            syntax_name = getattr(syntax, "name", str(syntax))
+            raise DependencyError(
+                f"{name}: compressed DICOM ({syntax_name}) needs a decoder that is not installed: {DICOM_DECODER_HINT}"
+            ) from None
+        if "less than expected" in text or "truncat" in text.lower():
+            raise InputError(f"{name}: DICOM pixel data is truncated ({text})") from None
+        raise InputError(f"{name}: cannot decode DICOM pixel data ({text})") from None
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
+    if frames > 1 or pixels.ndim != 2:
+        raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
+    modality = str(ds.get("Modality", "CT") or "CT").upper()
+    if modality != "CT":
+        raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
+
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return window_hu(hu, config.window_center, config.window_width)
+
+
+def _decode_image(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return _image_to_gray(im, name, config)
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not a PNG, JPEG or DICOM image") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt streams
+        raise InputError(f"{name}: corrupt or truncated image ({_one_line(exc)})") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name}: image too large ({_one_line(exc)})") from None
+
+
+def _image_to_gray(im, name: str, config: Preprocessing) -> np.ndarray:
+    if im.format not in ("PNG", "JPEG", "MPO"):
+        raise InputError(f"{name}: {im.format} images are not supported; use PNG, JPEG or DICOM")
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.float32)
+        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+            raise InputError(f"{name}: 32-bit integer images are not supported; use 8- or 16-bit grayscale")
+        if config.png16_hu_offset is not None:
+            return window_hu(arr - np.float32(config.png16_hu_offset), config.window_center, config.window_width)
+        return arr / np.float32(65535.0)
+    if mode == "F":
+        raise InputError(f"{name}: floating-point images are not supported; use 8- or 16-bit grayscale")
+    if mode != "L":
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(background, im)
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.float32) / np.float32(255.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__

@@ -1,0 +1,25 @@
+"""The user-facing errors: one line that says what is wrong and what to do.
+
+The CLI turns them into ``error: ...`` and exit code 1, the server into a 4xx with a JSON reason.
+Anything else that escapes is a bug in edgekidney, not a user's mistake.
+"""
+
+
+class EdgeKidneyError(Exception):
+    """A problem the user can act on (bad input, missing package, incompatible artifact)."""
+
+
+class InputError(EdgeKidneyError):
+    """An input image, folder or dataset cannot be used."""
+
+
+class ModelError(EdgeKidneyError):
+    """A model, sidecar or engine cannot be used."""
+
+
+class DependencyError(EdgeKidneyError):
+    """An optional package needed for this path is not installed."""
+
+
+class GateError(EdgeKidneyError):
+    """A quality gate (accuracy, parity, latency) failed."""

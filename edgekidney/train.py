@@ -1,0 +1,424 @@
+"""Fine-tune torchvision ResNet50 on CT slices (needs the ``train`` extra: torch, torchvision).
+
+Transfer-learning schedule: ``freeze_epochs`` with the backbone frozen (only the new classifier
+learns), then all layers with a lower backbone learning rate. AdamW, one-cycle schedule per phase,
+class-weighted cross-entropy with label smoothing, CT-sensible augmentation (small rotations and
+shifts, intensity jitter), early stopping on validation AUC, best checkpoint kept.
+
+A run directory holds: ``model.pt`` (best checkpoint), ``split.csv`` (the manifest), ``metrics.json``,
+``history.csv`` (one row per epoch), ``curves.png`` (when matplotlib is installed), ``config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data.dataset import Dataset, Sample, SplitConfig, discover, positive_class_index, split_dataset, write_manifest
+from .data.decode import load_slice
+from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
+from .metrics import classification_report, softmax, threshold_for_sensitivity
+from .preprocess import Preprocessing, preprocess
+from .sidecar import ModelCard
+
+CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
+IMAGENET_HINT = ("pass --weights PATH to a local torchvision ResNet50 state dict "
+                 "(resnet50-11ad3fa6.pth, IMAGENET1K_V2) or --weights none")
+
+
+def require_torch():
+    try:
+        import torch
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise DependencyError("training needs PyTorch: pip install 'edgekidney[train]'") from None
+    return torch
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    out: Path
+    classes: list[str] | None = None
+    positive_class: str | None = None
+    weights: str = "imagenet"  # imagenet | none | PATH
+    weights_sha256: str | None = None
+    image_size: int = 224
+    epochs: int = 12
+    freeze_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    patience: int = 4
+    target_sensitivity: float = 0.95
+    seed: int = 0
+    device: str = "auto"
+    augment: bool = True
+    split: SplitConfig = field(default_factory=SplitConfig)
+    preprocessing: Preprocessing | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["data"], d["out"] = str(self.data), str(self.out)
+        d["preprocessing"] = self.resolved_preprocessing().to_dict()
+        return d
+
+    def resolved_preprocessing(self) -> Preprocessing:
+        return self.preprocessing or Preprocessing(image_size=self.image_size)
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_model(num_classes: int, weights: str = "none", weights_sha256: str | None = None):
+    """torchvision ResNet50 with its final layer replaced. Returns (model, description of weights)."""
+    torch = require_torch()
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    model = resnet50(weights=None)
+    if weights == "imagenet":
+        state = _imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2)
+        model.load_state_dict(state)
+        source = "torchvision ResNet50_Weights.IMAGENET1K_V2"
+    elif weights == "none":
+        source = "none (random initialisation)"
+    else:
+        state, digest = load_weights_file(Path(weights), weights_sha256)
+        _load_backbone(model, state, weights)
+        source = f"{weights} (sha256 {digest})"
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    return model, source
+
+
+def _imagenet_state_dict(enum):
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, socket errors, SSL errors
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(f"cannot download ImageNet weights ({reason}); {IMAGENET_HINT}") from None
+
+
+def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """A local state dict (or a checkpoint holding one), its sha256 verified when one is given."""
+    torch = require_torch()
+    if not path.exists():
+        raise InputError(f"{path}: no such weights file; {IMAGENET_HINT}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
+        raise InputError(f"{path}: sha256 is {digest}, expected {expected_sha256}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a PyTorch weights file ({' '.join(str(exc).split())[:120]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise InputError(f"{path}: does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, digest
+
+
+def _load_backbone(model, state: dict, where: str) -> None:
+    """Load every backbone tensor; the classifier (fc) is replaced anyway."""
+    own = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing = [k for k in own if not k.startswith("fc.") and k not in backbone]
+    bad = [k for k, v in backbone.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or bad or not backbone:
+        detail = f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else (
+            f"shape mismatch at {bad[0]}" if bad else "no tensors")
+        raise InputError(f"{where}: not a ResNet50 state dict ({detail})")
+    model.load_state_dict(backbone, strict=False)
+
+
+def resolve_device(device: str):
+    torch = require_torch()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to PyTorch; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Decode + preprocess (the shared numpy implementation) every sample once."""
+    out = np.empty((len(samples), 3, pre.image_size, pre.image_size), dtype=np.float32)
+    for i, s in enumerate(samples):
+        out[i] = preprocess(load_slice(s.path, pre), pre)
+        if progress:
+            progress(1)
+    return out
+
+
+def augment(batch, pre: Preprocessing, generator):
+    """Small rotations (±10°) and shifts (±6 %), intensity jitter (contrast ±10 %, brightness ±5 %)."""
+    torch = require_torch()
+    import torch.nn.functional as F
+
+    n = batch.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.12  # grid units: 2 = full width
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    x01 = batch * std + mean  # back to 0..1 so that padding is air (0) and jitter is physical
+    grid = F.affine_grid(theta.to(batch.dtype), list(x01.shape), align_corners=False)
+    x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.10
+    bright = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
+    x01 = (x01 * contrast + bright).clamp(0, 1)
+    return (x01 - mean) / std
+
+
+# -- training -----------------------------------------------------------------------------------------
+def _predict_logits(model, x: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
+    torch = require_torch()
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            outs.append(model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Run a whole training; returns the metrics dict also written to ``RUN/metrics.json``."""
+    torch = require_torch()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    _check(cfg)
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    pre = cfg.resolved_preprocessing()
+    device = resolve_device(cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    ds: Dataset = split_dataset(discover(cfg.data, cfg.classes), cfg.split)
+    positive = positive_class_index(ds.classes, cfg.positive_class)
+    write_manifest(ds.samples, cfg.out / "split.csv")
+    train_s, val_s = ds.of_split("train"), ds.of_split("val")
+    for note in ds.notes:
+        log(f"data: {note}")
+    log(f"data: {len(train_s)} train / {len(val_s)} val / {len(ds.of_split('test'))} test slices, "
+        f"classes {ds.classes}, positive {ds.classes[positive]!r}")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("decoding + preprocessing", total=len(train_s) + len(val_s))
+        x_train = load_arrays(train_s, pre, lambda k: bar.advance(task, k))
+        x_val = load_arrays(val_s, pre, lambda k: bar.advance(task, k))
+    y_train = np.array([s.label for s in train_s], dtype=np.int64)
+    y_val = np.array([s.label for s in val_s], dtype=np.int64)
+    t_data = time.perf_counter() - t_start
+
+    model, weights_source = build_model(len(ds.classes), cfg.weights, cfg.weights_sha256)
+    model.to(device)
+    log(f"model: ResNet50, weights {weights_source}, device {device}")
+    freeze_epochs = cfg.freeze_epochs if cfg.weights != "none" else 0
+    if cfg.weights == "none" and cfg.freeze_epochs:
+        log("model: --weights none: nothing to transfer, training all layers from the first epoch")
+
+    counts = np.bincount(y_train, minlength=len(ds.classes)).astype(np.float64)
+    class_w = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+
+    def make_phase(frozen: bool, epochs: int):
+        for name, p in model.named_parameters():
+            p.requires_grad = (not frozen) or name.startswith("fc.")
+        head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+        body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+        body_lr = cfg.lr * (cfg.backbone_lr_scale if cfg.weights != "none" else 1.0)
+        groups = [{"params": head, "lr": cfg.lr}] + ([] if frozen else [{"params": body, "lr": body_lr}])
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
+        return opt, sched
+
+    history: list[dict] = []
+    best = {"auc": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+    phases = [(True, freeze_epochs), (False, cfg.epochs - freeze_epochs)]
+    epoch, stale, stopped_early = 0, 0, False
+    hist_path = cfg.out / "history.csv"
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}")) as bar:
+        for frozen, n_epochs in phases:
+            if n_epochs <= 0 or stopped_early:
+                continue
+            opt, sched = make_phase(frozen, n_epochs)
+            for _ in range(n_epochs):
+                epoch += 1
+                t0 = time.perf_counter()
+                task = bar.add_task(f"epoch {epoch}/{cfg.epochs}{' (backbone frozen)' if frozen else ''}",
+                                    total=steps_per_epoch, status="")
+                model.train()
+                if frozen:  # keep ImageNet BatchNorm statistics while only the head learns
+                    for m in model.modules():
+                        if isinstance(m, torch.nn.BatchNorm2d):
+                            m.eval()
+                order = torch.randperm(len(x_train), generator=gen).numpy()
+                run_loss, run_ok = 0.0, 0
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i : i + cfg.batch_size]
+                    if len(idx) < 2 and len(order) > 1:
+                        idx = order[i - 1 : i + 1]  # BatchNorm cannot train on a batch of one
+                    xb = torch.from_numpy(x_train[idx])
+                    if cfg.augment:
+                        xb = augment(xb, pre, gen)
+                    xb, yb = xb.to(device), torch.from_numpy(y_train[idx]).to(device)
+                    opt.zero_grad(set_to_none=True)
+                    out = model(xb)
+                    loss = loss_fn(out, yb)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    run_loss += loss.item() * len(idx)
+                    run_ok += int((out.argmax(1) == yb).sum())
+                    bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
+                val_logits = _predict_logits(model, x_val, device)
+                val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits),
+                                                                   torch.from_numpy(y_val), weight=class_w.cpu()))
+                rep = classification_report(y_val, softmax(val_logits), ds.classes, positive, 0.5)
+                row = {"epoch": epoch, "frozen": int(frozen), "train_loss": run_loss / len(order),
+                       "train_accuracy": run_ok / len(order), "val_loss": val_loss,
+                       "val_accuracy": rep["accuracy"], "val_auc": rep["auc"], "val_sensitivity": rep["sensitivity"],
+                       "val_specificity": rep["specificity"], "lr": opt.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - t0}
+                history.append(row)
+                _write_history(history, hist_path)
+                auc = -1.0 if math.isnan(rep["auc"]) else rep["auc"]
+                improved = auc > best["auc"] + 1e-6 or (abs(auc - best["auc"]) <= 1e-6 and val_loss < best["loss"])
+                if improved:
+                    best.update(auc=auc, loss=val_loss, epoch=epoch,
+                                state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                    stale = 0
+                else:
+                    stale += 1
+                bar.update(task, status=f"loss {row['train_loss']:.3f} val_loss {val_loss:.3f} "
+                                        f"val_auc {rep['auc']:.3f} val_acc {rep['accuracy']:.3f}"
+                                        f"{' *' if improved else ''}")
+                log(f"epoch {epoch}: train_loss {row['train_loss']:.4f} val_loss {val_loss:.4f} "
+                    f"val_auc {rep['auc']:.4f} val_acc {rep['accuracy']:.4f} ({row['seconds']:.0f} s)")
+                if not frozen and stale >= cfg.patience:
+                    log(f"early stop: val AUC has not improved for {cfg.patience} epochs (best epoch {best['epoch']})")
+                    stopped_early = True
+                    break
+
+    model.load_state_dict(best["state"])
+    val_probs = softmax(_predict_logits(model, x_val, device))
+    threshold = threshold_for_sensitivity(y_val == positive, val_probs[:, positive], cfg.target_sensitivity)
+    report = classification_report(y_val, val_probs, ds.classes, positive, threshold)
+    report_05 = classification_report(y_val, val_probs, ds.classes, positive, 0.5)
+    metrics = {
+        "best_epoch": best["epoch"], "epochs_run": epoch, "stopped_early": stopped_early,
+        "weights": weights_source, "device": str(device), "image_size": pre.image_size,
+        "n_train": len(train_s), "n_val": len(val_s), "duplicates_dropped": ds.duplicates_dropped,
+        "target_sensitivity": cfg.target_sensitivity,
+        "val": report, "val_at_0.5": report_05,
+        "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t_start, 1)},
+    }
+    save_checkpoint(cfg.out / "model.pt", model, ds.classes, ds.classes[positive], pre, threshold,
+                    weights_source, metrics)
+    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    _plot_history(history, cfg.out / "curves.png")
+    return metrics
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    a.plot(ep, [h["val_loss"] for h in history], label="validation")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
+    b.plot(ep, [h["val_auc"] for h in history], label="val AUC")
+    b.plot(ep, [h["val_accuracy"] for h in history], label="val accuracy")
+    b.set_xlabel("epoch"), b.set_ylim(0, 1.02), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model, classes, positive_class, pre: Preprocessing, threshold: float,
+                    weights_source: str, metrics: dict) -> None:
+    torch = require_torch()
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": "resnet50",
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "classes": list(classes), "positive_class": positive_class, "preprocessing": pre.to_dict(),
+                "threshold": float(threshold), "weights": weights_source, "metrics": metrics}, path)
+
+
+def load_checkpoint(path: str | Path):
+    """-> (model in eval mode on the CPU, ModelCard describing it)."""
+    torch = require_torch()
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise ModelError(f"{path}: no such checkpoint (expected RUN/model.pt from 'edgekidney train')")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: not an edgekidney checkpoint ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not an edgekidney checkpoint")
+    model, _ = build_model(len(ck["classes"]), "none")
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    card = ModelCard(classes=ck["classes"], positive_class=ck["positive_class"],
+                     preprocessing=Preprocessing.from_dict(ck["preprocessing"]), threshold=ck["threshold"],
+                     kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")})
+    return model, card
+
+
+class TorchPredictor:
+    """PyTorch eager inference on a checkpoint, with the same interface evaluate uses for ONNX models."""
+
+    backend_name = "torch"
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.model, self.card = load_checkpoint(path)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.threshold = self.card.threshold
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return softmax(_predict_logits(self.model, batch, self.device))
+
+    def close(self) -> None:
+        pass
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1 or cfg.freeze_epochs < 0 or cfg.freeze_epochs > cfg.epochs:
+        raise EdgeKidneyError("need --epochs >= 1 and 0 <= --freeze-epochs <= --epochs")
+    if cfg.batch_size < 2:
+        raise EdgeKidneyError("--batch-size must be at least 2 (BatchNorm needs two images to train)")
