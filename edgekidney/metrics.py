@@ -87,9 +87,11 @@ def classification_report(y_true, probs, classes: list[str], positive: int, thre
 
 
 def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
-    """The highest threshold whose sensitivity on these data is at least ``target``.
+    """A threshold whose sensitivity on these data is at least ``target``, with the best specificity.
 
-    The highest such threshold keeps specificity as high as the target allows.
+    It lies halfway between the lowest positive score that must be kept and the next lower score, so
+    that a difference in the last float bits between backends (PyTorch, ONNX Runtime, TensorRT) cannot
+    flip a decision on the data the threshold was chosen on.
     """
     y = np.asarray(y_is_positive).astype(bool)
     s = np.asarray(score, dtype=np.float64)
@@ -99,7 +101,9 @@ def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
     if len(pos) == 0:
         return 0.5
     k = int(np.ceil(target * len(pos)))  # need at least k positives at or above the threshold
-    return float(pos[k - 1])
+    keep = pos[k - 1]
+    lower = s[s < keep]
+    return float((keep + (lower.max() if lower.size else 0.0)) / 2.0)
 
 
 def format_report(report: dict, title: str = "") -> str:

@@ -146,6 +146,8 @@ def _decode_image(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
 
 
 def _image_to_gray(im, name: str, config: Preprocessing) -> np.ndarray:
+    from PIL import Image
+
     if im.format not in ("PNG", "JPEG", "MPO"):
         raise InputError(f"{name}: {im.format} images are not supported; use PNG, JPEG or DICOM")
     mode = im.mode

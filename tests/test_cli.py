@@ -1,0 +1,99 @@
+"""The CLI: thin, one-line errors with a non-zero exit, never a traceback."""
+
+import json
+
+import pytest
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from edgekidney.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[-1], lines[-1]
+
+
+def test_infer_prints_json_for_files_and_folders(tiny_onnx, small_real, tmp_path):
+    out = tmp_path / "pred.json"
+    r = run("infer", tiny_onnx, small_real / "Stone", small_real / "Normal" / "Normal- (1).jpg", "--json", out)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert len(data["predictions"]) == 25 and data["failures"] == []
+    first = data["predictions"][0]
+    assert set(first) == {"path", "probability", "label", "threshold"}
+    assert "Stone" in r.stdout and "p(Stone)" in r.stdout
+
+
+def test_infer_csv_to_stdout(tiny_onnx, small_real):
+    r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", "--csv", "-")
+    assert r.exit_code == 0
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "path,probability,label,threshold" and len(lines) == 2
+
+
+def test_infer_keep_going_reports_bad_files_and_exits_nonzero(tiny_onnx, small_real, tmp_path):
+    bad = tmp_path / "fake.png"
+    bad.write_text("hello")
+    out = tmp_path / "p.json"
+    r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (1).jpg", bad, "--keep-going", "--json", out)
+    assert_one_line_error(r, "1 of 2 file(s) could not be classified")
+    assert "fake.png" in r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["predictions"]) == 1 and data["failures"][0]["path"].endswith("fake.png")
+
+
+@pytest.fixture()
+def cases(tmp_path, tiny_onnx):
+    (tmp_path / "empty").mkdir()
+    one = tmp_path / "oneclass" / "Stone"
+    one.mkdir(parents=True)
+    (one / "a.png").write_bytes(b"x")
+    (tmp_path / "text.png").write_text("not a png")
+    (tmp_path / "notonnx.onnx").write_text("not onnx")
+    (tmp_path / "notonnx.json").write_text(tiny_onnx.with_suffix(".json").read_text().replace(
+        json.loads(tiny_onnx.with_suffix(".json").read_text())["sha256"], ""))
+    (tmp_path / "bare.onnx").write_bytes(tiny_onnx.read_bytes())
+    from PIL import Image
+    Image.new("L", (16, 16)).save(tmp_path / "tiny.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["infer", "{model}", "{d}/missing.png"], ["missing.png: no such file or folder"]),
+    (["infer", "{model}", "{d}/empty"], ["empty: folder holds no"]),
+    (["infer", "{model}", "{d}/text.png"], ["text.png: not a PNG, JPEG or DICOM"]),
+    (["infer", "{model}", "{d}/tiny.png"], ["tiny.png: image is 16x16 px"]),
+    (["infer", "{model}", "{truncated}"], ["MR_truncated.dcm", "truncated"]),
+    (["infer", "{model}", "{nopixels}"], ["rtplan.dcm: DICOM file has no pixel data"]),
+    (["infer", "{d}/notonnx.onnx", "{d}/text.png"], ["notonnx.onnx: ONNX Runtime cannot load this model"]),
+    (["infer", "{d}/bare.onnx", "{d}/text.png"], ["bare.onnx: sidecar bare.json not found"]),
+    (["infer", "{d}/nomodel.onnx", "{d}/text.png"], ["nomodel.onnx: no such model file"]),
+    (["train", "{d}/oneclass", "--out", "{d}/run"], ["needs at least two class folders"]),
+    (["train", "{d}/nothere", "--out", "{d}/run"], ["nothere: no such folder"]),
+    (["evaluate", "{model}", "{d}/oneclass"], ["needs at least two class folders"]),
+    (["export", "{d}/norun", "--out", "{d}/m.onnx"], ["no such checkpoint"]),
+])
+def test_bad_input_gives_one_line_error(cases, tiny_onnx, argv, fragments):
+    subst = {"model": tiny_onnx, "d": cases, "truncated": get_testdata_file("MR_truncated.dcm", download=False),
+             "nopixels": get_testdata_file("rtplan.dcm", download=False)}
+    r = run(*[a.format(**subst) for a in argv])
+    assert_one_line_error(r, *fragments)
+
+
+def test_synth_writes_labelled_synthetic_dicom(tmp_path):
+    r = run("synth", tmp_path / "s", "--patients", "2", "--slices", "1", "--size", "64")
+    assert r.exit_code == 0, r.output
+    assert "SYNTHETIC" in (tmp_path / "s" / "README.txt").read_text()
+    assert len(list((tmp_path / "s" / "Stone").glob("*.dcm"))) == 2

@@ -1,0 +1,152 @@
+import io
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from edgekidney.data.decode import decode_slice, is_candidate_file, load_slice
+from edgekidney.errors import DependencyError, InputError
+from edgekidney.preprocess import Preprocessing, window_hu
+
+CFG = Preprocessing()
+
+
+def bundled(name):
+    path = get_testdata_file(name, download=False)  # bundled with pydicom: never downloaded
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled")
+    return path
+
+
+def png_bytes(arr, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG") if mode else Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_ct_dicom_is_converted_to_hu_then_windowed():
+    path = bundled("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    got = load_slice(path, CFG)
+    assert got.shape == (128, 128)
+    np.testing.assert_allclose(got, window_hu(hu, 40, 400), atol=1e-6)
+    assert 0 < got.mean() < 1
+
+
+def test_other_window_changes_the_result():
+    path = bundled("CT_small.dcm")
+    bone = load_slice(path, Preprocessing(window_center=400, window_width=1800))
+    assert not np.allclose(bone, load_slice(path, CFG))
+
+
+def test_truncated_dicom_from_pydicom_is_rejected():
+    with pytest.raises(InputError, match="truncated"):
+        load_slice(bundled("MR_truncated.dcm"), CFG)
+
+
+def test_truncated_ct_dicom_is_rejected(tmp_path):
+    data = open(bundled("CT_small.dcm"), "rb").read()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(InputError, match="cut.dcm"):
+        load_slice(cut, CFG)
+
+
+def test_dicom_without_pixel_data_is_rejected():
+    with pytest.raises(InputError, match="no pixel data"):
+        load_slice(bundled("rtplan.dcm"), CFG)
+
+
+def test_non_ct_dicom_is_rejected_not_guessed():
+    with pytest.raises(InputError, match="modality is MR"):
+        load_slice(bundled("MR_small.dcm"), CFG)
+
+
+def test_rgb_dicom_is_rejected():
+    with pytest.raises(InputError, match="samples per pixel"):
+        load_slice(bundled("SC_rgb.dcm") if get_testdata_file("SC_rgb.dcm", download=False) else
+                   bundled("SC_rgb_rle.dcm"), CFG)
+
+
+def test_compressed_dicom_without_decoder_names_the_package():
+    for mod in ("pylibjpeg", "gdcm"):
+        try:
+            __import__(mod)
+            pytest.skip(f"{mod} is installed, so the decoder is not missing")
+        except ImportError:
+            pass
+    with pytest.raises(DependencyError, match="pip install pylibjpeg"):
+        load_slice(bundled("MR_small_jpeg_ls_lossless.dcm"), CFG)
+
+
+def test_dicom_without_extension_is_found_by_magic(tmp_path):
+    f = tmp_path / "IM0001"
+    f.write_bytes(open(bundled("CT_small.dcm"), "rb").read())
+    (tmp_path / "notes").write_text("hello")
+    assert is_candidate_file(f) and not is_candidate_file(tmp_path / "notes")
+    assert load_slice(f, CFG).shape == (128, 128)
+
+
+def test_text_file_named_png_is_rejected(tmp_path):
+    f = tmp_path / "slice.png"
+    f.write_text("this is not an image")
+    with pytest.raises(InputError, match=r"slice.png: not a PNG, JPEG or DICOM"):
+        load_slice(f, CFG)
+
+
+def test_8bit_png_scales_by_255():
+    arr = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+    np.testing.assert_allclose(decode_slice(png_bytes(arr), "x.png", CFG), arr / 255.0, atol=1e-7)
+
+
+def test_16bit_png_full_range_and_hu_offset():
+    hu = np.linspace(-1000, 1000, 64 * 64).reshape(64, 64)
+    stored = (hu + 32768).astype(np.uint16)
+    data = png_bytes(stored)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    np.testing.assert_allclose(decode_slice(data, "x.png", CFG), stored / 65535.0, atol=1e-6)
+    as_hu = decode_slice(data, "x.png", Preprocessing(png16_hu_offset=32768))
+    np.testing.assert_allclose(as_hu, window_hu(stored.astype(np.float32) - 32768, 40, 400), atol=1e-6)
+    assert as_hu.min() == 0.0 and as_hu.max() == 1.0  # -1000 HU is below, +1000 above the abdomen window
+
+
+def test_rgb_png_becomes_the_same_gray():
+    gray = np.random.default_rng(1).integers(0, 256, (48, 48), dtype=np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    np.testing.assert_allclose(decode_slice(png_bytes(rgb), "rgb.png", CFG), decode_slice(png_bytes(gray), "g.png", CFG))
+
+
+def test_rgba_png_is_composited_over_black():
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, :20, 3] = 255  # left half opaque, right half transparent
+    out = decode_slice(png_bytes(rgba), "a.png", CFG)
+    assert np.allclose(out[:, :20], 200 / 255, atol=0.01) and np.allclose(out[:, 20:], 0)
+
+
+def test_image_smaller_than_32px_is_rejected():
+    with pytest.raises(InputError, match="smaller than the 32 px minimum"):
+        decode_slice(png_bytes(np.zeros((20, 300), dtype=np.uint8)), "thin.png", CFG)
+
+
+def test_truncated_jpeg_is_rejected(real_data):
+    data = (real_data / "Stone" / "Stone- (1).jpg").read_bytes()
+    with pytest.raises(InputError, match="truncated"):
+        decode_slice(data[: len(data) // 2], "half.jpg", CFG)
+
+
+def test_real_jpeg_slice_decodes(real_data):
+    out = load_slice(real_data / "Stone" / "Stone- (1).jpg", CFG)
+    assert out.shape == (256, 256) and 0 <= out.min() and out.max() <= 1 and out.std() > 0.05
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_slice(tmp_path / "nope.png", CFG)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        load_slice(tmp_path / "empty.png", CFG)

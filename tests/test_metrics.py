@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from edgekidney.metrics import (classification_report, confusion_matrix, decide, roc_auc, softmax,
+                                threshold_for_sensitivity)
+
+
+def brute_auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
+    assert roc_auc(y, s) == pytest.approx(brute_auc(y, s), abs=1e-12)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_report_counts_and_rates():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+    p_stone = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.8, 0.4, 0.7, 0.95, 0.05])
+    probs = np.stack([1 - p_stone, p_stone], 1)
+    r = classification_report(y, probs, ["Normal", "Stone"], 1, 0.5)
+    assert (r["tp"], r["fn"], r["fp"], r["tn"]) == (4, 1, 1, 4)
+    assert r["sensitivity"] == 0.8 and r["specificity"] == 0.8 and r["accuracy"] == 0.8
+    assert r["precision"] == 0.8 and r["f1"] == pytest.approx(0.8)
+    assert r["confusion_matrix"] == [[4, 1], [1, 4]]
+
+
+def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 500).astype(bool)
+    s = rng.random(500) * 0.5 + 0.4 * y
+    for target in (0.8, 0.9, 0.95, 1.0):
+        t = threshold_for_sensitivity(y, s, target)
+        assert np.mean(s[y] >= t) >= target
+        next_score = s[s > t].min()
+        assert np.mean(s[y] >= np.nextafter(next_score, 1)) < target  # any higher threshold misses the target
+        assert not np.any(np.isclose(s, t, atol=1e-9))  # never exactly on a score
+
+
+def test_decide_uses_threshold_for_positive_and_argmax_otherwise():
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3]])
+    assert decide(probs, positive=2, threshold=0.25).tolist() == [0, 2, 2]
+    assert decide(probs, positive=2, threshold=0.8).tolist() == [0, 1, 1]
+
+
+def test_softmax_and_confusion_matrix():
+    p = softmax(np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]]))
+    np.testing.assert_allclose(p, [[0.5, 0.5], [0.25, 0.75]], atol=1e-6)
+    assert confusion_matrix([0, 1, 2, 2], [0, 2, 2, 1], 3).tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
