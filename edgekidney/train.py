@@ -376,8 +376,7 @@ def save_checkpoint(path: Path, model, classes, positive_class, pre: Preprocessi
                 "threshold": float(threshold), "weights": weights_source, "metrics": metrics}, path)
 
 
-def load_checkpoint(path: str | Path):
-    """-> (model in eval mode on the CPU, ModelCard describing it)."""
+def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
     torch = require_torch()
     path = Path(path)
     if path.is_dir():
@@ -390,12 +389,23 @@ def load_checkpoint(path: str | Path):
         raise ModelError(f"{path}: not an edgekidney checkpoint ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not an edgekidney checkpoint")
-    model, _ = build_model(len(ck["classes"]), "none")
-    model.load_state_dict(ck["state_dict"])
-    model.eval()
     card = ModelCard(classes=ck["classes"], positive_class=ck["positive_class"],
                      preprocessing=Preprocessing.from_dict(ck["preprocessing"]), threshold=ck["threshold"],
                      kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")})
+    return ck, card
+
+
+def load_checkpoint_card(path: str | Path) -> ModelCard:
+    """What a checkpoint describes (classes, preprocessing, threshold), without building the model."""
+    return _read_checkpoint(path)[1]
+
+
+def load_checkpoint(path: str | Path):
+    """-> (model in eval mode on the CPU, ModelCard describing it)."""
+    ck, card = _read_checkpoint(path)
+    model, _ = build_model(len(ck["classes"]), "none")
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
     return model, card
 
 

@@ -1,0 +1,156 @@
+"""Calibration sets for INT8: N slices from the *training* split of a run, stratified by class.
+
+A calibration set is a folder (by convention ``calibration/NAME``) holding:
+
+- ``manifest.csv``: path, sha256, label, class_name of every chosen slice;
+- ``tensors.npy``: the preprocessed inputs, (N, 3, S, S) float32, made by the same
+  :func:`edgekidney.preprocess.preprocess` the runtime uses (byte-identical for the same files);
+- ``calibration.json``: preprocessing, counts per class, seed, the run and the manifest's sha256.
+
+Validation and test images are never chosen: calibrating on them would leak the data the accuracy
+gates are measured on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data.dataset import Sample, discover, read_manifest
+from .data.decode import load_slice
+from .errors import InputError
+from .preprocess import Preprocessing, preprocess
+from .train import load_checkpoint_card
+
+CAL_FIELDS = ("path", "sha256", "label", "class_name")
+
+
+@dataclass
+class CalibrationSet:
+    folder: Path
+    tensors: np.ndarray
+    samples: list[Sample]
+    info: dict
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.info["manifest_sha256"]
+
+
+def run_split_hashes(run: Path) -> dict[str, str]:
+    """sha256 -> split for every slice of a run's manifest."""
+    return {s.sha256: s.split for s in read_manifest(run / "split.csv")}
+
+
+def choose(eligible: list[Sample], n: int, seed: int) -> list[Sample]:
+    """``n`` samples, stratified: each class gets its share of ``n`` (proportional, at least 1)."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in eligible:
+        by_class.setdefault(s.label, []).append(s)
+    if len(by_class) < 2:
+        names = sorted({s.class_name for s in eligible})
+        raise InputError(f"calibration needs slices of at least two classes; the training split offers only {names}")
+    if n > len(eligible):
+        raise InputError(f"asked for {n} calibration slices but the training split offers only {len(eligible)}")
+    rng = np.random.default_rng(seed)
+    total = len(eligible)
+    quota = {k: max(1, round(n * len(v) / total)) for k, v in by_class.items()}
+    while sum(quota.values()) > n:  # rounding: take back from the largest
+        quota[max(quota, key=quota.get)] -= 1
+    while sum(quota.values()) < n:
+        k = max(by_class, key=lambda c: len(by_class[c]) - quota[c])
+        quota[k] += 1
+    picked: list[Sample] = []
+    for k in sorted(by_class):
+        items = sorted(by_class[k], key=lambda s: s.sha256)
+        idx = rng.choice(len(items), size=quota[k], replace=False)
+        picked.extend(items[i] for i in sorted(idx))
+    return picked
+
+
+def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: int = 256, seed: int = 0,
+                         progress: Callable[[int], None] | None = None) -> CalibrationSet:
+    data, run, out = Path(data), Path(run), Path(out)
+    card = load_checkpoint_card(run)
+    if not (run / "split.csv").exists():
+        raise InputError(f"{run}: no split.csv; calibrate needs the run's manifest to avoid validation images")
+    splits = run_split_hashes(run)
+    ds = discover(data, [c for c in card.classes if (data / c).is_dir()] or None)
+    unknown_classes = [c for c in ds.classes if c not in card.classes]
+    if unknown_classes:
+        raise InputError(f"{data}: classes {', '.join(unknown_classes)} are unknown to the model ({', '.join(card.classes)})")
+    eligible, held_out = [], 0
+    for s in ds.samples:
+        where = splits.get(s.sha256)
+        if where == "train":
+            s.label = card.classes.index(s.class_name)
+            eligible.append(s)
+        elif where in ("val", "test"):
+            held_out += 1
+    if not eligible:
+        raise InputError(f"{data}: none of its slices are in the training split of {run / 'split.csv'}")
+    picked = choose(eligible, n, seed)
+    pre = card.preprocessing
+    tensors = np.empty((len(picked), 3, pre.image_size, pre.image_size), dtype=np.float32)
+    for i, s in enumerate(picked):
+        tensors[i] = preprocess(load_slice(s.path, pre), pre)
+        if progress:
+            progress(1)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CAL_FIELDS)
+        w.writeheader()
+        for s in picked:
+            w.writerow({"path": str(s.path.resolve()), "sha256": s.sha256, "label": s.label, "class_name": s.class_name})
+    np.save(out / "tensors.npy", tensors)
+    counts = {c: sum(s.class_name == c for s in picked) for c in card.classes}
+    info = {"format": "edgekidney.calibration/1", "n": len(picked), "per_class": counts, "seed": seed,
+            "run": str(run.resolve()), "data": str(data.resolve()), "preprocessing": pre.to_dict(),
+            "manifest_sha256": _sha256(out / "manifest.csv"), "held_out_images_skipped": held_out,
+            "eligible_training_images": len(eligible)}
+    (out / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
+    return CalibrationSet(out, tensors, picked, info)
+
+
+def load_calibration_set(folder: str | Path) -> CalibrationSet:
+    folder = Path(folder)
+    for name in ("manifest.csv", "tensors.npy", "calibration.json"):
+        if not (folder / name).exists():
+            raise InputError(f"{folder}: not a calibration set ({name} missing); make one with 'edgekidney calibrate'")
+    info = json.loads((folder / "calibration.json").read_text())
+    if _sha256(folder / "manifest.csv") != info.get("manifest_sha256"):
+        raise InputError(f"{folder}: manifest.csv does not match calibration.json (edited by hand?)")
+    with open(folder / "manifest.csv", newline="") as fh:
+        samples = [Sample(path=Path(r["path"]), label=int(r["label"]), class_name=r["class_name"], sha256=r["sha256"])
+                   for r in csv.DictReader(fh)]
+    tensors = np.load(folder / "tensors.npy", mmap_mode="r")
+    if tensors.ndim != 4 or tensors.shape[0] != len(samples):
+        raise InputError(f"{folder}: tensors.npy has shape {tensors.shape} for {len(samples)} manifest rows")
+    return CalibrationSet(folder, tensors, samples, info)
+
+
+def check_against_model(cal: CalibrationSet, pre: Preprocessing, run_manifest: Path | None) -> None:
+    """Refuse a calibration set that does not fit the model or that contains held-out images."""
+    s = pre.image_size
+    if tuple(cal.tensors.shape[1:]) != (3, s, s):
+        raise InputError(f"{cal.folder}: calibration tensors are {tuple(cal.tensors.shape[1:])}, the model takes (3, {s}, {s})")
+    if Preprocessing.from_dict(cal.info.get("preprocessing", {})) != pre:
+        raise InputError(f"{cal.folder}: calibration was preprocessed differently from the model (see calibration.json)")
+    if len({x.class_name for x in cal.samples}) < 2:
+        raise InputError(f"{cal.folder}: calibration set holds one class only; it needs both")
+    if run_manifest is not None and run_manifest.exists():
+        splits = {x.sha256: x.split for x in read_manifest(run_manifest)}
+        leaked = [x for x in cal.samples if splits.get(x.sha256) in ("val", "test")]
+        if leaked:
+            raise InputError(f"{cal.folder}: {len(leaked)} calibration slice(s) are validation/test images of the run "
+                             f"(e.g. {leaked[0].path.name}); calibrate on the training split only")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

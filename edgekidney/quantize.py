@@ -1,0 +1,251 @@
+"""Quantize an FP32 ONNX model: the precision is written INTO the graph (DESIGN.md rule 2).
+
+- ``fp16``: an FP16 graph with float32 inputs and outputs kept, checked numerically against FP32.
+- ``int8 --target trt``: explicit Q/DQ TensorRT 10/11 accept: symmetric INT8 activations (zero point
+  0), per-channel symmetric INT8 weights, opset >= 13, Q/DQ in front of Conv/Gemm only, as NVIDIA's
+  explicit-quantization guide places them.
+- ``int8 --target cpu``: Q/DQ for ONNX Runtime on x86: U8 activations, S8 per-channel weights, all
+  operators ORT has integer kernels for (fast U8S8 kernels on AVX2).
+
+The quantizer is ONNX Runtime's ``quantize_static`` (maintained, CPU-only, no extra dependencies);
+calibration methods ``minmax``, ``entropy``, ``percentile``. Chosen layers can stay in higher
+precision (``keep``: node names, or the aliases ``first-conv`` and ``last-fc``).
+"""
+
+from __future__ import annotations
+
+import enum
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .calibrate import CalibrationSet, check_against_model, load_calibration_set
+from .errors import InputError, ModelError
+from .sidecar import ModelCard, load_card, sha256_of
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+class Precision(str, enum.Enum):
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Target(str, enum.Enum):
+    trt = "trt"
+    cpu = "cpu"
+
+
+class Method(str, enum.Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+@dataclass
+class QuantizeConfig:
+    precision: Precision = Precision.int8
+    target: Target = Target.cpu
+    method: Method = Method.minmax
+    calibration: Path | None = None
+    keep: list[str] = field(default_factory=list)  # node names or aliases kept in FP32
+    per_channel: bool = True
+    percentile: float = 99.999
+    max_calibration: int | None = None  # use only the first N calibration tensors
+    fp16_tolerance: float = 0.05  # max |Δlogit| FP16 vs FP32 on the calibration slices
+
+
+def is_quantized(model) -> bool:
+    """True when the graph already carries Q/DQ or integer ops, or FP16 weights."""
+    import onnx
+
+    if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
+        return True
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def resolve_keep(model, keep: list[str]) -> list[str]:
+    """Node names to exclude from quantization; aliases ``first-conv`` and ``last-fc``."""
+    names = [n.name for n in model.graph.node]
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    fcs = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    out = []
+    for k in keep:
+        if k == "first-conv" and convs:
+            out.append(convs[0])
+        elif k == "last-fc" and fcs:
+            out.append(fcs[-1])
+        elif k in names:
+            out.append(k)
+        else:
+            raise InputError(f"--keep {k}: no such node (use first-conv, last-fc or a node name, e.g. {convs[:2]})")
+    return out
+
+
+class _Reader:
+    """CalibrationDataReader over the preprocessed tensors, in small batches."""
+
+    def __init__(self, tensors: np.ndarray, input_name: str, batch: int = 16) -> None:
+        self.tensors, self.input_name, self.batch, self.i = tensors, input_name, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.tensors):
+            return None
+        x = np.ascontiguousarray(self.tensors[self.i : self.i + self.batch], dtype=np.float32)
+        self.i += self.batch
+        return {self.input_name: x}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=print) -> ModelCard:
+    import onnx
+
+    model_path, out = Path(model_path), Path(out)
+    card = load_card(model_path)
+    if card.kind != "onnx":
+        raise ModelError(f"{model_path}: quantize takes an ONNX model, not a {card.kind}")
+    model = onnx.load(str(model_path))
+    if card.precision != "fp32" or is_quantized(model):
+        raise ModelError(f"{model_path}: already quantized ({card.precision}); quantize the FP32 parent instead")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cal = None
+    if cfg.precision == Precision.int8 or cfg.calibration is not None:
+        if cfg.calibration is None:
+            raise InputError("--precision int8 needs --calibration DIR (make one with 'edgekidney calibrate')")
+        cal = load_calibration_set(cfg.calibration)
+        run_manifest = Path(card.extra.get("source_checkpoint", "")).parent / "split.csv" \
+            if card.extra.get("source_checkpoint") else None
+        check_against_model(cal, card.preprocessing, run_manifest)
+
+    if cfg.precision == Precision.fp16:
+        info = _to_fp16(model, out)
+    else:
+        info = _to_int8(model_path, out, cfg, card, cal, log)
+    seconds = time.perf_counter() - t0
+
+    check = _compare(model_path, out, card, cal)
+    if cfg.precision == Precision.fp16 and check["max_abs_logit_diff"] > cfg.fp16_tolerance:
+        out.unlink(missing_ok=True)
+        raise ModelError(f"FP16 model differs from FP32 by {check['max_abs_logit_diff']:.3g} logits "
+                         f"(> {cfg.fp16_tolerance}); keep layers in FP32 or stay with FP32")
+    info.update(check)
+    info["seconds"] = round(seconds, 1)
+    if cal is not None:
+        info["calibration"] = {"folder": str(cal.folder.resolve()), "manifest_sha256": cal.manifest_sha256,
+                               "n": int(min(len(cal.tensors), cfg.max_calibration or len(cal.tensors))),
+                               "per_class": cal.info.get("per_class")}
+    q_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
+                       threshold=card.threshold, precision=cfg.precision.value, kind="onnx",
+                       input_name=card.input_name, output_name=card.output_name,
+                       parent_sha256=card.sha256 or sha256_of(model_path), metrics={},
+                       extra={"quantization": info, "parent": str(model_path.resolve()),
+                              "source_checkpoint": card.extra.get("source_checkpoint")})
+    q_card.save(out)
+    return q_card
+
+
+def _to_fp16(model, out: Path) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    f16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(f16.graph)  # the converter appends its input casts at the end of the node list
+    onnx.checker.check_model(f16)
+    onnx.save(f16, str(out))
+    return {"precision": "fp16", "quantizer": "onnxruntime.transformers.float16 (keep_io_types)",
+            "io_dtype": "float32"}
+
+
+def _topological_sort(graph) -> None:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ModelError("FP16 conversion produced a graph with a cycle or a dangling input")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, cal: CalibrationSet, log) -> dict:
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    tensors = cal.tensors[: cfg.max_calibration] if cfg.max_calibration else cal.tensors
+    trt = cfg.target == Target.trt
+    method = {Method.minmax: CalibrationMethod.MinMax, Method.entropy: CalibrationMethod.Entropy,
+              Method.percentile: CalibrationMethod.Percentile}[cfg.method]
+    extra = {
+        "ActivationSymmetric": trt,  # TensorRT's parser takes zero point 0 only
+        "WeightSymmetric": True,
+        "CalibMovingAverage": False,
+    }
+    if cfg.method == Method.percentile:
+        extra["CalibPercentile"] = cfg.percentile
+    if trt:
+        extra["QuantizeBias"] = False  # TensorRT quantizes bias itself; int32 bias DQ is not for it
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # shape inference + ORT graph optimisation (folds BatchNorm into Conv) before placing Q/DQ
+        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+        prepared_model = onnx.load(str(prepared))
+        keep = resolve_keep(prepared_model, cfg.keep)
+        log(f"calibrating on {len(tensors)} slices ({cfg.method.value}), target {cfg.target.value}"
+            + (f", keeping {keep} in FP32" if keep else ""))
+        quantize_static(
+            str(prepared), str(out), _Reader(np.asarray(tensors), card.input_name),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"] if trt else None,
+            per_channel=cfg.per_channel,
+            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep or None,
+            calibrate_method=method,
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options=extra,
+        )
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q)
+    opset = max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
+    return {"precision": "int8", "target": cfg.target.value, "method": cfg.method.value,
+            "activations": "int8 symmetric" if trt else "uint8 asymmetric",
+            "weights": "int8 symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
+            "kept_fp32": keep, "opset": opset,
+            "quantizer": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
+            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in q.graph.node)}
+
+
+def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 64) -> dict:
+    """Quick numerical check on calibration slices (the accuracy benchmark is the real judge)."""
+    from .metrics import softmax
+    from .runtime.ort import OrtBackend
+
+    if cal is None:
+        rng = np.random.default_rng(0)
+        s = card.preprocessing.image_size
+        x = rng.standard_normal((8, 3, s, s)).astype(np.float32)
+        source = "random normal inputs"
+    else:
+        x = np.ascontiguousarray(cal.tensors[:n], dtype=np.float32)
+        source = "calibration slices"
+    size = card.preprocessing.image_size
+    with OrtBackend(fp32, size) as a, OrtBackend(quantized, size) as b:
+        la, lb = a.infer(x), b.infer(x)
+    pa, pb = softmax(la), softmax(lb)
+    return {"check_inputs": source, "check_n": int(len(x)),
+            "max_abs_logit_diff": float(np.max(np.abs(la - lb))),
+            "max_abs_prob_diff": float(np.max(np.abs(pa - pb))),
+            "top1_agreement": float(np.mean(pa.argmax(1) == pb.argmax(1)))}

@@ -1,0 +1,78 @@
+"""The accuracy and latency benchmarks: numbers, gates, exit codes, regression detection."""
+
+import json
+
+import pytest
+
+from edgekidney.bench import latency
+from edgekidney.bench.accuracy import Gates, main as accuracy_main, run_accuracy
+from edgekidney.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def fp16_model(tmp_path_factory, tiny_onnx):
+    from edgekidney.quantize import Precision, QuantizeConfig, quantize
+
+    out = tmp_path_factory.mktemp("b") / "model.fp16.onnx"
+    quantize(tiny_onnx, out, QuantizeConfig(precision=Precision.fp16), log=lambda s: None)
+    return out
+
+
+def test_accuracy_report_against_fp32_reference(tiny_onnx, fp16_model, tiny_run):
+    res = run_accuracy([fp16_model, tiny_onnx], tiny_run / "split.csv", split="val", log=lambda s: None)
+    ref, child = res["rows"][1], res["rows"][0]
+    assert ref["reference"] and ref["agreement"] == 1.0 and ref["max_abs_dprob"] == 0.0
+    assert child["child_of_reference"] and child["precision"] == "fp16"
+    assert res["n"] == 16 and child["agreement"] >= 0.9 and child["max_abs_dprob"] < 0.05
+    for key in ("accuracy", "sensitivity", "specificity", "auc"):
+        assert 0.0 <= child[key] <= 1.0
+
+
+def test_accuracy_gate_failure_exits_1_and_writes_json(tiny_onnx, fp16_model, tiny_run, tmp_path):
+    out = tmp_path / "acc.json"
+    args = [str(fp16_model), str(tiny_onnx), "--data", str(tiny_run / "split.csv"), "--split", "val", "--json", str(out)]
+    assert accuracy_main(args + ["--min-agreement", "0.5"]) == 0
+    assert json.loads(out.read_text())["passed"] is True
+    # an impossible gate must fail loudly
+    assert accuracy_main(args + ["--min-agreement", "1.01"]) == 1
+    assert json.loads(out.read_text())["failed"] == [str(fp16_model)]
+
+
+def test_accuracy_refuses_unknown_classes_and_missing_reference(tiny_onnx, fp16_model, real_data):
+    with pytest.raises(InputError, match="unknown to the model"):
+        run_accuracy([tiny_onnx], real_data, log=lambda s: None)
+    with pytest.raises(InputError, match="no FP32 model"):
+        run_accuracy([fp16_model], real_data, classes=["Normal", "Stone"], log=lambda s: None)
+
+
+def test_latency_runs_each_model_in_a_worker_and_reports_percentiles(tiny_onnx, small_real):
+    cfg = latency.LatencyConfig(batch_sizes=[1, 2], seconds=0.0, min_iterations=5, warmup=1, torch_baseline="none")
+    rep = latency.run_latency([tiny_onnx], cfg, data=small_real / "Stone", log=lambda s: None)
+    rows = rep["rows"]
+    assert {(r["batch"], r["mode"]) for r in rows} == {(1, "model"), (1, "end_to_end"), (2, "model"), (2, "end_to_end")}
+    for r in rows:
+        assert r["iterations"] >= 5 and 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["throughput_ips"] > 0 and r["peak_rss_mb"] > 10
+    e2e = {r["batch"]: r["p50_ms"] for r in rows if r["mode"] == "end_to_end"}
+    model = {r["batch"]: r["p50_ms"] for r in rows if r["mode"] == "model"}
+    assert e2e[2] > model[2]  # decoding and preprocessing cost something
+    assert rep["config"]["threads"] == 2
+
+
+def _report(fp32_ms, int8_ms):
+    rows = [{"label": "ort-fp32", "precision": "fp32", "backend": "ort", "batch": 1, "mode": "model", "p50_ms": fp32_ms},
+            {"label": "ort-int8-cpu", "precision": "int8", "backend": "ort", "batch": 1, "mode": "model", "p50_ms": int8_ms},
+            {"label": "pytorch-fp32", "precision": "fp32", "backend": "torch", "batch": 1, "mode": "model", "p50_ms": 120.0}]
+    return {"rows": rows}
+
+
+def test_regressions_are_judged_on_ratios_within_a_run():
+    old = _report(60.0, 30.0)
+    # the whole machine got 2x slower: no regression
+    assert latency.compare_to_baseline(_report(120.0, 60.0), old, 0.10) == []
+    # INT8 lost 20 % relative to FP32: regression
+    problems = latency.compare_to_baseline(_report(60.0, 36.0), old, 0.10)
+    assert len(problems) == 1 and "ort-int8-cpu batch 1 model" in problems[0]
+    sp = {s["label"]: s for s in latency.speedups(_report(60.0, 30.0)["rows"])}
+    assert sp["ort-int8-cpu"]["vs_ort_fp32"] == pytest.approx(2.0)
+    assert sp["ort-int8-cpu"]["vs_pytorch_fp32"] == pytest.approx(4.0)

@@ -1,0 +1,166 @@
+"""Calibration sets, FP16/INT8 quantization and the graph properties TensorRT and ORT need."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgekidney.calibrate import load_calibration_set, make_calibration_set
+from edgekidney.data.dataset import read_manifest
+from edgekidney.data.decode import load_slice
+from edgekidney.errors import InputError, ModelError
+from edgekidney.preprocess import preprocess
+from edgekidney.quantize import Method, Precision, QuantizeConfig, Target, quantize
+from edgekidney.sidecar import load_card
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory, small_real, tiny_run):
+    return make_calibration_set(small_real, tiny_run, tmp_path_factory.mktemp("cal") / "set", n=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_onnx, calib):
+    out = tmp_path_factory.mktemp("q")
+    models = {}
+    for name, cfg in {
+        "fp16": QuantizeConfig(precision=Precision.fp16),
+        "int8-trt": QuantizeConfig(precision=Precision.int8, target=Target.trt, calibration=calib.folder),
+        "int8-cpu": QuantizeConfig(precision=Precision.int8, target=Target.cpu, calibration=calib.folder,
+                                   method=Method.percentile, keep=["first-conv"]),
+    }.items():
+        models[name] = out / f"model.{name}.onnx"
+        quantize(tiny_onnx, models[name], cfg, log=lambda s: None)
+    return models
+
+
+def test_calibration_uses_training_slices_only_stratified_and_deterministic(calib, tiny_run, small_real, tmp_path):
+    splits = {s.sha256: s.split for s in read_manifest(tiny_run / "split.csv")}
+    assert all(splits[s.sha256] == "train" for s in calib.samples)
+    assert calib.info["per_class"] == {"Normal": 6, "Stone": 6}
+    assert calib.info["held_out_images_skipped"] > 0
+    again = make_calibration_set(small_real, tiny_run, tmp_path / "again", n=12, seed=1)
+    assert [s.sha256 for s in again.samples] == [s.sha256 for s in calib.samples]
+
+
+def test_calibration_tensors_are_byte_identical_to_runtime_preprocessing(calib):
+    from edgekidney.preprocess import Preprocessing
+
+    pre = Preprocessing.from_dict(calib.info["preprocessing"])
+    loaded = load_calibration_set(calib.folder)
+    for i in (0, 5, 11):
+        expected = preprocess(load_slice(loaded.samples[i].path, pre), pre)
+        assert loaded.tensors[i].tobytes() == expected.tobytes()
+
+
+def test_calibration_refuses_more_slices_than_the_training_split_has(small_real, tiny_run, tmp_path):
+    with pytest.raises(InputError, match="training split offers only"):
+        make_calibration_set(small_real, tiny_run, tmp_path / "c", n=1000)
+
+
+def test_calibration_refuses_one_class(small_real, tiny_run, tmp_path):
+    only = tmp_path / "data"
+    shutil.copytree(small_real / "Stone", only / "Stone")
+    (only / "Normal").mkdir()
+    shutil.copy(small_real / "Normal" / "Normal- (381).jpg", only / "Normal")  # a validation slice
+    with pytest.raises(InputError, match="at least two classes"):
+        make_calibration_set(only, tiny_run, tmp_path / "c", n=4)
+
+
+def test_int8_trt_graph_is_symmetric_per_channel_qdq(quantized):
+    model = onnx.load(str(quantized["int8-trt"]))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps = [n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+    assert zps, "no zero points found"
+    for name in zps:
+        z = inits[name]
+        assert z.dtype == np.int8, (name, z.dtype)
+        assert not np.any(z != 0), f"non-zero zero point {name}"
+    produced_by_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert all(n.input[0] in produced_by_dq and n.input[1] in produced_by_dq for n in convs)
+    weight_scale = inits[produced_by_dq[convs[1].input[1]].input[1]]
+    assert weight_scale.ndim == 1 and weight_scale.size > 1  # per-channel
+    card = load_card(quantized["int8-trt"])
+    q = card.extra["quantization"]
+    assert card.precision == "int8" and q["target"] == "trt" and q["activations"] == "int8 symmetric"
+    assert q["calibration"]["manifest_sha256"] and q["calibration"]["n"] == 12
+
+
+def test_int8_cpu_uses_uint8_activations_and_keeps_requested_layer(quantized):
+    model = onnx.load(str(quantized["int8-cpu"]))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    q_zp = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_zp == {np.dtype(np.uint8)}
+    card = load_card(quantized["int8-cpu"])
+    kept = card.extra["quantization"]["kept_fp32"]
+    assert len(kept) == 1 and card.extra["quantization"]["method"] == "percentile"
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert producers.get(first_conv.input[1]) != "DequantizeLinear"  # weights stayed FP32
+
+
+def test_fp16_keeps_float32_io_and_matches_fp32(quantized, tiny_onnx):
+    model = onnx.load(str(quantized["fp16"]))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    card = load_card(quantized["fp16"])
+    assert card.precision == "fp16" and card.parent_sha256 == load_card(tiny_onnx).sha256
+    assert card.extra["quantization"]["max_abs_logit_diff"] < 0.05
+
+
+def test_already_quantized_model_is_refused(quantized, calib, tmp_path):
+    with pytest.raises(ModelError, match="already quantized"):
+        quantize(quantized["int8-trt"], tmp_path / "x.onnx",
+                 QuantizeConfig(precision=Precision.int8, calibration=calib.folder), log=lambda s: None)
+
+
+def _forge(calib, tmp_path, rows=None, tensors=None):
+    """A copy of the calibration set with a changed manifest or tensors, checksums updated."""
+    dst = tmp_path / "forged"
+    shutil.copytree(calib.folder, dst)
+    if rows is not None:
+        with open(dst / "manifest.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["path", "sha256", "label", "class_name"])
+            w.writeheader()
+            w.writerows(rows)
+    if tensors is not None:
+        np.save(dst / "tensors.npy", tensors)
+    info = json.loads((dst / "calibration.json").read_text())
+    info["manifest_sha256"] = hashlib.sha256((dst / "manifest.csv").read_bytes()).hexdigest()
+    (dst / "calibration.json").write_text(json.dumps(info))
+    return dst
+
+
+def test_calibration_set_with_validation_images_is_refused(calib, tiny_run, tiny_onnx, tmp_path):
+    val = next(s for s in read_manifest(tiny_run / "split.csv") if s.split == "val")
+    rows = [{"path": str(s.path), "sha256": s.sha256, "label": s.label, "class_name": s.class_name}
+            for s in calib.samples]
+    rows[0] = {"path": str(val.path), "sha256": val.sha256, "label": val.label, "class_name": val.class_name}
+    forged = _forge(calib, tmp_path, rows=rows)
+    with pytest.raises(InputError, match="validation/test images"):
+        quantize(tiny_onnx, tmp_path / "x.onnx", QuantizeConfig(calibration=forged), log=lambda s: None)
+
+
+def test_calibration_tensor_shape_must_match_the_model(calib, tiny_onnx, tmp_path):
+    forged = _forge(calib, tmp_path, tensors=np.zeros((len(calib.samples), 3, 32, 32), dtype=np.float32))
+    with pytest.raises(InputError, match=r"the model takes \(3, 64, 64\)"):
+        quantize(tiny_onnx, tmp_path / "x.onnx", QuantizeConfig(calibration=forged), log=lambda s: None)
+
+
+def test_int8_needs_a_calibration_set(tiny_onnx, tmp_path):
+    with pytest.raises(InputError, match="needs --calibration"):
+        quantize(tiny_onnx, tmp_path / "x.onnx", QuantizeConfig(), log=lambda s: None)
+
+
+def test_unknown_keep_node_is_reported(tiny_onnx, calib, tmp_path):
+    with pytest.raises(InputError, match="--keep nope: no such node"):
+        quantize(tiny_onnx, tmp_path / "x.onnx", QuantizeConfig(calibration=calib.folder, keep=["nope"]),
+                 log=lambda s: None)
