@@ -75,6 +75,23 @@ def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
+@lru_cache(maxsize=64)
+def _resample_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same filter as a band: for each output pixel, the indices and weights of its few inputs.
+
+    Gathering ~5 taps per pixel is ~100x less work than the dense matrix product for 512 -> 224.
+    """
+    dense = _resample_matrix(n_in, n_out)
+    nonzero = dense > 0
+    taps = int(nonzero.sum(axis=1).max())
+    first = nonzero.argmax(axis=1)
+    idx = first[:, None] + np.arange(taps)[None, :]
+    valid = idx < n_in
+    idx = np.where(valid, idx, n_in - 1)
+    weights = np.where(valid, np.take_along_axis(dense, idx, axis=1), 0.0).astype(np.float32)
+    return idx, weights
+
+
 def pad_to_square(img: np.ndarray) -> np.ndarray:
     """Centre the slice on a square canvas of air (0) so resizing keeps anatomy undistorted."""
     h, w = img.shape
@@ -92,7 +109,11 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape
     if h == size and w == size:
         return img.astype(np.float32, copy=False)
-    return _resample_matrix(h, size) @ img.astype(np.float32, copy=False) @ _resample_matrix(w, size).T
+    img = img.astype(np.float32, copy=False)
+    rows_idx, rows_w = _resample_taps(h, size)
+    cols_idx, cols_w = _resample_taps(w, size)
+    tmp = np.einsum("ok,okw->ow", rows_w, img[rows_idx])  # (size, w)
+    return np.einsum("ok,hok->ho", cols_w, tmp[:, cols_idx])  # (size, size)
 
 
 def preprocess(gray01: np.ndarray, config: Preprocessing) -> np.ndarray:
