@@ -87,23 +87,29 @@ def classification_report(y_true, probs, classes: list[str], positive: int, thre
 
 
 def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
-    """A threshold whose sensitivity on these data is at least ``target``, with the best specificity.
+    """The decision threshold for a target sensitivity on these data.
 
-    It lies halfway between the lowest positive score that must be kept and the next lower score, so
-    that a difference in the last float bits between backends (PyTorch, ONNX Runtime, TensorRT) cannot
-    flip a decision on the data the threshold was chosen on.
+    Among thresholds whose sensitivity is at least ``target``, take those with the best specificity,
+    and of these the one with the best sensitivity (a perfectly separating model keeps all its
+    positives). The threshold lies halfway between the lowest positive score kept and the next lower
+    score, so that a difference in the last float bits between backends (PyTorch, ONNX Runtime,
+    TensorRT) cannot flip a decision on the data it was chosen on.
     """
     y = np.asarray(y_is_positive).astype(bool)
     s = np.asarray(score, dtype=np.float64)
     if not 0 < target <= 1:
         raise ValueError("target sensitivity must be in (0, 1]")
-    pos = np.sort(s[y])[::-1]
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
     if len(pos) == 0:
         return 0.5
-    k = int(np.ceil(target * len(pos)))  # need at least k positives at or above the threshold
-    keep = pos[k - 1]
-    lower = s[s < keep]
-    return float((keep + (lower.max() if lower.size else 0.0)) / 2.0)
+    candidates = np.unique(pos)  # predict positive when score >= candidate
+    sens = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)
+    spec = np.searchsorted(neg, candidates, side="left") / max(len(neg), 1)
+    ok = sens >= target - 1e-12
+    best_spec = spec[ok].max()
+    chosen = candidates[ok & (spec >= best_spec - 1e-12)].min()  # lowest such threshold = most sensitive
+    lower = s[s < chosen]
+    return float((chosen + (lower.max() if lower.size else 0.0)) / 2.0)
 
 
 def format_report(report: dict, title: str = "") -> str:

@@ -31,16 +31,26 @@ def test_report_counts_and_rates():
     assert r["confusion_matrix"] == [[4, 1], [1, 4]]
 
 
-def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target():
+def test_threshold_for_sensitivity_maximises_specificity_then_sensitivity():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 500).astype(bool)
     s = rng.random(500) * 0.5 + 0.4 * y
     for target in (0.8, 0.9, 0.95, 1.0):
         t = threshold_for_sensitivity(y, s, target)
-        assert np.mean(s[y] >= t) >= target
-        next_score = s[s > t].min()
-        assert np.mean(s[y] >= np.nextafter(next_score, 1)) < target  # any higher threshold misses the target
+        sens, spec = np.mean(s[y] >= t), np.mean(s[~y] < t)
+        assert sens >= target
+        for c in np.unique(s):  # brute force over every possible threshold
+            c_sens, c_spec = np.mean(s[y] >= c), np.mean(s[~y] < c)
+            if c_sens >= target:
+                assert c_spec < spec or (c_spec == spec and c_sens <= sens)
         assert not np.any(np.isclose(s, t, atol=1e-9))  # never exactly on a score
+
+
+def test_separable_scores_keep_every_positive():
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9])
+    t = threshold_for_sensitivity(y, s, 0.5)
+    assert 0.3 < t < 0.6  # all positives kept, no negative admitted
 
 
 def test_decide_uses_threshold_for_positive_and_argmax_otherwise():
