@@ -33,7 +33,7 @@ def run_demo(out: Path, epochs: int = 6, image_size: int = 128, patients: int = 
 
     t = time.perf_counter()
     run = out / "run"
-    train(TrainConfig(data=data, out=run, weights="none", epochs=epochs, image_size=image_size, batch_size=16,
+    train(TrainConfig(data=data, out=run, weights="none", epochs=epochs, freeze_epochs=0, image_size=image_size, batch_size=16,
                       seed=seed, preprocessing=Preprocessing(image_size=image_size)), log=log)
     stage("train", t)
 

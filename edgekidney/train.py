@@ -428,7 +428,8 @@ class TorchPredictor:
 
 
 def _check(cfg: TrainConfig) -> None:
-    if cfg.epochs < 1 or cfg.freeze_epochs < 0 or cfg.freeze_epochs > cfg.epochs:
+    frozen = cfg.freeze_epochs if cfg.weights != "none" else 0
+    if cfg.epochs < 1 or frozen < 0 or frozen > cfg.epochs:
         raise EdgeKidneyError("need --epochs >= 1 and 0 <= --freeze-epochs <= --epochs")
     if cfg.batch_size < 2:
         raise EdgeKidneyError("--batch-size must be at least 2 (BatchNorm needs two images to train)")

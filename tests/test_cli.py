@@ -97,3 +97,13 @@ def test_synth_writes_labelled_synthetic_dicom(tmp_path):
     assert r.exit_code == 0, r.output
     assert "SYNTHETIC" in (tmp_path / "s" / "README.txt").read_text()
     assert len(list((tmp_path / "s" / "Stone").glob("*.dcm"))) == 2
+
+
+def test_demo_runs_the_whole_job_on_synthetic_data(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--out", out, "--epochs", "1", "--image-size", "64", "--patients", "4")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["seconds"]) == {"data", "train", "export", "evaluate", "infer"}
+    assert summary["validation"]["n"] > 0 and "p(stone)" in r.stdout
+    assert (out / "model.onnx").exists() and (out / "model.json").exists()
