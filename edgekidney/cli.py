@@ -224,12 +224,162 @@ def demo_cmd(
 
 
 # -- quantization commands (issue 3) ----------------------------------------------------------------
+@command("calibrate")
+def calibrate_cmd(
+    data: Path = typer.Argument(..., help="Dataset folder (class folders) the run was trained on."),
+    run: Path = typer.Option(..., "--run", help="Run directory: its split.csv says which slices are training slices."),
+    out: Path = typer.Option(..., "--out", help="Calibration folder to write, e.g. calibration/ct-axial-256."),
+    n: int = typer.Option(256, "--n", min=2, help="Number of slices (stratified by class)."),
+    seed: int = typer.Option(0),
+):
+    """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration."""
+    from rich.progress import Progress
+
+    from .calibrate import make_calibration_set
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("preprocessing calibration slices", total=n)
+        cal = make_calibration_set(data, run, out, n=n, seed=seed, progress=lambda k: bar.advance(task, k))
+    typer.echo(f"wrote {cal.info['n']} slices {cal.info['per_class']} to {out} "
+               f"(skipped {cal.info['held_out_images_skipped']} validation/test slices)")
+
+
+@command("quantize")
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (with sidecar)."),
+    out: Path = typer.Option(..., "--out", help="Quantized ONNX model to write."),
+    precision: str = typer.Option(..., help="fp16 | int8"),
+    target: str = typer.Option("cpu", help="int8 flavour: trt (symmetric Q/DQ for TensorRT) | cpu (U8S8 for ORT)."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration folder from 'edgekidney calibrate'."),
+    method: str = typer.Option("minmax", help="minmax | entropy | percentile"),
+    keep: List[str] = typer.Option([], help="Node to keep in FP32 (repeatable): first-conv, last-fc or a node name."),
+    per_channel: bool = typer.Option(True, help="Per-channel weight scales."),
+    max_calibration: Optional[int] = typer.Option(None, min=1, help="Use only the first N calibration slices."),
+):
+    """Write an FP16 or INT8 (Q/DQ) model; the precision lives in the graph."""
+    from .quantize import Method, Precision, QuantizeConfig, Target, quantize
+
+    try:
+        cfg = QuantizeConfig(precision=Precision(precision), target=Target(target), method=Method(method),
+                             calibration=calibration, keep=list(keep), per_channel=per_channel,
+                             max_calibration=max_calibration)
+    except ValueError as exc:
+        fail(f"bad option: {exc}")
+    card = quantize(model, out, cfg, log=typer.echo)
+    q = card.extra["quantization"]
+    typer.echo(f"wrote {out} ({card.precision}{' ' + q['target'] if q.get('target') else ''}) in {q['seconds']} s; "
+               f"vs FP32 on {q['check_n']} {q['check_inputs']}: max |dlogit| {q['max_abs_logit_diff']:.4f}, "
+               f"top-1 agreement {q['top1_agreement']:.4f}")
+
+
+@bench_app.command("accuracy")
+@user_errors
+def bench_accuracy_cmd(
+    models: List[Path] = typer.Argument(..., help="FP32 model and its quantized children."),
+    data: Path = typer.Option(..., "--data", help="Labelled dataset folder or split manifest."),
+    split: Optional[str] = typer.Option(None), classes: Optional[str] = typer.Option(None),
+    reference: Optional[Path] = typer.Option(None, help="Reference model (default: the FP32 one)."),
+    backend: Optional[str] = typer.Option(None),
+    max_accuracy_drop: float = typer.Option(0.5, help="Gate, percentage points."),
+    max_sensitivity_drop: float = typer.Option(1.0, help="Gate, percentage points."),
+    min_agreement: float = typer.Option(0.99, help="Gate: top-1 agreement with the reference."),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Accuracy of quantized models against their FP32 parent; exit 1 when a gate fails."""
+    from .bench.accuracy import Gates, format_table, run_accuracy
+    from .data.dataset import parse_classes
+
+    result = run_accuracy(list(models), data, split, parse_classes(classes),
+                          Gates(max_accuracy_drop, max_sensitivity_drop, min_agreement), reference, backend=backend,
+                          log=lambda s: typer.echo(s, err=True))
+    typer.echo(format_table(result))
+    echo_json(result, json_out)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("latency")
+@user_errors
+def bench_latency_cmd(
+    models: List[Path] = typer.Argument(..., help="ONNX models (or engines with --backend trt)."),
+    backend: str = typer.Option("ort"), batch_sizes: str = typer.Option("1,8,32"),
+    threads: int = typer.Option(2, min=1), seconds: float = typer.Option(3.0, help="Time budget per configuration."),
+    torch: str = typer.Option("auto", help="PyTorch eager baseline: auto | none | checkpoint."),
+    data: Optional[Path] = typer.Option(None, help="Real slices for the end-to-end rows (default: synthetic)."),
+    baseline: Optional[Path] = typer.Option(None, help="Earlier report to compare with."),
+    max_slowdown: float = typer.Option(0.10),
+    json_out: Optional[Path] = typer.Option(None, "--json"), plot: Optional[Path] = typer.Option(None),
+):
+    """Latency percentiles and throughput per model, backend and batch size."""
+    from .bench.latency import main as latency_main
+
+    argv = [str(m) for m in models] + ["--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads),
+                                       "--seconds", str(seconds), "--torch", torch, "--max-slowdown", str(max_slowdown)]
+    for flag, value in (("--data", data), ("--baseline", baseline), ("--json", json_out), ("--plot", plot)):
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(latency_main(argv))
+
 
 
 # -- TensorRT engine commands (issue 4) -------------------------------------------------------------
+@command("build-engine")
+def build_engine_cmd(
+    model: Path = typer.Argument(..., help="ONNX model with its sidecar (FP32, FP16 or Q/DQ INT8: precision is in the graph)."),
+    out: str = typer.Option(..., "--out", help="Engine file to write (sidecar: OUT.json); a folder/ names it by cache key."),
+    min_batch: int = typer.Option(1, help="Smallest batch of the optimization profile."),
+    opt_batch: int = typer.Option(8, help="Batch TensorRT tunes for."),
+    max_batch: int = typer.Option(32, help="Largest batch; larger ones are split at run time."),
+    workspace: Optional[int] = typer.Option(None, help="Builder workspace limit in MiB (default: TensorRT's)."),
+    timing_cache: Optional[str] = typer.Option(None, help="Timing cache file (or folder/) to reuse and save."),
+    version_compatible: bool = typer.Option(False, help="Engine runs on this and later TensorRT releases."),
+    hardware_compatibility: Optional[str] = typer.Option(None, help="ampere_plus | same_compute_capability (not on JetPack)."),
+    tf32: bool = typer.Option(False, help="Allow TF32 math in FP32 layers (off: FP32 stays FP32)."),
+    force: bool = typer.Option(False, help="Rebuild even if OUT already is this engine."),
+    verbose: bool = typer.Option(False, help="Show TensorRT's info messages."),
+):
+    """Build a TensorRT engine (strongly typed, dynamic batch) for this GPU and TensorRT version."""
+    from .engine import EngineBuildConfig, build_engine
+    from .engine_compat import BatchProfile
+
+    cfg = EngineBuildConfig(profile=BatchProfile(min_batch, opt_batch, max_batch), workspace_mib=workspace,
+                            timing_cache=timing_cache, version_compatible=version_compatible,
+                            hardware_compatibility=hardware_compatibility, tf32=tf32, force=force, verbose=verbose)
+    build_engine(model, out, cfg, log=typer.echo)
+
 
 
 # -- service commands (issue 5) ----------------------------------------------------------------------
+
+
+@command("serve")
+def serve_cmd(
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
+    backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; loopback by default."),
+    port: int = typer.Option(8080, min=1, max=65535),
+    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
+    max_batch: int = typer.Option(16, min=0, help="Images per micro-batch; 0 or 1 turns micro-batching off."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest a batch waits for requests on their way."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="Run every request alone (same as --max-batch 1)."),
+    max_body_mb: float = typer.Option(64.0, min=0.001, help="Larger request bodies get 413."),
+    max_images: int = typer.Option(64, min=1, help="Most images (parts) in one multipart request."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", show_envvar=True,
+                                          help="Require this key (Authorization: Bearer KEY or X-API-Key)."),
+    graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    simulate_latency_ms: float = typer.Option(0.0, min=0.0, hidden=True, help="Testing: sleep before each batch."),
+):
+    """HTTP inference service: POST /v1/predict, /healthz, /readyz, /metrics (FastAPI + uvicorn)."""
+    from .server import ServeConfig, serve
+
+    serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
+                      threshold=threshold, max_batch=1 if no_batching else max_batch, max_wait_ms=max_wait_ms,
+                      max_body_mb=max_body_mb, max_images=max_images, api_key=api_key,
+                      graceful_timeout_s=graceful_timeout, log_level=log_level,
+                      simulate_latency_ms=simulate_latency_ms))
 
 
 def main() -> None:
