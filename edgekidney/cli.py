@@ -361,7 +361,7 @@ def serve_cmd(
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
     threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
-    max_batch: int = typer.Option(16, min=0, help="Images per micro-batch; 0 or 1 turns micro-batching off."),
+    max_batch: int = typer.Option(8, min=0, help="Images per micro-batch; 0 or 1 turns micro-batching off."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest a batch waits for requests on their way."),
     no_batching: bool = typer.Option(False, "--no-batching", help="Run every request alone (same as --max-batch 1)."),
     max_body_mb: float = typer.Option(64.0, min=0.001, help="Larger request bodies get 413."),

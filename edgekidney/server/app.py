@@ -1,0 +1,242 @@
+"""The FastAPI app: routes, API key, one log line per request, model warm-up and drain (lifespan).
+
+Routes: ``POST /v1/predict`` (one image as the body, or several as multipart/form-data),
+``GET /v1/model``, ``GET /healthz`` (alive), ``GET /readyz`` (model loaded and warmed up),
+``GET /metrics`` (Prometheus text). With an API key set, /v1/* and /metrics need it; the probes do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .. import __version__
+from .batching import MicroBatcher
+from .config import ServeConfig
+from .inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
+                     read_limited, single_upload, split_multipart)
+from .metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("edgekidney.server")
+
+ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
+QUIET = ("/healthz", "/readyz", "/metrics")  # probes and scrapes log at debug level
+IMAGES_KEY = "edgekidney.images"  # scope key: images in this request, for the log line
+
+
+class Service:
+    """What the routes share: the classifier, its batcher, the metrics and readiness."""
+
+    def __init__(self, classifier, config: ServeConfig) -> None:
+        self.clf = classifier
+        self.config = config
+        self.pre = classifier.preprocessing
+        card = classifier.card
+        self.model = {"sha256": card.sha256, "precision": card.precision, "backend": classifier.backend_name,
+                      "classes": list(card.classes), "positive_class": card.positive_class,
+                      "image_size": card.preprocessing.image_size, "threshold": float(classifier.threshold)}
+        self.metrics = Metrics({"sha256": card.sha256, "precision": card.precision,
+                                "backend": classifier.backend_name, "positive_class": card.positive_class,
+                                "image_size": card.preprocessing.image_size, "version": __version__})
+        max_batch = config.max_batch
+        engine_max = getattr(classifier.backend, "max_batch", None)  # a TensorRT profile's largest batch
+        if engine_max and max_batch > engine_max:
+            max_batch = engine_max
+        self.batcher = MicroBatcher(self._infer, max_batch, config.max_wait_ms, on_batch=self.metrics.batch_done)
+        self.ready = False
+        self.not_ready_reason = "model is warming up"
+
+    # -- the inference thread --------------------------------------------------------------
+    def _infer(self, batch: np.ndarray) -> list[tuple[float, str]]:
+        if self.config.simulate_latency_ms > 0:
+            time.sleep(self.config.simulate_latency_ms / 1000.0)
+        return self.clf.decide(self.clf.probabilities(batch))
+
+    # -- lifespan ----------------------------------------------------------------------------
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        await self.batcher.start()
+        warm = asyncio.create_task(self._warm_up())
+        try:
+            yield
+        finally:  # uvicorn runs this after the in-flight requests have finished
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
+            await self.batcher.close()  # drains anything still queued
+            self.clf.close()
+            log.info("stopped: queue drained, model closed")
+
+    async def _warm_up(self) -> None:
+        s = self.pre.image_size
+        t0 = time.perf_counter()
+        try:
+            await run_in_threadpool(self._warm_decoders)
+            for n in sorted({1, self.batcher.max_batch}):
+                await self.batcher.run_alone(np.zeros((n, 3, s, s), dtype=np.float32))
+        except Exception as exc:  # the model loaded but cannot run: stay alive, never ready
+            self.not_ready_reason = f"warm-up failed: {' '.join(str(exc).split())[:200]}"
+            log.error(self.not_ready_reason)
+            return
+        self.ready = self.metrics.ready = True
+        batching = (f"micro-batching up to {self.batcher.max_batch} images, {self.config.max_wait_ms:g} ms wait"
+                    if self.batcher.batching else "micro-batching off")
+        log.info("ready in %.0f ms: model sha256 %s, %s, backend %s, %s", (time.perf_counter() - t0) * 1000,
+                 self.model["sha256"][:12], self.model["precision"], self.model["backend"], batching)
+
+    def _warm_decoders(self) -> None:
+        """The first DICOM decode imports pydicom's pixel handlers (~200 ms): pay that before ready."""
+        import tempfile
+        from pathlib import Path
+
+        from ..data.decode import decode_slice
+        from ..data.synthetic import write_ct_dicom
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "warm-up.dcm"
+                write_ct_dicom(path, np.zeros((32, 32), np.float32), 0, 0, "1.2.3", "1.2.3.4")
+                decode_slice(path.read_bytes(), "warm-up", self.pre)
+        except Exception as exc:  # only an optimisation: a real upload will say what is wrong
+            log.debug("decoder warm-up skipped: %s", type(exc).__name__)
+
+    # -- auth --------------------------------------------------------------------------------
+    def require_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        supplied = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if supplied is None and auth[:7].lower() == "bearer ":
+            supplied = auth[7:].strip()
+        if supplied is None or not hmac.compare_digest(supplied.encode("utf-8", "replace"), key.encode("utf-8")):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    # -- predict -----------------------------------------------------------------------------
+    async def predict(self, request: Request):
+        t0 = time.perf_counter()
+        cfg = self.config
+        try:
+            content_type = request.headers.get("content-type")
+            kind = check_content_type(content_type)
+            check_declared_length(request.headers.get("content-length"), cfg.max_body_bytes)
+            if not self.ready:
+                return JSONResponse({"detail": self.not_ready_reason, "status": 503}, 503,
+                                    headers={"Retry-After": "1"})
+            body = await read_limited(request.stream(), cfg.max_body_bytes)
+            with self.batcher.announce() as slot:
+                uploads, x = await run_in_threadpool(self._decode, kind, content_type, body, request.scope)
+                result = await slot.submit(x)
+        except ClientError as exc:
+            return JSONResponse(exc.to_dict(), exc.status)
+        except ClientDisconnect:
+            return JSONResponse({"detail": "client disconnected", "status": 400}, 400)
+        latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+        items = []
+        for up, (prob, label) in zip(uploads, result.rows):
+            item = {"label": label, "probability": prob, "positive_class": self.model["positive_class"],
+                    "threshold": self.model["threshold"], "model_sha256": self.model["sha256"],
+                    "precision": self.model["precision"], "backend": self.model["backend"],
+                    "batch_size": result.batch_size, "latency_ms": latency_ms}
+            if up.part is not None:
+                item = {"part": up.part, **item}
+            items.append(item)
+        return JSONResponse(items if kind == MULTIPART_TYPE else items[0])
+
+    def _decode(self, kind: str, content_type: str, body: bytes, scope: dict):
+        if kind == MULTIPART_TYPE:
+            uploads = split_multipart(content_type, body, self.config.max_images)
+        else:
+            uploads = single_upload(body, kind)
+        scope[IMAGES_KEY] = len(uploads)  # for the log line, also when decoding fails
+        return uploads, decode_uploads(uploads, self.pre)
+
+
+class RequestLog:
+    """Pure ASGI middleware: one log line and the request metrics per HTTP request.
+
+    The line holds method, path (no query string), status, images and latency -- never a header,
+    a body or a DICOM attribute.
+    """
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        metrics = self.service.metrics
+        metrics.request_started()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - t0
+            path = scope.get("path", "")
+            label = path if path in ROUTES else "other"
+            metrics.request_finished(scope.get("method", ""), label, status[0], seconds, path == "/v1/predict")
+            level = logging.DEBUG if path in QUIET else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %d images=%s %.1f ms", scope.get("method", ""), label, status[0],
+                        scope.get(IMAGES_KEY, 0), seconds * 1000.0)
+
+
+def create_app(classifier, config: ServeConfig) -> FastAPI:
+    service = Service(classifier, config)
+    app = FastAPI(title="edgekidney", version=__version__, lifespan=service.lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    auth = [Depends(service.require_key)]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 401, 404, 405: same shape as ours
+        return JSONResponse({"detail": exc.detail, "status": exc.status_code}, exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if service.ready:
+            return {"status": "ready", "model": service.model}
+        return JSONResponse({"status": "not ready", "detail": service.not_ready_reason}, 503)
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics():
+        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/model", dependencies=auth)
+    async def model():
+        return {**service.model, "ready": service.ready, "max_batch": service.batcher.max_batch,
+                "batching": service.batcher.batching, "max_wait_ms": config.max_wait_ms}
+
+    @app.post("/v1/predict", dependencies=auth)
+    async def predict(request: Request):
+        try:
+            return await service.predict(request)
+        except Exception:  # a bug in edgekidney, not the client's: say nothing about the input
+            log.exception("internal error while serving /v1/predict")
+            return JSONResponse({"detail": "internal error", "status": 500}, 500)
+
+    app.add_middleware(RequestLog, service=service)
+    return app

@@ -1,0 +1,473 @@
+"""The inference service (issue 5), tested against real uvicorn processes on loopback with httpx.
+
+One model and one main server per module (the server uses an API key from EDGEKIDNEY_API_KEY, a 1 MB
+body limit and at most 4 images per request); a second server with an artificial batch delay checks
+readiness during warm-up and the graceful shutdown. The batcher and the metrics also get unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("torchvision")
+
+from edgekidney.predict import Classifier  # noqa: E402
+from edgekidney.server.batching import MicroBatcher  # noqa: E402
+from edgekidney.server.inputs import redact  # noqa: E402
+from edgekidney.server.metrics import Metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import build_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-5d1f"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PHI = ("Doe^Janet", "Doe", "Janet", "MRN-4711-SECRET", "19700101")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``python -m edgekidney.cli serve ...`` in its own process, its log in a file."""
+
+    def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._fh = open(log, "wb")
+        cmd = [sys.executable, "-m", "edgekidney.cli", "serve", str(model), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait(self, path: str = "/readyz", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{path} not 200 after {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        if not self._fh.closed:
+            self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("serve-model"), image_size=64)
+
+
+@pytest.fixture(scope="module")
+def images(model) -> dict[str, bytes]:
+    """A few real slices (JPEG as stored, re-encoded as PNG) and a DICOM with patient identifiers."""
+    from PIL import Image
+
+    from edgekidney.data.synthetic import synth_slice, write_ct_dicom
+
+    slices = sorted((model.parent / "slices").rglob("*.*"))
+    out = {f"jpeg{i}": p.read_bytes() for i, p in enumerate(slices[:6])}
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(out["jpeg0"])).save(buf, format="PNG")
+    out["png"] = buf.getvalue()
+    path = model.parent / "phi.dcm"
+    write_ct_dicom(path, synth_slice(np.random.default_rng(1), 96, stone=True), 1, 1, "1.2.3.4", "1.2.3.4.5")
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Janet", "MRN-4711-SECRET", "19700101"
+    ds.save_as(path)
+    out["dicom"] = path.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    with Classifier(model) as clf:
+        yield lambda data, name="ref": clf.predict_bytes(data, name)
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    srv = LiveServer(model, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-body-mb", "1",
+                     "--max-images", "4", "--max-batch", "8", "--max-wait-ms", "20",
+                     env={"EDGEKIDNEY_API_KEY": KEY})
+    try:
+        srv.wait()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30.0) as c:
+        yield c
+
+
+def post(client, data: bytes, content_type: str | None, **kw):
+    headers = {"Content-Type": content_type} if content_type else {}
+    return client.post("/v1/predict", content=data, headers=headers, **kw)
+
+
+def assert_matches(item: dict, ref) -> None:
+    assert item["label"] == ref.label
+    assert item["probability"] == pytest.approx(ref.probability, abs=1e-4)
+    assert item["threshold"] == ref.threshold
+
+
+# -- probes, auth ----------------------------------------------------------------------------------
+def test_probes_are_open_and_report_the_model(server, model):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200
+    m = ready.json()["model"]
+    assert m["sha256"] == json.loads(model.with_suffix(".json").read_text())["sha256"]
+    assert (m["precision"], m["backend"], m["image_size"]) == ("fp32", "ort", 64)
+    info = httpx.get(server.url + "/v1/model", headers=AUTH).json()
+    assert info["batching"] is True and info["max_batch"] == 8 and info["sha256"] == m["sha256"]
+    missing = httpx.get(server.url + "/nope")
+    assert missing.status_code == 404 and missing.json()["status"] == 404
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY + "x"},
+                                     {"Authorization": KEY}])
+def test_predict_and_metrics_need_the_key(server, images, headers):
+    r = httpx.post(server.url + "/v1/predict", content=images["jpeg0"],
+                   headers={"Content-Type": "image/jpeg", **headers})
+    assert r.status_code == 401 and r.json()["status"] == 401 and "API key" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/metrics", headers=headers).status_code == 401
+
+
+def test_both_key_headers_work(server, images, reference):
+    for headers in (AUTH, {"X-API-Key": KEY}):
+        r = httpx.post(server.url + "/v1/predict", content=images["jpeg1"],
+                       headers={"Content-Type": "image/jpeg", **headers})
+        assert r.status_code == 200, r.text
+        assert_matches(r.json(), reference(images["jpeg1"]))
+
+
+# -- valid requests --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,ctype", [("jpeg0", "image/jpeg"), ("png", "image/png"),
+                                        ("dicom", "application/dicom"), ("jpeg2", "image/jpeg; charset=x")])
+def test_single_image_matches_in_process_prediction(client, images, reference, name, ctype, model):
+    r = post(client, images[name], ctype)
+    assert r.status_code == 200, r.text
+    item = r.json()
+    assert_matches(item, reference(images[name]))
+    assert set(item) == {"label", "probability", "positive_class", "threshold", "model_sha256", "precision",
+                         "backend", "batch_size", "latency_ms"}
+    assert item["precision"] == "fp32" and item["backend"] == "ort" and item["positive_class"] == "Stone"
+    assert len(item["model_sha256"]) == 64 and item["latency_ms"] > 0
+
+
+def test_multipart_returns_one_result_per_part_in_order(client, images, reference):
+    names = ["jpeg3", "dicom", "png", "jpeg4"]
+    files = [("image", (f"x{i}", images[n], ctype)) for i, (n, ctype) in
+             enumerate(zip(names, ["image/jpeg", "application/dicom", "image/png", "application/octet-stream"]))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert [it["part"] for it in items] == [1, 2, 3, 4]
+    for it, n in zip(items, names):
+        assert_matches(it, reference(images[n]))
+    assert all(it["batch_size"] >= 4 for it in items)  # one request's parts run together
+
+
+def test_concurrent_requests_are_batched_and_correct(server, images, reference):
+    names = [f"jpeg{i % 6}" for i in range(16)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30.0) as c:
+            return await asyncio.gather(*[c.post("/v1/predict", content=images[n],
+                                                 headers={"Content-Type": "image/jpeg"}) for n in names])
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(names)
+    for r, n in zip(responses, names):
+        assert_matches(r.json(), reference(images[n]))
+    sizes = [r.json()["batch_size"] for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+
+
+# -- bad input: never a 500, the server keeps serving -----------------------------------------------
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bad_cases(images) -> list[tuple[str, bytes, str | None, int]]:
+    return [
+        ("text body", b"hello", "text/plain", 415),
+        ("no content type", images["jpeg0"], None, 415),
+        ("octet-stream body", images["jpeg0"], "application/octet-stream", 415),
+        ("garbage png", os.urandom(2000), "image/png", 422),
+        ("empty body", b"", "image/png", 422),
+        ("truncated jpeg", truncated(images["jpeg0"], 0.3), "image/jpeg", 422),
+        ("truncated dicom", truncated(images["dicom"], 0.6), "application/dicom", 422),
+        ("dicom header only", images["dicom"][:200], "application/dicom", 422),
+        ("16 px png", tiny_png(), "image/png", 422),
+        ("gif", b"GIF89a" + bytes(100), "image/png", 422),
+        ("too large", bytes(1024 * 1024 + 10), "image/png", 413),
+        ("multipart without boundary", b"--x\r\n", "multipart/form-data", 422),
+        ("multipart truncated", b'--b\r\nContent-Disposition: form-data; name="a"; filename="a"\r\n\r\nxx',
+         "multipart/form-data; boundary=b", 422),
+        ("multipart no parts", b"--b--\r\n", "multipart/form-data; boundary=b", 422),
+    ]
+
+
+def test_each_bad_input_gets_its_4xx_and_the_server_keeps_serving(client, images, reference):
+    for label, data, ctype, status in bad_cases(images):
+        r = post(client, data, ctype)
+        assert r.status_code == status, f"{label}: {r.status_code} {r.text}"
+        body = r.json()
+        assert body["status"] == status and body["detail"], label
+        ok = post(client, images["jpeg5"], "image/jpeg")  # still serving, still right
+        assert ok.status_code == 200, f"after {label}: {ok.text}"
+        assert_matches(ok.json(), reference(images["jpeg5"]))
+
+
+def test_bad_part_is_named_by_position_not_filename(client, images):
+    files = [("a", ("Doe^Janet.dcm", images["jpeg0"], "image/jpeg")),
+             ("b", ("Doe^Janet-2.dcm", truncated(images["dicom"], 0.6), "application/dicom"))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 422
+    assert r.json()["part"] == 2 and r.json()["detail"].startswith("part 2:")
+    assert "Doe" not in r.text
+    files = [("a", ("a.txt", b"hello", "text/plain"))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 415 and r.json()["part"] == 1
+
+
+def test_too_many_parts_is_413(client, images):
+    files = [("image", (f"{i}", images["jpeg0"], "image/jpeg")) for i in range(5)]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 413 and "--max-images" in r.json()["detail"]
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_declared_length_over_limit_is_413_before_the_body_is_read(server):
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: image/png\r\nContent-Length: 900000000\r\n\r\n")
+    assert raw_request(server.url, head).startswith(b"HTTP/1.1 413")
+
+
+def test_chunked_body_over_limit_is_413(client):
+    def chunks():
+        for _ in range(24):
+            yield bytes(64 * 1024)  # 1.5 MB in all, no Content-Length
+
+    try:
+        r = client.post("/v1/predict", content=chunks(), headers={"Content-Type": "image/png"})
+    except httpx.TransportError:  # the server may close before the client has written everything
+        pytest.skip("connection closed before the response could be read")
+    assert r.status_code == 413
+
+
+# -- privacy -----------------------------------------------------------------------------------------
+def test_no_patient_identifiers_in_responses_or_logs(client, server, images):
+    ok = post(client, images["dicom"], "application/dicom")
+    bad = post(client, truncated(images["dicom"], 0.6), "application/dicom")
+    assert ok.status_code == 200 and bad.status_code == 422
+    for text in (ok.text, bad.text, client.get("/metrics").text, server.log_text()):
+        for value in PHI:
+            assert value not in text
+
+
+def test_redact_scrubs_the_dicoms_own_identifiers(images):
+    msg = "upload: bad value 'Doe^Janet' for MRN-4711-SECRET born 19700101"
+    out = redact(msg, images["dicom"])
+    assert all(v not in out for v in PHI), out
+    assert redact("upload: bad", b"not dicom") == "upload: bad"
+
+
+# -- metrics and logs -------------------------------------------------------------------------------
+def test_metrics_are_prometheus_text(client, server):
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = r.text
+    assert 'edgekidney_requests_total{method="POST",path="/v1/predict",status="200"}' in text
+    assert 'status="422"' in text and 'status="401"' in text
+    assert "edgekidney_request_latency_seconds_bucket{le=\"+Inf\"}" in text
+    assert "edgekidney_batch_size_count" in text
+    assert 'edgekidney_model_info{sha256="' in text and 'precision="fp32",backend="ort"' in text
+    assert "edgekidney_ready 1" in text
+    for line in text.splitlines():  # every sample line: name{labels} value
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
+    log = server.log_text()
+    assert "POST /v1/predict 200 images=1" in log and "POST /v1/predict 422" in log
+
+
+# -- readiness and graceful shutdown ---------------------------------------------------------------------
+def test_not_ready_while_warming_up_then_sigterm_lets_in_flight_requests_finish(model, images, reference, tmp_path):
+    srv = LiveServer(model, tmp_path / "slow.log", "--simulate-latency-ms", "1000", "--max-batch", "4")
+    try:
+        srv.wait("/healthz")
+        r = httpx.get(srv.url + "/readyz")  # warm-up runs two 1 s batches
+        assert r.status_code == 503 and r.json()["status"] == "not ready"
+        early = httpx.post(srv.url + "/v1/predict", content=images["jpeg0"], headers={"Content-Type": "image/jpeg"})
+        assert early.status_code == 503 and early.headers["retry-after"] == "1"
+        srv.wait("/readyz")
+
+        results: dict[int, httpx.Response] = {}
+
+        def send(i: int) -> None:
+            results[i] = httpx.post(srv.url + "/v1/predict", content=images[f"jpeg{i}"],
+                                    headers={"Content-Type": "image/jpeg"}, timeout=30.0)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        threads[0].start()
+        time.sleep(0.3)  # request 0 is in its 1 s batch; 1 and 2 queue behind it
+        for t in threads[1:]:
+            t.start()
+        time.sleep(0.3)
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=30)
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown: -15 is a clean exit
+        assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        srv.stop()
+    for i in range(3):
+        assert results[i].status_code == 200, results[i].text
+        assert_matches(results[i].json(), reference(images[f"jpeg{i}"]))
+    assert "stopped: queue drained" in srv.log_text()
+
+
+def test_bad_model_fails_fast_with_one_line(tmp_path):
+    bad = tmp_path / "nope.onnx"
+    r = subprocess.run([sys.executable, "-m", "edgekidney.cli", "serve", str(bad), "--port", str(free_port())],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- units: batcher and metrics -------------------------------------------------------------------------
+def test_batcher_joins_concurrent_jobs_up_to_max_batch_and_drains_on_close():
+    seen: list[int] = []
+
+    def run(batch):
+        time.sleep(0.02)
+        seen.append(len(batch))
+        return [float(x[0, 0, 0]) for x in batch]
+
+    async def main():
+        b = MicroBatcher(run, max_batch=4, max_wait_ms=50)
+        await b.start()
+        jobs = [b.submit(np.full((1, 3, 2, 2), i, np.float32)) for i in range(10)]
+        jobs.append(b.submit(np.full((3, 3, 2, 2), 99, np.float32)))
+        tasks = [asyncio.ensure_future(j) for j in jobs]
+        await asyncio.sleep(0)
+        await b.close()  # every queued job still runs
+        return [t.result() for t in tasks]
+
+    results = asyncio.run(main())
+    assert [r.rows for r in results[:10]] == [[float(i)] for i in range(10)]
+    assert results[10].rows == [99.0] * 3
+    assert sum(seen) == 13 and max(seen) <= 4 and len(seen) < 13
+
+
+def test_batcher_off_runs_each_request_alone():
+    seen: list[int] = []
+
+    async def main():
+        b = MicroBatcher(lambda x: (seen.append(len(x)), list(range(len(x))))[1], max_batch=1)
+        await b.start()
+        out = await asyncio.gather(*[b.submit(np.zeros((k, 3, 2, 2), np.float32)) for k in (1, 1, 2, 1)])
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert seen == [1, 1, 2, 1] and [r.batch_size for r in out] == [1, 1, 2, 1]
+
+
+def test_batcher_failure_reaches_every_request_in_the_batch_and_it_goes_on():
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return [0] * len(batch)
+
+    async def main():
+        b = MicroBatcher(run, max_batch=8, max_wait_ms=0)
+        await b.start()
+        first = await asyncio.gather(b.submit(np.zeros((1, 3, 2, 2))), return_exceptions=True)
+        second = await b.submit(np.zeros((2, 3, 2, 2)))
+        await b.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert isinstance(first[0], RuntimeError) and second.rows == [0, 0]
+
+
+def test_metrics_text_format():
+    m = Metrics({"sha256": "ab", "precision": "int8", "backend": 'o"rt'})
+    m.request_started()
+    m.request_finished("POST", "/v1/predict", 200, 0.03, predict=True)
+    m.batch_done(3)
+    text = m.render()
+    assert 'edgekidney_requests_total{method="POST",path="/v1/predict",status="200"} 1' in text
+    assert 'edgekidney_request_latency_seconds_bucket{le="0.025"} 0' in text
+    assert 'edgekidney_request_latency_seconds_bucket{le="0.05"} 1' in text
+    assert 'edgekidney_batch_size_bucket{le="4"} 1' in text and "edgekidney_images_total 3" in text
+    assert 'backend="o\\"rt"' in text and "edgekidney_inflight_requests 0" in text
