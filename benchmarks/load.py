@@ -304,6 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, default=3600.0, help="Seconds for the whole benchmark.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load.json")
     args = ap.parse_args(argv)
+    args.model = args.model.resolve()  # the server runs from the repository root
     if not 1 <= args.n <= 5000:
         ap.error("--n must be in 1..5000")
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
