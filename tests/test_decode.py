@@ -79,7 +79,7 @@ def test_compressed_dicom_without_decoder_names_the_package():
             pytest.skip(f"{mod} is installed, so the decoder is not missing")
         except ImportError:
             pass
-    with pytest.raises(DependencyError, match="pip install pylibjpeg"):
+    with pytest.raises(DependencyError, match=r"needs a decoder that is not installed: pip install 'edgekidney\[dicom\]' \(pylibjpeg"):
         load_slice(bundled("MR_small_jpeg_ls_lossless.dcm"), CFG)
 
 

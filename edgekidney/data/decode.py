@@ -25,7 +25,7 @@ from ..preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-DICOM_DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+DICOM_DECODER_HINT = "pip install 'edgekidney[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or python-gdcm"
 
 
 def is_dicom_bytes(head: bytes) -> bool:
