@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from .errors import EdgeKidneyError
+from .jsonio import write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Kidney-stone classifier for CT slices: train, export, quantize, build engines, serve.")
@@ -51,14 +51,8 @@ def command(*args, **kwargs):
 
 
 def echo_json(obj, path: Optional[Path]) -> None:
-    text = json.dumps(obj, indent=2)
-    if path is None:
-        return
-    if str(path) == "-":
-        typer.echo(text)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+    if path is not None:
+        write_json(obj, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ reaches a target sensitivity on these data (which ``store_threshold`` writes int
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -127,7 +126,3 @@ def store_model_threshold(model: str | Path, threshold: float) -> Path:
     card.save(model)
     return sidecar_path(model)
 
-
-def write_json(obj: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,5 +1,4 @@
 import io
-import warnings
 
 import numpy as np
 import pydicom

@@ -9,7 +9,6 @@ agreement >= 99 %. A failed gate makes the exit code 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeKidneyError, InputError
+from ..jsonio import write_json
 from ..evaluate import labelled_set
 from ..metrics import classification_report, decide
 from ..predict import Classifier
@@ -33,10 +33,11 @@ class Gates:
 
 
 def run_accuracy(models: list[Path], data: Path, split: str | None = None, classes: list[str] | None = None,
-                 gates: Gates = Gates(), reference: Path | None = None, batch_size: int = 32,
+                 gates: Gates | None = None, reference: Path | None = None, batch_size: int = 32,
                  backend: str | None = None, log=print) -> dict:
     if not models:
         raise InputError("name at least one model")
+    gates = gates or Gates()
     t0 = time.perf_counter()
     clfs = [Classifier(m, backend=backend, **({"spinning": False} if (backend or "ort") == "ort" and
                                               Path(m).suffix == ".onnx" else {})) for m in models]
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(result))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, a.json)
     return 0 if result["passed"] else 1
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeKidneyError, InputError
+from ..jsonio import write_json
 
 
 @dataclass
@@ -176,9 +177,11 @@ def benchmark_files(data: Path | None, pre_dict: dict, tmp: Path) -> list[Path]:
     return files
 
 
-def run_latency(models: list[Path], cfg: LatencyConfig = LatencyConfig(), data: Path | None = None,
+def run_latency(models: list[Path], cfg: LatencyConfig | None = None, data: Path | None = None,
                 log=print, timeout_per_model: float = 1800) -> dict:
     from ..sidecar import load_card
+
+    cfg = cfg or LatencyConfig()
 
     if not models:
         raise InputError("name at least one model")
@@ -379,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(report))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, a.json)
     if a.plot:
         plot(report, a.plot)
     for line in problems:
