@@ -208,8 +208,8 @@ def infer_cmd(
 @command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the synthetic data and all artifacts."),
-    epochs: int = typer.Option(6, min=1), image_size: int = typer.Option(128, min=32),
-    patients: int = typer.Option(24, min=4), seed: int = typer.Option(0),
+    epochs: int = typer.Option(10, min=1), image_size: int = typer.Option(128, min=32),
+    patients: int = typer.Option(40, min=4), seed: int = typer.Option(0),
 ):
     """The whole job on built-in synthetic CT slices: data -> train -> ONNX -> evaluate -> infer."""
     from .demo import run_demo

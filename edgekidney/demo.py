@@ -16,7 +16,7 @@ from .preprocess import Preprocessing
 from .train import TrainConfig, train
 
 
-def run_demo(out: Path, epochs: int = 6, image_size: int = 128, patients: int = 24, seed: int = 0,
+def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int = 40, seed: int = 0,
              log: Callable[[str], None] = print) -> dict:
     out = Path(out)
     times: dict[str, float] = {}
