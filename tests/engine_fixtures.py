@@ -3,9 +3,9 @@
 ``build_onnx``: torchvision ResNet50 with seeded random weights, a checkpoint from
 :func:`edgekidney.train.save_checkpoint`, a ``split.csv`` of synthetic DICOM slices (or real ones) for the
 export's parity check, then :func:`edgekidney.export.export_onnx` -> FP32 ONNX with its sidecar.
-``to_fp16`` and ``to_int8_qdq`` derive FP16 and symmetric Q/DQ INT8 graphs from it (precision in the
-graph, DESIGN.md rule 2) with plain ``onnx`` / ONNX Runtime tooling, so these tests do not depend on
-the quantization module. ``fake_engine`` writes a *bad input*: bytes that are not a TensorRT plan, with
+``to_fp16`` and ``to_int8_qdq`` derive FP16 and symmetric Q/DQ INT8 graphs from it with the product's own
+``edgekidney.quantize`` (precision in the graph, DESIGN.md rule 2): the engines under test are built from
+exactly what users feed ``build-engine``. ``fake_engine`` writes a *bad input*: bytes that are not a TensorRT plan, with
 an engine sidecar, for the error-path tests; it is never run as an engine.
 """
 
@@ -77,59 +77,31 @@ def inputs(card, n: int, out: Path, seed: int = 0) -> np.ndarray:
     return np.stack([preprocess(load_slice(f, pre), pre) for f in files]).astype(np.float32)
 
 
-def _derived_card(src: Path, dst: Path, precision: str, extra: dict) -> None:
-    from edgekidney.sidecar import load_card
-
-    card = load_card(src)
-    card.precision = precision
-    card.parent_sha256 = card.sha256
-    card.extra = {**extra, "derived_by": "tests/engine_fixtures.py"}
-    card.save(dst)
-
-
 def to_fp16(src: Path, dst: Path) -> Path:
-    """FP16 graph with float32 I/O: float initializers -> float16, Cast after the input and before the output."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """The product's FP16 graph (float32 I/O kept), as ``edgekidney quantize --precision fp16`` writes it."""
+    from edgekidney.quantize import Precision, QuantizeConfig, quantize
 
-    m = onnx.load(str(src))
-    g = m.graph
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for node in g.node:  # constants inside the graph
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
-    inp, outp = g.input[0].name, g.output[0].name
-    for node in g.node:
-        node.input[:] = [inp + "_fp16" if x == inp else x for x in node.input]
-        node.output[:] = [outp + "_fp16" if x == outp else x for x in node.output]
-    g.node.insert(0, helper.make_node("Cast", [inp], [inp + "_fp16"], to=TensorProto.FLOAT16, name="cast_input_fp16"))
-    g.node.append(helper.make_node("Cast", [outp + "_fp16"], [outp], to=TensorProto.FLOAT, name="cast_output_fp32"))
-    del g.value_info[:]
-    onnx.checker.check_model(m)
-    onnx.save(m, str(dst))
-    _derived_card(src, dst, "fp16", {"fp16": "initializers cast, float32 I/O"})
+    quantize(src, dst, QuantizeConfig(precision=Precision.fp16), log=lambda s: None)
     return dst
 
 
-def to_int8_qdq(src: Path, dst: Path, calibration: np.ndarray) -> Path:
-    """Symmetric S8 activations + S8 per-channel weights in Q/DQ form (zero points 0, as TensorRT needs)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def to_int8_qdq(src: Path, dst: Path, calibration_slices: Path) -> Path:
+    """The product's TensorRT-flavoured INT8 graph (symmetric S8 Q/DQ), calibrated on the slices under
+    ``calibration_slices`` (class folders), which are added to the run's manifest as training slices so
+    that ``edgekidney calibrate`` takes them, exactly as a user's run would."""
+    from edgekidney.calibrate import make_calibration_set
+    from edgekidney.data.dataset import discover, read_manifest, write_manifest
+    from edgekidney.quantize import Precision, QuantizeConfig, Target, quantize
+    from edgekidney.sidecar import load_card
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": calibration[i : i + 1]} for i in range(len(calibration))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, per_channel=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    _derived_card(src, dst, "int8", {"quantization": "ORT quantize_static, symmetric S8S8 Q/DQ (test helper)"})
+    run = Path(load_card(src).extra["source_checkpoint"]).parent
+    extra = discover(calibration_slices, CLASSES).samples
+    for i, s in enumerate(extra):
+        s.split, s.group = "train", f"calibration{i}"
+    write_manifest(read_manifest(run / "split.csv") + extra, run / "split.csv")
+    cal = make_calibration_set(calibration_slices, run, dst.parent / "calibration-set", n=len(extra))
+    quantize(src, dst, QuantizeConfig(precision=Precision.int8, target=Target.trt, calibration=cal.folder),
+             log=lambda s: None)
     return dst
 
 

@@ -52,10 +52,10 @@ def models(gpu_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("trt_models")
     fp32 = fx.build_onnx(root / "m")
     card = load_card(fp32)
-    calib = fx.inputs(card, 32, root / "calibration", seed=7)
+    fx.inputs(card, 32, root / "calibration", seed=7)  # writes 32 synthetic slices in class folders
     x = fx.inputs(card, N_INPUTS, root / "eval", seed=1)
     return {"fp32": fp32, "fp16": fx.to_fp16(fp32, root / "m" / "model.fp16.onnx"),
-            "int8": fx.to_int8_qdq(fp32, root / "m" / "model.int8.onnx", calib), "x": x, "root": root}
+            "int8": fx.to_int8_qdq(fp32, root / "m" / "model.int8.onnx", root / "calibration"), "x": x, "root": root}
 
 
 @pytest.fixture(scope="module")
