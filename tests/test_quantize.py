@@ -164,3 +164,18 @@ def test_unknown_keep_node_is_reported(tiny_onnx, calib, tmp_path):
     with pytest.raises(InputError, match="--keep nope: no such node"):
         quantize(tiny_onnx, tmp_path / "x.onnx", QuantizeConfig(calibration=calib.folder, keep=["nope"]),
                  log=lambda s: None)
+
+
+def test_entropy_calibration_really_differs_from_minmax(tiny_onnx, calib, tmp_path):
+    """ORT's own entropy settings degenerate to MinMax (128 bins for 128 levels); ours must not."""
+    scales = {}
+    for method in (Method.minmax, Method.entropy):
+        out = tmp_path / f"{method.value}.onnx"
+        quantize(tiny_onnx, out, QuantizeConfig(target=Target.trt, method=method, calibration=calib.folder),
+                 log=lambda s: None)
+        model = onnx.load(str(out))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        scales[method] = {n.input[1]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales[Method.minmax].keys() == scales[Method.entropy].keys()
+    differ = [k for k in scales[Method.minmax] if abs(scales[Method.minmax][k] - scales[Method.entropy][k]) > 1e-9]
+    assert len(differ) >= len(scales[Method.minmax]) // 4
