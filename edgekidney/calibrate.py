@@ -23,10 +23,9 @@ from typing import Callable
 import numpy as np
 
 from .data.dataset import Sample, discover, read_manifest
-from .data.decode import load_slice
 from .errors import InputError
-from .preprocess import Preprocessing, preprocess
-from .train import load_checkpoint_card
+from .preprocess import Preprocessing
+from .train import load_arrays, load_checkpoint_card
 
 CAL_FIELDS = ("path", "sha256", "label", "class_name")
 
@@ -97,11 +96,7 @@ def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: 
         raise InputError(f"{data}: none of its slices are in the training split of {run / 'split.csv'}")
     picked = choose(eligible, n, seed)
     pre = card.preprocessing
-    tensors = np.empty((len(picked), 3, pre.image_size, pre.image_size), dtype=np.float32)
-    for i, s in enumerate(picked):
-        tensors[i] = preprocess(load_slice(s.path, pre), pre)
-        if progress:
-            progress(1)
+    tensors = load_arrays(picked, pre, progress)  # the shared decode + preprocess, as training uses it
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CAL_FIELDS)
