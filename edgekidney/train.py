@@ -214,6 +214,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log(f"data: {len(train_s)} train / {len(val_s)} val / {len(ds.of_split('test'))} test slices, "
         f"classes {ds.classes}, positive {ds.classes[positive]!r}")
 
+    # weights first: a missing or wrong weights file fails before minutes of decoding
+    model, weights_source = build_model(len(ds.classes), cfg.weights, cfg.weights_sha256)
+    model.to(device)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
         task = bar.add_task("decoding + preprocessing", total=len(train_s) + len(val_s))
@@ -223,8 +226,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     y_val = np.array([s.label for s in val_s], dtype=np.int64)
     t_data = time.perf_counter() - t_start
 
-    model, weights_source = build_model(len(ds.classes), cfg.weights, cfg.weights_sha256)
-    model.to(device)
     log(f"model: ResNet50, weights {weights_source}, device {device}")
     freeze_epochs = cfg.freeze_epochs if cfg.weights != "none" else 0
     if cfg.weights == "none" and cfg.freeze_epochs:
