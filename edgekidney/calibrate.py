@@ -14,7 +14,6 @@ gates are measured on.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from .data.dataset import Sample, discover, read_manifest
 from .errors import InputError
 from .preprocess import Preprocessing
+from .sidecar import sha256_of
 from .train import load_arrays, load_checkpoint_card
 
 CAL_FIELDS = ("path", "sha256", "label", "class_name")
@@ -107,7 +107,7 @@ def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: 
     counts = {c: sum(s.class_name == c for s in picked) for c in card.classes}
     info = {"format": "edgekidney.calibration/1", "n": len(picked), "per_class": counts, "seed": seed,
             "run": str(run.resolve()), "data": str(data.resolve()), "preprocessing": pre.to_dict(),
-            "manifest_sha256": _sha256(out / "manifest.csv"), "held_out_images_skipped": held_out,
+            "manifest_sha256": sha256_of(out / "manifest.csv"), "held_out_images_skipped": held_out,
             "eligible_training_images": len(eligible)}
     (out / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
     return CalibrationSet(out, tensors, picked, info)
@@ -119,7 +119,7 @@ def load_calibration_set(folder: str | Path) -> CalibrationSet:
         if not (folder / name).exists():
             raise InputError(f"{folder}: not a calibration set ({name} missing); make one with 'edgekidney calibrate'")
     info = json.loads((folder / "calibration.json").read_text())
-    if _sha256(folder / "manifest.csv") != info.get("manifest_sha256"):
+    if sha256_of(folder / "manifest.csv") != info.get("manifest_sha256"):
         raise InputError(f"{folder}: manifest.csv does not match calibration.json (edited by hand?)")
     with open(folder / "manifest.csv", newline="") as fh:
         samples = [Sample(path=Path(r["path"]), label=int(r["label"]), class_name=r["class_name"], sha256=r["sha256"])
@@ -145,7 +145,3 @@ def check_against_model(cal: CalibrationSet, pre: Preprocessing, run_manifest: P
         if leaked:
             raise InputError(f"{cal.folder}: {len(leaked)} calibration slice(s) are validation/test images of the run "
                              f"(e.g. {leaked[0].path.name}); calibrate on the training split only")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -24,6 +24,7 @@ from .engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_op
                             engine_cache_key, engine_file_name, profile_shapes, require_tensorrt_environment,
                             timing_cache_file)
 from .errors import InputError, ModelError
+from .graph import graph_precision
 from .sidecar import ModelCard, load_card, sidecar_path
 
 
@@ -55,20 +56,6 @@ class EngineBuildConfig:
 
 
 # -- ONNX, checked before TensorRT sees it --------------------------------------------------------------
-def graph_precision(model) -> str:
-    """int8 when the graph has Q/DQ nodes, fp16 when it has FP16 tensors, else fp32."""
-    from onnx import TensorProto
-
-    ops = {n.op_type for n in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear"}:
-        return "int8"
-    f16 = TensorProto.FLOAT16
-    if any(t.data_type == f16 for t in model.graph.initializer) or any(
-            n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute) for n in model.graph.node):
-        return "fp16"
-    return "fp32"
-
-
 def inspect_onnx(path: Path, card: ModelCard) -> dict:
     """Parse the ONNX file and check it against its sidecar: input name and shape, output, precision."""
     import onnx

@@ -24,10 +24,9 @@ import numpy as np
 
 from .calibrate import CalibrationSet, check_against_model, load_calibration_set
 from .errors import InputError, ModelError
+from .graph import graph_precision
 from .sidecar import ModelCard, load_card, sha256_of
 
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                 "MatMulInteger", "DynamicQuantizeLinear"}
 
 
 class Precision(str, enum.Enum):
@@ -57,15 +56,6 @@ class QuantizeConfig:
     percentile: float = 99.999
     max_calibration: int | None = None  # use only the first N calibration tensors
     fp16_tolerance: float = 0.05  # max |Δlogit| FP16 vs FP32 on the calibration slices
-
-
-def is_quantized(model) -> bool:
-    """True when the graph already carries Q/DQ or integer ops, or FP16 weights."""
-    import onnx
-
-    if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
-        return True
-    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 
 
 def resolve_keep(model, keep: list[str]) -> list[str]:
@@ -111,7 +101,7 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
     if card.kind != "onnx":
         raise ModelError(f"{model_path}: quantize takes an ONNX model, not a {card.kind}")
     model = onnx.load(str(model_path))
-    if card.precision != "fp32" or is_quantized(model):
+    if card.precision != "fp32" or graph_precision(model) != "fp32":
         raise ModelError(f"{model_path}: already quantized ({card.precision}); quantize the FP32 parent instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -12,7 +12,6 @@ A run directory holds: ``model.pt`` (best checkpoint), ``split.csv`` (the manife
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from .data.decode import load_slice
 from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
 from .metrics import classification_report, softmax, threshold_for_sensitivity
 from .preprocess import Preprocessing, preprocess
-from .sidecar import ModelCard
+from .sidecar import ModelCard, sha256_of
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
 IMAGENET_HINT = ("pass --weights PATH to a local torchvision ResNet50 state dict "
@@ -111,7 +110,7 @@ def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[d
     torch = require_torch()
     if not path.exists():
         raise InputError(f"{path}: no such weights file; {IMAGENET_HINT}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
         raise InputError(f"{path}: sha256 is {digest}, expected {expected_sha256}")
     try:

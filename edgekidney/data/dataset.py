@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..sidecar import sha256_of
 from .decode import is_candidate_file, looks_like_dicom
 
 SPLITS = ("train", "val", "test")
@@ -69,14 +70,6 @@ class Dataset:
 
     def of_split(self, split: str) -> list[Sample]:
         return [s for s in self.samples if s.split == split]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -135,7 +128,7 @@ def discover(root: str | Path, classes: list[str] | None = None) -> Dataset:
             raise InputError(f"{root / name}: class folder holds no .png, .jpg, .jpeg or DICOM files")
         samples.extend(Sample(path=p, label=label, class_name=name) for p in files)
     for s in samples:
-        s.sha256 = sha256_file(s.path)
+        s.sha256 = sha256_of(s.path)
 
     by_hash: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
