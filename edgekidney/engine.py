@@ -240,7 +240,8 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineBuildConfig 
             "timing_cache": str(cache_path) if cache_path else None, "cache_key": key, **cfg.plan_options()}
     engine_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
                             threshold=card.threshold, precision=card.precision, kind="engine",
-                            input_name=card.input_name, output_name=card.output_name, parent_sha256=card.sha256,
+                            input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
+                            scope=card.scope, parent_sha256=card.sha256,
                             metrics=card.metrics, extra={"engine": info})
     engine_card.save(out)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {build_seconds:.1f} s) and {sidecar_path(out).name}")

@@ -45,6 +45,9 @@ class ModelCard:
     kind: str = "onnx"  # onnx | engine
     input_name: str = "input"
     output_name: str = "logits"
+    outputs: list[str] = field(default_factory=lambda: ["logits"])  # + scope_distance, cam (edgekidney.heads)
+    # out-of-scope detector: method, output, threshold, how it was set (edgekidney.scope); {} = none
+    scope: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
     parent_sha256: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +57,13 @@ class ModelCard:
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
+
+    @property
+    def scope_threshold(self) -> float | None:
+        """Distance above which a slice is out of scope; None when the model has no detector."""
+        if "scope_distance" not in self.outputs or "threshold" not in self.scope:
+            return None
+        return float(self.scope["threshold"])
 
     @property
     def input_shape(self) -> list[int]:
@@ -81,6 +91,8 @@ class ModelCard:
                 kind=d.get("kind", "onnx"),
                 input_name=d.get("input_name", "input"),
                 output_name=d.get("output_name", "logits"),
+                outputs=list(d.get("outputs", [d.get("output_name", "logits")])),
+                scope=dict(d.get("scope") or {}),
                 sha256=d.get("sha256", ""),
                 parent_sha256=d.get("parent_sha256", ""),
                 metrics=dict(d.get("metrics", {})),

@@ -137,7 +137,7 @@ def test_backend_splits_batches_larger_than_the_profile():
 
         def _infer_impl(self, batch):
             self.calls.append(len(batch))
-            return np.repeat(batch[:, :1, 0, 0], 2, axis=1)
+            return {"logits": np.repeat(batch[:, :1, 0, 0], 2, axis=1)}
 
     b = Recorder()
     x = np.arange(70, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 32, 32), np.float32)

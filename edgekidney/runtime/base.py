@@ -1,6 +1,8 @@
 """The backend protocol every runtime implements (no torch).
 
-A backend takes a preprocessed float32 batch ``(N, 3, S, S)`` and returns logits ``(N, classes)``.
+A backend takes a preprocessed float32 batch ``(N, 3, S, S)`` and returns its named outputs
+(``{name: array}``, Polygraphy's convention): ``logits`` ``(N, classes)`` and, for models exported with
+heads, ``scope_distance`` ``(N,)`` and ``cam`` ``(N, S, S)`` (see :mod:`edgekidney.heads`).
 Public methods check state and shapes and call small ``_*_impl`` methods, as Polygraphy's runners do;
 batches larger than the backend's maximum are split here, once, for every backend.
 """
@@ -24,6 +26,12 @@ class Backend(ABC):
 
     # -- public API ------------------------------------------------------------------------
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The logits alone."""
+        outputs = self.infer_outputs(batch)
+        return outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the model, by name."""
         if self._closed:
             raise ModelError(f"{self.name} backend is closed")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -34,7 +42,7 @@ class Backend(ABC):
             raise InputError("input batch is empty")
         step = self.max_batch or batch.shape[0]
         outs = [self._infer_impl(batch[i : i + step]) for i in range(0, batch.shape[0], step)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def close(self) -> None:
         if not self._closed:
@@ -53,7 +61,7 @@ class Backend(ABC):
 
     # -- for subclasses --------------------------------------------------------------------
     @abstractmethod
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray: ...
+    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
     def _close_impl(self) -> None:
         pass

@@ -60,9 +60,10 @@ class OrtBackend(Backend):
         if input_name not in names:
             raise ModelError(f"{model_path}: model has no input named {input_name!r} (inputs: {names})")
         self.input_name = input_name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
 
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers, "threads": self.threads}

@@ -147,10 +147,10 @@ class TensorRTBackend(Backend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
-        if inputs != [self.card.input_name] or len(outputs) != 1:
+        if inputs != [self.card.input_name] or sorted(outputs) != sorted(self.card.outputs):
             raise ModelError(f"{self.engine_path}: engine has inputs {inputs} and outputs {outputs}; "
-                             f"edgekidney expects one input {self.card.input_name!r} and one output")
-        self.input_name, self.output_name = inputs[0], outputs[0]
+                             f"its sidecar names input {self.card.input_name!r} and outputs {self.card.outputs}")
+        self.input_name, self.output_names = inputs[0], outputs
         lo, _, hi = (tuple(d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0))
         if hi[0] != self.profile.max_batch or lo[0] != self.profile.min_batch:
             raise ModelError(f"{self.engine_path}: engine profile batch {lo[0]}..{hi[0]} differs from its sidecar "
@@ -163,7 +163,7 @@ class TensorRTBackend(Backend):
         # Buffers for the largest batch, allocated once; addresses bound once.
         if not self.context.set_input_shape(self.input_name, hi):
             raise ModelError(f"{self.engine_path}: engine rejects its own maximum input shape {hi}")
-        for name in (self.input_name, self.output_name):
+        for name in (self.input_name, *self.output_names):
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             buf = self.cuda.buffer(int(np.prod(shape)) * dtype.itemsize, dtype)
@@ -173,29 +173,28 @@ class TensorRTBackend(Backend):
         self._events = (self.cuda.event(), self.cuda.event())
 
     # -- inference ----------------------------------------------------------------------------------------
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """As :meth:`Backend.infer`; also sets ``last_gpu_ms`` (GPU compute of all chunks of this call)."""
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """As :meth:`Backend.infer_outputs`; also sets ``last_gpu_ms`` (GPU compute of all chunks of this call)."""
         if self._closed:
             raise ModelError(f"{self.name} backend is closed")
         with self._lock, self.cuda.active():
             self._gpu_ms = 0.0
-            out = super().infer(batch)
+            out = super().infer_outputs(batch)
             self.last_gpu_ms = self._gpu_ms
             return out
 
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         n = batch.shape[0]
         run = max(n, self.min_batch)  # pad up to the profile's minimum (zeros; their rows are dropped)
         shape = (run,) + batch.shape[1:]
         if not self.context.set_input_shape(self.input_name, shape):
             raise InputError(f"engine does not accept input shape {shape} (profile {self.profile.to_dict()})")
-        inp, out = self._buffers[self.input_name], self._buffers[self.output_name]
+        inp = self._buffers[self.input_name]
         host_in = inp.host[: int(np.prod(shape))].reshape(shape)
         host_in[:n] = batch  # casts to the engine's input type if it is not float32
         if run > n:
             host_in[n:] = 0
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        host_out = out.host[: int(np.prod(out_shape))]
+        shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.output_names}
 
         stream, (start, end) = self._stream, self._events
         self.cuda.htod_async(inp.device, host_in, stream)
@@ -203,10 +202,14 @@ class TensorRTBackend(Backend):
         if not self.context.execute_async_v3(self.cuda.stream_handle(stream)):
             raise ModelError(f"{self.engine_path}: TensorRT execution failed ({'; '.join(self.logger.errors[-2:])})")
         self.cuda.event_record(end, stream)
-        self.cuda.dtoh_async(host_out, out.device, stream)
+        host_outs = {}
+        for name, shape in shapes.items():
+            buf = self._buffers[name]
+            host_outs[name] = buf.host[: int(np.prod(shape))]
+            self.cuda.dtoh_async(host_outs[name], buf.device, stream)
         self.cuda.stream_sync(stream)
         self._gpu_ms += self.cuda.event_elapsed_ms(start, end)
-        return host_out.reshape(out_shape)[:n].astype(np.float32, copy=True)
+        return {name: host_outs[name].reshape(shape)[:n].astype(np.float32, copy=True) for name, shape in shapes.items()}
 
     def describe(self) -> dict:
         return {"backend": self.name, "engine": str(self.engine_path), "precision": self.card.precision,
