@@ -52,7 +52,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         raise InputError(f"--opset {opset}: edgekidney exports opset 17 or newer")
     checkpoint = Path(checkpoint)
     ckpt_file = checkpoint / "model.pt" if checkpoint.is_dir() else checkpoint
-    model, card = load_checkpoint(ckpt_file)
+    model, card = load_checkpoint(ckpt_file, heads=True)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     x, source = parity_inputs(ckpt_file.parent, card, parity_images)
@@ -61,7 +61,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     t0 = time.perf_counter()
     batch = torch.export.Dim("batch", min=1, max=1024)
     example = torch.from_numpy(x[:2] if len(x) >= 2 else np.concatenate([x, x]))
-    torch.onnx.export(model, (example,), str(out), input_names=["input"], output_names=["logits"],
+    torch.onnx.export(model, (example,), str(out), input_names=["input"], output_names=card.outputs,
                       opset_version=opset, dynamo=True, external_data=False,
                       dynamic_shapes={"x": {0: batch}}, verbose=False)
     proto = onnx.load(str(out))
@@ -69,23 +69,32 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     export_seconds = time.perf_counter() - t0
 
     with torch.inference_mode():
-        ref = model(torch.from_numpy(x)).numpy()
+        ref = dict(zip(card.outputs, (o.numpy() for o in model(torch.from_numpy(x)))))
     with OrtBackend(out, image_size=s) as ort_backend:
-        got = ort_backend.infer(x)
-        got1 = ort_backend.infer(x[:1])  # the batch dimension really is dynamic
-    delta = float(np.max(np.abs(ref - got)))
-    delta1 = float(np.max(np.abs(ref[:1] - got1)))
+        got = ort_backend.infer_outputs(x)
+        got1 = ort_backend.infer_outputs(x[:1])  # the batch dimension really is dynamic
+    delta = float(np.max(np.abs(ref["logits"] - got["logits"])))
+    delta1 = float(np.max(np.abs(ref["logits"][:1] - got1["logits"])))
     if max(delta, delta1) > tolerance:
         raise GateError(f"{out}: ONNX Runtime differs from PyTorch by {max(delta, delta1):.2e} > {tolerance:g}")
+    heads = {}
+    for name in card.outputs[1:]:  # relative differences: distances and maps have their own scales
+        scale = max(1.0, float(np.max(np.abs(ref[name]))))
+        rel = float(np.max(np.abs(ref[name] - got[name]))) / scale
+        heads[name] = rel
+        if rel > tolerance:
+            raise GateError(f"{out}: ONNX Runtime's {name} differs from PyTorch by {rel:.2e} (relative) > {tolerance:g}")
 
     onnx_card = ModelCard(
         classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
         threshold=card.threshold, precision="fp32", kind="onnx", parent_sha256=sha256_of(ckpt_file),
+        outputs=card.outputs, scope=card.scope,
         metrics=card.metrics.get("val", {}),
         extra={"opset": opset, "source_checkpoint": str(ckpt_file.resolve()), "weights": card.extra.get("weights"),
                "parity": {"max_abs_logit_diff": delta, "max_abs_logit_diff_batch1": delta1, "n_images": len(x),
+                          "max_rel_diff_heads": heads,
                           "inputs": source, "tolerance": tolerance},
                "export_seconds": round(export_seconds, 1),
-               "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}})
+               "dynamic_axes": {name: {"0": "batch"} for name in ["input", *card.outputs]}})
     onnx_card.save(out)
     return onnx_card

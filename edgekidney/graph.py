@@ -17,3 +17,22 @@ def graph_precision(model) -> str:
             n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute) for n in model.graph.node):
         return "fp16"
     return "fp32"
+
+
+def head_nodes(model, main_output: str = "logits") -> list[str]:
+    """Names of the nodes that only the extra heads need (scope distance, activation map), not the logits.
+
+    They stay in FP32 when the model is quantized: a distance sums 2,048 squares and a map is compared
+    across pixels, where FP16 rounding or INT8 steps would move the answer more than they save time
+    (they are a few MatMul/Mul/Reduce nodes beside ResNet50's 53 convolutions).
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    needed: set[str] = set()
+    stack = [main_output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in needed:
+            continue
+        needed.add(node.name)
+        stack.extend(node.input)
+    return [n.name for n in model.graph.node if n.name not in needed]

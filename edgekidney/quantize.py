@@ -24,7 +24,7 @@ import numpy as np
 
 from .calibrate import CalibrationSet, check_against_model, load_calibration_set
 from .errors import InputError, ModelError
-from .graph import graph_precision
+from .graph import graph_precision, head_nodes
 from .sidecar import ModelCard, load_card, sha256_of
 
 
@@ -133,7 +133,8 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
                                "per_class": cal.info.get("per_class")}
     q_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
                        threshold=card.threshold, precision=cfg.precision.value, kind="onnx",
-                       input_name=card.input_name, output_name=card.output_name,
+                       input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
+                       scope=card.scope,
                        parent_sha256=card.sha256 or sha256_of(model_path), metrics={},
                        extra={"quantization": info, "parent": str(model_path.resolve()),
                               "source_checkpoint": card.extra.get("source_checkpoint")})
@@ -145,12 +146,13 @@ def _to_fp16(model, out: Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    f16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    heads = head_nodes(model)
+    f16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=heads)
     _topological_sort(f16.graph)  # the converter appends its input casts at the end of the node list
     onnx.checker.check_model(f16)
     onnx.save(f16, str(out))
     return {"precision": "fp16", "quantizer": "onnxruntime.transformers.float16 (keep_io_types)",
-            "io_dtype": "float32"}
+            "io_dtype": "float32", "heads_kept_fp32": len(heads)}
 
 
 def _topological_sort(graph) -> None:
@@ -193,6 +195,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
         prepared_model = onnx.load(str(prepared))
         keep = resolve_keep(prepared_model, cfg.keep)
+        heads = head_nodes(prepared_model)
         log(f"calibrating on {len(tensors)} slices ({cfg.method.value}), target {cfg.target.value}"
             + (f", keeping {keep} in FP32" if keep else ""))
         reader = _Reader(np.asarray(tensors), card.input_name)
@@ -208,7 +211,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
             per_channel=cfg.per_channel,
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep or None,
+            nodes_to_exclude=(keep + heads) or None,
             calibrate_method=method,
             calibration_providers=["CPUExecutionProvider"],
             calibration_cache_path=cache,
@@ -220,7 +223,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
     return {"precision": "int8", "target": cfg.target.value, "method": cfg.method.value,
             "activations": "int8 symmetric" if trt else "uint8 asymmetric",
             "weights": "int8 symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
-            "kept_fp32": keep, "opset": opset,
+            "kept_fp32": keep, "heads_kept_fp32": len(heads), "opset": opset,
             "quantizer": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in q.graph.node)}
 
@@ -261,9 +264,30 @@ def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet |
         source = "calibration slices"
     size = card.preprocessing.image_size
     with OrtBackend(fp32, size) as a, OrtBackend(quantized, size) as b:
-        la, lb = a.infer(x), b.infer(x)
+        oa, ob = a.infer_outputs(x), b.infer_outputs(x)
+    la, lb = oa["logits"], ob["logits"]
     pa, pb = softmax(la), softmax(lb)
-    return {"check_inputs": source, "check_n": int(len(x)),
-            "max_abs_logit_diff": float(np.max(np.abs(la - lb))),
-            "max_abs_prob_diff": float(np.max(np.abs(pa - pb))),
-            "top1_agreement": float(np.mean(pa.argmax(1) == pb.argmax(1)))}
+    out = {"check_inputs": source, "check_n": int(len(x)),
+           "max_abs_logit_diff": float(np.max(np.abs(la - lb))),
+           "max_abs_prob_diff": float(np.max(np.abs(pa - pb))),
+           "top1_agreement": float(np.mean(pa.argmax(1) == pb.argmax(1)))}
+    out.update(head_agreement(oa, ob, card.scope_threshold))
+    return out
+
+
+def head_agreement(ref: dict, got: dict, scope_threshold: float | None) -> dict:
+    """How closely a quantized model's extra heads follow FP32: scope decisions, distances, maps."""
+    out = {}
+    if "scope_distance" in ref and "scope_distance" in got:
+        da, db = ref["scope_distance"], got["scope_distance"]
+        out["max_rel_scope_distance_diff"] = float(np.max(np.abs(da - db) / np.maximum(np.abs(da), 1e-6)))
+        if scope_threshold is not None:
+            out["scope_agreement"] = float(np.mean((da <= scope_threshold) == (db <= scope_threshold)))
+    if "cam" in ref and "cam" in got:
+        a = ref["cam"].reshape(len(ref["cam"]), -1)
+        b = got["cam"].reshape(len(got["cam"]), -1)
+        a = a - a.mean(1, keepdims=True)
+        b = b - b.mean(1, keepdims=True)
+        corr = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        out["cam_min_correlation"] = float(corr.min())
+    return out

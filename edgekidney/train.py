@@ -62,7 +62,13 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     seed: int = 0
     device: str = "auto"
-    augment: bool = True
+    # augmentations by name (AUGMENTATIONS), "all" or "none"; each can be switched off on its own
+    augment: str = "all"
+    balanced: bool = True  # class-balanced sampling (then the loss is not class-weighted as well)
+    calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
+    scope_quantile: float = 0.99  # out-of-scope threshold: this quantile of validation distances ...
+    scope_margin: float = 1.5  # ... times this margin
+    scope_shrinkage: float = 0.1
     split: SplitConfig = field(default_factory=SplitConfig)
     preprocessing: Preprocessing | None = None
 
@@ -74,6 +80,26 @@ class TrainConfig:
 
     def resolved_preprocessing(self) -> Preprocessing:
         return self.preprocessing or Preprocessing(image_size=self.image_size)
+
+    def augmentations(self) -> frozenset[str]:
+        return parse_augmentations(self.augment)
+
+
+AUGMENTATIONS = ("geometry", "scale", "intensity", "window", "noise", "calculus")
+
+
+def parse_augmentations(text: str | bool) -> frozenset[str]:
+    """``all``, ``none`` or a comma list of AUGMENTATIONS -> the set of names."""
+    if text is True or text == "all":
+        return frozenset(AUGMENTATIONS)
+    if text is False or text in ("none", ""):
+        return frozenset()
+    names = {t.strip() for t in str(text).split(",") if t.strip()}
+    unknown = sorted(names - set(AUGMENTATIONS))
+    if unknown:
+        raise EdgeKidneyError(f"--augment: unknown augmentation {', '.join(unknown)} "
+                              f"(choose from all, none, {', '.join(AUGMENTATIONS)})")
+    return frozenset(names)
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -159,36 +185,111 @@ def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[i
     return out
 
 
-def augment(batch, pre: Preprocessing, generator):
-    """Small rotations (±10°) and shifts (±6 %), intensity jitter (contrast ±10 %, brightness ±5 %)."""
+def augment(batch, pre: Preprocessing, generator, which: frozenset[str] = frozenset(AUGMENTATIONS)):
+    """Random variations a CT slice may show at another site, each switchable by name.
+
+    geometry: rotation (±10°) and shift (±6 %); scale: zoom 0.85-1.15 (field of view, patient size);
+    intensity: contrast ±10 %, brightness ±5 %; window: another window width (×0.7-1.4) and level
+    (±8 % of the window), as other exports and scanners show the same HU; noise: Gaussian, σ up to 0.03
+    (dose, reconstruction kernel). Applied in 0..1 units, so padding stays air and clipping is physical.
+    """
     torch = require_torch()
     import torch.nn.functional as F
 
     n = batch.shape[0]
-    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.12  # grid units: 2 = full width
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     x01 = batch * std + mean  # back to 0..1 so that padding is air (0) and jitter is physical
-    grid = F.affine_grid(theta.to(batch.dtype), list(x01.shape), align_corners=False)
-    x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.10
-    bright = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
-    x01 = (x01 * contrast + bright).clamp(0, 1)
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+
+    if "geometry" in which or "scale" in which:
+        angle = uniform(-1, 1, n) * math.radians(10) if "geometry" in which else torch.zeros(n)
+        shift = uniform(-0.12, 0.12, n, 2) if "geometry" in which else torch.zeros(n, 2)  # grid units
+        zoom = 1 / uniform(0.85, 1.15, n) if "scale" in which else torch.ones(n)
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(batch.dtype), list(x01.shape), align_corners=False)
+        x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if "window" in which:
+        width = uniform(0.7, 1.4, n, 1, 1, 1)
+        level = uniform(-0.08, 0.08, n, 1, 1, 1)
+        x01 = ((x01 - 0.5 - level) / width + 0.5).clamp(0, 1)
+    if "intensity" in which:
+        contrast = 1 + uniform(-0.10, 0.10, n, 1, 1, 1)
+        bright = uniform(-0.05, 0.05, n, 1, 1, 1)
+        x01 = (x01 * contrast + bright).clamp(0, 1)
+    if "noise" in which:
+        sigma = uniform(0.0, 0.03, n, 1, 1, 1)
+        noise = torch.randn(n, 1, *x01.shape[2:], generator=generator) * sigma
+        x01 = (x01 + noise).clamp(0, 1)  # one noise field for the three (identical) channels
     return (x01 - mean) / std
+
+
+def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float, pre: Preprocessing,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Extra positives: a calculus placed in the kidney region of ``fraction`` of the non-stone slices.
+
+    The untouched slices stay in the batch as their negative twins (see :mod:`edgekidney.data.calculus`).
+    Sizes are 3-9 mm at an assumed 350 mm field of view across the body crop.
+    """
+    from .data.calculus import draw_calculus, kidney_sites, random_spec
+
+    mean0, std0 = pre.mean[0], pre.std[0]
+    extra = []
+    for i in np.flatnonzero(y != positive):
+        if rng.random() >= fraction:
+            continue
+        img = x[i, 0] * std0 + mean0
+        sites = kidney_sites(img, rng, 1)
+        if not sites:
+            continue
+        spec = random_spec(rng, sites[0], pixels_per_mm=img.shape[1] / 350.0)
+        extra.append(draw_calculus(img, spec))
+    if not extra:
+        return x, y
+    stack = np.stack(extra)
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    twins = ((stack[:, None] - mean) / std).astype(np.float32)
+    return np.concatenate([x, twins]), np.concatenate([y, np.full(len(twins), positive, dtype=y.dtype)])
+
+
+def epoch_order(y: np.ndarray, balanced: bool, generator) -> np.ndarray:
+    """Indices of one epoch: a permutation, or with ``balanced`` each class drawn equally often."""
+    torch = require_torch()
+    if not balanced:
+        return torch.randperm(len(y), generator=generator).numpy()
+    counts = np.bincount(y)
+    weights = torch.tensor(1.0 / counts[y], dtype=torch.float64)
+    return torch.multinomial(weights, len(y), replacement=True, generator=generator).numpy()
+
+
+def forward_parts(model, x):
+    """ResNet50 forward returning (layer4 maps A, pooled features, logits): what the heads are built on."""
+    m = model
+    a = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+    pooled = a.mean(dim=(2, 3))
+    return a, pooled, m.fc(pooled)
 
 
 # -- training -----------------------------------------------------------------------------------------
 def _predict_logits(model, x: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
+    return _predict_features(model, x, device, batch_size)[1]
+
+
+def _predict_features(model, x: np.ndarray, device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled features (N, 2048), logits (N, classes)) in eval mode."""
     torch = require_torch()
     model.eval()
-    outs = []
+    feats, logits = [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            outs.append(model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy())
-    return np.concatenate(outs)
+            _, f, z = forward_parts(model, torch.from_numpy(x[i : i + batch_size]).to(device))
+            feats.append(f.float().cpu().numpy())
+            logits.append(z.float().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(logits)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -232,6 +333,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     counts = np.bincount(y_train, minlength=len(ds.classes)).astype(np.float64)
     class_w = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    if cfg.balanced:  # the sampler already balances the classes; weighting the loss too would overshoot
+        class_w = torch.ones_like(class_w)
+    which = cfg.augmentations()
+    log(f"training: augmentations {', '.join(sorted(which)) or 'none'}; "
+        f"{'class-balanced sampling' if cfg.balanced else 'class-weighted loss'}")
+    rng = np.random.default_rng(cfg.seed)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
@@ -269,31 +376,35 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                     for m in model.modules():
                         if isinstance(m, torch.nn.BatchNorm2d):
                             m.eval()
-                order = torch.randperm(len(x_train), generator=gen).numpy()
-                run_loss, run_ok = 0.0, 0
+                order = epoch_order(y_train, cfg.balanced, gen)
+                run_loss, run_ok, run_n = 0.0, 0, 0
                 for i in range(0, len(order), cfg.batch_size):
                     idx = order[i : i + cfg.batch_size]
                     if len(idx) < 2 and len(order) > 1:
                         idx = order[i - 1 : i + 1]  # BatchNorm cannot train on a batch of one
-                    xb = torch.from_numpy(x_train[idx])
-                    if cfg.augment:
-                        xb = augment(xb, pre, gen)
-                    xb, yb = xb.to(device), torch.from_numpy(y_train[idx]).to(device)
+                    xn, yn = x_train[idx], y_train[idx]
+                    if "calculus" in which and cfg.calculus_fraction > 0:
+                        xn, yn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng)
+                    xb = torch.from_numpy(xn)
+                    if which - {"calculus"}:
+                        xb = augment(xb, pre, gen, which)
+                    xb, yb = xb.to(device), torch.from_numpy(yn).to(device)
                     opt.zero_grad(set_to_none=True)
                     out = model(xb)
                     loss = loss_fn(out, yb)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    run_loss += loss.item() * len(idx)
+                    run_loss += loss.item() * len(yn)
+                    run_n += len(yn)
                     run_ok += int((out.argmax(1) == yb).sum())
                     bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
                 val_logits = _predict_logits(model, x_val, device)
                 val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits),
                                                                    torch.from_numpy(y_val), weight=class_w.cpu()))
                 rep = classification_report(y_val, softmax(val_logits), ds.classes, positive, 0.5)
-                row = {"epoch": epoch, "frozen": int(frozen), "train_loss": run_loss / len(order),
-                       "train_accuracy": run_ok / len(order), "val_loss": val_loss,
+                row = {"epoch": epoch, "frozen": int(frozen), "train_loss": run_loss / run_n,
+                       "train_accuracy": run_ok / run_n, "val_loss": val_loss,
                        "val_accuracy": rep["accuracy"], "val_auc": rep["auc"], "val_sensitivity": rep["sensitivity"],
                        "val_specificity": rep["specificity"], "lr": opt.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - t0}
@@ -318,7 +429,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                     break
 
     model.load_state_dict(best["state"])
-    val_probs = softmax(_predict_logits(model, x_val, device))
+    scope, val_logits = fit_scope_detector(model, x_train, y_train, x_val, device, cfg)
+    log(f"scope: Mahalanobis distance on pooled features, threshold {scope['threshold']:.3f} "
+        f"(validation q{cfg.scope_quantile:g} x {cfg.scope_margin:g}); {scope['val_out_of_scope']} of "
+        f"{len(x_val)} validation slices fall outside")
+    val_probs = softmax(val_logits)
     threshold = threshold_for_sensitivity(y_val == positive, val_probs[:, positive], cfg.target_sensitivity)
     report = classification_report(y_val, val_probs, ds.classes, positive, threshold)
     report_05 = classification_report(y_val, val_probs, ds.classes, positive, 0.5)
@@ -327,15 +442,39 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "weights": weights_source, "device": str(device), "image_size": pre.image_size,
         "n_train": len(train_s), "n_val": len(val_s), "duplicates_dropped": ds.duplicates_dropped,
         "target_sensitivity": cfg.target_sensitivity,
+        "augmentations": sorted(which), "balanced_sampling": cfg.balanced,
+        "scope": {k: v for k, v in scope.items() if k not in ("whitening", "centers")},
         "val": report, "val_at_0.5": report_05,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
     save_checkpoint(cfg.out / "model.pt", model, ds.classes, ds.classes[positive], pre, threshold,
-                    weights_source, metrics)
+                    weights_source, metrics, scope)
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     _plot_history(history, cfg.out / "curves.png")
     return metrics
+
+
+def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, device,
+                       cfg: TrainConfig) -> tuple[dict, np.ndarray]:
+    """Fit the out-of-scope detector (see :mod:`edgekidney.scope`): training features, validation threshold.
+
+    Returns (the detector as stored in the checkpoint, validation logits).
+    """
+    from .scope import choose_threshold, fit_scope
+
+    f_train, _ = _predict_features(model, x_train, device)
+    f_val, val_logits = _predict_features(model, x_val, device)
+    detector = fit_scope(f_train, y_train, cfg.scope_shrinkage)
+    d_train, d_val = detector.distance(f_train), detector.distance(f_val)
+    thr = choose_threshold(d_val, cfg.scope_quantile, cfg.scope_margin)
+    q = [0.5, 0.9, 0.99]
+    return {"method": "mahalanobis", "output": "scope_distance", "threshold": thr,
+            "quantile": cfg.scope_quantile, "margin": cfg.scope_margin, "shrinkage": cfg.scope_shrinkage,
+            "train_distance_quantiles": dict(zip(map(str, q), np.quantile(d_train, q).round(4).tolist())),
+            "val_distance_quantiles": dict(zip(map(str, q), np.quantile(d_val, q).round(4).tolist())),
+            "val_out_of_scope": int((d_val > thr).sum()),
+            "whitening": detector.whitening, "centers": detector.centers}, val_logits
 
 
 def _write_history(history: list[dict], path: Path) -> None:
@@ -368,12 +507,14 @@ def _plot_history(history: list[dict], path: Path) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model, classes, positive_class, pre: Preprocessing, threshold: float,
-                    weights_source: str, metrics: dict) -> None:
+                    weights_source: str, metrics: dict, scope: dict | None = None) -> None:
     torch = require_torch()
+    if scope is not None:  # numpy arrays become tensors so that torch.load(weights_only=True) reads them
+        scope = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in scope.items()}
     torch.save({"format": CHECKPOINT_FORMAT, "arch": "resnet50",
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "classes": list(classes), "positive_class": positive_class, "preprocessing": pre.to_dict(),
-                "threshold": float(threshold), "weights": weights_source, "metrics": metrics}, path)
+                "threshold": float(threshold), "weights": weights_source, "metrics": metrics, "scope": scope}, path)
 
 
 def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
@@ -389,9 +530,12 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
         raise ModelError(f"{path}: not an edgekidney checkpoint ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not an edgekidney checkpoint")
+    scope = ck.get("scope") or {}
     card = ModelCard(classes=ck["classes"], positive_class=ck["positive_class"],
                      preprocessing=Preprocessing.from_dict(ck["preprocessing"]), threshold=ck["threshold"],
-                     kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")})
+                     kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")},
+                     outputs=["logits", "scope_distance", "cam"] if scope else ["logits", "cam"],
+                     scope={k: v for k, v in scope.items() if k not in ("whitening", "centers")})
     return ck, card
 
 
@@ -400,12 +544,19 @@ def load_checkpoint_card(path: str | Path) -> ModelCard:
     return _read_checkpoint(path)[1]
 
 
-def load_checkpoint(path: str | Path):
-    """-> (model in eval mode on the CPU, ModelCard describing it)."""
+def load_checkpoint(path: str | Path, heads: bool = False):
+    """-> (model in eval mode on the CPU, ModelCard describing it).
+
+    With ``heads`` the model returns (logits, scope_distance, cam) as the exported graph does.
+    """
     ck, card = _read_checkpoint(path)
     model, _ = build_model(len(ck["classes"]), "none")
     model.load_state_dict(ck["state_dict"])
     model.eval()
+    if heads:
+        from .heads import build_headed_model
+
+        model = build_headed_model(model, card.positive_index, card.preprocessing.image_size, ck.get("scope"))
     return model, card
 
 
@@ -415,13 +566,19 @@ class TorchPredictor:
     backend_name = "torch"
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
-        self.model, self.card = load_checkpoint(path)
+        self.model, self.card = load_checkpoint(path, heads=True)
         self.device = resolve_device(device)
         self.model.to(self.device)
         self.threshold = self.card.threshold
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        torch = require_torch()
+        with torch.inference_mode():
+            outs = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device))
+        return {name: o.float().cpu().numpy() for name, o in zip(self.card.outputs, outs)}
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(_predict_logits(self.model, batch, self.device))
+        return softmax(self.infer_outputs(batch)["logits"])
 
     def close(self) -> None:
         pass
@@ -433,3 +590,4 @@ def _check(cfg: TrainConfig) -> None:
         raise EdgeKidneyError("need --epochs >= 1 and 0 <= --freeze-epochs <= --epochs")
     if cfg.batch_size < 2:
         raise EdgeKidneyError("--batch-size must be at least 2 (BatchNorm needs two images to train)")
+    cfg.augmentations()  # an unknown augmentation name fails before any data work

@@ -1,0 +1,82 @@
+"""Out of scope: is a slice within what the model was trained on? (numpy only)
+
+The detector uses the model's own pooled layer4 features (Lee et al. 2018, "A simple unified framework
+for detecting out-of-distribution samples"): class means and one shared covariance fitted on the
+*training* split, the score being the smallest Mahalanobis distance to a class mean. The covariance of
+2048 features estimated from ~1,000 slices is singular, so it is shrunk towards a scaled identity.
+The whole score is folded into two matrices that the exported ONNX graph applies itself
+(``scope_distance = min_c ||f W - m_c||^2`` with ``W = Sigma^(-1/2) / sqrt(D)``, ``m_c = mu_c W``), so it
+survives FP16, INT8 and TensorRT like the logits. The threshold comes from the *validation* split: a
+quantile of its distances times a margin, stored in the sidecar.
+
+The energy score on the logits (Liu et al. 2020, ``-logsumexp``) is computed here too, to compare the
+two on the same inputs; the distance is what the product uses (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+OUT_OF_SCOPE = "out_of_scope"
+
+
+@dataclass
+class ScopeModel:
+    whitening: np.ndarray  # (D, D) float32, W = Sigma^(-1/2) / sqrt(D)
+    centers: np.ndarray  # (C, D) float32, class means mapped through W
+    shrinkage: float
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) pooled features -> (N,) smallest squared whitened distance to a class mean."""
+        z = np.asarray(features, dtype=np.float64) @ self.whitening.astype(np.float64)
+        d = ((z[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)
+        return d.min(axis=1)
+
+
+def fit_scope(features: np.ndarray, labels: np.ndarray, shrinkage: float = 0.1) -> ScopeModel:
+    """Class means and a shared, shrunk covariance of training features -> the whitening of the score."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if f.ndim != 2 or len(f) != len(y) or len(f) < 2:
+        raise ValueError("fit_scope needs (N, D) features and N labels, N >= 2")
+    if not 0 < shrinkage <= 1:
+        raise ValueError("shrinkage must be in (0, 1]")
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(axis=0) for c in classes])
+    resid = f - means[np.searchsorted(classes, y)]
+    dim = f.shape[1]
+    cov = resid.T @ resid / len(f)
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / dim + 1e-12) * np.eye(dim)
+    evals, evecs = np.linalg.eigh(cov)
+    evals = np.maximum(evals, evals.max() * 1e-9)
+    w = (evecs / np.sqrt(evals)) @ evecs.T / np.sqrt(dim)
+    return ScopeModel(whitening=w.astype(np.float32), centers=(means @ w).astype(np.float32), shrinkage=shrinkage)
+
+
+def choose_threshold(val_distances: np.ndarray, quantile: float = 0.99, margin: float = 1.5) -> float:
+    """Validation distances (in-distribution slices) -> the threshold above which a slice is out of scope."""
+    d = np.asarray(val_distances, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        raise ValueError("no finite validation distances to set the scope threshold on")
+    if not 0 < quantile <= 1 or margin < 1:
+        raise ValueError("quantile must be in (0, 1] and margin >= 1")
+    return float(np.quantile(d, quantile) * margin)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """Energy score -logsumexp(logits): higher = less like the training data."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max(axis=1, keepdims=True)
+    return -(m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))
+
+
+def separation_auc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """AUROC of telling out-of-scope from in-scope inputs by a score (higher = more out of scope)."""
+    from .metrics import roc_auc
+
+    s = np.concatenate([np.asarray(in_scores, float), np.asarray(out_scores, float)])
+    y = np.concatenate([np.zeros(len(in_scores), bool), np.ones(len(out_scores), bool)])
+    return roc_auc(y, s)
