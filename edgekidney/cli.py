@@ -75,7 +75,8 @@ def synth_cmd(
 def train_cmd(
     data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class (Normal/, Stone/, ...)."),
     out: Path = typer.Option(..., "--out", help="Run directory to write model.pt, split.csv, metrics.json into."),
-    classes: Optional[str] = typer.Option(None, help="Classes to use, in order, e.g. Normal,Stone."),
+    classes: Optional[str] = typer.Option(None, help="Classes to use, in order (default: every class folder; "
+                                                      "the others are hard negatives for the positive one)."),
     positive: Optional[str] = typer.Option(None, help="Positive class for stone metrics (default: named like 'stone')."),
     weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a local ResNet50 state dict."),
     weights_sha256: Optional[str] = typer.Option(None, help="Expected sha256 of --weights PATH."),
@@ -92,7 +93,14 @@ def train_cmd(
     window_center: float = typer.Option(40.0, help="CT window centre (HU) for DICOM."),
     window_width: float = typer.Option(400.0, help="CT window width (HU) for DICOM."),
     png16_hu_offset: Optional[int] = typer.Option(None, help="Read 16-bit PNGs as HU + OFFSET (else full-range)."),
-    augment: bool = typer.Option(True, help="Rotations, shifts and intensity jitter while training."),
+    augment: str = typer.Option("all", help="all | none | comma list of geometry, scale, intensity, window, "
+                                            "noise, calculus."),
+    balanced: bool = typer.Option(True, help="Class-balanced sampling (else a class-weighted loss)."),
+    calculus_fraction: float = typer.Option(0.3, min=0.0, max=1.0,
+                                            help="Share of non-stone slices given a placed-calculus twin."),
+    body_crop: bool = typer.Option(True, help="Crop each slice to the patient's outline before resizing."),
+    scope_quantile: float = typer.Option(0.99, min=0.5, max=1.0, help="Out of scope: validation distance quantile..."),
+    scope_margin: float = typer.Option(1.5, min=1.0, help="... times this margin is the threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     seed: int = typer.Option(0),
 ):
@@ -102,11 +110,13 @@ def train_cmd(
     from .train import TrainConfig, train
 
     pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
-                        png16_hu_offset=png16_hu_offset)
+                        png16_hu_offset=png16_hu_offset, body_crop=body_crop)
     cfg = TrainConfig(data=data, out=out, classes=parse_classes(classes), positive_class=positive, weights=weights,
                       weights_sha256=weights_sha256, image_size=image_size, epochs=epochs, freeze_epochs=freeze_epochs,
                       batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,
                       target_sensitivity=target_sensitivity, seed=seed, device=device, augment=augment,
+                      balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
+                      scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
     metrics = train(cfg, log=typer.echo)
     from .metrics import format_report
@@ -143,18 +153,25 @@ def evaluate_cmd(
     store_threshold: bool = typer.Option(False, help="Write the threshold for the target sensitivity into the sidecar."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default from the model file)."),
     batch_size: int = typer.Option(16, min=1),
+    bootstrap: int = typer.Option(2000, min=100, help="Bootstrap resamples for the 95 % intervals."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    plots: Optional[Path] = typer.Option(None, help="Folder for roc.png and reliability.png."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
-    """Sensitivity, specificity, AUC and the confusion matrix of a model on labelled slices."""
+    """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
     from .data.dataset import parse_classes
-    from .evaluate import evaluate
+    from .evaluate import evaluate, format_confounders
     from .metrics import format_report
 
     result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
-                      target_sensitivity=target_sensitivity, store_threshold=store_threshold, backend=backend)
+                      target_sensitivity=target_sensitivity, store_threshold=store_threshold, backend=backend,
+                      bootstrap_resamples=bootstrap, seed=seed, plot_dir=plots)
     if str(json_out) != "-":
         typer.echo(format_report(result["at_model_threshold"], f"{result['data']}, {result['n']} slices, "
                                                                f"at the model's threshold:"))
+        typer.echo(format_confounders(result))
+        if result["scope"]["detector"] is None:
+            typer.echo("  warning: this model has no out-of-scope detector (exported before edgekidney 0.2?)")
         typer.echo(f"  threshold for sensitivity >= {target_sensitivity}: {result['threshold_for_target']:.4f} "
                    f"(specificity there {result['at_target_threshold']['specificity']:.4f})")
         if store_threshold:
@@ -174,27 +191,34 @@ def infer_cmd(
     keep_going: bool = typer.Option(False, help="Skip bad files, report them, exit non-zero at the end."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON ('-' for stdout)."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write results as CSV ('-' for stdout)."),
+    cam: Optional[Path] = typer.Option(None, help="Folder for activation-map PNG overlays of slices called stone."),
+    cam_all: bool = typer.Option(False, help="With --cam: an overlay for every slice."),
 ):
-    """Classify CT slices: stone probability and label per file."""
-    from .predict import Classifier, expand_inputs
+    """Classify CT slices: stone probability, label and whether each slice is in scope."""
+    from .predict import Classifier, expand_inputs, write_cams
 
     files = expand_inputs(paths)
     options = {"device": device, "threads": threads} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
     with Classifier(model, backend=backend, threshold=threshold, **options) as clf:
-        preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going)
+        preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                            want_cam=cam is not None)
+    if cam is not None:
+        write_cams(preds, cam, clf.card, everything=cam_all)
     rows = [p.to_dict() for p in preds]
     to_stdout = "-" in (str(json_out), str(csv_out))
     if not to_stdout:
         width = max([len(r["path"]) for r in rows] + [4])
-        typer.echo(f"{'path':<{width}}  {'p(' + clf.card.positive_class + ')':>10}  label")
+        typer.echo(f"{'path':<{width}}  {'p(' + clf.card.positive_class + ')':>10}  {'in scope':>8}  label")
         for r in rows:
-            typer.echo(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {r['label']}")
+            scope = "-" if r["in_scope"] is None else ("yes" if r["in_scope"] else "NO")
+            typer.echo(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {scope:>8}  {r['label']}")
     if json_out is not None:
         echo_json({"model": str(model), "threshold": clf.threshold, "predictions": rows,
                    "failures": [f.__dict__ for f in failures]}, json_out)
     if csv_out is not None:
         fh = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
-        w = csv.DictWriter(fh, fieldnames=["path", "probability", "label", "threshold"])
+        w = csv.DictWriter(fh, fieldnames=["path", "probability", "label", "threshold", "in_scope",
+                                           "scope_distance", "scope_threshold"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
         if fh is not sys.stdout:

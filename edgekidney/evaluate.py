@@ -17,8 +17,8 @@ import numpy as np
 from .data.dataset import (SPLITS, Sample, SplitConfig, discover, find_classes, read_manifest, split_dataset)
 from .data.decode import load_slice
 from .errors import InputError, ModelError
-from .metrics import classification_report, threshold_for_sensitivity
-from .preprocess import preprocess_batch
+from .confidence import bootstrap, calibration, confounder_table
+from .metrics import classification_report, predictions, roc_curve, threshold_for_sensitivity
 from .sidecar import ModelCard, load_card, sidecar_path
 
 
@@ -78,21 +78,30 @@ def labelled_set(data: str | Path, card: ModelCard, split: str | None = None,
 
 
 def predict_probabilities(predictor, samples: list[Sample], batch_size: int = 16,
-                          progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Decode + preprocess (shared implementation) + infer, in batches -> (N, classes) probabilities."""
+                          progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode + preprocess + infer + scope (the code ``infer`` uses), in batches.
+
+    Returns ((N, classes) probabilities, (N,) in scope or None for a model without a detector).
+    """
+    from .predict import classify_batch
+
     pre = predictor.card.preprocessing
-    out = []
+    probs, scope = [], []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        out.append(predictor.probabilities(preprocess_batch([load_slice(s.path, pre) for s in chunk], pre)))
+        r = classify_batch(predictor, [load_slice(s.path, pre) for s in chunk])
+        probs.append(r.probs)
+        scope.append(r.in_scope)
         if progress:
             progress(len(chunk))
-    return np.concatenate(out)
+    in_scope = None if any(s is None for s in scope) else np.concatenate(scope)
+    return np.concatenate(probs), in_scope
 
 
 def evaluate(model: str | Path, data: str | Path, split: str | None = None, classes: list[str] | None = None,
              batch_size: int = 16, target_sensitivity: float = 0.95, store_threshold: bool = False,
-             backend: str | None = None, **options) -> dict:
+             backend: str | None = None, bootstrap_resamples: int = 2000, seed: int = 0,
+             plot_dir: str | Path | None = None, **options) -> dict:
     from rich.progress import Progress
 
     predictor = open_predictor(model, backend=backend, **options)
@@ -101,17 +110,26 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
         ls = labelled_set(data, card, split, classes)
         with Progress(transient=True) as bar:
             task = bar.add_task("evaluating", total=len(ls.samples))
-            probs = predict_probabilities(predictor, ls.samples, batch_size, lambda k: bar.advance(task, k))
+            probs, in_scope = predict_probabilities(predictor, ls.samples, batch_size, lambda k: bar.advance(task, k))
     finally:
         predictor.close()
     pos = card.positive_index
-    at_model = classification_report(ls.labels, probs, card.classes, pos, card.threshold)
+    at_model = classification_report(ls.labels, probs, card.classes, pos, predictor.threshold, in_scope)
     target_thr = threshold_for_sensitivity(ls.labels == pos, probs[:, pos], target_sensitivity)
-    at_target = classification_report(ls.labels, probs, card.classes, pos, target_thr)
+    at_target = classification_report(ls.labels, probs, card.classes, pos, target_thr, in_scope)
+    pred = predictions(probs, pos, predictor.threshold, in_scope)
     result = {"model": str(model), "data": ls.description, "n": len(ls.samples),
               "backend": getattr(predictor, "backend_name", "torch"), "precision": card.precision,
               "at_model_threshold": at_model, "target_sensitivity": target_sensitivity,
-              "threshold_for_target": target_thr, "at_target_threshold": at_target}
+              "threshold_for_target": target_thr, "at_target_threshold": at_target,
+              "scope": {"detector": card.scope.get("method") if card.scope_threshold is not None else None,
+                        "threshold": card.scope_threshold,
+                        "out_of_scope": None if in_scope is None else int((~in_scope).sum())},
+              "confounders": confounder_table(ls.labels, pred, card.classes, pos),
+              "intervals": bootstrap(ls.labels, pred, probs[:, pos], card.classes, pos, bootstrap_resamples, seed),
+              "calibration": calibration(ls.labels == pos, probs[:, pos])}
+    if plot_dir is not None:
+        result["plots"] = write_plots(Path(plot_dir), ls.labels == pos, probs[:, pos], result["calibration"])
     if store_threshold:
         result["stored_threshold_in"] = str(store_model_threshold(model, target_thr))
     return result
@@ -126,3 +144,53 @@ def store_model_threshold(model: str | Path, threshold: float) -> Path:
     card.save(model)
     return sidecar_path(model)
 
+
+
+def write_plots(folder: Path, is_positive: np.ndarray, score: np.ndarray, cal: dict) -> dict:
+    """``roc.png`` and ``reliability.png`` (needs matplotlib, part of the ``train`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plots needs matplotlib: pip install matplotlib (or 'edgekidney[train]')") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    fpr, tpr = roc_curve(is_positive, score)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, lw=2)
+    ax.plot([0, 1], [0, 1], ls=":", c="gray")
+    ax.set_xlabel("1 - specificity"), ax.set_ylabel("sensitivity"), ax.set_title("ROC, stone vs the rest")
+    fig.tight_layout()
+    fig.savefig(folder / "roc.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    bins = cal["reliability"]
+    ax.bar([b["lo"] for b in bins], [b["fraction_positive"] for b in bins], width=1 / cal["bins"], align="edge",
+           edgecolor="k", alpha=0.7, label="observed")
+    ax.plot([0, 1], [0, 1], ls=":", c="gray", label="perfect")
+    ax.set_xlabel("p(stone)"), ax.set_ylabel("fraction that are stones")
+    ax.set_title(f"reliability, ECE {cal['ece']:.3f}"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "reliability.png", dpi=100)
+    plt.close(fig)
+    return {"roc": str(folder / "roc.png"), "reliability": str(folder / "reliability.png")}
+
+
+def format_confounders(result: dict) -> str:
+    """The confounder table with 95 % intervals, for people."""
+    iv = result["intervals"]
+    lines = [f"  called stone, by true class (95 % bootstrap intervals, {iv['n_resamples']} resamples):"]
+    for r in result["confounders"]:
+        if r["is_positive"]:
+            lo, hi = iv.get("sensitivity", [float("nan")] * 2)
+            what = "sensitivity"
+        else:
+            lo, hi = iv["called_stone_rate"].get(r["class"], [float("nan")] * 2)
+            what = "called stone"
+        lines.append(f"  {r['class']:<12} {r['called_stone']:>4}/{r['n']:<4} {what:<13} {r['rate']:.3f} "
+                     f"[{lo:.3f}, {hi:.3f}]  out of scope {r['out_of_scope']}")
+    lo, hi = iv["auc"]
+    lines.append(f"  AUC {result['at_model_threshold']['auc']:.3f} [{lo:.3f}, {hi:.3f}]; "
+                 f"calibration error (ECE) {result['calibration']['ece']:.3f}")
+    return "\n".join(lines)

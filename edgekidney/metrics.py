@@ -1,7 +1,9 @@
 """The metrics clinicians read, in numpy (no torch, no sklearn).
 
 The positive class (stone) probability decides: ``p >= threshold`` -> positive; otherwise the most
-probable of the other classes. With two classes that is the usual binary rule.
+probable of the other classes. With two classes that is the usual binary rule. A slice out of scope
+(see :mod:`edgekidney.scope`) gets no class: it is counted as a missed stone when it was one, and as
+"not called stone" otherwise; the confusion matrix has an extra ``out_of_scope`` column.
 """
 
 from __future__ import annotations
@@ -28,22 +30,19 @@ def decide(probs: np.ndarray, positive: int, threshold: float) -> np.ndarray:
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U, ties counted half). NaN with one class only."""
     y = np.asarray(y_true).astype(bool)
-    s = np.asarray(score, dtype=np.float64)
+    return float(roc_auc_rows(y, np.asarray(score, dtype=np.float64)[None, :])[0])
+
+
+def roc_auc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUC of each row of ``scores`` (B, n) against one label vector ``y`` (n,), ties counted half."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+        return np.full(len(scores), np.nan)
+    ranks = rankdata(scores, axis=1)  # average ranks over ties
+    return (ranks[:, y].sum(axis=1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -57,12 +56,25 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
-def classification_report(y_true, probs, classes: list[str], positive: int, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity, precision, F1, AUC and confusion matrix, as a JSON-able dict."""
+def predictions(probs, positive: int, threshold: float, in_scope=None) -> np.ndarray:
+    """Predicted class index per row; ``len(classes)`` for a slice out of scope."""
+    pred = decide(probs, positive, threshold)
+    if in_scope is not None:
+        pred = np.where(np.asarray(in_scope, dtype=bool), pred, np.asarray(probs).shape[1])
+    return pred
+
+
+def classification_report(y_true, probs, classes: list[str], positive: int, threshold: float,
+                          in_scope=None) -> dict:
+    """Accuracy, sensitivity, specificity, precision, F1, AUC and confusion matrix, as a JSON-able dict.
+
+    With ``in_scope`` (bool per slice) the slices out of scope get no class (see the module docstring).
+    """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    pred = decide(probs, positive, threshold)
-    cm = confusion_matrix(y_true, pred, len(classes))
+    pred = predictions(probs, positive, threshold, in_scope)
+    columns = list(classes) + (["out_of_scope"] if in_scope is not None else [])
+    cm = confusion_matrix(y_true, pred, len(columns))[: len(classes)]
     is_pos, said_pos = y_true == positive, pred == positive
     tp = int(np.sum(is_pos & said_pos))
     fn = int(np.sum(is_pos & ~said_pos))
@@ -82,8 +94,20 @@ def classification_report(y_true, probs, classes: list[str], positive: int, thre
         "auc": roc_auc(is_pos, probs[:, positive]),
         "tp": tp, "fn": fn, "fp": fp, "tn": tn,
         "classes": list(classes),
+        "confusion_columns": columns,
         "confusion_matrix": cm.tolist(),
+        "out_of_scope": int(np.sum(pred == len(classes))) if in_scope is not None else None,
     }
+
+
+def roc_curve(y_is_positive, score) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) over every threshold, from (0, 0) to (1, 1)."""
+    y = np.asarray(y_is_positive).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    thr = np.unique(s)[::-1]
+    tpr = np.array([0.0] + [float(np.mean(s[y] >= t)) if y.any() else 0.0 for t in thr])
+    fpr = np.array([0.0] + [float(np.mean(s[~y] >= t)) if (~y).any() else 0.0 for t in thr])
+    return fpr, tpr
 
 
 def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
@@ -120,9 +144,10 @@ def format_report(report: dict, title: str = "") -> str:
         v = report[k]
         lines.append(f"  {k:<12} {v:.4f}" if isinstance(v, float) else f"  {k:<12} {v}")
     classes = report["classes"]
-    width = max(8, *(len(c) for c in classes)) + 2
+    columns = report.get("confusion_columns", classes)
+    width = max(8, *(len(c) for c in columns)) + 2
     lines.append("  confusion (rows true, columns predicted):")
-    lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in classes))
+    lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in columns))
     for c, row in zip(classes, report["confusion_matrix"]):
         lines.append("  " + f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)

@@ -5,7 +5,7 @@ No torch: this is what runs at the scanner (CLI ``infer``, the server, the bench
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -15,7 +15,8 @@ from .data.dataset import list_files
 from .data.decode import decode_slice, load_slice
 from .errors import EdgeKidneyError, InputError
 from .metrics import decide, softmax
-from .preprocess import preprocess_batch
+from .preprocess import preprocess_batch_with_geometry
+from .scope import OUT_OF_SCOPE
 from .runtime import open_backend
 from .sidecar import load_card
 
@@ -24,11 +25,35 @@ from .sidecar import load_card
 class Prediction:
     path: str
     probability: float  # of the positive (stone) class
-    label: str
+    label: str  # a class name, or "out_of_scope" (then no stone call is made)
     threshold: float
+    in_scope: bool | None = None  # None: the model carries no out-of-scope detector
+    scope_distance: float | None = None
+    scope_threshold: float | None = None
+    scope_reason: str | None = None  # why a slice is out of scope
+    cam: np.ndarray | None = field(default=None, repr=False, compare=False)  # on the original slice's grid
+    cam_peak: tuple[int, int] | None = None  # (row, col) of the map's maximum on the original slice
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("cam")
+        if d["cam_peak"] is not None:
+            d["cam_peak"] = list(d["cam_peak"])
+        return d
+
+
+@dataclass
+class BatchResult:
+    """What one forward pass says about a batch of slices (see :func:`classify_batch`)."""
+
+    logits: np.ndarray  # (N, classes)
+    probs: np.ndarray
+    labels: list[str]
+    in_scope: np.ndarray | None  # (N,) bool, None without a detector
+    distances: np.ndarray | None
+    reasons: list[str | None]
+    cams: list[np.ndarray | None]  # on each original slice, when asked for
+    geometries: list
 
 
 @dataclass
@@ -56,6 +81,55 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.ndarray | None, list[str | None]]:
+    """Which slices lie within what the model was trained on, and why not.
+
+    A slice in which no patient outline is found (blank, nearly empty) is out of scope whatever the
+    network says; otherwise the model's own feature distance decides (threshold in the sidecar).
+    """
+    reasons: list[str | None] = [None] * len(geometries)
+    thr = card.scope_threshold
+    if thr is None or distances is None:
+        return None, reasons
+    inside = np.asarray(distances, dtype=np.float64) <= thr
+    inside &= np.isfinite(distances)
+    for i, (ok, g) in enumerate(zip(inside, geometries)):
+        if card.preprocessing.body_crop and not g.body_found:
+            inside[i] = False
+            reasons[i] = "no patient outline found in the image"
+        elif not ok:
+            reasons[i] = f"unlike the training slices (feature distance {float(distances[i]):.3g} > {thr:.3g})"
+    return inside, reasons
+
+
+def classify_batch(predictor, slices: list[np.ndarray], want_cam: bool = False) -> BatchResult:
+    """Preprocess (the shared implementation), run the model, decide, and say what is out of scope.
+
+    ``predictor`` is anything with ``card``, ``threshold`` and ``infer_outputs`` (a :class:`Classifier`,
+    or the PyTorch predictor of a checkpoint).
+    """
+    x, geometries = preprocess_batch_with_geometry(slices, predictor.card.preprocessing)
+    return decide_outputs(predictor.card, predictor.threshold, predictor.infer_outputs(x), geometries, want_cam)
+
+
+def decide_outputs(card, threshold: float, outs: dict[str, np.ndarray], geometries: list,
+                   want_cam: bool = False) -> BatchResult:
+    """The model's outputs for a batch -> labels (out of scope included) and, when asked, maps on the slices."""
+    logits = outs["logits"]
+    if logits.ndim != 2 or logits.shape[1] != len(card.classes):
+        raise EdgeKidneyError(f"model returned shape {logits.shape}; sidecar names {len(card.classes)} classes")
+    probs = softmax(logits)
+    distances = outs.get("scope_distance")
+    in_scope, reasons = scope_of(card, distances, geometries)
+    labels = [card.classes[k] for k in decide(probs, card.positive_index, threshold)]
+    if in_scope is not None:
+        labels = [lab if ok else OUT_OF_SCOPE for lab, ok in zip(labels, in_scope)]
+    cams: list[np.ndarray | None] = [None] * len(geometries)
+    if want_cam and "cam" in outs:
+        cams = [g.map_to_input(c) for g, c in zip(geometries, outs["cam"])]
+    return BatchResult(logits, probs, labels, in_scope, distances, reasons, cams, geometries)
+
+
 def default_backend_for(path: str | Path) -> str:
     return "trt" if Path(path).suffix in (".engine", ".plan", ".trt") else "ort"
 
@@ -76,6 +150,10 @@ class Classifier:
     def preprocessing(self):
         return self.card.preprocessing
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, 3, S, S) preprocessed batch -> every model output by name."""
+        return self.backend.infer_outputs(batch)
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed batch -> (N, classes) probabilities."""
         logits = self.backend.infer(batch)
@@ -83,19 +161,26 @@ class Classifier:
             raise EdgeKidneyError(f"model returned shape {logits.shape}; sidecar names {len(self.card.classes)} classes")
         return softmax(logits)
 
-    def decide(self, probs: np.ndarray) -> list[tuple[float, str]]:
-        labels = decide(probs, self.positive, self.threshold)
-        return [(float(p[self.positive]), self.card.classes[k]) for p, k in zip(probs, labels)]
+    def predict_slices(self, slices: list[np.ndarray], names: list[str], want_cam: bool = False) -> list[Prediction]:
+        r = classify_batch(self, slices, want_cam)
+        thr = self.card.scope_threshold
+        preds = []
+        for i, name in enumerate(names):
+            cam = r.cams[i]
+            peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)) if cam is not None else None
+            preds.append(Prediction(
+                name, float(r.probs[i, self.positive]), r.labels[i], self.threshold,
+                in_scope=None if r.in_scope is None else bool(r.in_scope[i]),
+                scope_distance=None if r.distances is None else float(r.distances[i]),
+                scope_threshold=thr, scope_reason=r.reasons[i], cam=cam, cam_peak=peak))
+        return preds
 
-    def predict_slices(self, slices: list[np.ndarray], names: list[str]) -> list[Prediction]:
-        probs = self.probabilities(preprocess_batch(slices, self.preprocessing))
-        return [Prediction(n, p, lab, self.threshold) for n, (p, lab) in zip(names, self.decide(probs))]
-
-    def predict_bytes(self, data: bytes, name: str) -> Prediction:
-        return self.predict_slices([decode_slice(data, name, self.preprocessing)], [name])[0]
+    def predict_bytes(self, data: bytes, name: str, want_cam: bool = False) -> Prediction:
+        return self.predict_slices([decode_slice(data, name, self.preprocessing)], [name], want_cam)[0]
 
     def predict_files(self, paths: list[Path], batch_size: int = 8, keep_going: bool = False,
-                      progress: Callable[[int], None] | None = None) -> tuple[list[Prediction], list[Failure]]:
+                      progress: Callable[[int], None] | None = None, want_cam: bool = False,
+                      ) -> tuple[list[Prediction], list[Failure]]:
         """Decode and classify files in batches. Without ``keep_going`` the first bad file raises."""
         preds: list[Prediction] = []
         failures: list[Failure] = []
@@ -111,7 +196,7 @@ class Classifier:
                         raise
                     failures.append(Failure(str(p), str(exc)))
             if slices:
-                preds.extend(self.predict_slices(slices, names))
+                preds.extend(self.predict_slices(slices, names, want_cam))
             if progress:
                 progress(len(chunk))
         return preds, failures
@@ -124,3 +209,18 @@ class Classifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_cams(preds: list[Prediction], folder: Path, card, everything: bool = False) -> list[Path]:
+    """PNG overlays of the activation map: for slices called stone, or every slice with ``everything``."""
+    from .cam import write_overlay
+
+    folder = Path(folder)
+    written = []
+    for i, p in enumerate(preds):
+        if p.cam is None or not (everything or p.label == card.positive_class):
+            continue
+        gray = load_slice(p.path, card.preprocessing)
+        name = f"{i:05d}-{Path(p.path).stem}.png"
+        written.append(write_overlay(folder / name, gray, p.cam, p.cam_peak))
+    return written

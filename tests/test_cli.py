@@ -32,7 +32,9 @@ def test_infer_prints_json_for_files_and_folders(tiny_onnx, small_real, tmp_path
     data = json.loads(out.read_text())
     assert len(data["predictions"]) == 25 and data["failures"] == []
     first = data["predictions"][0]
-    assert set(first) == {"path", "probability", "label", "threshold"}
+    assert set(first) == {"path", "probability", "label", "threshold", "in_scope", "scope_distance",
+                          "scope_threshold", "scope_reason", "cam_peak"}
+    assert first["in_scope"] in (True, False) and first["scope_threshold"] > 0
     assert "Stone" in r.stdout and "p(Stone)" in r.stdout
 
 
@@ -40,7 +42,7 @@ def test_infer_csv_to_stdout(tiny_onnx, small_real):
     r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", "--csv", "-")
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
-    assert lines[0] == "path,probability,label,threshold" and len(lines) == 2
+    assert lines[0] == "path,probability,label,threshold,in_scope,scope_distance,scope_threshold" and len(lines) == 2
 
 
 def test_infer_keep_going_reports_bad_files_and_exits_nonzero(tiny_onnx, small_real, tmp_path):

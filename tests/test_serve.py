@@ -194,7 +194,8 @@ def test_single_image_matches_in_process_prediction(client, images, reference, n
     item = r.json()
     assert_matches(item, reference(images[name]))
     assert set(item) == {"label", "probability", "positive_class", "threshold", "model_sha256", "precision",
-                         "backend", "batch_size", "latency_ms"}
+                         "backend", "batch_size", "latency_ms", "in_scope", "scope_distance", "scope_threshold",
+                         "scope_reason"}
     assert item["precision"] == "fp32" and item["backend"] == "ort" and item["positive_class"] == "Stone"
     assert len(item["model_sha256"]) == 64 and item["latency_ms"] > 0
 

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..predict import decide_outputs
 from .batching import MicroBatcher
 from .config import ServeConfig
 from .inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
@@ -44,7 +45,8 @@ class Service:
         card = classifier.card
         self.model = {"sha256": card.sha256, "precision": card.precision, "backend": classifier.backend_name,
                       "classes": list(card.classes), "positive_class": card.positive_class,
-                      "image_size": card.preprocessing.image_size, "threshold": float(classifier.threshold)}
+                      "image_size": card.preprocessing.image_size, "threshold": float(classifier.threshold),
+                      "scope_threshold": card.scope_threshold, "outputs": list(card.outputs)}
         self.metrics = Metrics({"sha256": card.sha256, "precision": card.precision,
                                 "backend": classifier.backend_name, "positive_class": card.positive_class,
                                 "image_size": card.preprocessing.image_size, "version": __version__})
@@ -57,10 +59,12 @@ class Service:
         self.not_ready_reason = "model is warming up"
 
     # -- the inference thread --------------------------------------------------------------
-    def _infer(self, batch: np.ndarray) -> list[tuple[float, str]]:
+    def _infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """One row of every model output per image (logits, scope distance, activation map)."""
         if self.config.simulate_latency_ms > 0:
             time.sleep(self.config.simulate_latency_ms / 1000.0)
-        return self.clf.decide(self.clf.probabilities(batch))
+        outs = self.clf.infer_outputs(batch)
+        return [{name: value[i] for name, value in outs.items()} for i in range(len(batch))]
 
     # -- lifespan ----------------------------------------------------------------------------
     @asynccontextmanager
@@ -134,24 +138,45 @@ class Service:
                 return JSONResponse({"detail": self.not_ready_reason, "status": 503}, 503,
                                     headers={"Retry-After": "1"})
             body = await read_limited(request.stream(), cfg.max_body_bytes)
+            want_cam = request.query_params.get("cam", "").lower() in ("1", "true", "yes")
             with self.batcher.announce() as slot:
-                uploads, x = await run_in_threadpool(self._decode, kind, content_type, body, request.scope)
+                uploads, (x, geometries) = await run_in_threadpool(self._decode, kind, content_type, body,
+                                                                   request.scope)
                 result = await slot.submit(x)
+            rows = result.rows
+            decided = decide_outputs(self.clf.card, self.clf.threshold,
+                                     {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam)
         except ClientError as exc:
             return JSONResponse(exc.to_dict(), exc.status)
         except ClientDisconnect:
             return JSONResponse({"detail": "client disconnected", "status": 400}, 400)
         latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         items = []
-        for up, (prob, label) in zip(uploads, result.rows):
-            item = {"label": label, "probability": prob, "positive_class": self.model["positive_class"],
-                    "threshold": self.model["threshold"], "model_sha256": self.model["sha256"],
+        pos = self.clf.card.positive_index
+        for i, up in enumerate(uploads):
+            item = {"label": decided.labels[i], "probability": float(decided.probs[i, pos]),
+                    "positive_class": self.model["positive_class"], "threshold": self.model["threshold"],
+                    "in_scope": None if decided.in_scope is None else bool(decided.in_scope[i]),
+                    "scope_distance": None if decided.distances is None else float(decided.distances[i]),
+                    "scope_threshold": self.model["scope_threshold"], "scope_reason": decided.reasons[i],
+                    "model_sha256": self.model["sha256"],
                     "precision": self.model["precision"], "backend": self.model["backend"],
                     "batch_size": result.batch_size, "latency_ms": latency_ms}
+            cam = decided.cams[i]
+            if cam is not None:
+                peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))
+                item["cam_peak"] = list(peak)  # (row, col) on the uploaded image
+                item["cam_png"] = await run_in_threadpool(self._cam_png, up, cam, peak)
             if up.part is not None:
                 item = {"part": up.part, **item}
             items.append(item)
         return JSONResponse(items if kind == MULTIPART_TYPE else items[0])
+
+    def _cam_png(self, upload, cam: np.ndarray, peak) -> str:
+        from ..cam import overlay_png_base64
+        from ..data.decode import decode_slice
+
+        return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)
 
     def _decode(self, kind: str, content_type: str, body: bytes, scope: dict):
         if kind == MULTIPART_TYPE:

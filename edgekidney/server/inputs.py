@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data.decode import decode_slice
 from ..errors import DependencyError, InputError
-from ..preprocess import Preprocessing, preprocess_batch
+from ..preprocess import Geometry, Preprocessing, preprocess_batch_with_geometry
 
 DICOM_TYPES = {"application/dicom"}
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg"}
@@ -159,15 +159,15 @@ def split_multipart(content_type: str, body: bytes, max_images: int) -> list[Upl
     return uploads
 
 
-def decode_uploads(uploads: list[Upload], config: Preprocessing) -> np.ndarray:
-    """Decode and preprocess (the CLI's code) -> (N, 3, S, S); the first bad image raises 422."""
+def decode_uploads(uploads: list[Upload], config: Preprocessing) -> tuple[np.ndarray, list[Geometry]]:
+    """Decode and preprocess (the CLI's code) -> ((N, 3, S, S), geometries); the first bad image raises 422."""
     slices = []
     for up in uploads:
         try:
             slices.append(decode_slice(up.data, up.name, config, dicom_hint=up.dicom))
         except (InputError, DependencyError) as exc:
             raise ClientError(422, redact(str(exc), up.data), part=up.part) from None
-    return preprocess_batch(slices, config)
+    return preprocess_batch_with_geometry(slices, config)
 
 
 def patient_identifiers(data: bytes) -> list[str]:
