@@ -10,14 +10,20 @@ mkdir -p "$OUT"
 py() { python3 -m edgekidney.cli "$@"; }
 declare -A VARIANT=(
   [default]=""
+  [default_seed1]="--seed 1"
+  [default_24_epochs]="--epochs 24 --patience 6"
+  [calculus_half_24_epochs]="--calculus-fraction 0.5 --epochs 24 --patience 6"
   [no_body_crop]="--no-body-crop"
   [old_augment]="--augment geometry,intensity"
-  [no_calculus]="--augment geometry,scale,intensity,window,noise"
+  [no_calculus]="--augment geometry,scale,intensity,window,noise,resolution"
   [no_balanced]="--no-balanced"
-  [binary_like_before]="--classes Normal,Stone --no-body-crop --augment geometry,intensity --no-balanced"
+  [calculus_half]="--calculus-fraction 0.5"
+  [no_body_level]="--body-level 0"
+  [no_resolution]="--augment geometry,scale,intensity,window,noise,calculus"
+  [binary_like_before]="--classes Normal,Stone --no-body-crop --body-level 0 --augment geometry,intensity --no-balanced"
 )
 for v in "${!VARIANT[@]}"; do
-  ( OMP_NUM_THREADS=2 py train "$D" --out "runs/$v" --weights none --image-size 128 --epochs "$EPOCHS" \
+  ( OMP_NUM_THREADS=${THREADS:-2} py train "$D" --out "runs/$v" --weights none --image-size 128 --epochs "$EPOCHS" \
         ${VARIANT[$v]} > "$OUT/train-$v.log" 2>&1
     OMP_NUM_THREADS=2 py export "runs/$v" --out "runs/$v/model.onnx" >> "$OUT/train-$v.log" 2>&1
     OMP_NUM_THREADS=2 py evaluate "runs/$v/model.onnx" "runs/$v/split.csv" --split val --json "$OUT/eval-$v.json" \

@@ -99,6 +99,8 @@ def train_cmd(
     calculus_fraction: float = typer.Option(0.3, min=0.0, max=1.0,
                                             help="Share of non-stone slices given a placed-calculus twin."),
     body_crop: bool = typer.Option(True, help="Crop each slice to the patient's outline before resizing."),
+    body_level: float = typer.Option(0.5, min=0.0, max=1.0,
+                                     help="Scale each slice so the body's median intensity is this (0: off)."),
     scope_quantile: float = typer.Option(0.99, min=0.5, max=1.0, help="Out of scope: validation distance quantile..."),
     scope_margin: float = typer.Option(1.5, min=1.0, help="... times this margin is the threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -110,7 +112,7 @@ def train_cmd(
     from .train import TrainConfig, train
 
     pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
-                        png16_hu_offset=png16_hu_offset, body_crop=body_crop)
+                        png16_hu_offset=png16_hu_offset, body_crop=body_crop, body_level=body_level or None)
     cfg = TrainConfig(data=data, out=out, classes=parse_classes(classes), positive_class=positive, weights=weights,
                       weights_sha256=weights_sha256, image_size=image_size, epochs=epochs, freeze_epochs=freeze_epochs,
                       batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,

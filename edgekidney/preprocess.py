@@ -39,6 +39,10 @@ class Preprocessing:
     body_threshold: float = 0.05
     body_margin: float = 0.04
     body_min_fraction: float = 0.03  # a component smaller than this share of the slice is no body
+    # Body level: scale intensities so that the median of the body's pixels sits here (air stays 0,
+    # saturated bone and calculi stay saturated). Scanners, contrast phases and exports differ in how
+    # bright soft tissue is; without this a model can tell hospitals (and so classes) apart by it.
+    body_level: float | None = 0.5
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
@@ -57,6 +61,7 @@ class Preprocessing:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("body_crop", False)  # models from before the body crop were trained without one
+        kw.setdefault("body_level", None)
         for key in ("mean", "std"):
             if key in kw:
                 kw[key] = tuple(float(x) for x in kw[key])
@@ -170,6 +175,17 @@ def body_box(img: np.ndarray, config: Preprocessing) -> tuple[tuple[int, int, in
     return (max(0, top - my), min(h, bottom + my), max(0, left - mx), min(w, right + mx)), True, fraction
 
 
+def level_body(img: np.ndarray, config: Preprocessing) -> np.ndarray:
+    """Scale a slice so that its body's median intensity is ``config.body_level`` (gain within 0.5-2)."""
+    step = max(1, int(np.ceil(max(img.shape) / 128)))
+    sample = img[::step, ::step]
+    body = sample[sample > config.body_threshold]
+    if body.size == 0:
+        return img
+    gain = float(np.clip(config.body_level / max(float(np.median(body)), 1e-3), 0.5, 2.0))
+    return np.clip(img * np.float32(gain), 0.0, 1.0)
+
+
 def preprocess_with_geometry(gray01: np.ndarray, config: Preprocessing) -> tuple[np.ndarray, Geometry]:
     """One 2-D slice in 0..1 -> (network input (3, S, S) float32, where that grid lies on the slice)."""
     img = np.asarray(gray01, dtype=np.float32)
@@ -182,6 +198,8 @@ def preprocess_with_geometry(gray01: np.ndarray, config: Preprocessing) -> tuple
         crop, found, fraction = (0, h, 0, w), True, 1.0
     top, bottom, left, right = crop
     cropped = img[top:bottom, left:right]
+    if config.body_level is not None and found:
+        cropped = level_body(cropped, config)
     ch, cw = cropped.shape
     side = max(ch, cw)
     geometry = Geometry(shape=(h, w), crop=crop, side=side, pad_top=(side - ch) // 2, pad_left=(side - cw) // 2,

@@ -85,7 +85,7 @@ class TrainConfig:
         return parse_augmentations(self.augment)
 
 
-AUGMENTATIONS = ("geometry", "scale", "intensity", "window", "noise", "calculus")
+AUGMENTATIONS = ("geometry", "scale", "intensity", "window", "noise", "resolution", "calculus")
 
 
 def parse_augmentations(text: str | bool) -> frozenset[str]:
@@ -191,7 +191,8 @@ def augment(batch, pre: Preprocessing, generator, which: frozenset[str] = frozen
     geometry: rotation (±10°) and shift (±6 %); scale: zoom 0.85-1.15 (field of view, patient size);
     intensity: contrast ±10 %, brightness ±5 %; window: another window width (×0.7-1.4) and level
     (±8 % of the window), as other exports and scanners show the same HU; noise: Gaussian, σ up to 0.03
-    (dose, reconstruction kernel). Applied in 0..1 units, so padding stays air and clipping is physical.
+    (dose, reconstruction kernel); resolution: half the slices resampled through a 1-3x coarser grid
+    (thick slices, 3 mm volumes, small matrices). Applied in 0..1 units, so padding stays air.
     """
     torch = require_torch()
     import torch.nn.functional as F
@@ -220,6 +221,12 @@ def augment(batch, pre: Preprocessing, generator, which: frozenset[str] = frozen
         contrast = 1 + uniform(-0.10, 0.10, n, 1, 1, 1)
         bright = uniform(-0.05, 0.05, n, 1, 1, 1)
         x01 = (x01 * contrast + bright).clamp(0, 1)
+    if "resolution" in which:
+        size = x01.shape[-1]
+        for i in torch.nonzero(torch.rand(n, generator=generator) < 0.5).flatten().tolist():
+            small = max(16, int(size / float(uniform(1.0, 3.0, 1))))
+            low = F.interpolate(x01[i : i + 1], size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+            x01[i : i + 1] = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     if "noise" in which:
         sigma = uniform(0.0, 0.03, n, 1, 1, 1)
         noise = torch.randn(n, 1, *x01.shape[2:], generator=generator) * sigma
@@ -423,7 +430,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                                         f"{' *' if improved else ''}")
                 log(f"epoch {epoch}: train_loss {row['train_loss']:.4f} val_loss {val_loss:.4f} "
                     f"val_auc {rep['auc']:.4f} val_acc {rep['accuracy']:.4f} ({row['seconds']:.0f} s)")
-                if not frozen and stale >= cfg.patience:
+                # the one-cycle rate peaks early and validation AUC swings with it: stop only once the
+                # rate is annealing (second half), else a lucky early epoch ends a run (seen: best 3 of 7)
+                if not frozen and stale >= cfg.patience and epoch >= cfg.epochs // 2:
                     log(f"early stop: val AUC has not improved for {cfg.patience} epochs (best epoch {best['epoch']})")
                     stopped_early = True
                     break

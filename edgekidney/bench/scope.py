@@ -113,6 +113,8 @@ def run_scope(model: Path, val_manifest: Path | None = None, volumes: Path = VOL
             scores[name] = (r.distances, energy(r.logits))
             called = [lab == clf.card.positive_class for lab in r.labels]
             out["sets"][name] = {"n": len(slices), "out_of_scope": int((~r.in_scope).sum()),
+                                 "distance_quantiles": np.quantile(r.distances, [0.1, 0.5, 0.9]).round(3).tolist(),
+                                 "p_stone_median": float(np.median(r.probs[:, clf.card.positive_index])),
                                  "fraction_out_of_scope": float((~r.in_scope).mean()),
                                  "called_stone": int(sum(called)), "must_refuse": name in MUST_REFUSE}
             log(f"  {name:<30} {out['sets'][name]['out_of_scope']:>3}/{len(slices):<3} out of scope, "
@@ -127,8 +129,15 @@ def run_scope(model: Path, val_manifest: Path | None = None, volumes: Path = VOL
     return out
 
 
-def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3, seed: int = 0, log=print) -> dict:
-    """Kidney-level slices of another hospital's CT with and without a placed calculus."""
+def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3, seed: int = 0, log=print,
+                       val_manifest: Path | None = None) -> dict:
+    """Kidney-level slices of another hospital's CT with and without a placed calculus (4-8 mm, 600-1200 HU).
+
+    With ``val_manifest``, the same on the validation split's slices without a stone (in the windowed
+    image, calculus at saturation), to tell "does not see calculi" from "does not see them elsewhere".
+    """
+    from ..data.dataset import read_manifest
+    from ..data.decode import load_slice
     from ..predict import Classifier
 
     rng = np.random.default_rng(seed)
@@ -145,11 +154,34 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
                 placed.append(window_hu(draw_calculus(hu, spec), pre.window_center, pre.window_width))
         if not base:
             raise SystemExit("no kidney sites found")
-        pb = clf.predict_slices(base, [f"twin{i}" for i in range(len(base))])
-        pp = clf.predict_slices(placed, [f"calculus{i}" for i in range(len(placed))])
+        res = _pair_report(clf, base, placed, "other hospital (kidneys-ct-crop.nii.gz)")
+        if val_manifest is not None:
+            vb, vp = [], []
+            negatives = [s for s in read_manifest(val_manifest) if s.split == "val" and s.class_name != clf.card.positive_class]
+            for s in negatives[:: max(1, len(negatives) // 60)]:
+                gray = load_slice(s.path, pre)
+                for site in kidney_sites(gray, rng, 1):
+                    vb.append(gray)
+                    vp.append(draw_calculus(gray, CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0),
+                                                               float(rng.uniform(0.9, 1.0)), float(rng.uniform(0.3, 0.8)),
+                                                               site[0], site[1])))
+            if vb:
+                res["validation_pairs"] = _pair_report(clf, vb, vp, "validation split, no stone")
+    log(f"  {res['pairs']} pairs: calculus found {res['found_with_calculus']:.2f}, twins not stone "
+        f"{res['twin_not_called_stone']:.2f}, median p rise {res['p_rise_median']:+.3f}")
+    if "validation_pairs" in res:
+        v = res["validation_pairs"]
+        log(f"  validation: {v['pairs']} pairs: calculus found {v['found_with_calculus']:.2f}, twins not stone "
+            f"{v['twin_not_called_stone']:.2f}, median p rise {v['p_rise_median']:+.3f}")
+    return res
+
+
+def _pair_report(clf, base: list[np.ndarray], placed: list[np.ndarray], source: str) -> dict:
+    pb = clf.predict_slices(base, [f"twin{i}" for i in range(len(base))])
+    pp = clf.predict_slices(placed, [f"calculus{i}" for i in range(len(placed))])
     stone = clf.card.positive_class
     rise = np.array([b.probability for b in pp]) - np.array([a.probability for a in pb])
-    res = {"model": str(model), "pairs": len(base),
+    return {"source": source, "pairs": len(base),
            "found_with_calculus": float(np.mean([p.label == stone for p in pp])),
            "twin_not_called_stone": float(np.mean([p.label != stone for p in pb])),
            "out_of_scope_with_calculus": float(np.mean([p.label == "out_of_scope" for p in pp])),
@@ -157,9 +189,6 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
            "p_rise_median": float(np.median(rise)), "p_rise_mean": float(rise.mean()),
            "p_twin_median": float(np.median([p.probability for p in pb])),
            "p_calculus_median": float(np.median([p.probability for p in pp]))}
-    log(f"  {len(base)} pairs: calculus found {res['found_with_calculus']:.2f}, twins not stone "
-        f"{res['twin_not_called_stone']:.2f}, median p rise {res['p_rise_median']:+.3f}")
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--volumes", type=Path, default=VOLUMES)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    result = {"scope": run_scope(a.model, a.val, a.volumes), "calculus_pairs": run_calculus_pairs(a.model, a.volumes)}
+    result = {"scope": run_scope(a.model, a.val, a.volumes),
+              "calculus_pairs": run_calculus_pairs(a.model, a.volumes, val_manifest=a.val)}
     if a.json:
         write_json(result, a.json)
     return 0
