@@ -102,7 +102,7 @@ def train_cmd(
     body_level: float = typer.Option(0.5, min=0.0, max=1.0,
                                      help="Scale each slice so the body's median intensity is this (0: off)."),
     scope_quantile: float = typer.Option(0.99, min=0.5, max=1.0, help="Out of scope: validation distance quantile..."),
-    scope_margin: float = typer.Option(1.5, min=1.0, help="... times this margin is the threshold."),
+    scope_margin: float = typer.Option(1.0, min=1.0, help="... times this margin is the threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     seed: int = typer.Option(0),
 ):

@@ -55,7 +55,7 @@ def fit_scope(features: np.ndarray, labels: np.ndarray, shrinkage: float = 0.1) 
     return ScopeModel(whitening=w.astype(np.float32), centers=(means @ w).astype(np.float32), shrinkage=shrinkage)
 
 
-def choose_threshold(val_distances: np.ndarray, quantile: float = 0.99, margin: float = 1.5) -> float:
+def choose_threshold(val_distances: np.ndarray, quantile: float = 0.99, margin: float = 1.0) -> float:
     """Validation distances (in-distribution slices) -> the threshold above which a slice is out of scope."""
     d = np.asarray(val_distances, dtype=np.float64)
     d = d[np.isfinite(d)]

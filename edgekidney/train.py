@@ -67,7 +67,7 @@ class TrainConfig:
     balanced: bool = True  # class-balanced sampling (then the loss is not class-weighted as well)
     calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
     scope_quantile: float = 0.99  # out-of-scope threshold: this quantile of validation distances ...
-    scope_margin: float = 1.5  # ... times this margin
+    scope_margin: float = 1.0  # ... times this margin (1.5 let MR and head CT through: see README)
     scope_shrinkage: float = 0.1
     split: SplitConfig = field(default_factory=SplitConfig)
     preprocessing: Preprocessing | None = None

@@ -179,3 +179,32 @@ def test_entropy_calibration_really_differs_from_minmax(tiny_onnx, calib, tmp_pa
     assert scales[Method.minmax].keys() == scales[Method.entropy].keys()
     differ = [k for k in scales[Method.minmax] if abs(scales[Method.minmax][k] - scales[Method.entropy][k]) > 1e-9]
     assert len(differ) >= len(scales[Method.minmax]) // 4
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8-trt", "int8-cpu"])
+def test_scope_and_cam_outputs_survive_quantization_with_agreement(quantized, tiny_onnx, tiny_run, name):
+    """The extra heads (kept FP32) stay in every child and follow the FP32 parent on real slices."""
+    from edgekidney.runtime.ort import OrtBackend
+
+    card = load_card(quantized[name])
+    assert card.outputs == ["logits", "scope_distance", "cam"] and card.scope_threshold == load_card(tiny_onnx).scope_threshold
+    model = onnx.load(str(quantized[name]))
+    assert [o.name for o in model.graph.output] == card.outputs
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    held_out = [s for s in read_manifest(tiny_run / "split.csv") if s.split == "val"]
+    size = card.preprocessing.image_size
+    x = np.stack([preprocess(load_slice(s.path, card.preprocessing), card.preprocessing) for s in held_out])
+    with OrtBackend(tiny_onnx, size) as a, OrtBackend(quantized[name], size) as b:
+        ref, got = a.infer_outputs(x), b.infer_outputs(x)
+    assert got["cam"].shape == (len(x), size, size) and got["scope_distance"].shape == (len(x),)
+    thr = card.scope_threshold
+    # the tiny model's validation distances crowd the threshold (it is their 99th percentile), so the
+    # symmetric INT8 flavour flips a few; the distances themselves move little (below)
+    agreement = np.mean((ref["scope_distance"] <= thr) == (got["scope_distance"] <= thr))
+    assert agreement >= (0.75 if name == "int8-trt" else 0.9)
+    moved = np.abs(ref["scope_distance"] - got["scope_distance"]) / thr  # in units of the threshold
+    assert np.median(moved) < (0.01 if name == "fp16" else 0.1)
+    q = card.extra["quantization"]
+    assert q["heads_kept_fp32"] > 0 and q["cam_min_correlation"] > (0.99 if name == "fp16" else 0.5)
+    if name != "fp16":
+        assert q["heads_inputs_float"] >= 1  # the scope MatMul reads the FP32 pooled features

@@ -45,7 +45,7 @@ def _spine(img01: np.ndarray, body: np.ndarray) -> tuple[float, float, float, fl
     if profile.max() < 3:
         return None
     profile = np.convolve(profile, np.ones(5) / 5, mode="same")
-    col = left + mid.start + int(profile.argmax())
+    col = left + mid.start + int(round(np.flatnonzero(profile >= profile.max() - 1e-9).mean()))  # plateau centre
     band = bright[:, max(0, col - left - 3) : col - left + 4]
     r = np.nonzero(band.any(axis=1))[0]
     if r.size == 0:
