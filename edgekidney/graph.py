@@ -20,27 +20,61 @@ def graph_precision(model) -> str:
 
 
 def heads_read_float(model, heads: list[str]) -> int:
-    """Rewire head nodes that read ``DQ(Q(t))`` to read ``t`` itself; returns how many inputs changed.
+    """Let the head nodes read full-precision tensors; returns how many inputs were rewired.
 
-    The quantizer puts one Q/DQ pair on a tensor shared by a quantized node (the classifier's Gemm on the
-    pooled features) and an excluded one (the scope MatMul): the excluded node then sees 8-bit features
-    with one scale for all 2,048 of them, which moved the scope distance by a factor of 60 in a test.
+    Two tools round-trip the heads' tensors through a lower precision even when asked to keep them:
+    the INT8 quantizer puts one Q/DQ pair on a tensor that a quantized node (the classifier's Gemm)
+    and a kept one (the scope MatMul) share, so the kept node sees 8-bit features with one scale for
+    all 2,048 of them (the distance moved 60-fold in a test); the FP16 converter, given a node block
+    list, still casts every output of a blocked node to FP16 and back. Here ``DQ(Q(t))`` and
+    ``Cast<float>(Cast<float16>(t))`` feeding a head node become ``t``, the heads' outputs are typed
+    float32 again, and the casts nobody reads any more are removed.
     """
+    from onnx import TensorProto
+
     producer = {o: n for n in model.graph.node for o in n.output}
     wanted = set(heads)
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
     changed = 0
     for node in model.graph.node:
         if node.name not in wanted:
             continue
         for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
+            outer = producer.get(name)
+            inner = producer.get(outer.input[0]) if outer is not None and outer.input else None
+            if inner is None:
                 continue
-            q = producer.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
+            if outer.op_type == "DequantizeLinear" and inner.op_type == "QuantizeLinear":
+                node.input[i] = inner.input[0]
                 changed += 1
+            elif (outer.op_type == "Cast" and inner.op_type == "Cast" and cast_to(outer) == TensorProto.FLOAT
+                  and cast_to(inner) == TensorProto.FLOAT16):
+                node.input[i] = inner.input[0]
+                changed += 1
+    head_outputs = {o for n in model.graph.node if n.name in wanted for o in n.output}
+    for vi in model.graph.value_info:
+        if vi.name in head_outputs and vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    _drop_unread(model)
     return changed
+
+
+def _drop_unread(model) -> None:
+    """Remove nodes whose outputs nothing reads (repeatedly), then the initializers nothing reads."""
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | graph_outputs
+        dead = [n for n in model.graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    read = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in read]:
+        model.graph.initializer.remove(init)
 
 
 def head_nodes(model, main_output: str = "logits") -> list[str]:

@@ -1,8 +1,9 @@
 """The exported network: ResNet50 logits plus two heads computed in the graph (needs torch).
 
 - ``scope_distance`` (N,): the smallest Mahalanobis distance of the pooled layer4 features to a class
-  mean, fitted on the training split (:mod:`edgekidney.scope`). In the graph it is one MatMul with the
-  whitening matrix, a subtraction of the whitened class means, squares, a sum and a min.
+  mean, fitted on the training split (:mod:`edgekidney.scope`). In the graph: the differences to the
+  class means, one MatMul with the (D, 256) principal axes, squares weighted by the inverse
+  variances, the rest of the squared norm weighted by the residual variance, a sum and a min.
 - ``cam`` (N, S, S): the class activation map (Zhou et al. 2016). With global average pooling and one
   linear layer, the positive class's logit against the mean of the others is the spatial mean of
   ``sum_k w_k A_k(x, y)`` with ``w = W_pos - mean(W_others)``; that map over layer4's A is upsampled
@@ -40,8 +41,8 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
             self.register_buffer("cam_w", torch.from_numpy(w).view(1, -1, 1, 1))
             self.has_scope = scope is not None
             if self.has_scope:
-                self.register_buffer("whitening", torch.as_tensor(np.asarray(scope["whitening"]), dtype=torch.float32))
-                self.register_buffer("centers", torch.as_tensor(np.asarray(scope["centers"]), dtype=torch.float32))
+                for name in ("means", "basis", "inv_var", "res_inv_var"):
+                    self.register_buffer(name, torch.as_tensor(np.asarray(scope[name]), dtype=torch.float32))
 
         def forward(self, x):
             a, pooled, logits = forward_parts(self.net, x)
@@ -49,8 +50,12 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
             cam = F.interpolate(cam, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
             if not self.has_scope:
                 return logits, cam
-            z = pooled @ self.whitening
-            dist = ((z.unsqueeze(1) - self.centers.unsqueeze(0)) ** 2).sum(dim=2).amin(dim=1)
+            diff = pooled.unsqueeze(1) - self.means.unsqueeze(0)  # (N, C, D)
+            proj = diff @ self.basis  # (N, C, k)
+            p2 = (proj * proj).sum(dim=2)
+            inside = (proj * proj * self.inv_var).sum(dim=2)
+            rest = torch.clamp((diff * diff).sum(dim=2) - p2, min=0.0) * self.res_inv_var
+            dist = (inside + rest).amin(dim=1) / self.means.shape[1]
             return logits, dist, cam
 
     return Headed().eval()

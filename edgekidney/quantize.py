@@ -148,6 +148,7 @@ def _to_fp16(model, out: Path) -> dict:
 
     heads = head_nodes(model)
     f16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False, node_block_list=heads)
+    heads_read_float(f16, heads)
     _topological_sort(f16.graph)  # the converter appends its input casts at the end of the node list
     onnx.checker.check_model(f16)
     onnx.save(f16, str(out))

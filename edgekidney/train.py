@@ -452,7 +452,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "n_train": len(train_s), "n_val": len(val_s), "duplicates_dropped": ds.duplicates_dropped,
         "target_sensitivity": cfg.target_sensitivity,
         "augmentations": sorted(which), "balanced_sampling": cfg.balanced,
-        "scope": {k: v for k, v in scope.items() if k not in ("whitening", "centers")},
+        "scope": {k: v for k, v in scope.items() if not isinstance(v, np.ndarray)},
         "val": report, "val_at_0.5": report_05,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
@@ -483,7 +483,7 @@ def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: n
             "train_distance_quantiles": dict(zip(map(str, q), np.quantile(d_train, q).round(4).tolist())),
             "val_distance_quantiles": dict(zip(map(str, q), np.quantile(d_val, q).round(4).tolist())),
             "val_out_of_scope": int((d_val > thr).sum()),
-            "whitening": detector.whitening, "centers": detector.centers}, val_logits
+            "rank": int(detector.basis.shape[1]), **detector.arrays()}, val_logits
 
 
 def _write_history(history: list[dict], path: Path) -> None:
@@ -544,7 +544,7 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
                      preprocessing=Preprocessing.from_dict(ck["preprocessing"]), threshold=ck["threshold"],
                      kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")},
                      outputs=["logits", "scope_distance", "cam"] if scope else ["logits", "cam"],
-                     scope={k: v for k, v in scope.items() if k not in ("whitening", "centers")})
+                     scope={k: v for k, v in scope.items() if not hasattr(v, "shape")})
     return ck, card
 
 

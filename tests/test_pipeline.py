@@ -53,9 +53,10 @@ def test_checkpoint_and_onnx_evaluate_to_the_same_numbers(tiny_onnx, tiny_run):
     # and the probabilities themselves agree
     card = load_card(tiny_onnx)
     ls = labelled_set(manifest, card, "val")
-    p_onnx = predict_probabilities(open_predictor(tiny_onnx), ls.samples)
-    p_torch = predict_probabilities(open_predictor(tiny_run), ls.samples)
+    p_onnx, scope_onnx = predict_probabilities(open_predictor(tiny_onnx), ls.samples)
+    p_torch, scope_torch = predict_probabilities(open_predictor(tiny_run), ls.samples)
     assert np.max(np.abs(p_onnx - p_torch)) < 1e-4
+    assert scope_onnx is not None and np.array_equal(scope_onnx, scope_torch)  # same scope answers too
 
 
 def test_evaluate_stores_threshold_for_target_sensitivity(tiny_onnx, tmp_path):

@@ -100,6 +100,10 @@ def test_mahalanobis_matches_the_textbook_formula_and_flags_far_points():
     far = means[0] + rng.normal(0, 1, (50, dim)) * 6
     assert np.mean(sm.distance(val) <= thr) >= 0.98 and np.mean(sm.distance(far) > thr) == 1.0
     assert separation_auc(sm.distance(val), sm.distance(far)) > 0.99
+    low = fit_scope(f, y, shrinkage=0.1, rank=4)  # four axes and one variance for the other eight
+    assert low.basis.shape == (dim, 4) and low.res_inv_var > 0
+    thr_low = choose_threshold(low.distance(val), 0.99, 1.0)
+    assert np.mean(low.distance(far) > thr_low) == 1.0
 
 
 def test_energy_is_lower_for_confident_logits():
