@@ -43,6 +43,7 @@ CT_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
 }
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NO_SERIES_UID = "no-series-uid:"
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-3
 TILT_WARN_DEGREES = 0.5
@@ -133,16 +134,24 @@ class DicomSeries(Series):
     def hu_slices(self) -> Iterator[np.ndarray]:
         cached_path, cached_ds = None, None
         for ref in self.refs:
-            name = ref.path.name if ref.frame is None else f"{ref.path.name}[frame {ref.frame_number}]"
             if ref.path != cached_path:
                 cached_ds = read_dicom(ref.path, ref.path.name)
                 cached_path = ref.path if ref.frame is not None else None  # keep multi-frame files open
-            pixels = dicom_pixels(cached_ds, name, index=ref.frame)
-            if pixels.ndim != 2 or pixels.shape != ref.shape:
-                raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
-            yield np.ascontiguousarray(self.transform.apply(stored_to_hu(pixels, ref.slope, ref.intercept)))
+            yield self._to_hu(ref, cached_ds)
             if ref.frame is None:
                 cached_ds = None
+
+    def hu_slice(self, index: int) -> np.ndarray:
+        """One slice (by position index) in HU, display orientation."""
+        ref = self.refs[index]
+        return self._to_hu(ref, read_dicom(ref.path, ref.path.name))
+
+    def _to_hu(self, ref: SliceRef, ds) -> np.ndarray:
+        name = ref.path.name if ref.frame is None else f"{ref.path.name}[frame {ref.frame_number}]"
+        pixels = dicom_pixels(ds, name, index=ref.frame)
+        if pixels.ndim != 2 or pixels.shape != ref.shape:
+            raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
+        return np.ascontiguousarray(self.transform.apply(stored_to_hu(pixels, ref.slope, ref.intercept)))
 
     def slice_name(self, index: int) -> str:
         ref = self.refs[index]
@@ -281,7 +290,7 @@ def scan_dicom(files: Iterable[Path]) -> tuple[dict[str, list[tuple[SliceRef, ob
         if reason is not None:
             skipped.append(Skipped(str(path), reason))
             continue
-        uid = str(ds.get("SeriesInstanceUID", "") or f"no-series-uid:{path.parent}")
+        uid = str(ds.get("SeriesInstanceUID", "") or f"{NO_SERIES_UID}{path.parent.resolve()}")
         groups[uid].extend((ref, ds) for ref in refs)
     return groups, skipped
 
@@ -298,6 +307,8 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
     if len(refs) < len(members):
         warnings.append(f"{len(members) - len(refs)} duplicate instance(s) (same SOP Instance UID) dropped")
     header = members[0][1]
+    if uid.startswith(NO_SERIES_UID):
+        warnings.append("no SeriesInstanceUID: the slices of one folder are taken as one series")
 
     shapes = {r.shape for r in refs}
     if len(shapes) > 1:
