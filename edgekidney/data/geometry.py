@@ -29,6 +29,7 @@ AXIS_ALIGNED = 0.8
 def plane_of(normal: np.ndarray) -> str:
     """axial | coronal | sagittal | oblique, from the slice normal."""
     n = np.abs(np.asarray(normal, dtype=float))
+    n = n / (np.linalg.norm(n) or 1.0)
     axis = int(np.argmax(n))
     if n[axis] < AXIS_ALIGNED:
         return "oblique"
@@ -77,9 +78,9 @@ def display_transform(row_cos, col_cos, plane: str) -> DisplayTransform | None:
     sr, sc = np.sign(r[ar]), np.sign(c[ac])
     (col_axis, col_sign), (row_axis, row_sign) = DISPLAY[plane]
     if ar == col_axis and ac == row_axis:
-        return DisplayTransform(False, flip_rows=sc != row_sign, flip_cols=sr != col_sign)
+        return DisplayTransform(False, flip_rows=bool(sc != row_sign), flip_cols=bool(sr != col_sign))
     if ac == col_axis and ar == row_axis:  # display columns come from acquired rows
-        return DisplayTransform(True, flip_rows=sr != row_sign, flip_cols=sc != col_sign)
+        return DisplayTransform(True, flip_rows=bool(sr != row_sign), flip_cols=bool(sc != col_sign))
     return None
 
 
