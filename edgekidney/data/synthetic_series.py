@@ -62,7 +62,10 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
     stones = []
     for s in range(cfg.stones):
         span = cfg.stone_spans[s % len(cfg.stone_spans)]
-        first = int(rng.integers(k_lo + 2, max(k_lo + 3, k_hi - span - 1)))
+        # stones sit in separate parts of the kidney range, at least one slice apart
+        lo = k_lo + 2 + s * (k_hi - k_lo - 4) // cfg.stones
+        hi = k_lo + 2 + (s + 1) * (k_hi - k_lo - 4) // cfg.stones - span
+        first = int(rng.integers(lo, max(lo + 1, hi)))
         ky, kx, kry, krx, _ = kidneys[s % 2]
         r_px = max(2.5, 5.0 / px)  # ~5 mm in-plane radius, at least a few pixels
         stones.append({"slices": list(range(first, first + span)), "y": ky + rng.uniform(-0.3, 0.3) * kry,

@@ -10,13 +10,13 @@ from .analyze import SeriesResult, StudyResult
 def _ranges(result: SeriesResult) -> str:
     if not result.supporting:
         return "-"
-    return ", ".join(f"{r.start}-{r.end} ({r.start_mm:g}..{r.end_mm:g} mm)" for r in result.supporting)
+    return ", ".join(f"{r.start}-{r.end} ({r.start_mm:.1f}..{r.end_mm:.1f} mm)" for r in result.supporting)
 
 
 def _peak(result: SeriesResult) -> str:
     if result.peak is None:
         return "-"
-    return f"#{result.peak.index} @ {result.peak.position_mm:g} mm p={result.peak.probability:.3f}"
+    return f"#{result.peak.index} @ {result.peak.position_mm:.1f} mm p={result.peak.probability:.3f}"
 
 
 def format_study(study: StudyResult, max_skipped: int = 10) -> str:

@@ -12,7 +12,8 @@ false, or the label ``out_of_scope``), and ``no_stone`` otherwise.
 The parameters are read from the model's sidecar, ``extra["study_rule"]``
 (e.g. ``{"min_run": 2, "threshold": 0.62, "max_out_of_scope_fraction": 0.5}``), with the defaults
 above when absent. :func:`choose_rule` picks ``min_run`` and ``threshold`` on labelled validation
-series.
+series: for each ``min_run`` a series' score is the highest threshold at which it still has such a
+run (:func:`run_score`), which makes the choice an ROC over series scores.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def choose_rule(series_probabilities: Sequence[Sequence[float]], has_stone: Sequ
     """Choose ``min_run`` and ``threshold`` on labelled validation series (all slices taken as in scope).
 
     Among rules whose series-level sensitivity reaches ``target_sensitivity``, take the best
-    specificity; ties go to the longer run, then to the higher threshold. Returns the rule and its
+    specificity; ties go to the higher threshold (the call rests on confident slices), then to the
+    shorter run. Returns the rule and its
     series-level sensitivity and specificity on those series.
     """
     labels = np.asarray(has_stone, dtype=bool)
@@ -135,7 +137,7 @@ def choose_rule(series_probabilities: Sequence[Sequence[float]], has_stone: Sequ
             called = scores >= t
             sens, spec = float(called[labels].mean()), float((~called[~labels]).mean())
             reached = sens >= target_sensitivity
-            key = (reached, spec if reached else sens, min_run, float(t))
+            key = (reached, spec if reached else sens, float(t), -min_run)
             if best_key is None or key > best_key:
                 best_key = key
                 best = (StudyRule(min_run=min_run, threshold=float(t), source="chosen"),
