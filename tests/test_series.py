@@ -222,3 +222,24 @@ def test_display_transform_turns_any_axis_aligned_slice_to_radiological_view():
     np.testing.assert_array_equal(t.apply(img), img.T[::-1])
     assert display_transform([1, 0, 0], [0, 0, -1], "coronal") == DisplayTransform()
     assert display_transform([0.7, 0.7, 0], [-0.7, 0.7, 0], "axial") is None
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless"])
+def test_compressed_series_decode_to_the_same_hu(tmp_path, small_series, syntax):
+    import pydicom.uid
+
+    uid = getattr(pydicom.uid, syntax)
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        try:
+            ds.compress(uid)
+        except (RuntimeError, ImportError) as exc:  # no encoder here: nothing to test with
+            pytest.skip(f"cannot encode {syntax}: {exc}")
+        ds.save_as(f)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == uid
+    (plain,), _ = read_series([small_series[0]])
+    (packed,), _ = read_series([tmp_path / "s"])
+    assert packed.positions == plain.positions
+    for a, b in zip(plain.hu_slices(), packed.hu_slices()):
+        np.testing.assert_array_equal(a, b)
