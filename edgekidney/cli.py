@@ -268,7 +268,8 @@ def study_cmd(
     from .study.report import format_study
 
     check_plane(plane)
-    options = {"threads": threads} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
+    # ORT's threads must not spin: the decode thread needs the cores between batches
+    options = {"threads": threads, "spinning": False} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
     written: list[str] = []
     with Classifier(model, backend=backend, **options) as clf:
         rule = StudyRule.from_card(clf.card)

@@ -301,3 +301,18 @@ def test_study_command_bad_input_is_one_line(tiny_onnx, tmp_path):
         assert r.exit_code == 1 and "Traceback" not in r.output
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert lines[-1].startswith("error: ") and fragment in lines[-1], r.output
+
+
+def test_a_truncated_slice_makes_its_series_not_assessable_not_the_study(synth, tmp_path):
+    import shutil
+
+    root, truth = synth
+    shutil.copytree(root / "none", tmp_path / "none")
+    shutil.copytree(root / "two", tmp_path / "two")
+    victim = sorted((tmp_path / "none").glob("*.dcm"))[3]
+    victim.write_bytes(victim.read_bytes()[:-4000])
+    study = analyze_study(oracle_for(truth["two"]), [tmp_path])
+    by_desc = {len(r.reason.split("unreadable")) > 1: r for r in study.series}
+    broken, fine = by_desc[True], by_desc[False]
+    assert broken.decision == "not_assessable" and victim.name in broken.reason and "truncated" in broken.reason
+    assert fine.decision == "stone"

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import EdgeKidneyError, InputError
+from ..errors import DependencyError, EdgeKidneyError, InputError
 from .decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
 from .geometry import DisplayTransform, canonical_normal, display_transform, plane_of
 
@@ -415,7 +415,13 @@ def read_series(paths: Iterable[str | Path]) -> tuple[list[Series], list[Skipped
     groups, skipped = scan_dicom(f for f in files if not is_nifti(f))
     series: list[Series] = [build_series(uid, members) for uid, members in groups.items()]
     series.sort(key=_series_order)
-    series.extend(read_nifti(f) for f in nifti)
+    for f in nifti:
+        try:
+            series.append(read_nifti(f))
+        except DependencyError:
+            raise
+        except EdgeKidneyError as exc:
+            skipped.append(Skipped(str(f), str(exc).removeprefix(f"{f.name}: ")))
     if not series:
         reasons = "; ".join(f"{Path(s.path).name}: {s.reason}" for s in skipped[:3])
         more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""

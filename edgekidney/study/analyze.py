@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..data.series import Series, Skipped, read_series
+from ..errors import DependencyError, InputError
 from ..preprocess import window_hu
 from .planes import CoronalReformat, check_plane
 from .rule import StudyRule, decide
@@ -198,8 +199,14 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
             return result
         t = time.perf_counter()
         volume = np.empty((len(series), *series.shape), dtype=np.float16)
-        for k, s in enumerate(_windowed(series, pre.window_center, pre.window_width)):
-            volume[k] = s
+        try:
+            for k, s in enumerate(_windowed(series, pre.window_center, pre.window_width)):
+                volume[k] = s
+        except DependencyError:
+            raise
+        except InputError as exc:
+            result.reason = f"unreadable slice: {exc}"
+            return result
         timings["read_volume_s"] = time.perf_counter() - t
         origin_y = float(series.origin[1]) if series.origin is not None else 0.0
         reformat = CoronalReformat(volume, series.positions, series.pixel_spacing, origin_y, coronal_spacing_mm)
@@ -209,7 +216,13 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         positions, source = list(series.positions), _windowed(series, pre.window_center, pre.window_width)
         result.spacing_mm = series.slice_spacing
     names = [f"{series.identity}#{k}" for k in range(len(positions))]
-    preds = classify_stream(classifier, source, names, batch_size=batch_size, timings=timings)
+    try:
+        preds = classify_stream(classifier, source, names, batch_size=batch_size, timings=timings)
+    except DependencyError:
+        raise  # a missing decoder is the installation's problem, not this series'
+    except InputError as exc:  # a truncated or corrupt slice: this series cannot be judged, others can
+        result.reason = f"unreadable slice: {exc}"
+        return result
     result.n_slices = len(preds)
     for k, (pred, pos) in enumerate(zip(preds, positions)):
         in_scope = bool(getattr(pred, "in_scope", True)) and pred.label != "out_of_scope"
