@@ -61,7 +61,7 @@ def test_jpeg2000_series_reads_20_slices_in_position_order_whatever_the_file_nam
 
 def test_enhanced_multiframe_ct_frames_are_slices_with_their_own_positions():
     path = volumes_or_skip() / "enhanced-ct-multiframe.dcm"
-    (s,), skipped = read_series([path])
+    (s,), _ = read_series([path])
     assert len(s) == 2 and [r.frame_number for r in s.refs] == [1, 2]  # frame 1 at z -159, frame 2 at -149
     assert s.positions == [-159.0, -149.0]
     assert s.pixel_spacing == pytest.approx((0.388672, 0.388672))

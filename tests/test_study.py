@@ -262,7 +262,7 @@ def test_secondary_capture_of_the_peak_slice(synth, tmp_path):
 
 # -- the command ----------------------------------------------------------------------------------------
 def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
-    root, truth = synth
+    root, _ = synth
     out = tmp_path / "study.json"
     r = runner.invoke(app, ["study", str(tiny_onnx), str(root), str(volumes_or_skip() / "not-ct-mr.nii.gz"),
                             "--json", str(out), "--sr-out", str(tmp_path / "sr")])
