@@ -72,6 +72,8 @@ def test_enhanced_multiframe_ct_frames_are_slices_with_their_own_positions():
     got = next(s.hu_slices())
     np.testing.assert_array_equal(got, raw[:, ::-1])
     assert s.origin[0] == pytest.approx(99.5 - 511 * 0.388672)
+    # read, but not classified: its frames are a derived perfusion map (RescaleType US), not HU
+    assert s.refusal.startswith("pixel values are not Hounsfield units (RescaleType US; image type DERIVED")
 
 
 def test_nifti_orientation_comes_from_the_affine():
@@ -243,3 +245,11 @@ def test_compressed_series_decode_to_the_same_hu(tmp_path, small_series, syntax)
     assert packed.positions == plain.positions
     for a, b in zip(plain.hu_slices(), packed.hu_slices()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_declared_non_hu_values_are_refused(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, RescaleType="US")
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is not None and "not Hounsfield units (RescaleType US" in s.refusal

@@ -15,7 +15,8 @@
   per-frame or shared rescale (functional groups).
 - Geometry checks. *Refused* (the series gets ``not_assessable`` with this one line, nothing is
   classified): mixed orientations, different positions shared by two slices (two stacks in one
-  series), slices of different sizes. *Warned* (classified as acquired): the same instance twice
+  series), slices of different sizes, values declared not to be HU (RescaleType other than HU, as
+  in derived perfusion maps). *Warned* (classified as acquired): the same instance twice
   (the copy is dropped), gantry tilt, uneven spacing or gaps, missing positions.
 
 Pixels are decoded only when :meth:`Series.hu_slices` is iterated: one slice in flight at a time,
@@ -80,6 +81,8 @@ class SliceRef:
     shape: tuple[int, int]
     slope: float
     intercept: float
+    rescale_type: str = ""  # RescaleType when given; "HU" or absent means Hounsfield units
+    image_type: str = ""  # ImageType, or FrameType of a multi-frame image's frame
 
     @property
     def frame_number(self) -> int | None:
@@ -190,6 +193,12 @@ def _floats(value, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n and all(np.isfinite(vals)) else None
 
 
+def _joined(value) -> str:
+    if value is None:
+        return ""
+    return "\\".join(str(v) for v in value) if not isinstance(value, str) else value
+
+
 def _first(seq_item, seq_name: str, attr: str):
     seq = seq_item.get(seq_name) if seq_item is not None else None
     if seq and attr in seq[0]:
@@ -253,7 +262,7 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         ipp = _floats(ds.get("ImagePositionPatient"), 3)
         return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
                          _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("PixelSpacing"), 2),
-                         shape, slope, intercept)]
+                         shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")))]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) != frames:
         raise InputError(f"{path.name}: multi-frame image without per-frame positions")
@@ -266,8 +275,12 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         spacing = _floats(_first(item, "PixelMeasuresSequence", "PixelSpacing")
                           or _first(shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
         slope, intercept = dicom_rescale(ds, frame=k)
+        rescale_type = (_first(item, "PixelValueTransformationSequence", "RescaleType")
+                        or _first(shared, "PixelValueTransformationSequence", "RescaleType") or "")
+        frame_type = (_first(item, "CTImageFrameTypeSequence", "FrameType")
+                      or _first(shared, "CTImageFrameTypeSequence", "FrameType") or ds.get("ImageType"))
         refs.append(SliceRef(path, k, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp), iop,
-                             spacing, shape, slope, intercept))
+                             spacing, shape, slope, intercept, str(rescale_type), _joined(frame_type)))
     return refs
 
 
@@ -313,6 +326,11 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
     shapes = {r.shape for r in refs}
     if len(shapes) > 1:
         refusal = f"slices of different sizes in one series: {sorted(shapes)}"
+    not_hu = sorted({r.rescale_type for r in refs if r.rescale_type and r.rescale_type.upper() != "HU"})
+    if not_hu:
+        kinds = sorted({r.image_type for r in refs if r.image_type})
+        refusal = (f"pixel values are not Hounsfield units (RescaleType {', '.join(not_hu)}"
+                   f"{'; image type ' + ', '.join(kinds) if kinds else ''}): a derived map, not a CT image")
     orientations = [r.orientation for r in refs if r.orientation is not None]
     iop = orientations[0] if orientations else None
     if iop is not None and any(np.max(np.abs(np.subtract(o, iop))) > ORIENTATION_TOLERANCE for o in orientations):
