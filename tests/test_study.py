@@ -57,12 +57,16 @@ def test_decision_needs_min_run_consecutive_slices():
     assert d.decision == "no_stone" and d.threshold == 0.65
 
 
-def test_mostly_out_of_scope_is_not_assessable():
+def test_out_of_scope_inside_the_judgeable_range_makes_it_not_assessable():
     p = [0.9] * 10
-    scope = [False] * 6 + [True] * 4
-    d = decide(p, scope, StudyRule(), 0.5)
-    assert d.decision == "not_assessable" and "6 of 10 slices are out of the model's scope" in d.reason
-    assert decide(p, [False] * 4 + [True] * 6, StudyRule(), 0.5).decision == "stone"
+    # slices 0-5 out of scope (say the lung bases), 6-9 in: the range the model can judge is 6-9
+    assert decide(p, [False] * 6 + [True] * 4, StudyRule(), 0.5).decision == "stone"
+    patchy = [True, False, False, True, False, False, True, False, False, True]  # 6 of 10 inside the range
+    d = decide(p, patchy, StudyRule(), 0.5)
+    assert d.decision == "not_assessable" and "6 of the 10 slices between the first and last in-scope" in d.reason
+    assert decide(p, patchy, StudyRule(max_out_of_scope_fraction=0.7), 0.5).decision == "no_stone"  # no 2 in a row
+    d = decide(p, [False] * 10, StudyRule(), 0.5)
+    assert d.decision == "not_assessable" and d.reason == "none of the 10 slices is within the model's scope"
     assert decide([], [], StudyRule(), 0.5).decision == "not_assessable"
 
 
@@ -108,9 +112,13 @@ def test_synthetic_series_decisions_and_supporting_slices(synth):
 
 def test_series_mostly_out_of_scope_is_not_assessable(synth):
     root, truth = synth
-    (res,) = analyze(oracle_for(truth["two"], out_of_scope=range(20)), [root / "two"])
-    assert res.decision == "not_assessable" and "20 of 30" in res.reason
-    assert sum(not s.in_scope for s in res.slices) == 20 and res.slices[0].label == "out_of_scope"
+    patchy = [k for k in range(30) if k % 3]  # 20 of 30, spread over the whole series
+    (res,) = analyze(oracle_for(truth["two"], out_of_scope=patchy), [root / "two"])
+    assert res.decision == "not_assessable" and "18 of the 28 slices" in res.reason  # 0..27, 10 in scope
+    assert sum(not s.in_scope for s in res.slices) == 20 and res.slices[1].label == "out_of_scope"
+    # the same number out of scope, but all below the kidneys: the rest is judged
+    (res,) = analyze(oracle_for(truth["two"], out_of_scope=range(5)), [root / "two"])
+    assert res.decision == "stone"
 
 
 def test_refused_series_get_an_answer_without_classification():

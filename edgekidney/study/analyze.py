@@ -25,6 +25,8 @@ from ..data.series import Series, Skipped, read_series
 from ..errors import DependencyError, InputError
 from ..preprocess import window_hu
 from .planes import CoronalReformat, check_plane
+
+OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
 from .rule import StudyRule, decide
 
 
@@ -33,9 +35,10 @@ class SliceRecord:
     index: int
     position_mm: float
     probability: float
-    label: str
-    in_scope: bool = True
-    scope_score: float | None = None
+    label: str  # a class name, or "out_of_scope"
+    in_scope: bool = True  # true also when the model has no out-of-scope detector
+    scope_distance: float | None = None  # the model's feature distance (scope threshold in the sidecar)
+    scope_reason: str | None = None  # why the slice is out of scope
 
 
 @dataclass
@@ -162,6 +165,16 @@ def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], 
     return preds
 
 
+def slice_in_scope(pred) -> bool:
+    """In scope unless the model says otherwise (``in_scope`` None: the model has no detector)."""
+    flag = getattr(pred, "in_scope", None)
+    return pred.label != OUT_OF_SCOPE and (flag is None or bool(flag))
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)
+
+
 def _windowed(series: Series, center: float, width: float) -> Iterator[np.ndarray]:
     for hu in series.hu_slices():
         yield window_hu(hu, center, width)
@@ -225,10 +238,9 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         return result
     result.n_slices = len(preds)
     for k, (pred, pos) in enumerate(zip(preds, positions)):
-        in_scope = bool(getattr(pred, "in_scope", True)) and pred.label != "out_of_scope"
-        score = getattr(pred, "scope_score", None)
-        result.slices.append(SliceRecord(k, round(float(pos), 3), float(pred.probability), pred.label, in_scope,
-                                         None if score is None else float(score)))
+        result.slices.append(SliceRecord(k, round(float(pos), 3), float(pred.probability), pred.label,
+                                         slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
+                                         getattr(pred, "scope_reason", None)))
     probs = [s.probability for s in result.slices]
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold))
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold

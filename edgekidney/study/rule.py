@@ -5,9 +5,12 @@ probability >= the threshold (the model's own threshold unless the rule sets one
 a *supporting range*. A stone is a 3-D object: on contiguous or overlapping reconstructions (the
 norm for renal-colic CT, 1-3 mm) a calculus of 3 mm or more crosses two or more slices, while
 isolated single-slice positives are the classifier's typical false alarms, so the default is
-``min_run = 2``. It is ``not_assessable`` when the series has no slices, or when more than
-``max_out_of_scope_fraction`` of its slices are out of the model's scope (``Prediction.in_scope``
-false, or the label ``out_of_scope``), and ``no_stone`` otherwise.
+``min_run = 2``. It is ``not_assessable`` when the series has no slices, when no slice is within
+the model's scope (``Prediction.in_scope`` false, or the label ``out_of_scope``), or when more than
+``max_out_of_scope_fraction`` of the slices between the first and the last in-scope slice are out of
+scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model should not judge
+(lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable.
+``no_stone`` otherwise.
 
 The parameters are read from the model's sidecar, ``extra["study_rule"]``
 (e.g. ``{"min_run": 2, "threshold": 0.62, "max_out_of_scope_fraction": 0.5}``), with the defaults
@@ -97,9 +100,15 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         return Decision("not_assessable", "no slices", threshold, [], None)
     scoped = [k for k in range(n) if in_scope[k]]
     peak = max(scoped, key=lambda k: probabilities[k]) if scoped else None
-    out = n - len(scoped)
-    if out / n > rule.max_out_of_scope_fraction:
-        return Decision("not_assessable", f"{out} of {n} slices are out of the model's scope", threshold, [], peak)
+    if not scoped:
+        return Decision("not_assessable", f"none of the {n} slices is within the model's scope", threshold, [], None)
+    # The range the model can judge: from the first to the last in-scope slice. Out-of-scope slices
+    # beyond it (chest, pelvis, head of a longer scan) are expected; inside it they are not.
+    span = scoped[-1] - scoped[0] + 1
+    out = span - len(scoped)
+    if out / span > rule.max_out_of_scope_fraction:
+        return Decision("not_assessable", f"{out} of the {span} slices between the first and last in-scope slice "
+                                          "are out of the model's scope", threshold, [], peak)
     supporting = [r for r in runs_above(probabilities, in_scope, threshold) if r.length >= rule.min_run]
     if supporting:
         best = max(supporting, key=lambda r: r.max_probability)

@@ -1,7 +1,7 @@
 """The peak slice of a series as a DICOM Secondary Capture, with the activation map overlaid.
 
 The slice is shown in the model's CT window (8-bit RGB). When the model gives a class activation
-map (``Prediction.cam``, asked for with ``predict_slices(..., cam=True)``), it is blended in red
+map (``Prediction.cam``, asked for with ``predict_slices(..., want_cam=True)``), it is blended in red
 where it is above half its maximum; a model without one gets a marker instead: a red frame and a
 line saying that no activation map exists. A text line is burned in (decision, probability, slice),
 so ``BurnedInAnnotation`` is YES. The image carries the input's patient and study identifiers and
@@ -30,24 +30,17 @@ def activation_map(classifier, window01: np.ndarray, name: str) -> np.ndarray | 
     if classifier is None:
         return None
     try:
-        pred = classifier.predict_slices([window01], [name], cam=True)[0]
-    except TypeError:  # predict_slices without cam=: a model/runtime without activation maps
+        pred = classifier.predict_slices([window01], [name], want_cam=True)[0]
+    except TypeError:  # a classifier without activation maps
         return None
     cam = getattr(pred, "cam", None)
     if cam is None:
         return None
-    cam = np.asarray(cam, dtype=np.float32)
-    if cam.ndim != 2 or not np.isfinite(cam).all():
+    cam = np.asarray(cam, dtype=np.float32)  # edgekidney.predict maps it onto the slice's own grid
+    if cam.shape != window01.shape or not np.isfinite(cam).all():
         return None
-    from PIL import Image
-
-    h, w = window01.shape
-    side = max(h, w)  # the map covers the padded square the model saw
-    big = np.asarray(Image.fromarray(cam).resize((side, side), Image.BILINEAR))
-    top, left = (side - h) // 2, (side - w) // 2
-    big = big[top:top + h, left:left + w]
-    span = float(big.max() - big.min())
-    return (big - big.min()) / span if span > 0 else None
+    span = float(cam.max() - cam.min())
+    return (cam - cam.min()) / span if span > 0 else None
 
 
 def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str) -> np.ndarray:
