@@ -273,7 +273,7 @@ def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
     root, _ = synth
     out = tmp_path / "study.json"
     r = runner.invoke(app, ["study", str(tiny_onnx), str(root), str(volumes_or_skip() / "not-ct-mr.nii.gz"),
-                            "--json", str(out), "--sr-out", str(tmp_path / "sr")])
+                            "--json", str(out), "--sr-out", str(tmp_path / "sr"), "--sc-out", str(tmp_path / "sc")])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert len(data["series"]) == 4
@@ -288,6 +288,13 @@ def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
         assert s["slices"][1]["position_mm"] - s["slices"][0]["position_mm"] == 3.0
         assert 0.0 <= s["probability"] <= 1.0 and s["model"]["sha256"]
     assert len(list((tmp_path / "sr").glob("*.sr.dcm"))) == 3
+    from edgekidney.sidecar import load_card
+
+    scs = [pydicom.dcmread(p) for p in (tmp_path / "sc").glob("*.sc.dcm")]
+    assert len(scs) == 3
+    has_cam = "cam" in load_card(tiny_onnx).outputs
+    assert {sc.ImageComments for sc in scs} == {"activation map" if has_cam else
+                                                "marker only: the model gives no activation map"}
     assert "decision" in r.stdout and "not_assessable" in r.stdout
     assert "skipped 1 file(s):" in r.stdout and "notes.txt: not a DICOM or NIfTI file" in r.stdout
     assert data["skipped"] == [{"path": str(root / "notes.txt"), "reason": "not a DICOM or NIfTI file"}]
