@@ -6,11 +6,13 @@
 - A synthetic axial series (``--slices`` x ``--size``^2, uncompressed 16-bit DICOM; ``--syntax
   JPEG2000Lossless`` etc. to compress it) is written once into ``--work``.
 - ``end_to_end_s``: wall time of ``analyze_study`` (header scan, ordering, decode, window,
-  preprocess, inference, decision), after one untimed warm-up run. ``decode_s`` is the busy time
-  of the decode thread; ``preprocess_s`` is measured in a separate pass over the same slices
-  (preprocessing runs inside ``predict_slices``, so the pipeline cannot time it apart);
-  ``share_decode_preprocess`` = (decode_s + preprocess_s) / end_to_end_s. ``serial_s`` is the same
-  work without the overlap (decode everything, then classify), for comparison.
+  preprocess, inference, decision), the fastest of ``--repeat`` runs after an untimed warm-up.
+  ``decode_s`` and ``preprocess_s`` are the busy times of the producer thread (it decodes and
+  preprocesses while the model runs), wall time including waits for a core on a busy machine;
+  ``decode_cpu_s``/``preprocess_cpu_s`` are that thread's CPU time. ``share_decode_preprocess`` =
+  (decode_s + preprocess_s) / end_to_end_s, ``share_decode_preprocess_cpu`` the same with CPU
+  times, ``share_of_process_cpu`` their part of the process's CPU time. ``serial_s`` is the same work without the overlap (decode everything, then
+  preprocess and classify in batches), for comparison.
 - ``--rss-slices N`` runs the study on an N-slice series in a fresh process, axial and coronal, and
   reports the peak RSS (``ru_maxrss``, which includes the model's own load peak), the RSS before the
   series was read (model loaded and run once) and the largest RSS sampled every 10 ms during the study.
@@ -88,9 +90,13 @@ def time_study(model: str, folder: Path, threads: int, batch: int, spinning: boo
     return {
         "slices": res.n_slices, "decision": res.decision, "end_to_end_s": round(end_to_end, 3),
         "end_to_end_all_runs_s": [round(r[0], 3) for r in runs],
-        "process_cpu_s": round(cpu, 3), "decode_s": tm["decode_s"], "classify_s": tm["classify_s"],
-        "classifier_waited_s": tm["wait_s"], "preprocess_s": round(preprocess_s, 3),
-        "share_decode_preprocess": round((tm["decode_s"] + preprocess_s) / end_to_end, 3),
+        "process_cpu_s": round(cpu, 3), "decode_s": tm["decode_s"], "preprocess_s": tm["preprocess_s"],
+        "classify_s": tm["classify_s"], "classifier_waited_s": tm["wait_s"],
+        "decode_cpu_s": round(tm["decode_cpu_s"], 3), "preprocess_cpu_s": round(tm["preprocess_cpu_s"], 3),
+        "share_decode_preprocess": round((tm["decode_s"] + tm["preprocess_s"]) / end_to_end, 3),
+        "share_decode_preprocess_cpu": round((tm["decode_cpu_s"] + tm["preprocess_cpu_s"]) / end_to_end, 3),
+        "share_of_process_cpu": round((tm["decode_cpu_s"] + tm["preprocess_cpu_s"]) / cpu, 3),
+        "preprocess_alone_s": round(preprocess_s, 3),
         "serial_s": round(decode_alone + classify_alone, 3), "decode_alone_s": round(decode_alone, 3),
         "classify_alone_s": round(classify_alone, 3), "per_slice_ms": round(1000 * end_to_end / res.n_slices, 2),
         "batch_size": batch, "threads": threads, "spinning": spinning,

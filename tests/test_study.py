@@ -331,3 +331,21 @@ def test_a_truncated_slice_makes_its_series_not_assessable_not_the_study(synth, 
     broken, fine = by_desc[True], by_desc[False]
     assert broken.decision == "not_assessable" and victim.name in broken.reason and "truncated" in broken.reason
     assert fine.decision == "stone"
+
+
+def test_preprocessing_in_the_decode_thread_gives_the_same_predictions(tiny_onnx, synth):
+    from edgekidney.predict import Classifier
+    from edgekidney.preprocess import window_hu
+
+    root, _ = synth
+    (series,), _ = read_series([root / "two"])
+    with Classifier(tiny_onnx) as clf:
+        pre = clf.card.preprocessing
+        slices = [window_hu(h, pre.window_center, pre.window_width) for h in series.hu_slices()][:12]
+        names = [str(k) for k in range(12)]
+        timings = {}
+        streamed = classify_stream(clf, iter(slices), names, batch_size=5, timings=timings)
+        direct = clf.predict_slices(slices, names)
+    assert [p.probability for p in streamed] == pytest.approx([p.probability for p in direct], abs=1e-5)
+    assert [p.label for p in streamed] == [p.label for p in direct]
+    assert timings["preprocess_s"] > 0  # done in the producer thread
