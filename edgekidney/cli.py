@@ -256,7 +256,8 @@ def study_cmd(
                                                                         "axial slice spacing)."),
     keep_identifiers: bool = typer.Option(False, help="Put SeriesInstanceUIDs / file paths in the JSON (else hashes)."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime (default: all cores "
+                                                            "but one, which decodes and preprocesses)."),
     batch_size: int = typer.Option(8, min=1),
 ):
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
@@ -268,7 +269,11 @@ def study_cmd(
     from .study.report import format_study
 
     check_plane(plane)
-    # ORT's threads must not spin: the decode thread needs the cores between batches
+    # The decode/preprocess thread needs a core: ORT gets the others (1 of 2) and its threads do not spin
+    if threads is None:
+        import os
+
+        threads = max(1, (os.cpu_count() or 2) - 1)
     options = {"threads": threads, "spinning": False} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
     written: list[str] = []
     with Classifier(model, backend=backend, **options) as clf:
