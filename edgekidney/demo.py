@@ -68,6 +68,7 @@ def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int =
 
 def demo_study(folder: Path, model: Path, log: Callable[[str], None] = print) -> list[dict]:
     """Whole synthetic series (one with stones, one without) through ``edgekidney study``'s pipeline."""
+    from .data.series import identity_hash
     from .data.synthetic_series import write_series_set
     from .study import analyze_study
     from .study.report import format_study
@@ -76,12 +77,10 @@ def demo_study(folder: Path, model: Path, log: Callable[[str], None] = print) ->
     with Classifier(model) as clf:
         study = analyze_study(clf, [folder])
     log(format_study(study))
-    by_uid = {t.series_uid: t for t in truths}
-    from .data.series import identity_hash
-
+    by_id = {identity_hash(t.series_uid): t for t in truths}
     rows = []
     for res in study.series:
-        truth = next((t for uid, t in by_uid.items() if identity_hash(uid) == res.series_id), None)
+        truth = by_id.get(res.series_id)
         rows.append({"series_id": res.series_id, "decision": res.decision,
                      "stone_slices_truth": truth.stone_slices if truth else None,
                      "supporting": [[r.start, r.end] for r in res.supporting]})
