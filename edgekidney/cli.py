@@ -289,7 +289,9 @@ def study_cmd(
                 from .study.sr import write_sr
 
                 written.append(str(write_sr(result, series, sr_out)))
-            if sc_out is not None and result.peak is not None:
+            if sc_out is not None and result.peak is not None and result.plane != series.acquired_plane:
+                result.warnings.append("no Secondary Capture: a reformatted slice has no single source instance")
+            elif sc_out is not None and result.peak is not None:
                 from .study.sc import write_sc
 
                 written.extend(str(p) for p in write_sc(result, series, sc_out, clf))
