@@ -63,8 +63,18 @@ def synth_cmd(
     slices: int = typer.Option(5, min=1, help="Slices per class per patient."),
     size: int = typer.Option(256, min=32, help="Slice size in pixels."),
     seed: int = typer.Option(0),
+    series: int = typer.Option(0, min=0, help="Write N whole synthetic series (3-D phantoms) instead of slices."),
+    series_slices: int = typer.Option(40, min=8, help="Slices per series with --series."),
 ):
     """Write synthetic CT-like DICOM slices (clearly labelled synthetic, licence-free)."""
+    if series:
+        from .data.synthetic_series import write_series_set
+        from .jsonio import write_json
+
+        truths = write_series_set(out, n_series=series, slices=series_slices, size=size, seed=seed)
+        write_json([t.to_dict() for t in truths], out / "truth.json")
+        typer.echo(f"wrote {series} synthetic series of {series_slices} slices to {out} (ground truth: truth.json)")
+        return
     from .data.synthetic import SynthConfig, generate
 
     counts = generate(out, SynthConfig(patients=patients, slices_per_class=slices, size=size, seed=seed))
@@ -229,6 +239,72 @@ def infer_cmd(
         typer.echo(f"skipped: {f.error}", err=True)
     if failures:
         fail(f"{len(failures)} of {len(files)} file(s) could not be classified")
+
+
+@command("study")
+def study_cmd(
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
+    paths: List[Path] = typer.Argument(..., help="DICOM files and folders (recursive), NIfTI volumes (.nii, .nii.gz)."),
+    plane: str = typer.Option("axial", help="axial (slices as acquired) | coronal (resampled with the real spacing)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the study result as JSON ('-' for stdout)."),
+    sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write one DICOM SR (TID 1500) per DICOM series here."),
+    sc_out: Optional[Path] = typer.Option(None, "--sc-out", help="Write the peak slice of each DICOM series as a "
+                                                                 "Secondary Capture with the activation map here."),
+    min_run: Optional[int] = typer.Option(None, min=1, help="Override the rule: consecutive positive slices for 'stone'."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the slice threshold."),
+    coronal_spacing: Optional[float] = typer.Option(None, min=0.1, help="mm between coronal slices (default: the "
+                                                                        "axial slice spacing)."),
+    keep_identifiers: bool = typer.Option(False, help="Put SeriesInstanceUIDs / file paths in the JSON (else hashes)."),
+    backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime (default: all cores "
+                                                            "but one, which decodes and preprocesses)."),
+    batch_size: int = typer.Option(8, min=1),
+):
+    """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
+    from dataclasses import replace
+
+    from .predict import Classifier
+    from .study import StudyRule, analyze_study
+    from .study.planes import check_plane
+    from .study.report import format_study
+
+    check_plane(plane)
+    # The decode/preprocess thread needs a core: ORT gets the others (1 of 2) and its threads do not spin
+    if threads is None:
+        import os
+
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    options = {"threads": threads, "spinning": False} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
+    written: list[str] = []
+    with Classifier(model, backend=backend, **options) as clf:
+        rule = StudyRule.from_card(clf.card)
+        if min_run is not None or threshold is not None:
+            rule = replace(rule, min_run=min_run or rule.min_run,
+                           threshold=threshold if threshold is not None else rule.threshold, source="option")
+
+        def file_back(result, series):
+            if series.kind != "dicom" or series.refusal:
+                return
+            if sr_out is not None:
+                from .study.sr import write_sr
+
+                written.append(str(write_sr(result, series, sr_out)))
+            if sc_out is not None and result.peak is not None and result.plane != series.acquired_plane:
+                result.warnings.append("no Secondary Capture: a reformatted slice has no single source instance")
+            elif sc_out is not None and result.peak is not None:
+                from .study.sc import write_sc
+
+                written.extend(str(p) for p in write_sc(result, series, sc_out, clf))
+
+        study = analyze_study(clf, paths, plane=plane, rule=rule, batch_size=batch_size,
+                              keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing,
+                              on_series=file_back)
+    if str(json_out) != "-":
+        typer.echo(format_study(study))
+        for w in written:
+            typer.echo(f"wrote {w}")
+    if json_out is not None:
+        echo_json({"model": model.name, **study.to_dict()}, json_out)
 
 
 @command("demo")

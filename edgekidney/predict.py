@@ -162,7 +162,14 @@ class Classifier:
         return softmax(logits)
 
     def predict_slices(self, slices: list[np.ndarray], names: list[str], want_cam: bool = False) -> list[Prediction]:
-        r = classify_batch(self, slices, want_cam)
+        x, geometries = preprocess_batch_with_geometry(slices, self.card.preprocessing)
+        return self.predict_preprocessed(x, geometries, names, want_cam)
+
+    def predict_preprocessed(self, x: np.ndarray, geometries: list, names: list[str],
+                             want_cam: bool = False) -> list[Prediction]:
+        """The half of :meth:`predict_slices` after preprocessing, for callers that preprocess in
+        another thread (the study pipeline): ``x, geometries = preprocess_batch_with_geometry(...)``."""
+        r = decide_outputs(self.card, self.threshold, self.infer_outputs(x), geometries, want_cam)
         thr = self.card.scope_threshold
         preds = []
         for i, name in enumerate(names):

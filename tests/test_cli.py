@@ -106,6 +106,8 @@ def test_demo_runs_the_whole_job_on_synthetic_data(tmp_path):
     r = run("demo", "--out", out, "--epochs", "1", "--image-size", "64", "--patients", "4")
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["seconds"]) == {"data", "train", "export", "evaluate", "infer"}
+    assert set(summary["seconds"]) == {"data", "train", "export", "evaluate", "infer", "study"}
+    assert sorted(len(row["stone_slices_truth"]) for row in summary["study"]) == [0, 1]  # one series with a stone
+    assert all(row["decision"] in ("stone", "no_stone") for row in summary["study"])
     assert summary["validation"]["n"] > 0 and "p(stone)" in r.stdout
     assert (out / "model.onnx").exists() and (out / "model.json").exists()

@@ -84,25 +84,51 @@ def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool
 
 
 def _decode_dicom(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
+    ds = read_dicom(io.BytesIO(data), name)
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise InputError(f"{name}: DICOM float pixel data is not a CT image edgekidney can read")
+        raise InputError(f"{name}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})")
+    pixels = dicom_pixels(ds, name)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
+    if frames > 1 or pixels.ndim != 2:
+        raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
+    modality = str(ds.get("Modality", "CT") or "CT").upper()
+    if modality != "CT":
+        raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
+    slope, intercept = dicom_rescale(ds)
+    return window_hu(stored_to_hu(pixels, slope, intercept), config.window_center, config.window_width)
+
+
+# -- reusable DICOM pieces (also used by data/series.py for whole series and multi-frame files) ----
+def read_dicom(src, name: str, stop_before_pixels: bool = False):
+    """pydicom.dcmread with edgekidney's one-line errors; ``src`` is a path or a binary file object."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+            return pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         raise InputError(f"{name}: not a readable DICOM file ({_one_line(exc)})") from None
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise InputError(f"{name}: DICOM float pixel data is not a CT image edgekidney can read")
-        raise InputError(f"{name}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})")
+
+
+def dicom_pixels(ds, name: str, index: int | None = None) -> np.ndarray:
+    """Stored pixel values of a dataset (``index``: one 0-based frame of a multi-frame image, decoded alone)."""
     file_meta = getattr(ds, "file_meta", None)
     syntax = getattr(file_meta, "TransferSyntaxUID", None) if file_meta is not None else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
+            if index is None:
+                return ds.pixel_array
+            from pydicom.pixels import pixel_array
+
+            return pixel_array(ds, index=index)
     except Exception as exc:  # pydicom raises ValueError/RuntimeError/AttributeError/NotImplementedError
         text = _one_line(exc)
         if "missing dependencies" in text or "no available" in text.lower() or "plugins are missing" in text:
@@ -114,20 +140,28 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
             raise InputError(f"{name}: DICOM pixel data is truncated ({text})") from None
         raise InputError(f"{name}: cannot decode DICOM pixel data ({text})") from None
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
-    if frames > 1 or pixels.ndim != 2:
-        raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
-    modality = str(ds.get("Modality", "CT") or "CT").upper()
-    if modality != "CT":
-        raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
 
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    return window_hu(hu, config.window_center, config.window_width)
+def dicom_rescale(ds, frame: int | None = None) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept): per-frame, then shared functional groups (enhanced
+    multi-frame), then the top-level attributes; (1, 0) when none is present."""
+    groups = []
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        if frame < len(per_frame):
+            groups.append(per_frame[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for group in groups:
+        seq = group.get("PixelValueTransformationSequence")
+        if seq:
+            item = seq[0]
+            return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
+    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def stored_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> Hounsfield units, float32."""
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def _decode_image(data: bytes, name: str, config: Preprocessing) -> np.ndarray:

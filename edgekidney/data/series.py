@@ -1,0 +1,447 @@
+"""Whole CT series from DICOM files: grouped, filtered, ordered by position, read one slice at a time.
+
+``read_series(paths)`` takes files and folders (searched recursively) and returns
+``(series, skipped)``:
+
+- Files are grouped by SeriesInstanceUID. Headers only are read here (no pixel data).
+- Skipped and listed with the reason: files that are not DICOM, non-image objects (structured
+  reports, presentation states, key-object notes, DICOMDIR), modalities other than CT, localizers
+  (ImageType LOCALIZER: scouts/topograms), colour images, SOP classes that are not CT images
+  (secondary captures, including edgekidney's own), unreadable files.
+- Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
+  the ImageOrientationPatient cosines, signed to point +z for axial), never by file name;
+  InstanceNumber only when positions are missing (then a warning says so).
+- Enhanced CT (multi-frame) files are expanded frame by frame, with per-frame positions and
+  per-frame or shared rescale (functional groups).
+- Geometry checks. *Refused* (the series gets ``not_assessable`` with this one line, nothing is
+  classified): mixed orientations, different positions shared by two slices (two stacks in one
+  series), slices of different sizes, values declared not to be HU (RescaleType other than HU, as
+  in derived perfusion maps). *Warned* (classified as acquired): the same instance twice
+  (the copy is dropped), gantry tilt, uneven spacing or gaps, missing positions.
+
+Pixels are decoded only when :meth:`Series.hu_slices` is iterated: one slice in flight at a time,
+through :mod:`edgekidney.data.decode` (compressed syntaxes need the ``dicom`` extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import DependencyError, EdgeKidneyError, InputError
+from .decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
+from .geometry import DisplayTransform, canonical_normal, display_transform, plane_of
+
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NO_SERIES_UID = "no-series-uid:"
+POSITION_TOLERANCE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-3
+TILT_WARN_DEGREES = 0.5
+SPACING_WARN_RATIO = 1.1  # largest / smallest gap between neighbouring slices
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def identity_hash(text: str) -> str:
+    """A stable, non-identifying id: the first 16 hex digits of sha256."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of a series: a file, or one frame of a multi-frame file."""
+
+    path: Path
+    frame: int | None  # 0-based frame of a multi-frame file
+    sop_class_uid: str
+    sop_instance_uid: str
+    instance_number: int | None
+    position: np.ndarray | None  # ImagePositionPatient (mm)
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient
+    pixel_spacing: tuple[float, float] | None
+    shape: tuple[int, int]
+    slope: float
+    intercept: float
+    rescale_type: str = ""  # RescaleType when given; "HU" or absent means Hounsfield units
+    image_type: str = ""  # ImageType, or FrameType of a multi-frame image's frame
+
+    @property
+    def frame_number(self) -> int | None:
+        """1-based frame number as DICOM references it."""
+        return None if self.frame is None else self.frame + 1
+
+
+@dataclass
+class Series:
+    """A stack of CT slices in order, with what is known of its geometry. Subclasses read pixels."""
+
+    kind: str  # dicom | nifti
+    identity: str  # sha256-based id: safe to log and to store
+    uid: str  # SeriesInstanceUID, or the NIfTI file path (an identifier: kept only on request)
+    description: str
+    modality: str
+    acquired_plane: str  # axial | coronal | sagittal | oblique
+    positions: list[float]  # mm along the canonical normal, ascending, one per slice
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in display orientation, mm
+    shape: tuple[int, int]  # (rows, columns) in display orientation
+    origin: np.ndarray | None = None  # patient position (LPS, mm) of display pixel (0, 0) of slice 0
+    row_direction: np.ndarray | None = None  # LPS unit vector of increasing display row
+    col_direction: np.ndarray | None = None  # LPS unit vector of increasing display column
+    warnings: list[str] = field(default_factory=list)
+    refusal: str | None = None  # set: not classified, the decision is not_assessable for this reason
+    allows_reformat: bool = True  # false under gantry tilt or oblique slices
+    slice_thickness: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def slice_spacing(self) -> float | None:
+        if len(self.positions) < 2:
+            return None
+        return float(np.median(np.diff(self.positions)))
+
+    def hu_slices(self) -> Iterator[np.ndarray]:
+        """Each slice in order, in Hounsfield units (float32), in display orientation."""
+        raise NotImplementedError
+
+    def slice_name(self, index: int) -> str:
+        return f"{self.identity}#{index}"
+
+
+@dataclass
+class DicomSeries(Series):
+    refs: list[SliceRef] = field(default_factory=list)
+    header: object = None  # pydicom Dataset of the first slice, without pixel data (patient/study for SR)
+    transform: DisplayTransform = field(default_factory=DisplayTransform)
+
+    def hu_slices(self) -> Iterator[np.ndarray]:
+        cached_path, cached_ds = None, None
+        for ref in self.refs:
+            if ref.path != cached_path:
+                cached_ds = read_dicom(ref.path, ref.path.name)
+                cached_path = ref.path if ref.frame is not None else None  # keep multi-frame files open
+            yield self._to_hu(ref, cached_ds)
+            if ref.frame is None:
+                cached_ds = None
+
+    def hu_slice(self, index: int) -> np.ndarray:
+        """One slice (by position index) in HU, display orientation."""
+        ref = self.refs[index]
+        return self._to_hu(ref, read_dicom(ref.path, ref.path.name))
+
+    def _to_hu(self, ref: SliceRef, ds) -> np.ndarray:
+        name = ref.path.name if ref.frame is None else f"{ref.path.name}[frame {ref.frame_number}]"
+        pixels = dicom_pixels(ds, name, index=ref.frame)
+        if pixels.ndim != 2 or pixels.shape != ref.shape:
+            raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
+        return np.ascontiguousarray(self.transform.apply(stored_to_hu(pixels, ref.slope, ref.intercept)))
+
+    def slice_name(self, index: int) -> str:
+        ref = self.refs[index]
+        return ref.sop_instance_uid + ("" if ref.frame is None else f"#{ref.frame_number}")
+
+
+# -- finding files ----------------------------------------------------------------------------------
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given and every non-hidden file under folders (recursively), in a stable order."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder")
+        if p.is_dir():
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+            if not found:
+                raise InputError(f"{p}: folder is empty")
+            out.extend(found)
+        else:
+            out.append(p)
+    if not out:
+        raise InputError("no input files given")
+    return out
+
+
+# -- reading headers --------------------------------------------------------------------------------
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n and all(np.isfinite(vals)) else None
+
+
+def _joined(value) -> str:
+    if value is None:
+        return ""
+    return "\\".join(str(v) for v in value) if not isinstance(value, str) else value
+
+
+def _first(seq_item, seq_name: str, attr: str):
+    seq = seq_item.get(seq_name) if seq_item is not None else None
+    if seq and attr in seq[0]:
+        return seq[0][attr].value
+    return None
+
+
+def _meta(ds, attr: str) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get(attr, "") or "") if meta is not None else ""
+
+
+def _sop_class(ds) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID (some anonymizers blank the former)."""
+    return str(ds.get("SOPClassUID", "") or "") or _meta(ds, "MediaStorageSOPClassUID")
+
+
+def _sop_instance(ds) -> str:
+    return str(ds.get("SOPInstanceUID", "") or "") or _meta(ds, "MediaStorageSOPInstanceUID")
+
+
+def _skip_reason(ds) -> str | None:
+    sop = _sop_class(ds)
+    if "Rows" not in ds or "Columns" not in ds:
+        name = _sop_name(sop) or "no SOP class"
+        return f"not an image ({name})"
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality and modality != "CT":
+        return f"modality {modality}, not CT"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "localizer (scout/topogram)"
+    if sop and sop not in CT_IMAGE_SOP_CLASSES:
+        return f"{_sop_name(sop) or sop} is not a CT image"
+    if not modality:
+        return "no Modality"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return "colour image, not a CT slice"
+    return None
+
+
+def _sop_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    try:
+        name = UID(uid).name
+    except Exception:  # noqa: BLE001 - an odd UID only loses its name
+        return ""
+    return "" if name == uid else name
+
+
+def _slice_refs(path: Path, ds) -> list[SliceRef]:
+    """One SliceRef per slice (per frame of an enhanced multi-frame file)."""
+    sop_class, sop_uid = _sop_class(ds), _sop_instance(ds) or f"file:{path.resolve()}"
+    shape = (int(ds.Rows), int(ds.Columns))
+    instance = ds.get("InstanceNumber")
+    instance = int(instance) if instance not in (None, "") else None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        slope, intercept = dicom_rescale(ds)
+        ipp = _floats(ds.get("ImagePositionPatient"), 3)
+        return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
+                         _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("PixelSpacing"), 2),
+                         shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")))]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) != frames:
+        raise InputError(f"{path.name}: multi-frame image without per-frame positions")
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    refs = []
+    for k, item in enumerate(per_frame):
+        ipp = _floats(_first(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        iop = _floats(_first(item, "PlaneOrientationSequence", "ImageOrientationPatient")
+                      or _first(shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        spacing = _floats(_first(item, "PixelMeasuresSequence", "PixelSpacing")
+                          or _first(shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        slope, intercept = dicom_rescale(ds, frame=k)
+        rescale_type = (_first(item, "PixelValueTransformationSequence", "RescaleType")
+                        or _first(shared, "PixelValueTransformationSequence", "RescaleType") or "")
+        frame_type = (_first(item, "CTImageFrameTypeSequence", "FrameType")
+                      or _first(shared, "CTImageFrameTypeSequence", "FrameType") or ds.get("ImageType"))
+        refs.append(SliceRef(path, k, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp), iop,
+                             spacing, shape, slope, intercept, str(rescale_type), _joined(frame_type)))
+    return refs
+
+
+def scan_dicom(files: Iterable[Path]) -> tuple[dict[str, list[tuple[SliceRef, object]]], list[Skipped]]:
+    """Read headers; group usable slices by SeriesInstanceUID; list the rest with a reason."""
+    groups: dict[str, list[tuple[SliceRef, object]]] = defaultdict(list)
+    skipped: list[Skipped] = []
+    for path in files:
+        if not looks_like_dicom(path):
+            skipped.append(Skipped(str(path), "not a DICOM or NIfTI file"))
+            continue
+        try:
+            ds = read_dicom(path, path.name, stop_before_pixels=True)
+            reason = _skip_reason(ds)
+            if reason is None:
+                refs = _slice_refs(path, ds)
+        except EdgeKidneyError as exc:
+            skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: ")))
+            continue
+        if reason is not None:
+            skipped.append(Skipped(str(path), reason))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or f"{NO_SERIES_UID}{path.parent.resolve()}")
+        groups[uid].extend((ref, ds) for ref in refs)
+    return groups, skipped
+
+
+# -- one series: order and check --------------------------------------------------------------------
+def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSeries:
+    """Order the slices of one series and check its geometry (warnings and refusals)."""
+    warnings: list[str] = []
+    refusal: str | None = None
+    seen: dict[tuple[str, int | None], SliceRef] = {}
+    for ref, _ in members:
+        seen.setdefault((ref.sop_instance_uid, ref.frame), ref)
+    refs = list(seen.values())
+    if len(refs) < len(members):
+        warnings.append(f"{len(members) - len(refs)} duplicate instance(s) (same SOP Instance UID) dropped")
+    header = members[0][1]
+    if uid.startswith(NO_SERIES_UID):
+        warnings.append("no SeriesInstanceUID: the slices of one folder are taken as one series")
+
+    shapes = {r.shape for r in refs}
+    if len(shapes) > 1:
+        refusal = f"slices of different sizes in one series: {sorted(shapes)}"
+    not_hu = sorted({r.rescale_type for r in refs if r.rescale_type and r.rescale_type.upper() != "HU"})
+    if not_hu:
+        kinds = sorted({r.image_type for r in refs if r.image_type})
+        refusal = (f"pixel values are not Hounsfield units (RescaleType {', '.join(not_hu)}"
+                   f"{'; image type ' + ', '.join(kinds) if kinds else ''}): a derived map, not a CT image")
+    orientations = [r.orientation for r in refs if r.orientation is not None]
+    iop = orientations[0] if orientations else None
+    if iop is not None and any(np.max(np.abs(np.subtract(o, iop))) > ORIENTATION_TOLERANCE for o in orientations):
+        distinct = len({tuple(np.round(o, 3)) for o in orientations})
+        refusal = refusal or f"mixed orientations ({distinct} different ImageOrientationPatient values) in one series"
+
+    have_positions = iop is not None and len(orientations) == len(refs) and all(r.position is not None for r in refs)
+    if have_positions:
+        row_cos, col_cos = np.array(iop[:3]), np.array(iop[3:])
+        normal = canonical_normal(np.cross(row_cos, col_cos))
+        plane = plane_of(normal)
+        proj = [float(r.position @ normal) for r in refs]
+        order = sorted(range(len(refs)), key=lambda k: (proj[k], refs[k].instance_number or 0))
+        refs = [refs[k] for k in order]
+        positions = [proj[k] for k in order]
+    else:
+        row_cos = col_cos = None
+        plane = "axial" if iop is None else plane_of(np.cross(iop[:3], iop[3:]))
+        if any(r.instance_number is None for r in refs):
+            refusal = refusal or "slices have neither ImagePositionPatient nor InstanceNumber: their order is unknown"
+            positions = [float(k) for k in range(len(refs))]
+        else:
+            refs.sort(key=lambda r: (r.instance_number, r.frame or 0))
+            spacing = float(header.get("SpacingBetweenSlices", 0) or header.get("SliceThickness", 0) or 1.0)
+            positions = [k * spacing for k in range(len(refs))]
+            warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from "
+                            "the slice spacing")
+
+    allows_reformat = True
+    if have_positions and len(refs) > 1:
+        gaps = np.diff(positions)
+        if np.any(gaps < POSITION_TOLERANCE_MM):
+            n_shared = int(np.sum(gaps < POSITION_TOLERANCE_MM))
+            refusal = refusal or (f"{n_shared} slice(s) share a position with another: more than one stack in the "
+                                  "series (phases or reconstructions); send them as separate series")
+        else:
+            if gaps.max() / gaps.min() > SPACING_WARN_RATIO and gaps.max() - gaps.min() > 0.05:
+                warnings.append(f"uneven slice spacing {gaps.min():.2f}-{gaps.max():.2f} mm (median "
+                                f"{np.median(gaps):.2f}): gaps or mixed reconstructions; positions are reported in mm")
+            drift = refs[-1].position - refs[0].position
+            cosang = abs(float(drift @ normal)) / (np.linalg.norm(drift) or 1.0)
+            tilt = float(np.degrees(np.arccos(min(1.0, cosang))))
+            tilt_tag = abs(float(header.get("GantryDetectorTilt", 0) or 0))
+            tilt = max(tilt, tilt_tag)
+            if tilt > TILT_WARN_DEGREES:
+                allows_reformat = False
+                warnings.append(f"gantry tilt {tilt:.1f} deg: slices are sheared; classified as acquired, "
+                                "no coronal reformat")
+
+    transform = DisplayTransform()
+    spacing = refs[0].pixel_spacing or (1.0, 1.0)
+    display_shape = refs[0].shape
+    origin = row_dir = col_dir = None
+    if row_cos is not None:
+        found = display_transform(row_cos, col_cos, plane)
+        if found is None:
+            allows_reformat = False
+            warnings.append(f"{plane} slices not aligned with the patient axes: classified as acquired")
+        else:
+            transform = found
+            if transform.transpose:
+                spacing, display_shape = (spacing[1], spacing[0]), display_shape[::-1]
+            r0, c0 = transform.source_index(0, 0, refs[0].shape)
+            src = refs[0].pixel_spacing or (1.0, 1.0)
+            origin = refs[0].position + c0 * src[1] * row_cos + r0 * src[0] * col_cos
+            r1, c1 = transform.source_index(1, 0, refs[0].shape)
+            row_dir = (c1 - c0) * row_cos + (r1 - r0) * col_cos
+            r2, c2 = transform.source_index(0, 1, refs[0].shape)
+            col_dir = (c2 - c0) * row_cos + (r2 - r0) * col_cos
+    if refs[0].pixel_spacing is None:
+        warnings.append("no PixelSpacing: 1 mm assumed")
+    description = str(header.get("SeriesDescription", "") or "")
+    thickness = header.get("SliceThickness") or _first(
+        header.SharedFunctionalGroupsSequence[0] if header.get("SharedFunctionalGroupsSequence") else None,
+        "PixelMeasuresSequence", "SliceThickness")
+    return DicomSeries(
+        kind="dicom", identity=identity_hash(uid), uid=uid, description=description, modality="CT",
+        acquired_plane=plane, positions=positions, pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        shape=tuple(display_shape), origin=origin, row_direction=row_dir, col_direction=col_dir,
+        warnings=warnings, refusal=refusal, allows_reformat=allows_reformat,
+        slice_thickness=float(thickness) if thickness else None,
+        refs=refs, header=header, transform=transform)
+
+
+def _series_order(series: Series) -> tuple[int, str]:
+    number = series.header.get("SeriesNumber") if getattr(series, "header", None) is not None else None
+    try:
+        return int(number), series.identity
+    except (TypeError, ValueError):
+        return 1 << 30, series.identity
+
+
+def read_series(paths: Iterable[str | Path]) -> tuple[list[Series], list[Skipped]]:
+    """Files and folders -> the CT series they hold (DICOM by SeriesInstanceUID; each NIfTI file is
+    one series) and the files skipped, with reasons. Raises InputError when nothing usable is found."""
+    from .volume import read_nifti
+
+    files = expand_paths(paths)
+    nifti = [f for f in files if is_nifti(f)]
+    groups, skipped = scan_dicom(f for f in files if not is_nifti(f))
+    series: list[Series] = [build_series(uid, members) for uid, members in groups.items()]
+    series.sort(key=_series_order)
+    for f in nifti:
+        try:
+            series.append(read_nifti(f))
+        except DependencyError:
+            raise
+        except EdgeKidneyError as exc:
+            skipped.append(Skipped(str(f), str(exc).removeprefix(f"{f.name}: ")))
+    if not series:
+        reasons = "; ".join(f"{Path(s.path).name}: {s.reason}" for s in skipped[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        raise InputError(f"no CT series found in {len(files)} file(s): {reasons}{more}")
+    return series, skipped

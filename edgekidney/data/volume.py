@@ -1,0 +1,112 @@
+"""NIfTI CT volumes (.nii, .nii.gz) as a series of axial slices (nibabel, the ``nifti`` extra).
+
+- Orientation comes from the affine (``nibabel.io_orientation``): the volume is turned to L-P-S
+  voxel axes, so that each axial slice comes out in the same display orientation as a DICOM axial
+  slice (patient's right on the image's left, anterior at the top) and slices run feet to head.
+  Slice positions are the affine's z (mm) of each slice. An oblique affine is warned about.
+- Values are taken as Hounsfield units as stored (after the header's scl_slope/scl_inter).
+- A volume that is clearly not CT is refused (the series is ``not_assessable``, nothing is
+  classified): :func:`not_ct_reason` says why. The test is on intensities, since NIfTI carries no
+  modality: CT of a body always holds air (<= -900 HU, or the scanner's padding below it) in a
+  few percent of its voxels, and almost nothing above 4000 HU. MR, PET or unscaled data have no air
+  in HU terms (MR is >= 0 give or take noise).
+
+A NIfTI file is one file: the volume is held in memory as stored (int16 for most CT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import DependencyError, InputError
+from .series import Series, is_nifti
+
+AIR_HU = -900.0
+MIN_AIR_FRACTION = 0.02
+MAX_HU = 4000.0
+MAX_ABOVE_FRACTION = 0.005
+NIFTI_HINT = "pip install 'edgekidney[nifti]' (nibabel)"
+
+
+def not_ct_reason(values: np.ndarray) -> str | None:
+    """None when the intensities look like CT in HU; else a one-line reason."""
+    v = np.asarray(values).ravel()
+    if v.size > 2_000_000:
+        v = v[:: v.size // 1_000_000]
+    if v.size == 0:
+        return "empty volume"
+    air = float(np.mean(v <= AIR_HU))
+    above = float(np.mean(v > MAX_HU))
+    if air < MIN_AIR_FRACTION:
+        return (f"not CT in Hounsfield units: {100 * air:.1f} % of voxels at air density (<= {AIR_HU:.0f}; a body CT "
+                f"has >= {100 * MIN_AIR_FRACTION:.0f} %), values {float(v.min()):.0f}..{float(v.max()):.0f} "
+                "(MR, PET or unscaled data?)")
+    if above > MAX_ABOVE_FRACTION:
+        return f"not CT in Hounsfield units: {100 * above:.1f} % of voxels above {MAX_HU:.0f}"
+    return None
+
+
+class VolumeSeries(Series):
+    """An in-memory volume in L-P-S voxel order; axial slices are ``volume[:, :, k].T``."""
+
+    volume: np.ndarray
+
+    def hu_slices(self) -> Iterator[np.ndarray]:
+        for k in range(self.volume.shape[2]):
+            yield np.ascontiguousarray(self.volume[:, :, k].T, dtype=np.float32)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_nifti(path: str | Path) -> VolumeSeries:
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(f"{path.name}: not a NIfTI file (.nii or .nii.gz)")
+    try:
+        import nibabel as nib
+    except ImportError:
+        raise DependencyError(f"{path.name}: reading NIfTI needs nibabel: {NIFTI_HINT}") from None
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputError(f"{path.name}: not a readable NIfTI volume ({text})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path.name}: NIfTI has shape {data.shape}; expected a 3-D volume")
+    affine = img.affine
+    ornt = nib.orientations.io_orientation(affine)
+    to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
+    data = nib.orientations.apply_orientation(data, to_lps)
+    affine = affine @ nib.orientations.inv_ornt_aff(to_lps, img.shape[:3])
+    warnings: list[str] = []
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    obliquity = float(np.degrees(np.arccos(np.clip(np.min(np.abs(np.diag(axes))), -1, 1))))
+    if obliquity > 1.0:
+        warnings.append(f"affine is oblique by {obliquity:.1f} deg: slices taken along the nearest axis")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    reason = not_ct_reason(data)
+    positions = [float((affine @ np.array([0.0, 0.0, k, 1.0]))[2]) for k in range(data.shape[2])]
+    # RAS world -> LPS: negate x and y
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    origin = ras_to_lps @ (affine @ np.array([0.0, 0.0, 0.0, 1.0]))[:3]
+    series = VolumeSeries(
+        kind="nifti", identity=_file_hash(path), uid=str(path), description=path.name, modality="CT" if reason is None
+        else "unknown", acquired_plane="axial", positions=positions,
+        pixel_spacing=(float(zooms[1]), float(zooms[0])), shape=(int(data.shape[1]), int(data.shape[0])),
+        origin=origin, row_direction=np.array([0.0, 1.0, 0.0]), col_direction=np.array([1.0, 0.0, 0.0]),
+        warnings=warnings, refusal=reason, allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
+    series.volume = data
+    return series

@@ -1,0 +1,295 @@
+"""A whole study in, one answer per series out.
+
+For each series (see :mod:`edgekidney.data.series` and :mod:`edgekidney.data.volume`): slices are
+decoded, windowed and preprocessed in a producer thread while the model works on the previous batch
+(a bounded queue of ``2 x batch_size`` slices: memory holds only the slices in flight), then the
+:mod:`edgekidney.study.rule` turns the per-slice probabilities, in position order, into
+``stone | no_stone | not_assessable`` with the supporting slice ranges and the peak slice.
+
+No torch on this path: it runs at the scanner.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..data.series import Series, Skipped, read_series
+from ..errors import DependencyError, InputError
+from ..preprocess import preprocess_batch_with_geometry, window_hu
+from .planes import CoronalReformat, check_plane
+
+OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
+from .rule import StudyRule, decide
+
+
+@dataclass
+class SliceRecord:
+    index: int
+    position_mm: float
+    probability: float
+    label: str  # a class name, or "out_of_scope"
+    in_scope: bool = True  # true also when the model has no out-of-scope detector
+    scope_distance: float | None = None  # the model's feature distance (scope threshold in the sidecar)
+    scope_reason: str | None = None  # why the slice is out of scope
+
+
+@dataclass
+class SliceRange:
+    start: int
+    end: int
+    start_mm: float
+    end_mm: float
+    n_slices: int
+    max_probability: float
+
+
+@dataclass
+class SeriesResult:
+    series_id: str  # sha256-based, safe to store
+    kind: str  # dicom | nifti
+    description: str
+    n_slices: int
+    plane: str  # the plane that was classified
+    acquired_plane: str
+    decision: str  # stone | no_stone | not_assessable
+    reason: str
+    threshold: float | None
+    supporting: list[SliceRange] = field(default_factory=list)
+    peak: SliceRecord | None = None
+    slices: list[SliceRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    rule: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    series_uid: str | None = None  # only with keep_identifiers
+    spacing_mm: float | None = None  # between the classified slices (median)
+
+    @property
+    def probability(self) -> float | None:
+        """The series' score: the peak in-scope slice probability."""
+        return None if self.peak is None else self.peak.probability
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["probability"] = self.probability
+        return d
+
+
+@dataclass
+class StudyResult:
+    series: list[SeriesResult]
+    skipped: list[Skipped]
+
+    def to_dict(self) -> dict:
+        return {"series": [s.to_dict() for s in self.series], "skipped": [asdict(s) for s in self.skipped]}
+
+
+def model_info(classifier) -> dict:
+    card = classifier.card
+    extra = getattr(card, "extra", None) or {}
+    plane = extra.get("plane") or (extra.get("training") or {}).get("plane")
+    return {"name": Path(str(getattr(classifier, "model_path", "model"))).name, "sha256": getattr(card, "sha256", ""),
+            "precision": getattr(card, "precision", ""), "edgekidney_version": __version__,
+            "threshold": float(classifier.threshold), "plane": plane or "axial", "plane_recorded": bool(plane)}
+
+
+# -- the overlapped pipeline ------------------------------------------------------------------------
+_DONE = object()
+
+
+def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], batch_size: int = 8,
+                    timings: dict | None = None) -> list:
+    """Classify a stream of 0..1 slices while the next ones are decoded and preprocessed in a thread.
+
+    With an :class:`edgekidney.predict.Classifier` (it has ``predict_preprocessed``) the producer
+    thread decodes *and* preprocesses, and this thread only runs the model; with any other
+    classifier the producer decodes and ``predict_slices`` does the rest. At most
+    ``2 x batch_size`` produced slices wait in the queue. ``timings`` receives ``decode_s`` and
+    ``preprocess_s`` (wall time the producer spent on each; on a busy machine that includes waiting
+    for a core), ``decode_cpu_s`` and ``preprocess_cpu_s`` (the producer thread's CPU time),
+    ``classify_s`` (here: inference and decision, plus preprocessing for other classifiers) and
+    ``wait_s`` (this thread idle, waiting for slices).
+    """
+    timings = {} if timings is None else timings
+    split = callable(getattr(classifier, "predict_preprocessed", None))
+    config = classifier.card.preprocessing if split else None
+    q: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    stop = threading.Event()
+    busy = dict.fromkeys(("decode_s", "preprocess_s", "decode_cpu_s", "preprocess_cpu_s"), 0.0)
+
+    def produce() -> None:
+        try:
+            it = iter(slices)
+            while not stop.is_set():
+                t, c = time.perf_counter(), time.thread_time()
+                try:
+                    s = next(it)
+                except StopIteration:
+                    break
+                t1, c1 = time.perf_counter(), time.thread_time()
+                busy["decode_s"] += t1 - t
+                busy["decode_cpu_s"] += c1 - c
+                if split:
+                    x, geometry = preprocess_batch_with_geometry([s], config)
+                    s = (x[0], geometry[0])
+                    busy["preprocess_s"] += time.perf_counter() - t1
+                    busy["preprocess_cpu_s"] += time.thread_time() - c1
+                q.put(s)
+            q.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(exc)
+
+    def run(batch: list, batch_names: list[str]) -> list:
+        if split:
+            return classifier.predict_preprocessed(np.stack([b[0] for b in batch]), [b[1] for b in batch],
+                                                   batch_names)
+        return classifier.predict_slices(batch, batch_names)
+
+    worker = threading.Thread(target=produce, name="edgekidney-decode", daemon=True)
+    worker.start()
+    preds: list = []
+    batch: list = []
+    classify_s = wait_s = 0.0
+    try:
+        while True:
+            t = time.perf_counter()
+            item = q.get()
+            wait_s += time.perf_counter() - t
+            if isinstance(item, BaseException):
+                raise item
+            if item is not _DONE:
+                batch.append(item)
+            if batch and (len(batch) == batch_size or item is _DONE):
+                t = time.perf_counter()
+                preds.extend(run(batch, names[len(preds):len(preds) + len(batch)]))
+                classify_s += time.perf_counter() - t
+                batch = []
+            if item is _DONE:
+                break
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.01)
+    timings.update(busy, classify_s=classify_s, wait_s=wait_s)
+    return preds
+
+
+def slice_in_scope(pred) -> bool:
+    """In scope unless the model says otherwise (``in_scope`` None: the model has no detector)."""
+    flag = getattr(pred, "in_scope", None)
+    return pred.label != OUT_OF_SCOPE and (flag is None or bool(flag))
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _windowed(series: Series, center: float, width: float) -> Iterator[np.ndarray]:
+    for hu in series.hu_slices():
+        yield window_hu(hu, center, width)
+
+
+# -- one series ---------------------------------------------------------------------------------------
+def analyze_series(classifier, series: Series, plane: str = "axial", rule: StudyRule | None = None,
+                   batch_size: int = 8, keep_identifiers: bool = False,
+                   coronal_spacing_mm: float | None = None) -> SeriesResult:
+    """Classify one series' slices in order and decide for the series."""
+    plane = check_plane(plane)
+    rule = rule or StudyRule.from_card(classifier.card)
+    info = model_info(classifier)
+    t0 = time.perf_counter()
+    result = SeriesResult(series_id=series.identity, kind=series.kind, description=series.description,
+                          n_slices=len(series), plane=plane, acquired_plane=series.acquired_plane,
+                          decision="not_assessable", reason="", threshold=None, warnings=list(series.warnings),
+                          rule=rule.to_dict(), model=info, series_uid=series.uid if keep_identifiers else None)
+    if series.refusal:
+        result.reason = series.refusal
+        return result
+    classified_plane = series.acquired_plane if plane == "axial" or series.acquired_plane == plane else plane
+    result.plane = classified_plane
+    if classified_plane != info["plane"]:
+        result.warnings.append(f"plane mismatch: the model was trained on {info['plane']} slices"
+                               f"{'' if info['plane_recorded'] else ' (assumed: its sidecar records no plane)'}, "
+                               f"these are {classified_plane}")
+    pre = classifier.card.preprocessing
+    timings: dict[str, float] = {}
+    if plane == "coronal" and series.acquired_plane != "coronal":
+        if series.acquired_plane != "axial" or not series.allows_reformat or len(series) < 2:
+            why = ("needs at least 2 slices" if len(series) < 2 else
+                   "needs an axial series aligned with the patient axes, without gantry tilt")
+            result.reason = f"coronal reformat {why}"
+            return result
+        t = time.perf_counter()
+        volume = np.empty((len(series), *series.shape), dtype=np.float16)
+        try:
+            for k, s in enumerate(_windowed(series, pre.window_center, pre.window_width)):
+                volume[k] = s
+        except DependencyError:
+            raise
+        except InputError as exc:
+            result.reason = f"unreadable slice: {exc}"
+            return result
+        timings["read_volume_s"] = time.perf_counter() - t
+        origin_y = float(series.origin[1]) if series.origin is not None else 0.0
+        reformat = CoronalReformat(volume, series.positions, series.pixel_spacing, origin_y, coronal_spacing_mm)
+        positions, source = reformat.positions, reformat.slices()
+        result.spacing_mm = reformat.spacing_mm
+    else:
+        positions, source = list(series.positions), _windowed(series, pre.window_center, pre.window_width)
+        result.spacing_mm = series.slice_spacing
+    names = [f"{series.identity}#{k}" for k in range(len(positions))]
+    try:
+        preds = classify_stream(classifier, source, names, batch_size=batch_size, timings=timings)
+    except DependencyError:
+        raise  # a missing decoder is the installation's problem, not this series'
+    except InputError as exc:  # a truncated or corrupt slice: this series cannot be judged, others can
+        result.reason = f"unreadable slice: {exc}"
+        return result
+    result.n_slices = len(preds)
+    for k, (pred, pos) in enumerate(zip(preds, positions)):
+        result.slices.append(SliceRecord(k, round(float(pos), 3), float(pred.probability), pred.label,
+                                         slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
+                                         getattr(pred, "scope_reason", None)))
+    probs = [s.probability for s in result.slices]
+    decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold))
+    result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
+    result.peak = None if decision.peak is None else result.slices[decision.peak]
+    result.supporting = [SliceRange(r.start, r.end, result.slices[r.start].position_mm,
+                                    result.slices[r.end].position_mm, r.length, r.max_probability)
+                         for r in decision.supporting]
+    timings["total_s"] = time.perf_counter() - t0
+    result.timings = {k: round(v, 4) for k, v in timings.items()}
+    return result
+
+
+def analyze_study(classifier, paths: Iterable[str | Path], plane: str = "axial", rule: StudyRule | None = None,
+                  batch_size: int = 8, keep_identifiers: bool = False, coronal_spacing_mm: float | None = None,
+                  on_series: Callable[[SeriesResult, Series], None] | None = None) -> StudyResult:
+    """Read files/folders into series and analyze each; ``on_series(result, series)`` is called as
+    each series finishes (e.g. to write its SR while the series' headers are at hand)."""
+    check_plane(plane)
+    series_list, skipped = read_series(paths)
+    results = []
+    for series in series_list:
+        res = analyze_series(classifier, series, plane=plane, rule=rule, batch_size=batch_size,
+                             keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing_mm)
+        if on_series is not None:
+            on_series(res, series)
+        results.append(res)
+    return StudyResult(results, skipped)
+
+
+def analyze(classifier, paths: Iterable[str | Path], plane: str = "axial", **options) -> list[SeriesResult]:
+    """One :class:`SeriesResult` per CT series found in ``paths`` (skipped files: use analyze_study)."""
+    return analyze_study(classifier, paths, plane=plane, **options).series

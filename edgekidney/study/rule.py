@@ -1,0 +1,154 @@
+"""The study rule: per-slice probabilities in order -> one decision for the series.
+
+A series is called ``stone`` when at least ``min_run`` *consecutive* slices, all in scope, have a
+probability >= the threshold (the model's own threshold unless the rule sets one). Each such run is
+a *supporting range*. A stone is a 3-D object: on contiguous or overlapping reconstructions (the
+norm for renal-colic CT, 1-3 mm) a calculus of 3 mm or more crosses two or more slices, while
+isolated single-slice positives are the classifier's typical false alarms, so the default is
+``min_run = 2``. It is ``not_assessable`` when the series has no slices, when no slice is within
+the model's scope (``Prediction.in_scope`` false, or the label ``out_of_scope``), or when more than
+``max_out_of_scope_fraction`` of the slices between the first and the last in-scope slice are out of
+scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model should not judge
+(lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable.
+``no_stone`` otherwise.
+
+The parameters are read from the model's sidecar, ``extra["study_rule"]``
+(e.g. ``{"min_run": 2, "threshold": 0.62, "max_out_of_scope_fraction": 0.5}``), with the defaults
+above when absent. :func:`choose_rule` picks ``min_run`` and ``threshold`` on labelled validation
+series: for each ``min_run`` a series' score is the highest threshold at which it still has such a
+run (:func:`run_score`), which makes the choice an ROC over series scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+
+DECISIONS = ("stone", "no_stone", "not_assessable")
+
+
+@dataclass(frozen=True)
+class StudyRule:
+    min_run: int = 2
+    threshold: float | None = None  # None: the model's threshold
+    max_out_of_scope_fraction: float = 0.5
+    source: str = "default"  # default | sidecar | option
+
+    def __post_init__(self) -> None:
+        if self.min_run < 1:
+            raise ValueError(f"min_run must be at least 1, got {self.min_run}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.max_out_of_scope_fraction <= 1.0:
+            raise ValueError("max_out_of_scope_fraction must be in [0, 1]")
+
+    @classmethod
+    def from_card(cls, card) -> "StudyRule":
+        """The rule stored in a model's sidecar (``extra["study_rule"]``), else the defaults."""
+        stored = (getattr(card, "extra", None) or {}).get("study_rule")
+        if not stored:
+            return cls()
+        known = {f.name for f in fields(cls)} - {"source"}
+        return cls(**{k: v for k, v in stored.items() if k in known}, source="sidecar")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    start: int  # first slice index
+    end: int  # last slice index (inclusive)
+    max_probability: float
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str
+    reason: str
+    threshold: float
+    supporting: list[Run]
+    peak: int | None  # index of the most probable in-scope slice
+
+
+def runs_above(probabilities: Sequence[float], in_scope: Sequence[bool], threshold: float) -> list[Run]:
+    """Maximal runs of consecutive in-scope slices with probability >= threshold."""
+    runs: list[Run] = []
+    start = None
+    for k, (p, ok) in enumerate(list(zip(probabilities, in_scope)) + [(-1.0, False)]):
+        hit = ok and p >= threshold
+        if hit and start is None:
+            start = k
+        elif not hit and start is not None:
+            runs.append(Run(start, k - 1, float(max(probabilities[start:k]))))
+            start = None
+    return runs
+
+
+def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
+           model_threshold: float) -> Decision:
+    """Apply the rule to one series' slices, in position order."""
+    threshold = model_threshold if rule.threshold is None else rule.threshold
+    n = len(probabilities)
+    if n == 0:
+        return Decision("not_assessable", "no slices", threshold, [], None)
+    scoped = [k for k in range(n) if in_scope[k]]
+    peak = max(scoped, key=lambda k: probabilities[k]) if scoped else None
+    if not scoped:
+        return Decision("not_assessable", f"none of the {n} slices is within the model's scope", threshold, [], None)
+    # The range the model can judge: from the first to the last in-scope slice. Out-of-scope slices
+    # beyond it (chest, pelvis, head of a longer scan) are expected; inside it they are not.
+    span = scoped[-1] - scoped[0] + 1
+    out = span - len(scoped)
+    if out / span > rule.max_out_of_scope_fraction:
+        return Decision("not_assessable", f"{out} of the {span} slices between the first and last in-scope slice "
+                                          "are out of the model's scope", threshold, [], peak)
+    supporting = [r for r in runs_above(probabilities, in_scope, threshold) if r.length >= rule.min_run]
+    if supporting:
+        best = max(supporting, key=lambda r: r.max_probability)
+        return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
+                                 f"{threshold:.3g} (best: slices {best.start}-{best.end})", threshold, supporting, peak)
+    return Decision("no_stone", f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}", threshold, [], peak)
+
+
+def run_score(probabilities: Sequence[float], min_run: int) -> float:
+    """The highest threshold at which the series still has ``min_run`` consecutive slices at or above
+    it: the max over windows of ``min_run`` slices of the window's min (-1 when the series is shorter)."""
+    p = np.asarray(probabilities, dtype=float)
+    if len(p) < min_run:
+        return -1.0
+    windows = np.lib.stride_tricks.sliding_window_view(p, min_run)
+    return float(windows.min(axis=1).max())
+
+
+def choose_rule(series_probabilities: Sequence[Sequence[float]], has_stone: Sequence[bool],
+                min_runs: Sequence[int] = (1, 2, 3, 4), target_sensitivity: float = 0.95) -> tuple[StudyRule, dict]:
+    """Choose ``min_run`` and ``threshold`` on labelled validation series (all slices taken as in scope).
+
+    Among rules whose series-level sensitivity reaches ``target_sensitivity``, take the best
+    specificity; ties go to the higher threshold (the call rests on confident slices), then to the
+    shorter run. Returns the rule and its
+    series-level sensitivity and specificity on those series.
+    """
+    labels = np.asarray(has_stone, dtype=bool)
+    if len(series_probabilities) != len(labels) or labels.all() or not labels.any():
+        raise ValueError("choose_rule needs labelled series of both kinds")
+    best, best_key = None, None
+    for min_run in min_runs:
+        scores = np.array([run_score(p, min_run) for p in series_probabilities])
+        for t in np.unique(scores[scores >= 0]):
+            called = scores >= t
+            sens, spec = float(called[labels].mean()), float((~called[~labels]).mean())
+            reached = sens >= target_sensitivity
+            key = (reached, spec if reached else sens, float(t), -min_run)
+            if best_key is None or key > best_key:
+                best_key = key
+                best = (StudyRule(min_run=min_run, threshold=float(t), source="chosen"),
+                        {"sensitivity": sens, "specificity": spec, "n_series": int(len(labels))})
+    return best

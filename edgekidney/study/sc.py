@@ -1,0 +1,107 @@
+"""The peak slice of a series as a DICOM Secondary Capture, with the activation map overlaid.
+
+The slice is shown in the model's CT window (8-bit RGB). When the model gives a class activation
+map (``Prediction.cam``, asked for with ``predict_slices(..., want_cam=True)``), it is blended in red
+where it is above half its maximum; a model without one gets a marker instead: a red frame and a
+line saying that no activation map exists. A text line is burned in (decision, probability, slice),
+so ``BurnedInAnnotation`` is YES. The image carries the input's patient and study identifiers and
+references its source instance (Source Image Sequence), in a new series (SeriesNumber 9902).
+
+Only slices as acquired (``--plane axial`` on an axial series): a coronal reformat has no single
+source instance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..preprocess import window_hu
+from .analyze import SeriesResult
+from .sr import _hd, study_header
+
+SC_SERIES_NUMBER = 9902
+
+
+def activation_map(classifier, window01: np.ndarray, name: str) -> np.ndarray | None:
+    """The model's class activation map for one slice (2-D, 0..1, slice size), or None."""
+    if classifier is None:
+        return None
+    try:
+        pred = classifier.predict_slices([window01], [name], want_cam=True)[0]
+    except TypeError:  # a classifier without activation maps
+        return None
+    cam = getattr(pred, "cam", None)
+    if cam is None:
+        return None
+    cam = np.asarray(cam, dtype=np.float32)  # edgekidney.predict maps it onto the slice's own grid
+    if cam.shape != window01.shape or not np.isfinite(cam).all():
+        return None
+    span = float(cam.max() - cam.min())
+    return (cam - cam.min()) / span if span > 0 else None
+
+
+def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str) -> np.ndarray:
+    """8-bit RGB image: the windowed slice, the map in red (or a red frame), a text line."""
+    from PIL import Image, ImageDraw
+
+    gray = np.clip(window01 * 255.0, 0, 255).astype(np.uint8)
+    rgb = np.stack([gray] * 3, axis=-1).astype(np.float32)
+    if cam is not None:
+        alpha = np.clip((cam - 0.5) * 2.0, 0.0, 1.0)[..., None] * 0.6
+        rgb = rgb * (1 - alpha) + np.array([255.0, 0.0, 0.0]) * alpha
+    img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    if cam is None:
+        w, h = img.size
+        draw.rectangle([0, 0, w - 1, h - 1], outline=(255, 0, 0), width=max(2, w // 128))
+        text += " | no activation map in this model"
+    draw.text((4, 2), text, fill=(255, 255, 0))
+    return np.asarray(img)
+
+
+def write_sc(result: SeriesResult, series, out_dir: str | Path, classifier=None) -> list[Path]:
+    """Write the peak slice of one DICOM series as a Secondary Capture; returns the paths written."""
+    if series.kind != "dicom" or result.peak is None:
+        return []
+    if result.plane != series.acquired_plane:
+        raise InputError(f"series {result.series_id}: Secondary Capture of a {result.plane} reformat is not "
+                         "supported (no single source instance)")
+    hd = _hd()
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    ref = series.refs[result.peak.index]
+    card = classifier.card if classifier is not None else None
+    center = card.preprocessing.window_center if card else 40.0
+    width = card.preprocessing.window_width if card else 400.0
+    window01 = window_hu(series.hu_slice(result.peak.index), center, width)
+    cam = activation_map(classifier, window01, series.slice_name(result.peak.index))
+    text = (f"edgekidney {result.decision} p={result.peak.probability:.3f} slice {result.peak.index} "
+            f"@ {result.peak.position_mm:g} mm")
+    pixels = overlay(window01, cam, text)
+
+    ref_ds = study_header(series)
+    ref_ds.Modality = "OT"
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref_ds, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=generate_uid(entropy_srcs=["edgekidney-sc", series.uid]),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer="edgekidney", pixel_spacing=tuple(float(v) for v in series.pixel_spacing),
+        patient_orientation=("L", "P") if series.acquired_plane == "axial" else ("L", "F"))
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
+    if ref.frame_number is not None:
+        item.ReferencedFrameNumber = ref.frame_number
+    sc.SourceImageSequence = Sequence([item])
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = "edgekidney peak slice"
+    sc.ImageComments = "activation map" if cam is not None else "marker only: the model gives no activation map"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result.series_id}.peak.sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    return [path]

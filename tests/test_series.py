@@ -1,0 +1,255 @@
+"""Reading whole series and volumes: grouping, order by position, geometry checks, NIfTI, multi-frame."""
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from edgekidney.data.geometry import DisplayTransform, display_transform, plane_of
+from edgekidney.data.series import read_series
+from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
+from edgekidney.data.volume import not_ct_reason, read_nifti
+from edgekidney.errors import InputError
+
+from study_fixtures import volumes_or_skip
+
+
+@pytest.fixture(scope="module")
+def small_series(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small_series")
+    truth = write_series(out / "s", SeriesSynthConfig(slices=8, size=64, stones=0, seed=3))
+    return out / "s", truth
+
+
+def copy_series(src, dst):
+    shutil.copytree(src, dst)
+    return sorted(p for p in dst.iterdir() if p.suffix == ".dcm")
+
+
+def edit(path, **attrs):
+    ds = pydicom.dcmread(path)
+    for k, v in attrs.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    ds.save_as(path)
+
+
+# -- real data ---------------------------------------------------------------------------------------
+def test_jpeg2000_series_reads_20_slices_in_position_order_whatever_the_file_names(tmp_path):
+    src = volumes_or_skip() / "abdomen-jpeg2000-series"
+    files = sorted(src.iterdir())
+    expected_z = sorted(float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files)
+    rng = np.random.default_rng(0)
+    for k, f in zip(rng.permutation(len(files)), files):  # names that say nothing about the order
+        shutil.copy(f, tmp_path / f"x{k:03d}")
+    series, skipped = read_series([tmp_path])
+    assert skipped == [] and len(series) == 1
+    s = series[0]
+    assert len(s) == 20 and s.acquired_plane == "axial" and s.refusal is None
+    assert s.positions == expected_z  # feet to head: -804.5 ... -766.5, 2 mm apart
+    assert s.positions[0] == -804.5 and s.positions[-1] == -766.5
+    assert np.allclose(np.diff(s.positions), 2.0)
+    assert [r.instance_number for r in s.refs] == list(range(286, 266, -1))
+    first = next(s.hu_slices())
+    assert first.shape == (512, 512) and first.min() == -1024  # JPEG 2000 decoded, rescaled to HU
+    assert s.slice_thickness == 3.0
+
+
+def test_enhanced_multiframe_ct_frames_are_slices_with_their_own_positions():
+    path = volumes_or_skip() / "enhanced-ct-multiframe.dcm"
+    (s,), _ = read_series([path])
+    assert len(s) == 2 and [r.frame_number for r in s.refs] == [1, 2]  # frame 1 at z -159, frame 2 at -149
+    assert s.positions == [-159.0, -149.0]
+    assert s.pixel_spacing == pytest.approx((0.388672, 0.388672))
+    # ImageOrientationPatient [-1 0 0 0 1 0]: columns run to the patient's right, so they are flipped
+    assert s.transform == DisplayTransform(False, False, True)
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array[0].astype(np.float32) - 1024  # shared rescale: intercept -1024
+    got = next(s.hu_slices())
+    np.testing.assert_array_equal(got, raw[:, ::-1])
+    assert s.origin[0] == pytest.approx(99.5 - 511 * 0.388672)
+    # read, but not classified: its frames are a derived perfusion map (RescaleType US), not HU
+    assert s.refusal.startswith("pixel values are not Hounsfield units (RescaleType US; image type DERIVED")
+
+
+def test_nifti_orientation_comes_from_the_affine():
+    import nibabel as nib
+
+    path = volumes_or_skip() / "abdomen-ct.nii.gz"
+    s = read_nifti(path)
+    ras = np.asanyarray(nib.load(str(path)).dataobj)  # RAS: i runs to the patient's right, j anterior
+    assert s.refusal is None and len(s) == 112 and s.shape == (101, 122)
+    assert s.positions[0] == pytest.approx(94.30, abs=0.01) and np.allclose(np.diff(s.positions), 3.0)
+    k = 60
+    got = list(s.hu_slices())[k]
+    # display: rows run posterior, columns to the patient's left = RAS flipped in i and j, transposed
+    np.testing.assert_array_equal(got, ras[::-1, ::-1, k].T.astype(np.float32))
+    assert s.pixel_spacing == (3.0, 3.0)
+
+
+def test_nifti_in_another_orientation_gives_the_same_slices(tmp_path):
+    import nibabel as nib
+
+    path = volumes_or_skip() / "kidneys-ct-crop.nii.gz"
+    img = nib.load(str(path))
+    flipped = img.as_reoriented(np.array([[0, -1], [1, -1], [2, -1]]))  # RAS -> LPI
+    out = tmp_path / "lpi.nii.gz"
+    nib.save(flipped, str(out))
+    assert nib.aff2axcodes(nib.load(str(out)).affine) == ("L", "P", "I")
+    a, b = read_nifti(path), read_nifti(out)
+    assert a.positions == pytest.approx(b.positions)
+    for x, y in zip(a.hu_slices(), b.hu_slices()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_mr_nifti_is_refused_as_not_ct():
+    s = read_nifti(volumes_or_skip() / "not-ct-mr.nii.gz")
+    assert s.refusal is not None and "not CT" in s.refusal and "air density" in s.refusal
+    ct = read_nifti(volumes_or_skip() / "kidneys-ct-crop.nii.gz")
+    assert ct.refusal is None
+
+
+def test_not_ct_rule_on_intensities():
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 30, 10000)
+    assert not_ct_reason(np.concatenate([body, np.full(1000, -1000.0)])) is None  # 9 % air
+    assert "air density" in not_ct_reason(np.abs(body) * 10)  # MR-like: no air in HU terms
+    assert "above 4000" in not_ct_reason(np.concatenate([body, np.full(1000, -1000.0), np.full(500, 30000.0)]))
+
+
+# -- skipping ---------------------------------------------------------------------------------------
+def test_non_ct_and_non_image_objects_are_skipped_with_reasons(tmp_path, small_series):
+    folder, _ = small_series
+    shutil.copytree(folder, tmp_path / "study")
+    for name in ("MR_small.dcm", "rtplan.dcm"):
+        path = get_testdata_file(name, download=False)
+        if path:
+            shutil.copy(path, tmp_path / "study" / name)
+    scout = tmp_path / "study" / "scout.dcm"
+    shutil.copy(sorted(folder.iterdir())[0], scout)
+    edit(scout, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SeriesInstanceUID="1.2.3.4.5",
+         SOPInstanceUID="1.2.3.4.6")
+    (tmp_path / "study" / "notes.txt").write_text("hello")
+    series, skipped = read_series([tmp_path / "study"])
+    assert len(series) == 1 and len(series[0]) == 8
+    reasons = {p.split("/")[-1]: r for p, r in ((s.path, s.reason) for s in skipped)}
+    assert reasons["scout.dcm"] == "localizer (scout/topogram)"
+    assert reasons["notes.txt"] == "not a DICOM or NIfTI file"
+    if "MR_small.dcm" in reasons:
+        assert reasons["MR_small.dcm"] == "modality MR, not CT"
+    if "rtplan.dcm" in reasons:
+        assert reasons["rtplan.dcm"].startswith("not an image")
+
+
+def test_nothing_usable_is_one_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(InputError, match="no CT series found in 1 file"):
+        read_series([tmp_path])
+    with pytest.raises(InputError, match="no such file"):
+        read_series([tmp_path / "missing"])
+
+
+# -- geometry checks --------------------------------------------------------------------------------
+def test_two_series_in_one_folder_are_grouped_apart(tmp_path):
+    write_series(tmp_path / "a", SeriesSynthConfig(slices=6, size=64, stones=0, seed=1, patient=1))
+    write_series(tmp_path / "b", SeriesSynthConfig(slices=9, size=64, stones=0, seed=2, patient=2))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in list((tmp_path / "a").iterdir()) + list((tmp_path / "b").iterdir()):
+        f.rename(mixed / f"{f.parent.name}-{f.name}")
+    series, _ = read_series([mixed])
+    assert sorted(len(s) for s in series) == [6, 9]
+
+
+def test_same_instance_twice_is_dropped_with_a_warning(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    shutil.copy(files[0], tmp_path / "s" / "copy.dcm")
+    (s,), _ = read_series([tmp_path / "s"])
+    assert len(s) == 8 and s.refusal is None
+    assert any("duplicate instance" in w for w in s.warnings)
+
+
+def test_two_stacks_sharing_positions_are_refused(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    shutil.copy(files[0], tmp_path / "s" / "phase2.dcm")
+    edit(tmp_path / "s" / "phase2.dcm", SOPInstanceUID="1.2.3.999")
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is not None and "share a position" in s.refusal
+
+
+def test_mixed_orientations_are_refused(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    edit(files[2], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is not None and "mixed orientations" in s.refusal
+
+
+def test_uneven_spacing_and_gantry_tilt_are_warned_not_refused(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    by_z = sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    gone = by_z[4]
+    gone.unlink()  # a missing slice: a 6 mm gap among 3 mm ones
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is None and len(s) == 7
+    assert any("uneven slice spacing 3.00-6.00 mm" in w for w in s.warnings)
+    for k, f in enumerate(by_z):  # shear: y grows 1 mm per 3 mm slice, about 18 degrees
+        if f.exists():
+            ds = pydicom.dcmread(f)
+            edit(f, ImagePositionPatient=[ds.ImagePositionPatient[0], ds.ImagePositionPatient[1] + k,
+                                          ds.ImagePositionPatient[2]])
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is None and not s.allows_reformat
+    assert any(w.startswith("gantry tilt 18.4 deg") for w in s.warnings)
+
+
+def test_without_positions_instance_number_orders_and_says_so(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, ImagePositionPatient=None)
+    (s,), _ = read_series([tmp_path / "s"])
+    assert [r.instance_number for r in s.refs] == list(range(1, 9))
+    assert any("ordered by InstanceNumber" in w for w in s.warnings)
+
+
+def test_display_transform_turns_any_axis_aligned_slice_to_radiological_view():
+    assert plane_of([0, 0, -1]) == "axial" and plane_of([0, 1, 0]) == "coronal" and plane_of([1, 1, 1]) == "oblique"
+    img = np.arange(6).reshape(2, 3)
+    assert display_transform([1, 0, 0], [0, 1, 0], "axial") == DisplayTransform()
+    t = display_transform([0, -1, 0], [1, 0, 0], "axial")  # columns run anterior, rows to the left
+    assert t == DisplayTransform(True, True, False)
+    np.testing.assert_array_equal(t.apply(img), img.T[::-1])
+    assert display_transform([1, 0, 0], [0, 0, -1], "coronal") == DisplayTransform()
+    assert display_transform([0.7, 0.7, 0], [-0.7, 0.7, 0], "axial") is None
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless"])
+def test_compressed_series_decode_to_the_same_hu(tmp_path, small_series, syntax):
+    import pydicom.uid
+
+    uid = getattr(pydicom.uid, syntax)
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        try:
+            ds.compress(uid)
+        except (RuntimeError, ImportError) as exc:  # no encoder here: nothing to test with
+            pytest.skip(f"cannot encode {syntax}: {exc}")
+        ds.save_as(f)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == uid
+    (plain,), _ = read_series([small_series[0]])
+    (packed,), _ = read_series([tmp_path / "s"])
+    assert packed.positions == plain.positions
+    for a, b in zip(plain.hu_slices(), packed.hu_slices()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_declared_non_hu_values_are_refused(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, RescaleType="US")
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is not None and "not Hounsfield units (RescaleType US" in s.refusal

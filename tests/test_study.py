@@ -1,0 +1,351 @@
+"""The study: rule, pipeline, planes, SR and Secondary Capture round trips, the command."""
+
+import json
+import threading
+
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from edgekidney.cli import app
+from edgekidney.data.series import read_series
+from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
+from edgekidney.study import StudyRule, analyze, analyze_series, analyze_study, choose_rule, decide, write_sc, write_sr
+from edgekidney.study.analyze import classify_stream
+from edgekidney.study.planes import CoronalReformat
+from edgekidney.study.rule import runs_above, run_score
+
+from study_fixtures import Oracle, volumes_or_skip
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """Three synthetic series: stones spanning 2 and 3 slices; one spanning 1 slice; none."""
+    root = tmp_path_factory.mktemp("synth_study")
+    two = write_series(root / "two", SeriesSynthConfig(slices=30, size=96, stones=2, seed=11, patient=1))
+    one = write_series(root / "one", SeriesSynthConfig(slices=30, size=96, stones=1, stone_spans=(1,), seed=12,
+                                                       patient=2))
+    none = write_series(root / "none", SeriesSynthConfig(slices=30, size=96, stones=0, seed=13, patient=3))
+    (root / "notes.txt").write_text("not an image")
+    return root, {"two": two, "one": one, "none": none}
+
+
+def oracle_for(truth, **kw):
+    return Oracle(truth.kidney_boxes, **kw)
+
+
+# -- the rule -----------------------------------------------------------------------------------------
+def test_runs_are_maximal_consecutive_in_scope_slices_above_threshold():
+    p = [0.1, 0.7, 0.8, 0.2, 0.9, 0.95, 0.6, 0.1, 0.9]
+    runs = runs_above(p, [True] * 9, 0.5)
+    assert [(r.start, r.end, r.max_probability) for r in runs] == [(1, 2, 0.8), (4, 6, 0.95), (8, 8, 0.9)]
+    scope = [True] * 9
+    scope[5] = False
+    assert [(r.start, r.end) for r in runs_above(p, scope, 0.5)] == [(1, 2), (4, 4), (6, 6), (8, 8)]
+
+
+def test_decision_needs_min_run_consecutive_slices():
+    p = [0.1, 0.9, 0.1, 0.9, 0.1]
+    d = decide(p, [True] * 5, StudyRule(min_run=2), 0.5)
+    assert d.decision == "no_stone" and d.supporting == [] and d.peak == 1
+    d = decide(p, [True] * 5, StudyRule(min_run=1), 0.5)
+    assert d.decision == "stone" and len(d.supporting) == 2
+    d = decide([0.1, 0.6, 0.7, 0.1], [True] * 4, StudyRule(min_run=2, threshold=0.65), 0.5)
+    assert d.decision == "no_stone" and d.threshold == 0.65
+
+
+def test_out_of_scope_inside_the_judgeable_range_makes_it_not_assessable():
+    p = [0.9] * 10
+    # slices 0-5 out of scope (say the lung bases), 6-9 in: the range the model can judge is 6-9
+    assert decide(p, [False] * 6 + [True] * 4, StudyRule(), 0.5).decision == "stone"
+    patchy = [True, False, False, True, False, False, True, False, False, True]  # 6 of 10 inside the range
+    d = decide(p, patchy, StudyRule(), 0.5)
+    assert d.decision == "not_assessable" and "6 of the 10 slices between the first and last in-scope" in d.reason
+    assert decide(p, patchy, StudyRule(max_out_of_scope_fraction=0.7), 0.5).decision == "no_stone"  # no 2 in a row
+    d = decide(p, [False] * 10, StudyRule(), 0.5)
+    assert d.decision == "not_assessable" and d.reason == "none of the 10 slices is within the model's scope"
+    assert decide([], [], StudyRule(), 0.5).decision == "not_assessable"
+
+
+def test_rule_comes_from_the_sidecar_when_present():
+    class Card:
+        extra = {"study_rule": {"min_run": 3, "threshold": 0.7, "unknown": 1}}
+
+    rule = StudyRule.from_card(Card())
+    assert (rule.min_run, rule.threshold, rule.source) == (3, 0.7, "sidecar")
+    Card.extra = {}
+    assert StudyRule.from_card(Card()) == StudyRule()
+
+
+def test_choose_rule_on_validation_series():
+    stone = [[0.1, 0.8, 0.85, 0.2], [0.2, 0.7, 0.9, 0.9, 0.1]]
+    normal = [[0.1, 0.95, 0.1, 0.2], [0.3, 0.2, 0.1, 0.1]]  # an isolated false alarm at 0.95
+    assert run_score([0.1, 0.8, 0.85, 0.2], 2) == 0.8
+    rule, stats = choose_rule(stone + normal, [True, True, False, False], target_sensitivity=1.0)
+    assert rule.min_run == 2 and rule.threshold == 0.8  # a run of 2 beats the single-slice alarm
+    assert stats == {"sensitivity": 1.0, "specificity": 1.0, "n_series": 4}
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------
+def test_synthetic_series_decisions_and_supporting_slices(synth):
+    root, truth = synth
+    for name, expected in (("two", "stone"), ("one", "no_stone"), ("none", "no_stone")):
+        (res,) = analyze(oracle_for(truth[name]), [root / name])
+        t = truth[name]
+        assert res.decision == expected, (name, res.reason)
+        assert res.n_slices == 30 and len(res.slices) == 30
+        assert [s.position_mm for s in res.slices] == t.positions_mm  # feet to head, from the DICOM geometry
+        positive = {s.index for s in res.slices if s.probability > 0.5}
+        assert positive == {k for stone in t.stone_slices for k in stone}
+        expected_ranges = sorted((min(s), max(s)) for s in t.stone_slices if len(s) >= 2)
+        assert sorted((r.start, r.end) for r in res.supporting) == expected_ranges
+        for r in res.supporting:
+            assert r.start_mm == t.positions_mm[r.start] and r.n_slices == r.end - r.start + 1
+        assert set(res.timings) >= {"decode_s", "classify_s", "total_s"}
+    (res,) = analyze(oracle_for(truth["one"]), [root / "one"], rule=StudyRule(min_run=1))
+    assert res.decision == "stone" and res.supporting[0].n_slices == 1
+    assert res.peak.index == truth["one"].stone_slices[0][0]
+
+
+def test_series_mostly_out_of_scope_is_not_assessable(synth):
+    root, truth = synth
+    patchy = [k for k in range(30) if k % 3]  # 20 of 30, spread over the whole series
+    (res,) = analyze(oracle_for(truth["two"], out_of_scope=patchy), [root / "two"])
+    assert res.decision == "not_assessable" and "18 of the 28 slices" in res.reason  # 0..27, 10 in scope
+    assert sum(not s.in_scope for s in res.slices) == 20 and res.slices[1].label == "out_of_scope"
+    # the same number out of scope, but all below the kidneys: the rest is judged
+    (res,) = analyze(oracle_for(truth["two"], out_of_scope=range(5)), [root / "two"])
+    assert res.decision == "stone"
+
+
+def test_refused_series_get_an_answer_without_classification():
+    root = volumes_or_skip()
+    clf = Oracle([])
+    study = analyze_study(clf, [root / "not-ct-mr.nii.gz", root / "kidneys-ct-crop.nii.gz"])
+    mr, ct = study.series
+    assert mr.decision == "not_assessable" and "not CT" in mr.reason and mr.slices == []
+    assert ct.decision == "no_stone" and ct.n_slices == 30
+    assert clf.seen == 30  # the MR volume never reached the classifier
+
+
+def test_the_pipeline_holds_only_the_slices_in_flight():
+    produced = consumed = peak = 0
+    lock = threading.Lock()
+
+    def source():
+        nonlocal produced, peak
+        for _ in range(100):
+            with lock:
+                produced += 1
+                peak = max(peak, produced - consumed)
+            yield np.zeros((8, 8), np.float32)
+
+    class Slow:
+        def predict_slices(self, slices, names):
+            nonlocal consumed
+            import time
+
+            time.sleep(0.002)
+            with lock:
+                consumed += len(slices)
+            return [type("P", (), {"probability": 0.0, "label": "Normal"})() for _ in slices]
+
+    timings = {}
+    preds = classify_stream(Slow(), source(), [str(k) for k in range(100)], batch_size=4, timings=timings)
+    assert len(preds) == 100
+    assert peak <= 2 * 4 + 4 + 2  # queue (2 batches) + the batch being classified + one in the producer's hand
+    assert timings["classify_s"] > 0
+
+
+def test_a_failing_slice_stops_the_series_with_its_error():
+    def source():
+        yield np.zeros((8, 8), np.float32)
+        raise ValueError("broken slice 2")
+
+    with pytest.raises(ValueError, match="broken slice 2"):
+        classify_stream(Oracle([]), source(), ["a", "b"], batch_size=1)
+
+
+# -- planes -------------------------------------------------------------------------------------------
+def test_coronal_reformat_uses_the_real_spacing():
+    # 11 axial slices 2 mm apart (0..20 mm), 10 x 12 pixels of 1 mm; a bright voxel at z=10 mm, row 4, col 6
+    vol = np.zeros((11, 10, 12), np.float16)
+    vol[5, 4, 6] = 1.0
+    ref = CoronalReformat(vol, [2.0 * k for k in range(11)], (1.0, 1.0), origin_y=-5.0, spacing_mm=1.0)
+    assert ref.rows == list(range(10)) and ref.positions == [-5.0 + r for r in range(10)]
+    slices = list(ref.slices())
+    img = slices[4]
+    assert img.shape == (21, 12)  # 20 mm of z at 1 mm, head at the top; 12 columns
+    assert np.unravel_index(np.argmax(img), img.shape) == (10, 6) and img[10, 6] == pytest.approx(1.0)
+    assert img[9, 6] == pytest.approx(0.5) and img[11, 6] == pytest.approx(0.5)  # linear between 2 mm slices
+    assert all(s.max() == 0 for k, s in enumerate(slices) if k != 4)
+
+
+def test_coronal_plane_on_a_series_and_the_plane_mismatch(synth):
+    root, truth = synth
+    (res,) = analyze(oracle_for(truth["none"]), [root / "none"], plane="coronal")
+    assert res.plane == "coronal" and res.acquired_plane == "axial"
+    # every max(slice spacing 3 mm, pixel 3.75 mm) = 3.75 mm: each of the 96 rows
+    assert res.n_slices == 96 and res.spacing_mm == 3.75
+    assert res.slices[1].position_mm - res.slices[0].position_mm == pytest.approx(3.75, abs=0.01)
+    assert res.slices[0].position_mm == -180.0  # ImagePositionPatient y of row 0
+    assert any("plane mismatch" in w and "assumed" in w for w in res.warnings)
+    (res,) = analyze(oracle_for(truth["none"], extra={"plane": "coronal"}), [root / "none"], plane="coronal")
+    assert not any("plane mismatch" in w for w in res.warnings)
+    (res,) = analyze(oracle_for(truth["none"], extra={"plane": "coronal"}), [root / "none"])
+    assert any("trained on coronal slices, these are axial" in w for w in res.warnings)
+
+
+# -- DICOM out ----------------------------------------------------------------------------------------
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def test_sr_round_trip_references_the_supporting_instances(synth, tmp_path):
+    import highdicom as hd
+
+    root, truth = synth
+    (series,), _ = read_series([root / "two"])
+    clf = oracle_for(truth["two"])
+    res = analyze_series(clf, series)
+    assert res.decision == "stone"
+    path = write_sr(res, series, tmp_path)
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    src = pydicom.dcmread(series.refs[0].path, stop_before_pixels=True)
+    for attr in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber", "StudyID"):
+        assert ds.get(attr) == src.get(attr), attr
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    items = list(_walk(ds.ContentSequence))
+    codes = {(i.ConceptNameCodeSequence[0].CodeMeaning, i.ConceptCodeSequence[0].CodeMeaning)
+             for i in items if i.ValueType == "CODE"}
+    assert ("Renal stone", "Present") in codes
+    nums = [i for i in items if i.ValueType == "NUM"]
+    assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.9)
+    texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
+    assert f"model_sha256={'ab' * 32}" in texts
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"]
+    supporting = {k for r in res.supporting for k in range(r.start, r.end + 1)}
+    by_uid = {r.sop_instance_uid: k for k, r in enumerate(series.refs)}
+    assert {by_uid[u] for u in refs} == supporting  # every reference resolves to a supporting input slice
+    evidence = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert evidence == set(by_uid)
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()  # highdicom reads it
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert evaluation.value.meaning == "Present" and group.finding_type.value == "386103008"
+    assert {i.referenced_sop_instance_uid for i in group.source_images} == set(refs)
+
+
+def test_sr_of_a_no_stone_series_says_absent(synth, tmp_path):
+    root, truth = synth
+    (series,), _ = read_series([root / "none"])
+    res = analyze_series(oracle_for(truth["none"]), series)
+    ds = pydicom.dcmread(write_sr(res, series, tmp_path))
+    items = list(_walk(ds.ContentSequence))
+    assert ("Renal stone", "Absent") in {(i.ConceptNameCodeSequence[0].CodeMeaning,
+                                          i.ConceptCodeSequence[0].CodeMeaning) for i in items if i.ValueType == "CODE"}
+
+
+def test_secondary_capture_of_the_peak_slice(synth, tmp_path):
+    root, truth = synth
+    (series,), _ = read_series([root / "two"])
+    clf = oracle_for(truth["two"])
+    res = analyze_series(clf, series)
+    (path,) = write_sc(res, series, tmp_path, clf)
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.PhotometricInterpretation == "RGB"
+    assert ds.PatientID == "SYNTH-S0001" and ds.StudyInstanceUID == truth["two"].study_uid
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == series.refs[res.peak.index].sop_instance_uid
+    img = ds.pixel_array
+    assert img.shape == (96, 96, 3)
+    assert (img[48, 0] == [255, 0, 0]).all()  # the marker frame: this model has no activation map
+    assert "marker only" in ds.ImageComments
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
+    root, _ = synth
+    out = tmp_path / "study.json"
+    r = runner.invoke(app, ["study", str(tiny_onnx), str(root), str(volumes_or_skip() / "not-ct-mr.nii.gz"),
+                            "--json", str(out), "--sr-out", str(tmp_path / "sr"), "--sc-out", str(tmp_path / "sc")])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert len(data["series"]) == 4
+    by_n = {s["description"]: s for s in data["series"]}
+    mr = by_n["not-ct-mr.nii.gz"]
+    assert mr["decision"] == "not_assessable" and mr["slices"] == []
+    dicom = [s for s in data["series"] if s["kind"] == "dicom"]
+    for s in dicom:
+        assert s["n_slices"] == 30 and s["decision"] in ("stone", "no_stone")
+        assert s["series_uid"] is None and len(s["series_id"]) == 16
+        assert [x["index"] for x in s["slices"]] == list(range(30))
+        assert s["slices"][1]["position_mm"] - s["slices"][0]["position_mm"] == 3.0
+        assert 0.0 <= s["probability"] <= 1.0 and s["model"]["sha256"]
+    assert len(list((tmp_path / "sr").glob("*.sr.dcm"))) == 3
+    from edgekidney.sidecar import load_card
+
+    scs = [pydicom.dcmread(p) for p in (tmp_path / "sc").glob("*.sc.dcm")]
+    assert len(scs) == 3
+    has_cam = "cam" in load_card(tiny_onnx).outputs
+    assert {sc.ImageComments for sc in scs} == {"activation map" if has_cam else
+                                                "marker only: the model gives no activation map"}
+    assert "decision" in r.stdout and "not_assessable" in r.stdout
+    assert "skipped 1 file(s):" in r.stdout and "notes.txt: not a DICOM or NIfTI file" in r.stdout
+    assert data["skipped"] == [{"path": str(root / "notes.txt"), "reason": "not a DICOM or NIfTI file"}]
+
+
+def test_study_command_on_the_jpeg2000_series(tiny_onnx):
+    r = runner.invoke(app, ["study", str(tiny_onnx), str(volumes_or_skip() / "abdomen-jpeg2000-series"),
+                            "--json", "-"])
+    assert r.exit_code == 0, r.output
+    (s,) = json.loads(r.stdout)["series"]
+    assert s["n_slices"] == 20 and [x["position_mm"] for x in s["slices"]] == [-804.5 + 2 * k for k in range(20)]
+
+
+def test_study_command_bad_input_is_one_line(tiny_onnx, tmp_path):
+    (tmp_path / "x.txt").write_text("no")
+    for args, fragment in (([str(tmp_path)], "no CT series found"), ([str(tmp_path / "nope")], "no such file"),
+                           ([str(tmp_path), "--plane", "sagittal"], "--plane sagittal")):
+        r = runner.invoke(app, ["study", str(tiny_onnx), *args])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert lines[-1].startswith("error: ") and fragment in lines[-1], r.output
+
+
+def test_a_truncated_slice_makes_its_series_not_assessable_not_the_study(synth, tmp_path):
+    import shutil
+
+    root, truth = synth
+    shutil.copytree(root / "none", tmp_path / "none")
+    shutil.copytree(root / "two", tmp_path / "two")
+    victim = sorted((tmp_path / "none").glob("*.dcm"))[3]
+    victim.write_bytes(victim.read_bytes()[:-4000])
+    study = analyze_study(oracle_for(truth["two"]), [tmp_path])
+    by_desc = {len(r.reason.split("unreadable")) > 1: r for r in study.series}
+    broken, fine = by_desc[True], by_desc[False]
+    assert broken.decision == "not_assessable" and victim.name in broken.reason and "truncated" in broken.reason
+    assert fine.decision == "stone"
+
+
+def test_preprocessing_in_the_decode_thread_gives_the_same_predictions(tiny_onnx, synth):
+    from edgekidney.predict import Classifier
+    from edgekidney.preprocess import window_hu
+
+    root, _ = synth
+    (series,), _ = read_series([root / "two"])
+    with Classifier(tiny_onnx) as clf:
+        pre = clf.card.preprocessing
+        slices = [window_hu(h, pre.window_center, pre.window_width) for h in series.hu_slices()][:12]
+        names = [str(k) for k in range(12)]
+        timings = {}
+        streamed = classify_stream(clf, iter(slices), names, batch_size=5, timings=timings)
+        direct = clf.predict_slices(slices, names)
+    assert [p.probability for p in streamed] == pytest.approx([p.probability for p in direct], abs=1e-5)
+    assert [p.label for p in streamed] == [p.label for p in direct]
+    assert timings["preprocess_s"] > 0  # done in the producer thread
