@@ -1,7 +1,8 @@
 """Accuracy benchmark: FP32 vs its FP16/INT8 children on one labelled folder, with gates.
 
 Every model sees the same decoded and preprocessed slices. Per model: accuracy, sensitivity,
-specificity, AUC, top-1 agreement with the FP32 reference and max |Δ stone probability|. Gates,
+specificity, AUC, agreement of the answers with the FP32 reference (``out_of_scope`` included: a
+slice the parent judges and the child refuses is a disagreement) and max |Δ stone probability|. Gates,
 relative to the reference (configurable): accuracy drop <= 0.5 points, sensitivity drop <= 1.0 point,
 agreement >= 99 %. A failed gate makes the exit code 1.
 """
@@ -19,9 +20,9 @@ import numpy as np
 from ..errors import EdgeKidneyError, InputError
 from ..jsonio import write_json
 from ..evaluate import labelled_set
-from ..metrics import classification_report, decide
-from ..predict import Classifier
-from ..preprocess import preprocess_batch
+from ..metrics import classification_report, predictions
+from ..predict import Classifier, decide_outputs
+from ..preprocess import preprocess_batch_with_geometry
 from ..data.decode import load_slice
 
 
@@ -51,30 +52,35 @@ def run_accuracy(models: list[Path], data: Path, split: str | None = None, class
         ls = labelled_set(data, ref.card, split, classes)
         pre = ref.card.preprocessing
         probs = [[] for _ in clfs]
+        scope = [[] for _ in clfs]
         n = len(ls.samples)
         for i in range(0, n, batch_size):
-            x = preprocess_batch([load_slice(s.path, pre) for s in ls.samples[i : i + batch_size]], pre)
+            x, geometries = preprocess_batch_with_geometry(
+                [load_slice(s.path, pre) for s in ls.samples[i : i + batch_size]], pre)
             for k, c in enumerate(clfs):
-                probs[k].append(c.probabilities(x))
+                r = decide_outputs(c.card, c.threshold, c.infer_outputs(x), geometries)
+                probs[k].append(r.probs)
+                scope[k].append(r.in_scope)
             log(f"  {min(i + batch_size, n)}/{n} slices")
         probs = [np.concatenate(p) for p in probs]
+        scope = [None if any(s is None for s in sc) else np.concatenate(sc) for sc in scope]
     finally:
         for c in clfs:
             c.close()
 
     pos = ref.positive
-    ref_pred = decide(probs[ref_i], pos, ref.threshold)
-    ref_rep = classification_report(ls.labels, probs[ref_i], ref.card.classes, pos, ref.threshold)
+    ref_pred = predictions(probs[ref_i], pos, ref.threshold, scope[ref_i])
+    ref_rep = classification_report(ls.labels, probs[ref_i], ref.card.classes, pos, ref.threshold, scope[ref_i])
     rows, failed = [], []
     for k, c in enumerate(clfs):
-        rep = classification_report(ls.labels, probs[k], c.card.classes, pos, c.threshold)
-        pred = decide(probs[k], pos, c.threshold)
+        rep = classification_report(ls.labels, probs[k], c.card.classes, pos, c.threshold, scope[k])
+        pred = predictions(probs[k], pos, c.threshold, scope[k])  # out of scope is an answer too
         row = {"model": str(c.model_path), "precision": c.card.precision, "backend": c.backend_name,
                "target": c.card.extra.get("quantization", {}).get("target"),
                "reference": k == ref_i, "child_of_reference": c.card.parent_sha256 == ref.card.sha256,
                "accuracy": rep["accuracy"], "sensitivity": rep["sensitivity"], "specificity": rep["specificity"],
                "auc": rep["auc"], "threshold": c.threshold, "confusion_matrix": rep["confusion_matrix"],
-               "agreement": float(np.mean(pred == ref_pred)),
+               "agreement": float(np.mean(pred == ref_pred)), "out_of_scope": rep["out_of_scope"],
                "max_abs_dprob": float(np.max(np.abs(probs[k][:, pos] - probs[ref_i][:, pos]))),
                "accuracy_drop_points": 100 * (ref_rep["accuracy"] - rep["accuracy"]),
                "sensitivity_drop_points": 100 * (ref_rep["sensitivity"] - rep["sensitivity"])}
