@@ -472,3 +472,22 @@ def test_metrics_text_format():
     assert 'edgekidney_request_latency_seconds_bucket{le="0.05"} 1' in text
     assert 'edgekidney_batch_size_bucket{le="4"} 1' in text and "edgekidney_images_total 3" in text
     assert 'backend="o\\"rt"' in text and "edgekidney_inflight_requests 0" in text
+
+
+def test_cam_is_returned_when_asked_as_a_png_of_the_uploaded_image(client, images, reference):
+    import base64
+    import io
+
+    from PIL import Image
+
+    plain = post(client, images["jpeg1"], "image/jpeg").json()
+    assert "cam_png" not in plain and "cam_peak" not in plain
+    r = post(client, images["jpeg1"], "image/jpeg", params={"cam": "1"})
+    assert r.status_code == 200, r.text
+    item = r.json()
+    ref = reference(images["jpeg1"])
+    assert item["probability"] == pytest.approx(ref.probability, abs=1e-4) and item["label"] == ref.label
+    with Image.open(io.BytesIO(base64.b64decode(item["cam_png"]))) as im, Image.open(io.BytesIO(images["jpeg1"])) as src:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == src.size
+        row, col = item["cam_peak"]
+        assert 0 <= row < src.size[1] and 0 <= col < src.size[0]
