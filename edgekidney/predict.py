@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .data.dataset import list_files
+from .data.dataset import expand_paths
 from .data.decode import decode_slice, load_slice
 from .errors import EdgeKidneyError, InputError
 from .metrics import decide, softmax
@@ -64,21 +64,7 @@ class Failure:
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders expanded (recursively) to their image and DICOM files."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise InputError(f"{p}: no such file or folder")
-        if p.is_dir():
-            files = list_files(p)
-            if not files:
-                raise InputError(f"{p}: folder holds no .png, .jpg, .jpeg or DICOM files")
-            out.extend(files)
-        else:
-            out.append(p)
-    if not out:
-        raise InputError("no input files given")
-    return out
+    return expand_paths(paths)
 
 
 def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.ndarray | None, list[str | None]]:

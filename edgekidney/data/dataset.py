@@ -105,6 +105,26 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate_file(p))
 
 
+def expand_paths(paths, list_folder=list_files,
+                 empty: str = "folder holds no .png, .jpg, .jpeg or DICOM files") -> list[Path]:
+    """Files as given, folders expanded with ``list_folder``; a missing path or an empty folder is an error."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder")
+        if p.is_dir():
+            files = list_folder(p)
+            if not files:
+                raise InputError(f"{p}: {empty}")
+            out.extend(files)
+        else:
+            out.append(p)
+    if not out:
+        raise InputError("no input files given")
+    return out
+
+
 def positive_class_index(classes: list[str], positive: str | None = None) -> int:
     """Index of the positive class: the one named, else the one named like "stone", else the last."""
     if positive is not None:

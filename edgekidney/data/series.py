@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import DependencyError, EdgeKidneyError, InputError
 from .decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
+from .dataset import expand_paths as dataset_expand_paths
 from .geometry import DisplayTransform, canonical_normal, display_transform, plane_of
 
 CT_IMAGE_SOP_CLASSES = {
@@ -162,26 +163,18 @@ class DicomSeries(Series):
 
 
 # -- finding files ----------------------------------------------------------------------------------
+def _every_file(folder: Path) -> list[Path]:
+    """Every non-hidden file under ``folder`` (DICOM files often have no suffix), in a stable order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+    return found
+
+
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given and every non-hidden file under folders (recursively), in a stable order."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise InputError(f"{p}: no such file or folder")
-        if p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
-            if not found:
-                raise InputError(f"{p}: folder is empty")
-            out.extend(found)
-        else:
-            out.append(p)
-    if not out:
-        raise InputError("no input files given")
-    return out
+    return dataset_expand_paths(paths, _every_file, "folder is empty")
 
 
 # -- reading headers --------------------------------------------------------------------------------
