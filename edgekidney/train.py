@@ -33,7 +33,7 @@ from .preprocess import Preprocessing, preprocess
 from .progress import echo, stage
 from .provenance import data_provenance
 from .sidecar import ModelCard, sha256_of
-from .threads import apply_torch_threads
+from .threads import apply_torch_threads, contention_note
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
 INCOMPLETE = "INCOMPLETE"  # in a run folder whose training did not finish
@@ -320,6 +320,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = echo) -> dict:
     _check(cfg)
     t_start = time.perf_counter()
     threads = apply_torch_threads(cfg.threads)
+    note = contention_note(threads, cfg.threads)
+    if note:
+        log(note)
     pre = cfg.resolved_preprocessing()
     n_classes = len(find_classes(cfg.data, cfg.classes))  # lists the class folders, reads no image
     device = resolve_device(cfg.device)

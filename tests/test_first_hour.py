@@ -30,6 +30,17 @@ def test_threads_default_to_the_cores_this_process_may_use():
         resolve_threads(0)
 
 
+def test_a_busy_machine_gets_a_hint_unless_threads_were_chosen(monkeypatch):
+    from edgekidney.threads import contention_note
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.0, 1.0))
+    assert "--threads 1 is usually faster than 2" in contention_note(2, None)
+    assert "--threads 2 is usually faster than 4" in contention_note(4, None)
+    assert contention_note(2, 2) is None and contention_note(1, None) is None  # chosen, or nothing to cut
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert contention_note(2, None) is None
+
+
 def test_threads_reach_torch_and_onnx_runtime(tiny_onnx):
     torch = pytest.importorskip("torch")
     from edgekidney.runtime.ort import OrtBackend
