@@ -178,10 +178,11 @@ def test_infer_table_shows_the_threshold_in_use(tiny_onnx, small_real):
     r = cli("infer", tiny_onnx, f, "--threshold", "0.25")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0] == "label = Stone when p(Stone) >= 0.2500 (threshold from --threshold)"
-    assert lines[1].split() == ["path", "p(Stone)", "threshold", "label"]
-    path, p, thr, label = lines[2].rsplit(maxsplit=3)
-    assert thr == "0.2500" and label == ("Stone" if float(p) >= 0.25 else "Normal")
+    assert lines[0].startswith("label = Stone when p(Stone) >= 0.2500 (threshold from --threshold), out_of_scope")
+    assert lines[1].split() == ["path", "p(Stone)", "threshold", "in", "scope", "label"]
+    path, p, thr, scope, label = lines[2].rsplit(maxsplit=4)
+    assert thr == "0.2500" and scope in ("yes", "NO")
+    assert label == ("out_of_scope" if scope == "NO" else "Stone" if float(p) >= 0.25 else "Normal")
     default = cli("infer", tiny_onnx, f)
     card = load_card(tiny_onnx)
     assert f"p(Stone) >= {card.threshold:.4f} (threshold from the model's sidecar)" in default.output
