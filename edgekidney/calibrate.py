@@ -76,6 +76,8 @@ def choose(eligible: list[Sample], n: int, seed: int) -> list[Sample]:
 def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: int = 256, seed: int = 0,
                          progress: Callable[[int], None] | None = None) -> CalibrationSet:
     data, run, out = Path(data), Path(run), Path(out)
+    if not data.is_dir():  # DATA comes first on the command line: report it first
+        raise InputError(f"{data}: no such folder" if not data.exists() else f"{data}: is a file, not a dataset folder")
     card = load_checkpoint_card(run)
     if not (run / "split.csv").exists():
         raise InputError(f"{run}: no split.csv; calibrate needs the run's manifest to avoid validation images")

@@ -16,16 +16,25 @@ import typer
 
 from .errors import EdgeKidneyError
 from .jsonio import write_json
+from .progress import echo, stage
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (click's layout): typer's rich panels print flags as `--help <bool>`.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Kidney-stone classifier for CT slices: train, export, quantize, build engines, serve.")
-bench_app = typer.Typer(no_args_is_help=True, help="Accuracy and latency benchmarks (also in benchmarks/).")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Accuracy and latency benchmarks (also in benchmarks/).")
 app.add_typer(bench_app, name="bench")
 
 
+THREADS_HELP = "CPU threads for PyTorch and ONNX Runtime (default: the cores this process may use)."
+
+
 def fail(message: str, code: int = 1):
-    typer.echo(f"error: {message}", err=True)
+    echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    echo(f"warning: {message}", err=True)
 
 
 def user_errors(fn):
@@ -114,6 +123,7 @@ def train_cmd(
     scope_quantile: float = typer.Option(0.99, min=0.5, max=1.0, help="Out of scope: validation distance quantile..."),
     scope_margin: float = typer.Option(1.0, min=1.0, help="... times this margin is the threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     seed: int = typer.Option(0),
 ):
     """Fine-tune ResNet50 on a folder of CT slices."""
@@ -126,11 +136,11 @@ def train_cmd(
     cfg = TrainConfig(data=data, out=out, classes=parse_classes(classes), positive_class=positive, weights=weights,
                       weights_sha256=weights_sha256, image_size=image_size, epochs=epochs, freeze_epochs=freeze_epochs,
                       batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,
-                      target_sensitivity=target_sensitivity, seed=seed, device=device, augment=augment,
+                      target_sensitivity=target_sensitivity, seed=seed, device=device, threads=threads, augment=augment,
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
-    metrics = train(cfg, log=typer.echo)
+    metrics = train(cfg, log=echo)
     from .metrics import format_report
 
     typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
@@ -168,16 +178,21 @@ def evaluate_cmd(
     bootstrap: int = typer.Option(2000, min=100, help="Bootstrap resamples for the 95 % intervals."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     plots: Optional[Path] = typer.Option(None, help="Folder for roc.png and reliability.png."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
     from .data.dataset import parse_classes
     from .evaluate import evaluate, format_confounders
     from .metrics import format_report
+    from .predict import default_backend_for
 
+    options = {"threads": threads} if (backend or default_backend_for(model)) == "ort" else {}
     result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
                       target_sensitivity=target_sensitivity, store_threshold=store_threshold, backend=backend,
-                      bootstrap_resamples=bootstrap, seed=seed, plot_dir=plots)
+                      bootstrap_resamples=bootstrap, seed=seed, plot_dir=plots, **options)
+    for w in result["warnings"]:
+        warn(w)
     if str(json_out) != "-":
         typer.echo(format_report(result["at_model_threshold"], f"{result['data']}, {result['n']} slices, "
                                                                f"at the model's threshold:"))
@@ -197,7 +212,7 @@ def infer_cmd(
     paths: List[Path] = typer.Argument(..., help="Image/DICOM files and folders."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     batch_size: int = typer.Option(8, min=1),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
     keep_going: bool = typer.Option(False, help="Skip bad files, report them, exit non-zero at the end."),
@@ -208,22 +223,24 @@ def infer_cmd(
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
     from .predict import Classifier, expand_inputs, write_cams
+    from .provenance import mismatch_warning
 
-    files = expand_inputs(paths)
     options = {"device": device, "threads": threads} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
-    with Classifier(model, backend=backend, threshold=threshold, **options) as clf:
-        preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
-                                            want_cam=cam is not None)
+    with Classifier(model, backend=backend, threshold=threshold, **options) as clf:  # the model first, as given
+        files = expand_inputs(paths)
+        mismatch = mismatch_warning(clf.card.extra.get("data"), files)
+        if mismatch:
+            warn(mismatch)
+        with stage("classifying", len(files), "file") as bar:
+            preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                                want_cam=cam is not None, progress=bar.advance)
     if cam is not None:
         write_cams(preds, cam, clf.card, everything=cam_all)
     rows = [p.to_dict() for p in preds]
     to_stdout = "-" in (str(json_out), str(csv_out))
     if not to_stdout:
-        width = max([len(r["path"]) for r in rows] + [4])
-        typer.echo(f"{'path':<{width}}  {'p(' + clf.card.positive_class + ')':>10}  {'in scope':>8}  label")
-        for r in rows:
-            scope = "-" if r["in_scope"] is None else ("yes" if r["in_scope"] else "NO")
-            typer.echo(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {scope:>8}  {r['label']}")
+        echo(format_predictions(rows, clf.card.positive_class, clf.threshold,
+                                "--threshold" if threshold is not None else "the model's sidecar"))
     if json_out is not None:
         echo_json({"model": str(model), "threshold": clf.threshold, "predictions": rows,
                    "failures": [f.__dict__ for f in failures]}, json_out)
@@ -307,16 +324,30 @@ def study_cmd(
         echo_json({"model": model.name, **study.to_dict()}, json_out)
 
 
+def format_predictions(rows: list[dict], positive: str, threshold: float, source: str) -> str:
+    """The infer table, with the threshold in use and where it came from."""
+    width = max([len(r["path"]) for r in rows] + [4])
+    head = f"p({positive})"
+    lines = [f"label = {positive} when p({positive}) >= {threshold:.4f} (threshold from {source}), "
+             "out_of_scope when the slice is unlike the training data",
+             f"{'path':<{width}}  {head:>10}  {'threshold':>9}  {'in scope':>8}  label"]
+    for r in rows:
+        scope = "-" if r.get("in_scope") is None else ("yes" if r["in_scope"] else "NO")
+        lines.append(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {r['threshold']:>9.4f}  {scope:>8}  {r['label']}")
+    return "\n".join(lines)
+
+
 @command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the synthetic data and all artifacts."),
     epochs: int = typer.Option(10, min=1), image_size: int = typer.Option(128, min=32),
     patients: int = typer.Option(40, min=4), seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """The whole job on built-in synthetic CT slices: data -> train -> ONNX -> evaluate -> infer."""
     from .demo import run_demo
 
-    run_demo(out, epochs=epochs, image_size=image_size, patients=patients, seed=seed, log=typer.echo)
+    run_demo(out, epochs=epochs, image_size=image_size, patients=patients, seed=seed, threads=threads, log=echo)
 
 
 # -- quantization commands (issue 3) ----------------------------------------------------------------
@@ -329,13 +360,10 @@ def calibrate_cmd(
     seed: int = typer.Option(0),
 ):
     """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration."""
-    from rich.progress import Progress
-
     from .calibrate import make_calibration_set
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("preprocessing calibration slices", total=n)
-        cal = make_calibration_set(data, run, out, n=n, seed=seed, progress=lambda k: bar.advance(task, k))
+    with stage("preprocessing calibration slices", n, "slice") as bar:
+        cal = make_calibration_set(data, run, out, n=n, seed=seed, progress=bar.advance)
     typer.echo(f"wrote {cal.info['n']} slices {cal.info['per_class']} to {out} "
                f"(skipped {cal.info['held_out_images_skipped']} validation/test slices)")
 
@@ -478,8 +506,27 @@ def serve_cmd(
                       simulate_latency_ms=simulate_latency_ms))
 
 
+METAVARS = {"int": "N", "float": "X", "path": "PATH", "str": "TEXT"}
+
+
+def build_cli(command=None):
+    """The click command behind ``app`` with plain metavars (``--threads N``, not ``<int range>``)."""
+    import click
+
+    command = command or typer.main.get_command(app)
+    for param in command.params:
+        if param.param_type_name == "option" and not param.is_flag and param.metavar is None:
+            kind = param.display_type(click.Context(command)).strip("<>").split()[0]
+            param.metavar = METAVARS.get(kind, kind.upper())
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        build_cli(sub)
+    return command
+
+
 def main() -> None:
-    app()
+    build_cli()(prog_name="edgekidney")
 
 
 if __name__ == "__main__":

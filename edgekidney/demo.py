@@ -13,11 +13,12 @@ from .export import export_onnx
 from .metrics import format_report
 from .predict import Classifier, expand_inputs
 from .preprocess import Preprocessing
+from .progress import echo
 from .train import TrainConfig, train
 
 
 def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int = 40, seed: int = 0,
-             log: Callable[[str], None] = print) -> dict:
+             threads: int | None = None, log: Callable[[str], None] = echo) -> dict:
     out = Path(out)
     times: dict[str, float] = {}
 
@@ -34,7 +35,7 @@ def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int =
     t = time.perf_counter()
     run = out / "run"
     train(TrainConfig(data=data, out=run, weights="none", epochs=epochs, freeze_epochs=0, image_size=image_size, batch_size=16,
-                      seed=seed, preprocessing=Preprocessing(image_size=image_size)), log=log)
+                      seed=seed, threads=threads, preprocessing=Preprocessing(image_size=image_size)), log=log)
     stage("train", t)
 
     t = time.perf_counter()
@@ -44,13 +45,13 @@ def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int =
     stage("export", t)
 
     t = time.perf_counter()
-    result = evaluate(model, run / "split.csv", split="val")
+    result = evaluate(model, run / "split.csv", split="val", threads=threads)
     log(format_report(result["at_model_threshold"], "validation split, ONNX Runtime (CPU):"))
     stage("evaluate", t)
 
     t = time.perf_counter()
     files = expand_inputs([data / "Stone"])[:3] + expand_inputs([data / "Normal"])[:3]
-    with Classifier(model) as clf:
+    with Classifier(model, threads=threads) as clf:
         preds, _ = clf.predict_files(files)
     for p in preds:
         log(f"  {Path(p.path).name}: p(stone) {p.probability:.3f} -> {p.label}")

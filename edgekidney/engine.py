@@ -242,7 +242,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineBuildConfig 
                             threshold=card.threshold, precision=card.precision, kind="engine",
                             input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
                             scope=card.scope, parent_sha256=card.sha256,
-                            metrics=card.metrics, extra={"engine": info})
+                            metrics=card.metrics, extra={"engine": info, "data": card.extra.get("data")})
     engine_card.save(out)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {build_seconds:.1f} s) and {sidecar_path(out).name}")
     return out, engine_card

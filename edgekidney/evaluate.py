@@ -19,6 +19,8 @@ from .data.decode import load_slice
 from .errors import InputError, ModelError
 from .confidence import bootstrap, calibration, confounder_table
 from .metrics import classification_report, predictions, roc_curve, threshold_for_sensitivity
+from .progress import stage
+from .provenance import mismatch_warning
 from .sidecar import ModelCard, load_card, sidecar_path
 
 
@@ -32,7 +34,7 @@ def open_predictor(model: str | Path, backend: str | None = None, **options):
     if is_checkpoint(model):
         from .train import TorchPredictor
 
-        return TorchPredictor(model, device=options.get("device", "cpu"))
+        return TorchPredictor(model, device=options.get("device", "cpu"), threads=options.get("threads"))
     from .predict import Classifier
 
     return Classifier(model, backend=backend, **options)
@@ -102,15 +104,13 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
              batch_size: int = 16, target_sensitivity: float = 0.95, store_threshold: bool = False,
              backend: str | None = None, bootstrap_resamples: int = 2000, seed: int = 0,
              plot_dir: str | Path | None = None, **options) -> dict:
-    from rich.progress import Progress
-
     predictor = open_predictor(model, backend=backend, **options)
     try:
         card = predictor.card
         ls = labelled_set(data, card, split, classes)
-        with Progress(transient=True) as bar:
-            task = bar.add_task("evaluating", total=len(ls.samples))
-            probs, in_scope = predict_probabilities(predictor, ls.samples, batch_size, lambda k: bar.advance(task, k))
+        warning = mismatch_warning(card.extra.get("data"), [s.path for s in ls.samples])
+        with stage("evaluating", len(ls.samples), "slice") as bar:
+            probs, in_scope = predict_probabilities(predictor, ls.samples, batch_size, bar.advance)
     finally:
         predictor.close()
     pos = card.positive_index
@@ -127,7 +127,8 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
                         "out_of_scope": None if in_scope is None else int((~in_scope).sum())},
               "confounders": confounder_table(ls.labels, pred, card.classes, pos),
               "intervals": bootstrap(ls.labels, pred, probs[:, pos], card.classes, pos, bootstrap_resamples, seed),
-              "calibration": calibration(ls.labels == pos, probs[:, pos])}
+              "calibration": calibration(ls.labels == pos, probs[:, pos]),
+              "warnings": [warning] if warning else []}
     if plot_dir is not None:
         result["plots"] = write_plots(Path(plot_dir), ls.labels == pos, probs[:, pos], result["calibration"])
     if store_threshold:

@@ -91,6 +91,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         outputs=card.outputs, scope=card.scope,
         metrics=card.metrics.get("val", {}),
         extra={"opset": opset, "source_checkpoint": str(ckpt_file.resolve()), "weights": card.extra.get("weights"),
+               "data": card.extra.get("data"),
                "parity": {"max_abs_logit_diff": delta, "max_abs_logit_diff_batch1": delta1, "n_images": len(x),
                           "max_rel_diff_heads": heads,
                           "inputs": source, "tolerance": tolerance},

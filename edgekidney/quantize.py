@@ -137,7 +137,7 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
                        scope=card.scope,
                        parent_sha256=card.sha256 or sha256_of(model_path), metrics={},
                        extra={"quantization": info, "parent": str(model_path.resolve()),
-                              "source_checkpoint": card.extra.get("source_checkpoint")})
+                              "source_checkpoint": card.extra.get("source_checkpoint"), "data": card.extra.get("data")})
     q_card.save(out)
     return q_card
 

@@ -11,9 +11,12 @@ A run directory holds: ``model.pt`` (best checkpoint), ``split.csv`` (the manife
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,14 +24,19 @@ from typing import Callable
 
 import numpy as np
 
-from .data.dataset import Dataset, Sample, SplitConfig, discover, positive_class_index, split_dataset, write_manifest
+from .data.dataset import (Dataset, Sample, SplitConfig, discover, find_classes, positive_class_index, split_dataset,
+                           write_manifest)
 from .data.decode import load_slice
 from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
 from .metrics import classification_report, softmax, threshold_for_sensitivity
 from .preprocess import Preprocessing, preprocess
+from .progress import echo, stage
+from .provenance import data_provenance
 from .sidecar import ModelCard, sha256_of
+from .threads import apply_torch_threads, contention_note
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
+INCOMPLETE = "INCOMPLETE"  # in a run folder whose training did not finish
 IMAGENET_HINT = ("pass --weights PATH to a local torchvision ResNet50 state dict "
                  "(resnet50-11ad3fa6.pth, IMAGENET1K_V2) or --weights none")
 
@@ -62,6 +70,7 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch intra-/inter-op threads; None: the cores this process may use
     # augmentations by name (AUGMENTATIONS), "all" or "none"; each can be switched off on its own
     augment: str = "all"
     balanced: bool = True  # class-balanced sampling (then the loss is not class-weighted as well)
@@ -125,7 +134,8 @@ def build_model(num_classes: int, weights: str = "none", weights_sha256: str | N
 
 def _imagenet_state_dict(enum):
     try:
-        return enum.get_state_dict(progress=False, check_hash=True)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints 'Downloading: "https://..."'
+            return enum.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, HTTPError, socket errors, SSL errors
         reason = " ".join(str(exc).split())[:120]
         raise InputError(f"cannot download ImageNet weights ({reason}); {IMAGENET_HINT}") from None
@@ -299,19 +309,58 @@ def _predict_features(model, x: np.ndarray, device, batch_size: int = 64) -> tup
     return np.concatenate(feats), np.concatenate(logits)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Run a whole training; returns the metrics dict also written to ``RUN/metrics.json``."""
-    torch = require_torch()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def train(cfg: TrainConfig, log: Callable[[str], None] = echo) -> dict:
+    """Run a whole training; returns the metrics dict also written to ``RUN/metrics.json``.
 
+    Checks come in the order the user gave them (DATA, then the options); the weights are resolved
+    before any data work and before RUN exists, so a missing file or no network fails in seconds and
+    leaves nothing behind. A training that fails later removes the RUN it made (see :func:`run_folder`).
+    """
+    require_torch()
     _check(cfg)
     t_start = time.perf_counter()
+    threads = apply_torch_threads(cfg.threads)
+    note = contention_note(threads, cfg.threads)
+    if note:
+        log(note)
+    pre = cfg.resolved_preprocessing()
+    n_classes = len(find_classes(cfg.data, cfg.classes))  # lists the class folders, reads no image
+    device = resolve_device(cfg.device)
+    if cfg.weights == "imagenet":
+        log("model: ImageNet weights from the torch cache (fetched once, 98 MB)")
+    model, weights_source = build_model(n_classes, cfg.weights, cfg.weights_sha256)
+    with run_folder(cfg.out):
+        return _train_in_run_folder(cfg, model, weights_source, pre, device, threads, log, t_start)
+
+
+@contextlib.contextmanager
+def run_folder(out: Path):
+    """RUN/ while a training writes into it, marked INCOMPLETE until the end.
+
+    On failure (an error, Ctrl-C) a folder this training created is removed; a folder that existed
+    before keeps the INCOMPLETE marker with the reason, and export/calibrate/evaluate refuse it by name.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / INCOMPLETE
+    marker.write_text("training started and has not finished\n")
+    try:
+        yield out
+    except BaseException as exc:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            marker.write_text(f"training did not finish: {reason}\n")
+        raise
+    marker.unlink(missing_ok=True)
+
+
+def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Preprocessing, device, threads: int,
+                         log: Callable[[str], None], t_start: float) -> dict:
+    torch = require_torch()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    pre = cfg.resolved_preprocessing()
-    device = resolve_device(cfg.device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-
     ds: Dataset = split_dataset(discover(cfg.data, cfg.classes), cfg.split)
     positive = positive_class_index(ds.classes, cfg.positive_class)
     write_manifest(ds.samples, cfg.out / "split.csv")
@@ -321,19 +370,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log(f"data: {len(train_s)} train / {len(val_s)} val / {len(ds.of_split('test'))} test slices, "
         f"classes {ds.classes}, positive {ds.classes[positive]!r}")
 
-    # weights first: a missing or wrong weights file fails before minutes of decoding
-    model, weights_source = build_model(len(ds.classes), cfg.weights, cfg.weights_sha256)
+    data_info = data_provenance(cfg.data, ds.classes, ds.samples)
+    if data_info["synthetic"]:
+        log("data: synthetic phantoms (edgekidney synth): this model will say nothing about real CT")
     model.to(device)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("decoding + preprocessing", total=len(train_s) + len(val_s))
-        x_train = load_arrays(train_s, pre, lambda k: bar.advance(task, k))
-        x_val = load_arrays(val_s, pre, lambda k: bar.advance(task, k))
+    with stage("decoding + preprocessing", len(train_s) + len(val_s), "slice") as bar:
+        x_train = load_arrays(train_s, pre, bar.advance)
+        x_val = load_arrays(val_s, pre, bar.advance)
     y_train = np.array([s.label for s in train_s], dtype=np.int64)
     y_val = np.array([s.label for s in val_s], dtype=np.int64)
     t_data = time.perf_counter() - t_start
 
-    log(f"model: ResNet50, weights {weights_source}, device {device}")
+    log(f"model: ResNet50, weights {weights_source}, device {device}, {threads} thread(s)")
     freeze_epochs = cfg.freeze_epochs if cfg.weights != "none" else 0
     if cfg.weights == "none" and cfg.freeze_epochs:
         log("model: --weights none: nothing to transfer, training all layers from the first epoch")
@@ -367,8 +415,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     phases = [(True, freeze_epochs), (False, cfg.epochs - freeze_epochs)]
     epoch, stale, stopped_early = 0, 0, False
     hist_path = cfg.out / "history.csv"
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}")) as bar:
+    with EpochBars() as bar:
         for frozen, n_epochs in phases:
             if n_epochs <= 0 or stopped_early:
                 continue
@@ -448,7 +495,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     report_05 = classification_report(y_val, val_probs, ds.classes, positive, 0.5)
     metrics = {
         "best_epoch": best["epoch"], "epochs_run": epoch, "stopped_early": stopped_early,
-        "weights": weights_source, "device": str(device), "image_size": pre.image_size,
+        "weights": weights_source, "device": str(device), "threads": threads, "image_size": pre.image_size,
+        "data": data_info,
         "n_train": len(train_s), "n_val": len(val_s), "duplicates_dropped": ds.duplicates_dropped,
         "target_sensitivity": cfg.target_sensitivity,
         "augmentations": sorted(which), "balanced_sampling": cfg.balanced,
@@ -484,6 +532,37 @@ def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: n
             "val_distance_quantiles": dict(zip(map(str, q), np.quantile(d_val, q).round(4).tolist())),
             "val_out_of_scope": int((d_val > thr).sum()),
             "rank": int(detector.basis.shape[1]), **detector.arrays()}, val_logits
+
+
+class EpochBars:
+    """One bar per epoch (batches, rate, ETA, loss) on the shared display of :mod:`edgekidney.progress`.
+
+    Same calls as the loop makes (``add_task``, ``update``); a new epoch's bar replaces the last one,
+    and the epoch's log line is the only thing that stays on the screen.
+    """
+
+    def __init__(self) -> None:
+        self._stage = None
+
+    def add_task(self, description: str, total: int, status: str = ""):
+        self._close()
+        self._stage = stage(description, total, "batch").__enter__()
+        self._stage.status = status
+        return self._stage
+
+    def update(self, task, advance: int = 0, status: str | None = None) -> None:
+        task.advance(advance, status)
+
+    def _close(self) -> None:
+        if self._stage is not None:
+            self._stage.__exit__(None, None, None)
+            self._stage = None
+
+    def __enter__(self) -> "EpochBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
 
 
 def _write_history(history: list[dict], path: Path) -> None:
@@ -531,6 +610,10 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
+    incomplete = path.parent / INCOMPLETE
+    if incomplete.exists():
+        reason = incomplete.read_text().strip() or "training did not finish"
+        raise ModelError(f"{path.parent}: incomplete run ({reason}); run 'edgekidney train' into it again")
     if not path.exists():
         raise ModelError(f"{path}: no such checkpoint (expected RUN/model.pt from 'edgekidney train')")
     try:
@@ -542,7 +625,8 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, ModelCard]:
     scope = ck.get("scope") or {}
     card = ModelCard(classes=ck["classes"], positive_class=ck["positive_class"],
                      preprocessing=Preprocessing.from_dict(ck["preprocessing"]), threshold=ck["threshold"],
-                     kind="checkpoint", metrics=ck.get("metrics", {}), extra={"weights": ck.get("weights", "")},
+                     kind="checkpoint", metrics=ck.get("metrics", {}),
+                     extra={"weights": ck.get("weights", ""), "data": ck.get("metrics", {}).get("data")},
                      outputs=["logits", "scope_distance", "cam"] if scope else ["logits", "cam"],
                      scope={k: v for k, v in scope.items() if not hasattr(v, "shape")})
     return ck, card
@@ -574,7 +658,8 @@ class TorchPredictor:
 
     backend_name = "torch"
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+        apply_torch_threads(threads)
         self.model, self.card = load_checkpoint(path, heads=True)
         self.device = resolve_device(device)
         self.model.to(self.device)

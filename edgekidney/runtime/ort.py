@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from ..threads import resolve_threads
 from .base import Backend
 
 PROVIDER_ALIASES = {
@@ -44,9 +45,9 @@ class OrtBackend(Backend):
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
+        threads = resolve_threads(threads)  # default: the cores this process may use, not the machine's
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
         if not spinning:  # a spinning pool steals cores from a neighbour (another runtime, the server)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = resolve_providers(device)

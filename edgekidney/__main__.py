@@ -1,0 +1,5 @@
+"""``python -m edgekidney`` = the ``edgekidney`` command."""
+
+from .cli import main
+
+main()
