@@ -506,6 +506,48 @@ def serve_cmd(
                       simulate_latency_ms=simulate_latency_ms))
 
 
+# -- DICOM listener (issue 10) -----------------------------------------------------------------------
+@command("listen")
+def listen_cmd(
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
+    store: Path = typer.Option(..., "--store", help="Folder for received instances, results and the job table."),
+    ae_title: str = typer.Option("EDGEKIDNEY", "--ae-title", help="Our AE title."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; loopback by default."),
+    port: int = typer.Option(11112, min=0, max=65535),
+    destination: Optional[str] = typer.Option(None, help="HOST:PORT:AETITLE to C-STORE results (SR) to."),
+    series_timeout: float = typer.Option(10.0, min=0.01, help="Seconds without a new instance until a series is complete."),
+    allow: List[str] = typer.Option([], "--allow", help="Calling AE title allowed to associate (repeat; default: any)."),
+    max_associations: int = typer.Option(8, min=1, help="Concurrent associations; more are rejected."),
+    timeout: float = typer.Option(60.0, min=1.0, help="DIMSE and network timeout, seconds."),
+    results_file: Optional[Path] = typer.Option(None, help="JSON lines, one per study (default STORE/results.jsonl)."),
+    webhook: Optional[str] = typer.Option(None, help="URL to POST each study's JSON line to (best effort)."),
+    retention_hours: float = typer.Option(24.0, min=0.0, help="Delete received images this long after their result went out."),
+    keep_images: bool = typer.Option(False, "--keep-images", help="Never delete received images."),
+    min_free_mb: float = typer.Option(1024.0, min=0.0, help="Below this free space, refuse associations (Out of Resources)."),
+    retry_base: float = typer.Option(2.0, min=0.01, help="First wait before retrying delivery; doubles per failure."),
+    retry_max: float = typer.Option(300.0, min=0.1, help="Longest wait between delivery retries, seconds."),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Serve Prometheus /metrics on this port."),
+    tls_cert: Optional[Path] = typer.Option(None, help="TLS: our certificate (PEM); with --tls-key."),
+    tls_key: Optional[Path] = typer.Option(None, help="TLS: our private key (PEM)."),
+    tls_ca: Optional[Path] = typer.Option(None, help="TLS: require client certificates signed by this CA."),
+    backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+):
+    """DICOM Storage SCP: store every CT instance durably, classify each series, send an SR back."""
+    from .dicomnet import Destination, ListenerConfig, TlsConfig, run
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    cfg = ListenerConfig(
+        store=store, ae_title=ae_title, host=host, port=port, allowed_calling=tuple(allow),
+        max_associations=max_associations, dimse_timeout_s=timeout, network_timeout_s=timeout,
+        series_timeout_s=series_timeout, destination=Destination.parse(destination) if destination else None,
+        results_file=results_file, webhook=webhook, retention_s=None if keep_images else retention_hours * 3600.0,
+        min_free_mb=min_free_mb, retry_base_s=retry_base, retry_max_s=retry_max, metrics_port=metrics_port,
+        tls=TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)
+    run(cfg, model, log_level=log_level, backend=backend)
+
+
 METAVARS = {"int": "N", "float": "X", "path": "PATH", "str": "TEXT"}
 
 

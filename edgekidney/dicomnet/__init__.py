@@ -1,0 +1,40 @@
+"""DICOM at the scanner: a Storage SCP that never loses an acknowledged instance, and results back to PACS.
+
+No torch on this path (it runs on the device). See docs/listener.md.
+"""
+
+from .config import Destination, ListenerConfig, TlsConfig
+from .processor import FallbackProcessor, ProcessResult, SeriesProcessor, fallback_processor
+from .service import Listener
+
+__all__ = ["Destination", "FallbackProcessor", "Listener", "ListenerConfig", "ProcessResult", "SeriesProcessor",
+           "TlsConfig", "fallback_processor", "run"]
+
+
+def run(cfg: ListenerConfig, model, log_level: str = "info", **classifier_options) -> None:
+    """Load the model, start the listener, serve until SIGTERM/SIGINT."""
+    import logging
+    import signal
+    import threading
+
+    from ..errors import DependencyError
+
+    try:
+        import pynetdicom  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise DependencyError(f"the listener needs {exc.name}: pip install 'edgekidney[net]'") from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo UIDs
+    processor, close = fallback_processor(model, **classifier_options)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    listener = Listener(cfg, processor)
+    try:
+        listener.start()
+        done.wait()
+        logging.getLogger("edgekidney.listener").info("stopping")
+        listener.stop()
+    finally:
+        close()

@@ -1,0 +1,234 @@
+"""The job table: one SQLite database (WAL, synchronous=FULL) that follows every series.
+
+States of a series::
+
+    receiving --(no new instance for series_timeout s)--> complete --(processor)--> classified
+    classified --> sending --(C-STORE accepted)--> sent          (with a destination)
+    classified --> done                                          (without one)
+    complete --(processor refused the series)--> failed
+
+Instances are keyed by SOP Instance UID: a resent instance changes nothing. A series is keyed by
+Series Instance UID; the results it produces have UIDs derived from it (see sr.py), so a retry after a
+crash sends the same objects again rather than new ones. Everything that changes state is one
+transaction, committed (and on disk) before the caller acts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances(
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    purged INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series(
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    late_instances INTEGER NOT NULL DEFAULT 0,
+    completed_at REAL,
+    classified_at REAL,
+    sent_at REAL,
+    purged_at REAL,
+    result_json TEXT,
+    result_paths TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+"""
+
+OPEN_STATES = ("receiving", "complete", "classified", "sending")  # not yet finished: the queue
+FINISHED_STATES = ("sent", "done", "failed")
+
+
+@dataclass
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    state: str
+    n_instances: int
+    last_at: float
+    attempts: int
+    result_paths: list[str]
+    result_json: dict | None
+
+
+class JobTable:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut, not only kill -9
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- receiving -----------------------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+
+    def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
+        """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID) or 'late'
+        (its series was already complete: kept on disk, not part of the result already made)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO instances(sop_uid, series_uid, path, received_at) VALUES (?,?,?,?)",
+                    (sop_uid, series_uid, str(path), now))
+                if cur.rowcount == 0:
+                    self._db.execute("COMMIT")
+                    return "duplicate"
+                row = self._db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances) "
+                        "VALUES (?,?,'receiving',?,?,1)", (series_uid, study_uid, now, now))
+                    outcome = "new"
+                elif row[0] == "receiving":
+                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1 WHERE series_uid=?",
+                                     (now, series_uid))
+                    outcome = "new"
+                else:
+                    self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
+                                     (series_uid,))
+                    outcome = "late"
+                self._db.execute("COMMIT")
+                return outcome
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def known_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances")}
+
+    # -- completion and processing ---------------------------------------------------------------------
+    def resume(self, now: float) -> dict[str, int]:
+        """After a restart: series still receiving get a fresh completion wait (the scanner may be
+        resending what failed when we went down); 'sending' is retried like 'classified'."""
+        with self._lock:
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE state='receiving'", (now,))
+            self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
+        return self.counts()
+
+    def complete_quiet(self, now: float, timeout_s: float) -> list[str]:
+        """Mark complete every receiving series whose study has had no new instance for ``timeout_s``.
+
+        The study is the unit of quiet: a scanner sends a study's series back to back, and one JSON line
+        per study needs all of them."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(
+                "SELECT series_uid FROM series WHERE state='receiving' AND study_uid IN "
+                "(SELECT study_uid FROM series WHERE state='receiving' GROUP BY study_uid HAVING MAX(last_at) <= ?)",
+                (now - timeout_s,)).fetchall()
+            self._db.executemany("UPDATE series SET state='complete', completed_at=? WHERE series_uid=?",
+                                 [(now, r[0]) for r in rows])
+            self._db.execute("COMMIT")
+        return [r[0] for r in rows]
+
+    def next_complete_study(self) -> tuple[str, list[str]] | None:
+        """The complete series of the study that completed first."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_uid FROM series WHERE state='complete' ORDER BY completed_at, rowid LIMIT 1").fetchone()
+            if row is None:
+                return None
+            series = [r[0] for r in self._db.execute(
+                "SELECT series_uid FROM series WHERE state='complete' AND study_uid=? ORDER BY first_at, rowid",
+                (row[0],))]
+        return row[0], series
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        with self._lock:
+            return [Path(r[0]) for r in self._db.execute(
+                "SELECT path FROM instances WHERE series_uid=? AND purged=0 ORDER BY received_at, rowid",
+                (series_uid,))]
+
+    def set_classified(self, series_uid: str, result: dict, result_paths: list[Path], now: float,
+                       has_destination: bool) -> None:
+        state = "classified" if has_destination and result_paths else "done"
+        with self._lock:
+            self._db.execute(
+                "UPDATE series SET state=?, classified_at=?, result_json=?, result_paths=?, next_attempt_at=0, "
+                "error=NULL WHERE series_uid=?",
+                (state, now, json.dumps(result), json.dumps([str(p) for p in result_paths]), series_uid))
+
+    def set_failed(self, series_uid: str, error: str, now: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE series SET state='failed', classified_at=?, error=? WHERE series_uid=?",
+                             (now, error, series_uid))
+
+    # -- sending ---------------------------------------------------------------------------------------
+    def due_for_sending(self, now: float, limit: int = 16) -> list[SeriesRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT series_uid, study_uid, state, n_instances, last_at, attempts, result_paths, result_json "
+                "FROM series WHERE state IN ('classified','sending') AND next_attempt_at <= ? "
+                "ORDER BY classified_at, rowid LIMIT ?", (now, limit)).fetchall()
+        return [SeriesRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "[]"),
+                          json.loads(r[7]) if r[7] else None) for r in rows]
+
+    def mark_sending(self, series_uid: str) -> None:
+        """Recorded before the first C-STORE: after a crash the same (deterministic) objects go again."""
+        with self._lock:
+            self._db.execute("UPDATE series SET state='sending' WHERE series_uid=? AND state='classified'",
+                             (series_uid,))
+
+    def mark_sent(self, series_uid: str, now: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE series SET state='sent', sent_at=?, error=NULL WHERE series_uid=?",
+                             (now, series_uid))
+
+    def send_failed(self, series_uid: str, error: str, next_attempt_at: float) -> int:
+        with self._lock:
+            self._db.execute("UPDATE series SET attempts=attempts+1, next_attempt_at=?, error=? WHERE series_uid=?",
+                             (next_attempt_at, error, series_uid))
+            return self._db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
+
+    # -- retention -------------------------------------------------------------------------------------
+    def due_for_purge(self, now: float, retention_s: float) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT series_uid FROM series WHERE state IN ('sent','done') AND purged_at IS NULL "
+                "AND COALESCE(sent_at, classified_at) <= ?", (now - retention_s,))]
+
+    def mark_purged(self, series_uid: str, now: float) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE series SET purged_at=? WHERE series_uid=?", (now, series_uid))
+            self._db.execute("UPDATE instances SET purged=1 WHERE series_uid=?", (series_uid,))
+            self._db.execute("COMMIT")
+
+    # -- observation -----------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall())
+
+    def queue_depth(self) -> int:
+        c = self.counts()
+        return sum(c.get(s, 0) for s in OPEN_STATES)
+
+    def series_state(self, series_uid: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+        return row[0] if row else None

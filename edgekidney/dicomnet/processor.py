@@ -1,0 +1,108 @@
+"""The seam between the listener and the analysis: a SeriesProcessor turns one series' files into a result.
+
+``SeriesProcessor``: ``(list of instance paths) -> ProcessResult`` (a JSON-able summary and the DICOM
+datasets to send back). The listener knows nothing else about the analysis, so the study-level
+analysis (``edgekidney.study``) replaces the fallback here without touching receiving, the job table
+or sending. A processor raises :class:`~edgekidney.errors.EdgeKidneyError` for a series it cannot
+answer (the series is then recorded as failed, with that message, and not retried).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .. import __version__
+from ..errors import InputError
+from .sr import build_series_sr
+
+
+@dataclass
+class ProcessResult:
+    summary: dict  # JSON-able; one entry of the study's results line
+    datasets: list[Dataset] = field(default_factory=list)  # SR / Secondary Capture, UIDs derived from the series
+
+
+class SeriesProcessor(Protocol):
+    def __call__(self, paths: list[Path]) -> ProcessResult: ...
+
+
+def read_headers(paths: list[Path]) -> list[tuple[Path, Dataset]]:
+    out = []
+    for p in paths:
+        try:
+            out.append((p, dcmread(p, stop_before_pixels=True)))
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise InputError(f"stored instance {p.name} cannot be read ({type(exc).__name__})") from None
+    return out
+
+
+def _instance_number(ds: Dataset) -> int:
+    try:
+        return int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class FallbackProcessor:
+    """Until the study analysis lands: classify every slice, call the series positive when any slice is.
+
+    Slices are ordered by Instance Number (the study analysis orders by position along the normal).
+    """
+
+    name = "slice-classifier-fallback"
+
+    def __init__(self, classifier, batch_size: int = 8) -> None:
+        self.classifier = classifier
+        self.batch_size = batch_size
+
+    def __call__(self, paths: list[Path]) -> ProcessResult:
+        if not paths:
+            raise InputError("series has no stored instances")
+        headers = sorted(read_headers(paths), key=lambda ph: (_instance_number(ph[1]), str(ph[0])))
+        ordered = [p for p, _ in headers]
+        numbers = {str(p): _instance_number(h) for p, h in headers}
+        preds, failures = self.classifier.predict_files(ordered, batch_size=self.batch_size, keep_going=True)
+        if not preds:
+            first = failures[0].error.split(": ", 1)[-1] if failures else "no slices"
+            raise InputError(f"no slice of the series could be classified ({len(failures)} failed; first: {first})")
+        card = self.classifier.card
+        positive = card.positive_class
+        pos = [numbers[p.path] for p in preds if p.label == positive]
+        if pos:
+            decision = positive
+        else:
+            labels = [p.label for p in preds]
+            decision = max(set(labels), key=labels.count)
+        series_uid = str(headers[0][1].SeriesInstanceUID)
+        summary = {
+            "series_uid": series_uid,
+            "decision": decision,
+            "slices": len(preds),
+            "failed_slices": len(failures),
+            "positive_slices": pos,
+            "max_probability": round(max(p.probability for p in preds), 6),
+            "threshold": self.classifier.threshold,
+            "classes": list(card.classes),
+            "model_sha256": card.sha256,
+            "processor": self.name,
+            "note": (f"edgekidney {__version__} {self.name}: per-slice classifier, series positive when any "
+                     f"slice is above threshold {self.classifier.threshold:.3f}; not a diagnosis. "
+                     f"Model sha256 {card.sha256[:16]}."),
+        }
+        sr = build_series_sr([h for _, h in headers], summary)
+        summary["result_uids"] = [str(sr.SOPInstanceUID)]
+        return ProcessResult(summary, [sr])
+
+
+def fallback_processor(model: Path, **classifier_options) -> tuple[Callable[[list[Path]], ProcessResult], Callable[[], None]]:
+    """(processor, close) for ``model`` (ONNX with sidecar or engine), without torch."""
+    from ..predict import Classifier
+
+    clf = Classifier(model, **classifier_options)
+    return FallbackProcessor(clf), clf.close

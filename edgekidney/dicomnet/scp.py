@@ -1,0 +1,165 @@
+"""The Storage SCP: C-ECHO and C-STORE (CT, Enhanced CT), store + fsync + record, then acknowledge.
+
+A C-STORE is answered Success only after the instance is on disk (fsync'd) and in the job table
+(committed). Statuses other than success: 0xA700 Out of Resources (store below its free-space floor,
+or the write failed), 0xA900 (no Study/Series Instance UID: the instance cannot be filed), 0xC000
+(anything else). When the store is below its floor, new associations are rejected
+(A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local-limit-exceeded).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import ssl
+import time
+from typing import Callable
+
+from pydicom import dcmread
+from pydicom import uid as _uid
+
+from .config import ListenerConfig
+from .jobs import JobTable
+from .metrics import ListenerMetrics
+from .store import InstanceStore, uid_key
+
+log = logging.getLogger("edgekidney.listener")
+
+STORAGE_CLASSES = (_uid.CTImageStorage, _uid.EnhancedCTImageStorage)
+CANDIDATE_SYNTAXES = (
+    "ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian", "ExplicitVRBigEndian",
+    "JPEGLossless", "JPEGLosslessSV1", "JPEGLSLossless", "JPEGLSNearLossless", "JPEG2000Lossless", "JPEG2000",
+    "HTJ2KLossless", "HTJ2KLosslessRPCL", "HTJ2K", "RLELossless", "JPEGExtended12Bit", "JPEGBaseline8Bit",
+)
+SUCCESS, OUT_OF_RESOURCES, DATASET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+
+
+def decodable_syntaxes() -> list[str]:
+    """Transfer syntaxes whose pixel data this installation can decode (the dicom extra adds the
+    JPEG family); only those are accepted, so nothing is stored that cannot be classified."""
+    from pydicom.pixels import get_decoder
+
+    out = []
+    for name in CANDIDATE_SYNTAXES:
+        ts = getattr(_uid, name)
+        try:
+            if get_decoder(ts).is_available:
+                out.append(ts)
+        except (NotImplementedError, ValueError):
+            continue
+    return out
+
+
+def server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
+    if cfg.tls.ca is not None:
+        ctx.load_verify_locations(str(cfg.tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class StorageSCP:
+    """Handlers bound to one store, job table and metrics; ``start`` opens the port."""
+
+    def __init__(self, cfg: ListenerConfig, store: InstanceStore, jobs: JobTable, metrics: ListenerMetrics,
+                 on_instance: Callable[[], None] = lambda: None) -> None:
+        self.cfg, self.store, self.jobs, self.metrics = cfg, store, jobs, metrics
+        self.on_instance = on_instance
+        self.server = None
+        self.syntaxes = decodable_syntaxes()
+
+    # -- handlers ---------------------------------------------------------------------------------------
+    def disk_low(self) -> bool:
+        return self.store.free_mb() < self.cfg.min_free_mb
+
+    def handle_requested(self, event) -> None:
+        if self.disk_low():
+            log.warning("refusing association: store has %.0f MB free, floor is %.0f MB",
+                        self.store.free_mb(), self.cfg.min_free_mb)
+            self.metrics.refused.labels("disk").inc()
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation, local-limit-exceeded
+            event.assoc.kill()
+
+    def handle_rejected(self, event) -> None:
+        self.metrics.refused.labels("policy").inc()
+        log.warning("association rejected (calling AE title not allowed, or too many associations)")
+
+    def handle_echo(self, event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event) -> int:
+        try:
+            return self._store(event)
+        except OSError as exc:
+            self.metrics.failures.labels("store").inc()
+            log.error("store failed: %s (answered Out of Resources)", exc.strerror or type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:  # never let a bad instance take the association down silently
+            self.metrics.failures.labels("store").inc()
+            log.error("store failed: %s (answered 0xC000)", type(exc).__name__)
+            return CANNOT_UNDERSTAND
+
+    def _store(self, event) -> int:
+        if self.disk_low():
+            self.metrics.refused.labels("disk").inc()
+            log.warning("C-STORE refused: store below %.0f MB free", self.cfg.min_free_mb)
+            return OUT_OF_RESOURCES
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if self.jobs.has_instance(sop_uid):
+            self.metrics.duplicates.inc()
+            return SUCCESS
+        data = event.encoded_dataset(include_meta=True)
+        head = dcmread(io.BytesIO(data), stop_before_pixels=True,
+                       specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        study_uid, series_uid = str(head.get("StudyInstanceUID", "") or ""), str(head.get("SeriesInstanceUID", "") or "")
+        if not study_uid or not series_uid:
+            self.metrics.failures.labels("store").inc()
+            log.warning("C-STORE refused: instance %s has no Study/Series Instance UID", uid_key(sop_uid))
+            return DATASET_MISMATCH
+        path = self.store.put_instance(series_uid, sop_uid, data)
+        outcome = self.jobs.add_instance(sop_uid, series_uid, study_uid, path, time.time())
+        if outcome == "duplicate":
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.instances.inc()
+            if outcome == "late":
+                self.metrics.late.inc()
+                log.warning("series %s: instance arrived after the series was complete; stored, not in its result",
+                            uid_key(series_uid))
+            self.on_instance()
+        return SUCCESS
+
+    # -- server -----------------------------------------------------------------------------------------
+    def start(self):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        cfg = self.cfg
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (cfg.acse_timeout_s, cfg.dimse_timeout_s,
+                                                                 cfg.network_timeout_s)
+        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the scanner
+        if cfg.allowed_calling:
+            ae.require_calling_aet = list(cfg.allowed_calling)
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, self.syntaxes)
+        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_REJECTED, self.handle_rejected)]
+        self.server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
+                                      ssl_context=server_ssl_context(cfg))
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,158 @@
+"""Helpers for the listener tests: a tiny ONNX model made without torch, synthetic CT series, free ports,
+and a small in-process PACS that records what it receives."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CT_VOLUMES = REPO.parent / "shared" / "data" / "ct-volumes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(out_dir: Path, size: int = 32) -> Path:
+    """ONNX: global average pool -> linear (3 -> 2 logits), with an edgekidney sidecar. Milliseconds per slice."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekidney.preprocess import Preprocessing
+    from edgekidney.sidecar import ModelCard
+
+    w = numpy_helper.from_array(np.array([[1.0, -1.0], [0.5, -0.5], [0.2, 0.8]], np.float32), "W")
+    b = numpy_helper.from_array(np.array([0.0, 0.1], np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "W", "B"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], initializer=[w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tiny.onnx"
+    onnx.save(model, path)
+    ModelCard(["Normal", "Stone"], "Stone", Preprocessing(image_size=size)).save(path)
+    return path
+
+
+def write_series(out: Path, n: int, size: int = 64, seed: int = 0, name: str = "s") -> tuple[str, str, list[Path]]:
+    """``n`` synthetic axial CT slices of one series, with position/orientation; returns (study, series, files)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    from edgekidney.data.synthetic import SYNTHETIC_COMMENT, synth_slice
+
+    rng = np.random.default_rng(seed)
+    study = generate_uid(entropy_srcs=["listener-test", name, str(seed), "study"])
+    series = generate_uid(entropy_srcs=[study, "series"])
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(1, n + 1):
+        hu = synth_slice(rng, size, stone=(i % 7 == 0))
+        sop = generate_uid(entropy_srcs=[series, str(i)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out / f"{name}-{i:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Synthetic^Phantom", f"SYNTH-{seed:04d}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.SeriesNumber = "20261127", "120000", "", "1", 1
+        ds.InstanceNumber = i
+        ds.ImageComments = SYNTHETIC_COMMENT
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-100.0, -100.0, -2.5 * i]
+        ds.SliceThickness, ds.PixelSpacing = 2.5, [0.7, 0.7]
+        ds.Rows, ds.Columns = hu.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study, series, files
+
+
+def jpeg2000_series(out: Path) -> list[Path]:
+    """The shared JPEG 2000 series, with SOP Class/Instance UID restored from the file meta.
+
+    Its de-identification blanked (0008,0016) and (0008,0018) in the dataset; every scanner sends them, and
+    storescu needs them to pick a presentation context. Pixel data stay JPEG 2000 as they are."""
+    from pydicom import dcmread
+
+    src = CT_VOLUMES / "abdomen-jpeg2000-series"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for p in sorted(src.iterdir()):
+        ds = dcmread(p)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.save_as(out / p.name, enforce_file_format=True)
+        files.append(out / p.name)
+    return files
+
+
+class Pacs:
+    """An in-process Storage SCP that accepts anything and records (SOP Instance UID, dataset) per C-STORE."""
+
+    def __init__(self, port: int = 0, ae_title: str = "PACS") -> None:
+        self.port, self.ae_title = port, ae_title
+        self.received: list = []
+        self.lock = threading.Lock()
+        self.server = None
+
+    def start(self) -> "Pacs":
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+
+        def on_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self.lock:
+                self.received.append(ds)
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.port = self.server.server_address[1]
+        return self
+
+    def uids(self) -> list[str]:
+        with self.lock:
+            return [str(d.SOPInstanceUID) for d in self.received]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def send(port: int, files: list[Path], calling: str = "SCANNER", called: str = "EDGEKIDNEY") -> list[int]:
+    """C-STORE ``files`` in one association (pynetdicom SCU); the status of each (-1: no response)."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    dss = [dcmread(f) for f in files]
+    ae = AE(ae_title=calling)
+    for cls, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in dss}):
+        ae.add_requested_context(cls, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return [-2] * len(files)
+    out = []
+    for d in dss:
+        st = assoc.send_c_store(d)
+        out.append(int(st.Status) if "Status" in st else -1)
+    assoc.release()
+    return out

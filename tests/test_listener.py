@@ -1,0 +1,250 @@
+"""The DICOM listener in-process: receive, complete, classify, SR back, retries, refusals, retention.
+
+A tiny ONNX model (no torch, no training) stands in for the classifier; pynetdicom is the scanner and
+the PACS. Everything runs on 127.0.0.1 with free ports and short timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+pytest.importorskip("prometheus_client")
+
+from listener_fixtures import REPO, Pacs, free_port, send, tiny_model, write_series  # noqa: E402
+
+from edgekidney.dicomnet import Destination, Listener, ListenerConfig, fallback_processor  # noqa: E402
+from edgekidney.dicomnet.jobs import JobTable  # noqa: E402
+from edgekidney.dicomnet.service import backoff_s  # noqa: E402
+from edgekidney.dicomnet.sr import result_uids  # noqa: E402
+from edgekidney.errors import InputError  # noqa: E402
+
+
+def wait_for(cond, timeout: float = 15.0, step: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def series_a(tmp_path_factory):
+    return write_series(tmp_path_factory.mktemp("series_a"), 12, seed=1, name="a")
+
+
+@pytest.fixture
+def make_listener(model, tmp_path):
+    made = []
+
+    def make(**kw):
+        kw.setdefault("store", tmp_path / "store")
+        kw.setdefault("port", 0)
+        kw.setdefault("series_timeout_s", 0.5)
+        kw.setdefault("min_free_mb", 0.0)
+        kw.setdefault("poll_s", 0.05)
+        cfg = ListenerConfig(**kw)
+        proc, close = fallback_processor(model)
+        lst = Listener(cfg, proc).start()
+        made.append((lst, close))
+        return lst
+
+    yield make
+    for lst, close in made:
+        if lst.scp.server is not None:
+            lst.stop()
+        close()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "_total "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
+    study, series, files = series_a
+    pacs = Pacs().start()
+    try:
+        lst = make_listener(destination=Destination("127.0.0.1", pacs.port, "PACS"))
+        assert send(lst.port, files) == [0] * 12
+        assert send(lst.port, files[:3]) == [0] * 3  # resent: acknowledged, stored once
+        wait_for(lambda: pacs.uids())
+        wait_for(lambda: lst.jobs.series_state(series) == "sent")
+        time.sleep(0.3)
+        assert pacs.uids() == [result_uids(series)[0]]
+    finally:
+        pacs.stop()
+    sr = pacs.received[0]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == study and sr.PatientID == "SYNTH-0001"
+    refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(
+        __import__("pydicom").dcmread(f).SOPInstanceUID for f in files)
+    assert len(list((lst.store.instances).glob("*/*.dcm"))) == 12
+
+    lines = [json.loads(x) for x in (tmp_path / "store" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["study_uid"] == study
+    entry = lines[0]["series"][0]
+    assert entry["series_uid"] == series and entry["slices"] == 12 and entry["failed_slices"] == 0
+    assert entry["result_uids"] == [result_uids(series)[0]]
+    # the same decision as classifying the files directly
+    from edgekidney.predict import Classifier
+    with Classifier(model) as clf:
+        preds, _ = clf.predict_files(files)
+    positives = sorted(i + 1 for i, p in enumerate(preds) if p.label == "Stone")
+    assert entry["positive_slices"] == positives
+    assert entry["decision"] == ("Stone" if positives else "Normal")
+    assert abs(entry["max_probability"] - max(p.probability for p in preds)) < 1e-5
+
+    text = lst.metrics.text()
+    assert metric(text, "edgekidney_listener_instances_received") == 12
+    assert metric(text, "edgekidney_listener_instances_duplicate") == 3
+    assert metric(text, "edgekidney_listener_series_completed") == 1
+    assert metric(text, "edgekidney_listener_results_sent") == 1
+    assert metric(text, "edgekidney_listener_queue_depth") == 0
+
+
+def test_destination_down_does_not_block_receiving_and_delivers_when_up(make_listener, series_a, tmp_path):
+    _, series, files = series_a
+    _, series_b, files_b = write_series(tmp_path / "b", 5, seed=2, name="b")
+    port = free_port()
+    lst = make_listener(destination=Destination("127.0.0.1", port, "PACS"), retry_base_s=0.1, retry_max_s=0.4)
+    assert send(lst.port, files) == [0] * 12
+    wait_for(lambda: metric(lst.metrics.text(), 'edgekidney_listener_failures_total{stage="send"}') >= 2)
+    assert send(lst.port, files_b) == [0] * 5  # receiving goes on while the destination is down
+    wait_for(lambda: lst.jobs.series_state(series_b) in ("classified", "sending"))
+    pacs = Pacs(port=port).start()
+    try:
+        wait_for(lambda: len(set(pacs.uids())) == 2)
+        wait_for(lambda: lst.jobs.series_state(series) == lst.jobs.series_state(series_b) == "sent")
+        assert sorted(set(pacs.uids())) == sorted([result_uids(series)[0], result_uids(series_b)[0]])
+    finally:
+        pacs.stop()
+
+
+def test_restart_resumes_a_series_that_was_receiving(model, series_a, tmp_path):
+    _, series, files = series_a
+    store = tmp_path / "store"
+    proc, close = fallback_processor(model)
+    try:
+        first = Listener(ListenerConfig(store=store, port=0, series_timeout_s=60, min_free_mb=0), proc).start()
+        assert send(first.port, files[:7]) == [0] * 7
+        first.stop()  # before the series is complete
+        second = Listener(ListenerConfig(store=store, port=0, series_timeout_s=0.5, min_free_mb=0, poll_s=0.05),
+                          proc).start()
+        try:
+            assert send(second.port, files) == [0] * 12  # the scanner resends everything
+            wait_for(lambda: second.jobs.series_state(series) == "done")
+            lines = (store / "results.jsonl").read_text().splitlines()
+            assert len(lines) == 1 and json.loads(lines[0])["series"][0]["slices"] == 12
+            assert metric(second.metrics.text(), "edgekidney_listener_instances_duplicate") == 7
+        finally:
+            second.stop()
+    finally:
+        close()
+
+
+def test_full_disk_refuses_associations_and_stores(make_listener, series_a):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    _, _, files = series_a
+    lst = make_listener()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    ds = __import__("pydicom").dcmread(files[0])
+    lst.cfg.min_free_mb = 1e12  # the disk is "full" now
+    assert assoc.send_c_store(ds).Status == 0xA700  # Out of Resources, nothing stored
+    assoc.release()
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assert assoc.is_rejected and not assoc.is_established
+    assert not list(lst.store.instances.glob("*/*.dcm"))
+    assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="disk"}') == 2
+
+
+def test_calling_ae_allow_list(make_listener, series_a):
+    _, _, files = series_a
+    lst = make_listener(allowed_calling=("CT01",))
+    assert send(lst.port, files[:1], calling="INTRUDER") == [-2]
+    assert send(lst.port, files[:1], calling="CT01") == [0]
+
+
+def test_retention_deletes_images_after_the_result(make_listener, series_a, tmp_path):
+    _, series, files = series_a
+    lst = make_listener(retention_s=0.0)
+    assert send(lst.port, files) == [0] * 12
+    wait_for(lambda: lst.jobs.series_state(series) == "done")
+    wait_for(lambda: not list(lst.store.instances.glob("*/*.dcm")))
+    assert lst.jobs.instance_paths(series) == []
+    assert (tmp_path / "store" / "results.jsonl").read_text().count("\n") == 1
+
+
+def test_unclassifiable_series_is_recorded_failed_not_retried(model, series_a, tmp_path):
+    _, series, files = series_a
+
+    def refuse(paths):
+        raise InputError(f"{len(paths)} slices, none usable")
+
+    lst = Listener(ListenerConfig(store=tmp_path / "s", port=0, series_timeout_s=0.3, min_free_mb=0, poll_s=0.05),
+                   refuse).start()
+    try:
+        assert send(lst.port, files[:4]) == [0] * 4
+        wait_for(lambda: lst.jobs.series_state(series) == "failed")
+        line = json.loads((tmp_path / "s" / "results.jsonl").read_text())
+        assert line["series"] == [{"series_uid": series, "error": "4 slices, none usable"}]
+        assert metric(lst.metrics.text(), 'edgekidney_listener_failures_total{stage="classify"}') == 1
+    finally:
+        lst.stop()
+
+
+def test_job_table_is_idempotent_and_resumes_sending(tmp_path):
+    jobs = JobTable(tmp_path / "j.sqlite")
+    assert jobs.add_instance("1.1", "9.1", "8.1", tmp_path / "a", 100.0) == "new"
+    assert jobs.add_instance("1.1", "9.1", "8.1", tmp_path / "a", 101.0) == "duplicate"
+    assert jobs.add_instance("1.2", "9.1", "8.1", tmp_path / "b", 102.0) == "new"
+    assert jobs.complete_quiet(105.0, 5.0) == []  # 3 s quiet < 5 s
+    assert jobs.complete_quiet(107.0, 5.0) == ["9.1"]
+    assert jobs.add_instance("1.3", "9.1", "8.1", tmp_path / "c", 108.0) == "late"
+    jobs.set_classified("9.1", {"decision": "Normal"}, [tmp_path / "sr.dcm"], 110.0, has_destination=True)
+    jobs.mark_sending("9.1")
+    jobs.close()
+    jobs = JobTable(tmp_path / "j.sqlite")  # a crash while sending: the same result goes again
+    jobs.resume(200.0)
+    rows = jobs.due_for_sending(200.0)
+    assert [(r.series_uid, r.state, r.result_paths) for r in rows] == [("9.1", "sending", [str(tmp_path / "sr.dcm")])]
+    assert jobs.queue_depth() == 1
+
+
+def test_backoff_and_destination_parsing():
+    assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert Destination.parse("pacs.local:104:PACS") == Destination("pacs.local", 104, "PACS")
+    for bad in ("pacs:104", "pacs:x:PACS", "pacs:0:PACS", "pacs:104:" + "A" * 17):
+        with pytest.raises(InputError):
+            Destination.parse(bad)
+
+
+def test_listener_path_does_not_import_torch():
+    code = ("import sys, edgekidney.dicomnet, edgekidney.dicomnet.service, edgekidney.predict; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
