@@ -83,12 +83,18 @@ def write_series(out: Path, n: int, size: int = 64, seed: int = 0, name: str = "
     return study, series, files
 
 
-def jpeg2000_series(out: Path) -> list[Path]:
+def jpeg2000_series(out: Path, fill_study_series: bool = True) -> list[Path]:
     """The shared JPEG 2000 series, with SOP Class/Instance UID restored from the file meta.
 
     Its de-identification blanked (0008,0016) and (0008,0018) in the dataset; every scanner sends them, and
-    storescu needs them to pick a presentation context. Pixel data stay JPEG 2000 as they are."""
+    storescu needs them to pick a presentation context. It also blanked the Study and Series Instance UIDs:
+    ``fill_study_series`` gives them fixed values (as a scanner would send); without it they stay blank, to
+    test filing under substitute keys. Pixel data stay JPEG 2000 as they are."""
     from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    study = generate_uid(entropy_srcs=["listener-test", "jpeg2000", "study"])
+    series = generate_uid(entropy_srcs=["listener-test", "jpeg2000", "series"])
 
     src = CT_VOLUMES / "abdomen-jpeg2000-series"
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +103,8 @@ def jpeg2000_series(out: Path) -> list[Path]:
         ds = dcmread(p)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        if fill_study_series:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.save_as(out / p.name, enforce_file_format=True)
         files.append(out / p.name)
     return files

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
-from listener_fixtures import REPO, Pacs, free_port, send, tiny_model, write_series  # noqa: E402
+from listener_fixtures import REPO, Pacs, free_port, jpeg2000_series, send, tiny_model, write_series  # noqa: E402
 
 from edgekidney.dicomnet import Destination, Listener, ListenerConfig, fallback_processor  # noqa: E402
 from edgekidney.dicomnet.jobs import JobTable  # noqa: E402
@@ -181,6 +181,25 @@ def test_full_disk_refuses_associations_and_stores(make_listener, series_a):
     assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="disk"}') == 2
 
 
+def test_jpeg2000_series_without_study_and_series_uids_is_kept_and_classified(make_listener, tmp_path):
+    pytest.importorskip("openjpeg")
+    files = jpeg2000_series(tmp_path / "j2k", fill_study_series=False)
+    pacs = Pacs().start()
+    try:
+        lst = make_listener(destination=Destination("127.0.0.1", pacs.port, "PACS"))
+        assert send(lst.port, files) == [0] * 20  # JPEG 2000 Lossless accepted as sent
+        wait_for(lambda: lst.jobs.counts().get("done") == 1)
+    finally:
+        pacs.stop()
+    assert pacs.uids() == []  # no SR for a series whose study has no UID
+    stored = list(lst.store.instances.glob("*/*.dcm"))
+    assert len(stored) == 20 and len({p.parent for p in stored}) == 1  # one substitute series
+    assert __import__("pydicom").dcmread(stored[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    entry = json.loads((tmp_path / "store" / "results.jsonl").read_text())["series"][0]
+    assert entry["slices"] == 20 and entry["failed_slices"] == 0 and entry["result_uids"] == []
+    assert "no Study/Series Instance UID" in entry["no_sr"]
+
+
 def test_calling_ae_allow_list(make_listener, series_a):
     _, _, files = series_a
     lst = make_listener(allowed_calling=("CT01",))
@@ -222,8 +241,10 @@ def test_job_table_is_idempotent_and_resumes_sending(tmp_path):
     assert jobs.add_instance("1.1", "9.1", "8.1", tmp_path / "a", 101.0) == "duplicate"
     assert jobs.add_instance("1.2", "9.1", "8.1", tmp_path / "b", 102.0) == "new"
     assert jobs.complete_quiet(105.0, 5.0) == []  # 3 s quiet < 5 s
-    assert jobs.complete_quiet(107.0, 5.0) == ["9.1"]
-    assert jobs.add_instance("1.3", "9.1", "8.1", tmp_path / "c", 108.0) == "late"
+    assert jobs.seen_again("1.1", 103.0) and not jobs.seen_again("1.9", 103.0)  # a resend is activity
+    assert jobs.complete_quiet(107.5, 5.0) == []
+    assert jobs.complete_quiet(108.0, 5.0) == ["9.1"]
+    assert jobs.add_instance("1.3", "9.1", "8.1", tmp_path / "c", 109.0) == "late"
     jobs.set_classified("9.1", {"decision": "Normal"}, [tmp_path / "sr.dcm"], 110.0, has_destination=True)
     jobs.mark_sending("9.1")
     jobs.close()

@@ -81,9 +81,16 @@ class JobTable:
             self._db.close()
 
     # -- receiving -----------------------------------------------------------------------------------
-    def has_instance(self, sop_uid: str) -> bool:
+    def seen_again(self, sop_uid: str, now: float) -> bool:
+        """True when the instance is already stored. A resend still counts as the scanner being busy with
+        the series: a series that is receiving gets its quiet time restarted."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+            row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+            if row is None:
+                return False
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE series_uid=? AND state='receiving'",
+                             (now, row[0]))
+            return True
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
         """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID) or 'late'

@@ -79,7 +79,7 @@ class FallbackProcessor:
         else:
             labels = [p.label for p in preds]
             decision = max(set(labels), key=labels.count)
-        series_uid = str(headers[0][1].SeriesInstanceUID)
+        series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")
         summary = {
             "series_uid": series_uid,
             "decision": decision,
@@ -95,6 +95,11 @@ class FallbackProcessor:
                      f"slice is above threshold {self.classifier.threshold:.3f}; not a diagnosis. "
                      f"Model sha256 {card.sha256[:16]}."),
         }
+        first = headers[0][1]
+        if not (first.get("StudyInstanceUID") and first.get("SeriesInstanceUID")):
+            summary["result_uids"] = []
+            summary["no_sr"] = "the instances carry no Study/Series Instance UID, so no SR can be filed beside them"
+            return ProcessResult(summary, [])
         sr = build_series_sr([h for _, h in headers], summary)
         summary["result_uids"] = [str(sr.SOPInstanceUID)]
         return ProcessResult(summary, [sr])

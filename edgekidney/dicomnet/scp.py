@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom import uid as _uid
 
 from .config import ListenerConfig
+from .filing import FILING_TAGS, filing_uids
 from .jobs import JobTable
 from .metrics import ListenerMetrics
 from .store import InstanceStore, uid_key
@@ -31,7 +32,7 @@ CANDIDATE_SYNTAXES = (
     "JPEGLossless", "JPEGLosslessSV1", "JPEGLSLossless", "JPEGLSNearLossless", "JPEG2000Lossless", "JPEG2000",
     "HTJ2KLossless", "HTJ2KLosslessRPCL", "HTJ2K", "RLELossless", "JPEGExtended12Bit", "JPEGBaseline8Bit",
 )
-SUCCESS, OUT_OF_RESOURCES, DATASET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 def decodable_syntaxes() -> list[str]:
@@ -71,6 +72,7 @@ class StorageSCP:
         self.on_instance = on_instance
         self.server = None
         self.syntaxes = decodable_syntaxes()
+        self._warned: set[str] = set()
 
     # -- handlers ---------------------------------------------------------------------------------------
     def disk_low(self) -> bool:
@@ -109,17 +111,16 @@ class StorageSCP:
             log.warning("C-STORE refused: store below %.0f MB free", self.cfg.min_free_mb)
             return OUT_OF_RESOURCES
         sop_uid = str(event.request.AffectedSOPInstanceUID)
-        if self.jobs.has_instance(sop_uid):
+        if self.jobs.seen_again(sop_uid, time.time()):
             self.metrics.duplicates.inc()
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
-        head = dcmread(io.BytesIO(data), stop_before_pixels=True,
-                       specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-        study_uid, series_uid = str(head.get("StudyInstanceUID", "") or ""), str(head.get("SeriesInstanceUID", "") or "")
-        if not study_uid or not series_uid:
-            self.metrics.failures.labels("store").inc()
-            log.warning("C-STORE refused: instance %s has no Study/Series Instance UID", uid_key(sop_uid))
-            return DATASET_MISMATCH
+        head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS)
+        study_uid, series_uid, substituted = filing_uids(head)
+        if substituted and series_uid not in self._warned:
+            self._warned.add(series_uid)
+            log.warning("series %s: instances without Study/Series Instance UID, filed under a substitute key "
+                        "(classified, no SR)", uid_key(series_uid))
         path = self.store.put_instance(series_uid, sop_uid, data)
         outcome = self.jobs.add_instance(sop_uid, series_uid, study_uid, path, time.time())
         if outcome == "duplicate":

@@ -23,6 +23,7 @@ from pydicom import dcmread
 
 from ..errors import EdgeKidneyError
 from .config import ListenerConfig
+from .filing import FILING_TAGS, filing_uids
 from .jobs import JobTable
 from .metrics import ListenerMetrics
 from .processor import ProcessResult
@@ -83,9 +84,10 @@ class Listener:
             if str(p) in known:
                 continue
             try:
-                ds = dcmread(p, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-                sop = str(ds.file_meta.MediaStorageSOPInstanceUID)
-                self.jobs.add_instance(sop, str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), p, self.clock())
+                ds = dcmread(p, stop_before_pixels=True, specific_tags=FILING_TAGS)
+                study_uid, series_uid, _ = filing_uids(ds)
+                self.jobs.add_instance(str(ds.file_meta.MediaStorageSOPInstanceUID), series_uid, study_uid, p,
+                                       self.clock())
                 orphans += 1
             except Exception as exc:  # a file we cannot read was never acknowledged: set it aside
                 log.warning("unreadable file in store set aside: %s (%s)", p.name, type(exc).__name__)
