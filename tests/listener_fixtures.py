@@ -45,42 +45,10 @@ def tiny_model(out_dir: Path, size: int = 32) -> Path:
 
 
 def write_series(out: Path, n: int, size: int = 64, seed: int = 0, name: str = "s") -> tuple[str, str, list[Path]]:
-    """``n`` synthetic axial CT slices of one series, with position/orientation; returns (study, series, files)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    """``n`` synthetic axial CT slices of one series, with geometry; returns (study, series, files)."""
+    from edgekidney.data.synthetic import write_series as synth_series
 
-    from edgekidney.data.synthetic import SYNTHETIC_COMMENT, synth_slice
-
-    rng = np.random.default_rng(seed)
-    study = generate_uid(entropy_srcs=["listener-test", name, str(seed), "study"])
-    series = generate_uid(entropy_srcs=[study, "series"])
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(1, n + 1):
-        hu = synth_slice(rng, size, stone=(i % 7 == 0))
-        sop = generate_uid(entropy_srcs=[series, str(i)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = out / f"{name}-{i:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Synthetic^Phantom", f"SYNTH-{seed:04d}"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.SeriesNumber = "20261127", "120000", "", "1", 1
-        ds.InstanceNumber = i
-        ds.ImageComments = SYNTHETIC_COMMENT
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-100.0, -100.0, -2.5 * i]
-        ds.SliceThickness, ds.PixelSpacing = 2.5, [0.7, 0.7]
-        ds.Rows, ds.Columns = hu.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return study, series, files
+    return synth_series(out, n, size=size, seed=seed, name=name)
 
 
 def jpeg2000_series(out: Path, fill_study_series: bool = True) -> list[Path]:

@@ -91,7 +91,7 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
         pacs.stop()
     sr = pacs.received[0]
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"
-    assert sr.StudyInstanceUID == study and sr.PatientID == "SYNTH-0001"
+    assert sr.StudyInstanceUID == study and sr.PatientID == "SYNTH-0001" and sr.PatientName == "Synthetic^Phantom"
     refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(
         __import__("pydicom").dcmread(f).SOPInstanceUID for f in files)

@@ -1,0 +1,235 @@
+"""`edgekidney listen` as a process, with pynetdicom's own apps as the scanner (storescu) and the PACS
+(storescp): a synthetic series and the shared JPEG 2000 series end to end, and kill -9 mid-series and
+after the last instance: nothing acknowledged is missing, exactly one SR per series arrives.
+
+The PACS may see the same SR twice after a crash between its C-STORE and recording it as sent (the
+same SOP Instance UID, stored once by any PACS): the tests count distinct SR SOP Instance UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+pytest.importorskip("prometheus_client")
+
+from listener_fixtures import REPO, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
+
+from edgekidney.dicomnet.sr import result_uids  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def echo_ok(port: int) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = 1
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGEKIDNEY")
+    if not assoc.is_established:
+        return False
+    ok = assoc.send_c_echo().Status == 0
+    assoc.release()
+    return ok
+
+
+class Proc:
+    """A listener process; its log goes to a file (read by the tests for identifiers)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self.fh = open(log, "ab")
+        self.p = subprocess.Popen(args, stdout=self.fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+        self.fh.close()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        self.fh.close()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "pynetdicom", "storescp", str(port), "-aet", "PACS", "-od", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    yield port, out
+    p.terminate()
+    p.wait(10)
+
+
+def sr_uids(out: Path) -> set[str]:
+    from pydicom import dcmread
+
+    return {str(dcmread(f).SOPInstanceUID) for f in out.iterdir() if f.is_file()}
+
+
+def start_listener(model: Path, store: Path, port: int, pacs_port: int, log: Path, *extra: str) -> Proc:
+    proc = Proc([sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store),
+                 "--port", str(port), "--series-timeout", "1", "--destination", f"127.0.0.1:{pacs_port}:PACS",
+                 "--min-free-mb", "0", "--retry-base", "0.2", "--retry-max", "1", *extra], log)
+    wait_for(lambda: proc.p.poll() is not None or echo_ok(port), timeout=30)
+    assert proc.p.poll() is None, log.read_text()
+    return proc
+
+
+def storescu(port: int, *paths: Path, background: bool = False, out: Path | None = None):
+    args = [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(port), *map(str, paths),
+            "-aet", "SCANNER", "-aec", "EDGEKIDNEY", "-cx", "-v"]
+    if background:
+        return subprocess.Popen(args, stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def acknowledged(storescu_log: str) -> list[str]:
+    """Files storescu got Success for: 'Sending file: X' followed by a 0x0000 response."""
+    out, current = [], None
+    for line in storescu_log.splitlines():
+        m = re.search(r"Sending file: (.+)$", line)
+        if m:
+            current = m.group(1).strip()
+        elif "Received Store Response (Status: 0x0000" in line and current:
+            out.append(current)
+            current = None
+    return out
+
+
+def stored_sop_uids(store: Path) -> set[str]:
+    from pydicom import dcmread
+
+    return {str(dcmread(p, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+            for p in (store / "instances").glob("*/*.dcm")}
+
+
+def sop_uid(path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_storescu_synthetic_and_jpeg2000_series_to_storescp(model, pacs, tmp_path):
+    pytest.importorskip("openjpeg")
+    pacs_port, pacs_out = pacs
+    study, series, _ = write_series(tmp_path / "synth", 10, seed=5, name="syn")
+    jfiles = jpeg2000_series(tmp_path / "j2k")
+    jseries = str(__import__("pydicom").dcmread(jfiles[0]).SeriesInstanceUID)
+    port, mport, store = free_port(), free_port(), tmp_path / "store"
+    proc = start_listener(model, store, port, pacs_port, tmp_path / "listener.log", "--metrics-port", str(mport))
+    try:
+        for folder in (tmp_path / "synth", tmp_path / "j2k"):
+            r = storescu(port, folder)
+            assert r.returncode == 0 and len(acknowledged(r.stdout + r.stderr)) == len(list(folder.iterdir()))
+        wait_for(lambda: len(sr_uids(pacs_out)) == 2)
+        assert sr_uids(pacs_out) == {result_uids(series)[0], result_uids(jseries)[0]}
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert "edgekidney_listener_instances_received_total 30.0" in metrics
+        wait_for(lambda: "edgekidney_listener_results_sent_total 2.0" in
+                 urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode())
+    finally:
+        proc.stop()
+    lines = [json.loads(x) for x in (store / "results.jsonl").read_text().splitlines()]
+    assert sorted(e["slices"] for line in lines for e in line["series"]) == [10, 20]
+    log = (tmp_path / "listener.log").read_text()
+    assert "listening on 127.0.0.1" in log and "delivered" in log
+    for identifier in ("SYNTH-0005", "Synthetic^Phantom", study, series, jseries):
+        assert identifier not in log  # logs carry hashed keys only
+
+
+@pytest.mark.slow  # three listener starts and 120 C-STOREs: ~6-20 s on 2 shared cores
+def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr(model, pacs, tmp_path):
+    pacs_port, pacs_out = pacs
+    _, series, files = write_series(tmp_path / "series", 60, seed=6, name="k")
+    port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
+
+    # 1. kill -9 while the scanner is sending
+    proc = start_listener(model, store, port, pacs_port, log, "--series-timeout", "2")
+    scu = storescu(port, tmp_path / "series", background=True, out=tmp_path / "scu1.log")
+    wait_for(lambda: len(list((store / "instances").glob("*/*.dcm"))) >= 15, timeout=30, step=0.01)
+    proc.kill9()
+    scu.wait(60)
+    acked = acknowledged((tmp_path / "scu1.log").read_text())
+    assert 14 <= len(acked) < 60  # the 15th file may be on disk, not yet acknowledged
+    assert {sop_uid(f) for f in acked} <= stored_sop_uids(store)  # every acknowledged instance is there
+
+    # 2. restart; the scanner resends the series (within the series timeout, which restarts with the
+    #    listener); kill -9 right after its last instance, before the series is complete
+    proc = start_listener(model, store, port, pacs_port, log, "--series-timeout", "2")
+    r = storescu(port, tmp_path / "series")
+    assert len(acknowledged(r.stdout + r.stderr)) == 60
+    proc.kill9()
+    assert stored_sop_uids(store) == {sop_uid(f) for f in files}
+    proc = start_listener(model, store, port, pacs_port, log)
+    try:
+        wait_for(lambda: sr_uids(pacs_out), timeout=20)
+        time.sleep(1.5)  # room for a duplicate to show up
+        assert sr_uids(pacs_out) == {result_uids(series)[0]}
+    finally:
+        proc.stop()
+    lines = [json.loads(x) for x in (store / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["series"][0]["slices"] == 60
+
+
+@pytest.mark.slow  # the in-process twin in test_listener.py runs by default
+def test_destination_down_then_up_delivers(model, tmp_path):
+    pacs_port, pacs_out = free_port(), tmp_path / "pacs"
+    pacs_out.mkdir()
+    _, series, _ = write_series(tmp_path / "series", 8, seed=7, name="d")
+    port, store = free_port(), tmp_path / "store"
+    proc = start_listener(model, store, port, pacs_port, tmp_path / "listener.log")
+    try:
+        assert storescu(port, tmp_path / "series").returncode == 0
+        wait_for(lambda: "result not delivered (attempt 2" in (tmp_path / "listener.log").read_text())
+        scp = subprocess.Popen([sys.executable, "-m", "pynetdicom", "storescp", str(pacs_port), "-aet", "PACS",
+                                "-od", str(pacs_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        try:
+            wait_for(lambda: sr_uids(pacs_out) == {result_uids(series)[0]}, timeout=20)
+        finally:
+            scp.terminate()
+            scp.wait(10)
+    finally:
+        proc.stop()
+
+
+def test_listen_bad_input_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgekidney.cli", "listen", str(tmp_path / "nope.onnx"), "--store",
+                        str(tmp_path / "s"), "--destination", "pacs:104"], capture_output=True, text=True, env=ENV,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --destination 'pacs:104': expected HOST:PORT:AETITLE, "
+                                             "e.g. 127.0.0.1:11112:PACS"]
