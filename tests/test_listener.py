@@ -269,3 +269,28 @@ def test_listener_path_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_prefetched_slices_are_not_classified_again_and_give_the_same_result(model, series_a):
+    from edgekidney.dicomnet import FallbackProcessor
+    from edgekidney.predict import Classifier
+
+    _, _, files = series_a
+    with Classifier(model) as clf:
+        calls = []
+        original = clf.predict_files
+
+        def counting(paths, **kw):
+            calls.append(len(paths))
+            return original(paths, **kw)
+
+        clf.predict_files = counting
+        plain = FallbackProcessor(clf)(files).summary
+        prefetching = FallbackProcessor(clf)
+        prefetching.prepare(files[:5])
+        prefetching.prepare(files[3:9])  # overlaps: only 4 new
+        calls.clear()
+        result = prefetching(files)
+    assert calls == [3]  # only the slices not prepared
+    assert result.summary == plain and result.datasets[0].SOPInstanceUID == plain["result_uids"][0]
+    assert not prefetching._cache  # used entries are dropped

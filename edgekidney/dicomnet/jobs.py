@@ -1,4 +1,4 @@
-"""The job table: one SQLite database (WAL, synchronous=FULL) that follows every series.
+"""The job table: one SQLite database (WAL) that follows every series.
 
 States of a series::
 
@@ -73,7 +73,12 @@ class JobTable:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut, not only kill -9
+        # NORMAL in WAL mode: a commit survives kill -9 (it is in the OS before the call returns), not
+        # necessarily a power cut. That is enough here because the table can be rebuilt from what is
+        # durable: every instance file is fsync'd before its row is written and recover() re-files any
+        # file without a row, and every later transition is idempotent (results have UIDs derived from
+        # the series), so a transition lost to a power cut is done again, not differently.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -123,6 +128,15 @@ class JobTable:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def new_instances(self, after_rowid: int, limit: int = 32) -> list[tuple[int, Path]]:
+        """Instances stored after ``after_rowid`` whose series is still receiving (for prefetching)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.rowid, i.path FROM instances i JOIN series s ON s.series_uid=i.series_uid "
+                "WHERE i.rowid > ? AND s.state='receiving' AND i.purged=0 ORDER BY i.rowid LIMIT ?",
+                (after_rowid, limit)).fetchall()
+        return [(r[0], Path(r[1])) for r in rows]
 
     def known_paths(self) -> set[str]:
         with self._lock:

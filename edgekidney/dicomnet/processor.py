@@ -9,6 +9,7 @@ answer (the series is then recorded as failed, with that message, and not retrie
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -19,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from .. import __version__
 from ..errors import InputError
+from ..predict import Prediction
 from .sr import build_series_sr
 
 
@@ -30,6 +32,13 @@ class ProcessResult:
 
 class SeriesProcessor(Protocol):
     def __call__(self, paths: list[Path]) -> ProcessResult: ...
+
+
+class Prefetching(Protocol):
+    """Optional: a processor with ``prepare`` gets instances while their series is still arriving, so
+    the work left when the series completes is small (the listener calls it between series)."""
+
+    def prepare(self, paths: list[Path]) -> None: ...
 
 
 def read_headers(paths: list[Path]) -> list[tuple[Path, Dataset]]:
@@ -57,9 +66,30 @@ class FallbackProcessor:
 
     name = "slice-classifier-fallback"
 
-    def __init__(self, classifier, batch_size: int = 8) -> None:
+    def __init__(self, classifier, batch_size: int = 8, cache_size: int = 20000) -> None:
         self.classifier = classifier
         self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Prediction] = OrderedDict()  # path -> prediction, made by prepare()
+
+    def prepare(self, paths: list[Path]) -> None:
+        """Classify slices ahead of their series' completion (failures are left for the final call)."""
+        todo = [p for p in paths if str(p) not in self._cache]
+        if not todo:
+            return
+        preds, _ = self.classifier.predict_files(todo, batch_size=self.batch_size, keep_going=True)
+        for p in preds:
+            self._cache[p.path] = p
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _predict(self, ordered: list[Path]) -> tuple[list[Prediction], list]:
+        cached = {str(p): self._cache.pop(str(p)) for p in ordered if str(p) in self._cache}
+        rest = [p for p in ordered if str(p) not in cached]
+        fresh, failures = (self.classifier.predict_files(rest, batch_size=self.batch_size, keep_going=True)
+                           if rest else ([], []))
+        by_path = dict(cached, **{p.path: p for p in fresh})
+        return [by_path[str(p)] for p in ordered if str(p) in by_path], failures
 
     def __call__(self, paths: list[Path]) -> ProcessResult:
         if not paths:
@@ -67,7 +97,7 @@ class FallbackProcessor:
         headers = sorted(read_headers(paths), key=lambda ph: (_instance_number(ph[1]), str(ph[0])))
         ordered = [p for p, _ in headers]
         numbers = {str(p): _instance_number(h) for p, h in headers}
-        preds, failures = self.classifier.predict_files(ordered, batch_size=self.batch_size, keep_going=True)
+        preds, failures = self._predict(ordered)
         if not preds:
             first = failures[0].error.split(": ", 1)[-1] if failures else "no slices"
             raise InputError(f"no slice of the series could be classified ({len(failures)} failed; first: {first})")

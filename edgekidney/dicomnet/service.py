@@ -72,6 +72,7 @@ class Listener:
         self._webhook_q: queue.Queue = queue.Queue()
         self._metrics_server = None
         self._last_purge = 0.0
+        self._prefetched = 0  # rowid of the last instance handed to processor.prepare
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -162,10 +163,27 @@ class Listener:
         nxt = self.jobs.next_complete_study()
         if nxt is not None:
             self.process_study(*nxt)
+        elif self.prefetch():
+            return True
         if self.cfg.retention_s is not None and now - self._last_purge >= min(5.0, self.cfg.retention_s or 1.0):
             self._last_purge = now
             self.purge(now)
         return nxt is not None
+
+    def prefetch(self, limit: int = 32) -> bool:
+        """Hand newly stored instances of receiving series to the processor's ``prepare``, if it has one."""
+        prepare = getattr(self.processor, "prepare", None)
+        if prepare is None:
+            return False
+        batch = self.jobs.new_instances(self._prefetched, limit)
+        if not batch:
+            return False
+        self._prefetched = batch[-1][0]
+        try:
+            prepare([p for _, p in batch])
+        except Exception as exc:  # prefetching is an optimisation: the final call redoes what failed
+            log.warning("prefetch failed: %s", type(exc).__name__)
+        return True
 
     def process_study(self, study_uid: str, series_uids: list[str]) -> dict:
         entries, outcomes = [], []
