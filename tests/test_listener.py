@@ -294,3 +294,44 @@ def test_prefetched_slices_are_not_classified_again_and_give_the_same_result(mod
     assert calls == [3]  # only the slices not prepared
     assert result.summary == plain and result.datasets[0].SOPInstanceUID == plain["result_uids"][0]
     assert not prefetching._cache  # used entries are dropped
+
+
+def test_enhanced_ct_is_stored_and_the_fallback_says_why_it_cannot_classify_it(make_listener, tmp_path):
+    from listener_fixtures import CT_VOLUMES
+
+    src = CT_VOLUMES / "enhanced-ct-multiframe.dcm"
+    if not src.exists():
+        pytest.skip("shared enhanced CT file not found")
+    lst = make_listener()
+    assert send(lst.port, [src]) == [0]
+    wait_for(lambda: lst.jobs.counts().get("failed") == 1)
+    assert len(list(lst.store.instances.glob("*/*.dcm"))) == 1  # kept, whatever the analysis says
+    entry = json.loads((tmp_path / "store" / "results.jsonl").read_text())["series"][0]
+    assert "multi-frame DICOM (2 frames)" in entry["error"]
+
+
+def test_tls_only_clients_that_trust_our_certificate_get_in(make_listener, series_a, tmp_path):
+    import shutil
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from edgekidney.dicomnet import TlsConfig
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    lst = make_listener(tls=TlsConfig(cert, key))
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY", tls_args=(client, "127.0.0.1"))
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    plain = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")  # no TLS: no association
+    assert not plain.is_established
