@@ -198,6 +198,8 @@ class Listener:
             except EdgeKidneyError as exc:
                 entries.append({"series_uid": s, "error": str(exc)})
                 outcomes.append((s, None, [], str(exc)))
+            except OSError:  # e.g. the disk is full while writing the SR: the study stays complete, retried
+                raise
             except Exception as exc:  # a bug or an exhausted machine: record it, do not loop on it
                 log.exception("series %s: processor crashed", uid_key(s))
                 err = f"internal error: {type(exc).__name__}"
