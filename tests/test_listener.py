@@ -255,6 +255,15 @@ def test_job_table_is_idempotent_and_resumes_sending(tmp_path):
     assert jobs.queue_depth() == 1
 
 
+def test_fallback_series_decision():
+    from edgekidney.dicomnet.processor import series_decision
+
+    assert series_decision(["Normal", "Stone", "out_of_scope"], "Stone") == "Stone"
+    assert series_decision(["Normal", "out_of_scope", "out_of_scope"], "Stone") == "out_of_scope"
+    assert series_decision(["Normal", "Cyst", "Cyst", "out_of_scope"], "Stone") == "Cyst"
+    assert series_decision(["Normal", "out_of_scope"], "Stone") == "Normal"
+
+
 def test_backoff_and_destination_parsing():
     assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
     assert Destination.parse("pacs.local:104:PACS") == Destination("pacs.local", 104, "PACS")

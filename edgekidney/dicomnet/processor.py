@@ -58,8 +58,23 @@ def _instance_number(ds: Dataset) -> int:
         return 0
 
 
+OUT_OF_SCOPE = "out_of_scope"
+
+
+def series_decision(labels: list[str], positive: str) -> str:
+    """Positive when any slice is; else out of scope when most slices are (the model does not apply,
+    DESIGN.md rule 7: never a silent negative); else the most common in-scope label."""
+    if positive in labels:
+        return positive
+    in_scope = [lab for lab in labels if lab != OUT_OF_SCOPE]
+    if len(in_scope) * 2 < len(labels) or not in_scope:
+        return OUT_OF_SCOPE
+    return max(sorted(set(in_scope)), key=in_scope.count)
+
+
 class FallbackProcessor:
-    """Until the study analysis lands: classify every slice, call the series positive when any slice is.
+    """Until the study analysis lands: classify every slice, call the series positive when any slice is,
+    out of scope when most slices are.
 
     Slices are ordered by Instance Number (the study analysis orders by position along the normal).
     """
@@ -104,11 +119,8 @@ class FallbackProcessor:
         card = self.classifier.card
         positive = card.positive_class
         pos = [numbers[p.path] for p in preds if p.label == positive]
-        if pos:
-            decision = positive
-        else:
-            labels = [p.label for p in preds]
-            decision = max(set(labels), key=labels.count)
+        out_of_scope = [numbers[p.path] for p in preds if p.label == OUT_OF_SCOPE]
+        decision = series_decision([p.label for p in preds], positive)
         series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")
         summary = {
             "series_uid": series_uid,
@@ -116,13 +128,15 @@ class FallbackProcessor:
             "slices": len(preds),
             "failed_slices": len(failures),
             "positive_slices": pos,
+            "out_of_scope_slices": out_of_scope,
             "max_probability": round(max(p.probability for p in preds), 6),
             "threshold": self.classifier.threshold,
             "classes": list(card.classes),
             "model_sha256": card.sha256,
             "processor": self.name,
             "note": (f"edgekidney {__version__} {self.name}: per-slice classifier, series positive when any "
-                     f"slice is above threshold {self.classifier.threshold:.3f}; not a diagnosis. "
+                     f"slice is above threshold {self.classifier.threshold:.3f}, out of scope when most slices "
+                     f"are; not a diagnosis. "
                      f"Model sha256 {card.sha256[:16]}."),
         }
         first = headers[0][1]
