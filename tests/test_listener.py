@@ -344,3 +344,30 @@ def test_tls_only_clients_that_trust_our_certificate_get_in(make_listener, serie
     assoc.release()
     plain = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")  # no TLS: no association
     assert not plain.is_established
+
+
+def test_webhook_gets_the_study_line(make_listener, series_a):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    got = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        study, series, files = series_a
+        lst = make_listener(webhook=f"http://127.0.0.1:{http.server_address[1]}/hook")
+        assert send(lst.port, files[:4]) == [0] * 4
+        wait_for(lambda: got)
+    finally:
+        http.shutdown()
+    assert len(got) == 1 and got[0]["study_uid"] == study and got[0]["series"][0]["slices"] == 4
