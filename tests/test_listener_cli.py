@@ -95,9 +95,17 @@ def pacs(tmp_path):
 
 
 def sr_uids(out: Path) -> set[str]:
+    """SOP Instance UIDs of the files storescp wrote (a file it is still writing is skipped this time)."""
     from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
 
-    return {str(dcmread(f).SOPInstanceUID) for f in out.iterdir() if f.is_file()}
+    uids = set()
+    for f in out.iterdir():
+        try:
+            uids.add(str(dcmread(f).SOPInstanceUID))
+        except (InvalidDicomError, EOFError, OSError, AttributeError):
+            continue
+    return uids
 
 
 def start_listener(model: Path, store: Path, port: int, pacs_port: int, log: Path, *extra: str) -> Proc:
