@@ -530,6 +530,9 @@ def listen_cmd(
     tls_cert: Optional[Path] = typer.Option(None, help="TLS: our certificate (PEM); with --tls-key."),
     tls_key: Optional[Path] = typer.Option(None, help="TLS: our private key (PEM)."),
     tls_ca: Optional[Path] = typer.Option(None, help="TLS: require client certificates signed by this CA."),
+    processor: str = typer.Option("auto", help="study (series analysis, SR + Secondary Capture) | fallback "
+                                               "(per-slice, minimal SR) | auto (study when installed)."),
+    plane: str = typer.Option("axial", help="Plane to classify in (study processor): axial | coronal."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
 ):
@@ -545,7 +548,7 @@ def listen_cmd(
         results_file=results_file, webhook=webhook, retention_s=None if keep_images else retention_hours * 3600.0,
         min_free_mb=min_free_mb, retry_base_s=retry_base, retry_max_s=retry_max, metrics_port=metrics_port,
         tls=TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)
-    run(cfg, model, log_level=log_level, backend=backend)
+    run(cfg, model, log_level=log_level, processor=processor, plane=plane, backend=backend)
 
 
 METAVARS = {"int": "N", "float": "X", "path": "PATH", "str": "TEXT"}

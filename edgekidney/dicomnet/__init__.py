@@ -4,14 +4,15 @@ No torch on this path (it runs on the device). See docs/listener.md.
 """
 
 from .config import Destination, ListenerConfig, TlsConfig
-from .processor import FallbackProcessor, ProcessResult, SeriesProcessor, fallback_processor
+from .processor import FallbackProcessor, ProcessResult, SeriesProcessor, fallback_processor, make_processor
 from .service import Listener
 
 __all__ = ["Destination", "FallbackProcessor", "Listener", "ListenerConfig", "ProcessResult", "SeriesProcessor",
-           "TlsConfig", "fallback_processor", "run"]
+           "TlsConfig", "fallback_processor", "make_processor", "run"]
 
 
-def run(cfg: ListenerConfig, model, log_level: str = "info", **classifier_options) -> None:
+def run(cfg: ListenerConfig, model, log_level: str = "info", processor: str = "auto", plane: str = "axial",
+        **classifier_options) -> None:
     """Load the model, start the listener, serve until SIGTERM/SIGINT."""
     import logging
     import signal
@@ -26,11 +27,12 @@ def run(cfg: ListenerConfig, model, log_level: str = "info", **classifier_option
         raise DependencyError(f"the listener needs {exc.name}: pip install 'edgekidney[net]'") from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo UIDs
-    processor, close = fallback_processor(model, **classifier_options)
+    proc, close, name = make_processor(model, processor, plane, **classifier_options)
+    logging.getLogger("edgekidney.listener").info("processor: %s", name)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    listener = Listener(cfg, processor)
+    listener = Listener(cfg, proc)
     try:
         listener.start()
         done.wait()

@@ -149,6 +149,27 @@ class FallbackProcessor:
         return ProcessResult(summary, [sr])
 
 
+def make_processor(model: Path, kind: str = "auto", plane: str = "axial", **classifier_options):
+    """(processor, close, name): ``study`` = the study analysis (edgekidney.study, with SR and Secondary
+    Capture), ``fallback`` = per-slice classification with a minimal SR, ``auto`` = study when installed."""
+    from ..predict import Classifier
+    from .study_processor import StudyProcessor, study_available
+
+    if kind not in ("auto", "study", "fallback"):
+        raise InputError(f"--processor {kind!r}: choose auto, study or fallback")
+    if kind == "study" and not study_available():
+        raise InputError("--processor study: this installation has no edgekidney.study or no highdicom "
+                         "(pip install 'edgekidney[sr]')")
+    if kind == "fallback" and plane != "axial":
+        raise InputError("--plane: the fallback processor classifies the slices as acquired (axial only)")
+    clf = Classifier(model, **classifier_options)
+    if kind == "study" or (kind == "auto" and study_available()):
+        proc = StudyProcessor(clf, plane=plane)
+    else:
+        proc = FallbackProcessor(clf)
+    return proc, clf.close, proc.name
+
+
 def fallback_processor(model: Path, **classifier_options) -> tuple[Callable[[list[Path]], ProcessResult], Callable[[], None]]:
     """(processor, close) for ``model`` (ONNX with sidecar or engine), without torch."""
     from ..predict import Classifier
