@@ -371,3 +371,54 @@ def test_webhook_gets_the_study_line(make_listener, series_a):
     finally:
         http.shutdown()
     assert len(got) == 1 and got[0]["study_uid"] == study and got[0]["series"][0]["slices"] == 4
+
+
+def test_study_processor_behind_the_seam_sends_sr_and_sc_with_series_derived_uids(model, series_a, tmp_path):
+    from edgekidney.dicomnet import make_processor
+    from edgekidney.dicomnet.study_processor import study_available
+
+    if not study_available():
+        pytest.skip("edgekidney.study (issue 9) or highdicom not installed")
+    study, series, files = series_a
+    proc, close, name = make_processor(model, "study")
+    pacs = Pacs().start()
+    lst = Listener(ListenerConfig(store=tmp_path / "store", port=0, series_timeout_s=0.5, min_free_mb=0, poll_s=0.05,
+                                  destination=Destination("127.0.0.1", pacs.port, "PACS")), proc).start()
+    try:
+        assert name == "study-analysis"
+        assert send(lst.port, files) == [0] * 12
+        wait_for(lambda: lst.jobs.series_state(series) == "sent")
+    finally:
+        lst.stop()
+        pacs.stop()
+        close()
+    by_uid = {str(d.SOPInstanceUID): d for d in pacs.received}
+    sr_uid, sc_uid = result_uids(series, "sr")[0], result_uids(series, "sc0")[0]
+    assert sr_uid in by_uid and set(by_uid) <= {sr_uid, sc_uid}
+    assert by_uid[sr_uid].SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (TID 1500)
+    assert by_uid[sr_uid].StudyInstanceUID == study
+    assert by_uid[sr_uid].SeriesInstanceUID == result_uids(series, "sr")[1]
+    entry = json.loads((tmp_path / "store" / "results.jsonl").read_text())["series"][0]
+    assert entry["decision"] in ("stone", "no_stone", "not_assessable") and entry["n_slices"] == 12
+    assert entry["result_uids"][0] == sr_uid
+    assert proc.classifier.hits + proc.classifier.misses == 12
+
+
+def test_study_processor_uses_slices_classified_while_the_series_arrived(model, series_a):
+    from edgekidney.dicomnet import make_processor
+    from edgekidney.dicomnet.study_processor import study_available
+
+    if not study_available():
+        pytest.skip("edgekidney.study (issue 9) or highdicom not installed")
+    _, _, files = series_a
+    proc, close, _ = make_processor(model, "study")
+    try:
+        plain = proc(files).summary
+        proc.classifier.hits = proc.classifier.misses = 0
+        proc.prepare(files[:8])
+        cached = proc(files).summary
+    finally:
+        close()
+    assert (proc.classifier.hits, proc.classifier.misses) == (8, 4)  # same slice content, found in the cache
+    for k in ("decision", "slices", "probability", "supporting", "result_uids"):
+        assert cached[k] == plain[k]

@@ -95,16 +95,19 @@ def pacs(tmp_path):
 
 
 def sr_uids(out: Path) -> set[str]:
-    """SOP Instance UIDs of the files storescp wrote (a file it is still writing is skipped this time)."""
+    """SOP Instance UIDs of the SRs storescp wrote (Secondary Captures aside; a file it is still
+    writing is skipped this time)."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
     uids = set()
     for f in out.iterdir():
         try:
-            uids.add(str(dcmread(f).SOPInstanceUID))
+            ds = dcmread(f)
         except (InvalidDicomError, EOFError, OSError, AttributeError):
             continue
+        if ds.get("Modality") == "SR":
+            uids.add(str(ds.SOPInstanceUID))
     return uids
 
 

@@ -135,6 +135,7 @@ class StudyProcessor:
         for res in study.series:
             d = res.to_dict()
             d.pop("slices", None)  # one record per slice: too much for a results line
+            d["slices"] = res.n_slices  # the fields every processor's summary has: decision, slices, result_uids
             d["result_uids"] = per_series.get(id(res), [])
             if not d["result_uids"]:
                 d["no_sr"] = "the instances carry no Study/Series Instance UID, so no SR can be filed beside them"
