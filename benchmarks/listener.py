@@ -86,7 +86,7 @@ def main() -> int:
             dss = [dcmread(f) for f in files]
             assoc = scu.associate("127.0.0.1", port, ae_title="EDGEKIDNEY", max_pdu=0)
             t0 = time.time()
-            statuses = [assoc.send_c_store(ds).Status for ds in dss]
+            statuses = [int(getattr(assoc.send_c_store(ds), "Status", -1)) for ds in dss]  # -1: no response
             t_last = time.time()
             assoc.release()
             if any(statuses):

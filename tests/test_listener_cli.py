@@ -178,7 +178,8 @@ def test_storescu_synthetic_and_jpeg2000_series_to_storescp(model, pacs, tmp_pat
     assert sorted(e["slices"] for line in lines for e in line["series"]) == [10, 20]
     log = (tmp_path / "listener.log").read_text()
     assert "listening on 127.0.0.1" in log and "delivered" in log
-    for identifier in ("SYNTH-0005", "Synthetic^Phantom", study, series, jseries):
+    first_sop = sop_uid(tmp_path / "synth" / "syn-0001.dcm")
+    for identifier in ("SYNTH-0005", "Synthetic^Phantom", study, series, jseries, first_sop):
         assert identifier not in log  # logs carry hashed keys only
 
 

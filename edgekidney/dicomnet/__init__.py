@@ -26,7 +26,8 @@ def run(cfg: ListenerConfig, model, log_level: str = "info", processor: str = "a
     except ImportError as exc:
         raise DependencyError(f"the listener needs {exc.name}: pip install 'edgekidney[net]'") from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo UIDs
+    for noisy in ("pynetdicom", "highdicom"):  # their INFO lines echo UIDs
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     proc, close, name = make_processor(model, processor, plane, **classifier_options)
     logging.getLogger("edgekidney.listener").info("processor: %s", name)
     done = threading.Event()
