@@ -200,6 +200,25 @@ def test_jpeg2000_series_without_study_and_series_uids_is_kept_and_classified(ma
     assert "no Study/Series Instance UID" in entry["no_sr"]
 
 
+def test_associations_beyond_the_maximum_are_rejected(make_listener, series_a):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    lst = make_listener(max_associations=1)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    second = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    try:
+        assert first.is_established and second.is_rejected
+    finally:
+        first.release()
+    third = wait_for(lambda: (lambda a: a if a.is_established else None)(  # once the first one's thread ended
+        ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")), timeout=5, step=0.2)
+    third.release()
+    assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="policy"}') >= 1
+
+
 def test_calling_ae_allow_list(make_listener, series_a):
     _, _, files = series_a
     lst = make_listener(allowed_calling=("CT01",))
@@ -213,6 +232,7 @@ def test_retention_deletes_images_after_the_result(make_listener, series_a, tmp_
     assert send(lst.port, files) == [0] * 12
     wait_for(lambda: lst.jobs.series_state(series) == "done")
     wait_for(lambda: not list(lst.store.instances.glob("*/*.dcm")))
+    wait_for(lambda: not list(lst.store.results.glob("*/*.dcm")))  # the SR made from them too
     assert lst.jobs.instance_paths(series) == []
     assert (tmp_path / "store" / "results.jsonl").read_text().count("\n") == 1
 

@@ -228,9 +228,9 @@ class Listener:
     def purge(self, now: float) -> int:
         n = 0
         for s in self.jobs.due_for_purge(now, self.cfg.retention_s):
-            n += self.store.remove_series_instances(s)
+            n += self.store.remove_series(s)
             self.jobs.mark_purged(s, now)
-            log.info("series %s: received images deleted (retention)", uid_key(s))
+            log.info("series %s: received images and result files deleted (retention)", uid_key(s))
         return n
 
     # -- sender: classified -> sending -> sent ------------------------------------------------------------

@@ -84,15 +84,19 @@ class InstanceStore:
         write_durably(path, data)
         return path
 
-    def remove_series_instances(self, series_uid: str) -> int:
-        """Delete a series' received images (retention); returns the number of files removed."""
-        d = self.instances / uid_key(series_uid)
-        if not d.is_dir():
-            return 0
-        n = sum(1 for _ in d.glob("*.dcm"))
-        shutil.rmtree(d, ignore_errors=True)
-        with self._lock:
-            self._made.discard(d)
+    def remove_series(self, series_uid: str) -> int:
+        """Delete a series' received images and the result files made from them (retention, after the
+        results went out); returns the number of received images removed."""
+        n = 0
+        for parent in (self.instances, self.results):
+            d = parent / uid_key(series_uid)
+            if not d.is_dir():
+                continue
+            if parent is self.instances:
+                n = sum(1 for _ in d.glob("*.dcm"))
+            shutil.rmtree(d, ignore_errors=True)
+            with self._lock:
+                self._made.discard(d)
         return n
 
     def clean_temporaries(self) -> int:
