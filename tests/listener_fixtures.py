@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,11 @@ def jpeg2000_series(out: Path, fill_study_series: bool = True) -> list[Path]:
 class Pacs:
     """An in-process Storage SCP that accepts anything and records (SOP Instance UID, dataset) per C-STORE."""
 
-    def __init__(self, port: int = 0, ae_title: str = "PACS") -> None:
-        self.port, self.ae_title = port, ae_title
+    def __init__(self, port: int = 0, ae_title: str = "PACS", answer_after_s: float = 0.0) -> None:
+        self.port, self.ae_title, self.answer_after_s = port, ae_title, answer_after_s
         self.received: list = []
         self.lock = threading.Lock()
+        self.arrived = threading.Event()
         self.server = None
 
     def start(self) -> "Pacs":
@@ -102,6 +104,8 @@ class Pacs:
             ds.file_meta = event.file_meta
             with self.lock:
                 self.received.append(ds)
+            self.arrived.set()
+            time.sleep(self.answer_after_s)  # a slow PACS: stored, Success not yet sent
             return 0x0000
 
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])

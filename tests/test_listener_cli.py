@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
-from listener_fixtures import REPO, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
+from listener_fixtures import REPO, Pacs, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
 
 from edgekidney.dicomnet.sr import result_uids  # noqa: E402
 
@@ -215,6 +215,29 @@ def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr
         proc.stop()
     lines = [json.loads(x) for x in (store / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["series"][0]["slices"] == 60
+
+
+@pytest.mark.slow  # two listener starts and a PACS that answers after 2 s
+def test_kill9_while_sending_resends_the_same_sr(model, tmp_path):
+    """The PACS holds the SR, the listener dies before hearing Success: after the restart the same SOP
+    Instance goes again. Two C-STOREs, one SR: what 'exactly one SR per series' means at a PACS."""
+    pacs = Pacs(answer_after_s=2.0).start()
+    _, series, _ = write_series(tmp_path / "series", 6, seed=8, name="w")
+    port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
+    try:
+        proc = start_listener(model, store, port, pacs.port, log)
+        assert storescu(port, tmp_path / "series").returncode == 0
+        assert pacs.arrived.wait(20)
+        proc.kill9()  # the C-STORE is in flight: recorded 'sending', never 'sent'
+        proc = start_listener(model, store, port, pacs.port, log)
+        wait_for(lambda: len(pacs.uids()) >= 2, timeout=20)
+        time.sleep(2.5)
+        proc.stop()
+        assert pacs.uids() == [result_uids(series)[0]] * 2  # sent twice, one SOP Instance
+        lines = (store / "results.jsonl").read_text().splitlines()
+        assert len(lines) == 1
+    finally:
+        pacs.stop()
 
 
 @pytest.mark.slow  # the in-process twin in test_listener.py runs by default
