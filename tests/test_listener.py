@@ -96,6 +96,13 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
     assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(
         __import__("pydicom").dcmread(f).SOPInstanceUID for f in files)
     assert len(list((lst.store.instances).glob("*/*.dcm"))) == 12
+    try:  # an independent reader of SR documents accepts it
+        import highdicom
+    except ImportError:
+        highdicom = None
+    if highdicom is not None:
+        parsed = highdicom.sr.ComprehensiveSR.from_dataset(sr)
+        assert parsed.SOPInstanceUID == result_uids(series)[0] and len(parsed.ContentSequence) == 5
 
     lines = [json.loads(x) for x in (tmp_path / "store" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["study_uid"] == study
