@@ -268,3 +268,17 @@ def test_listen_bad_input_is_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: --destination 'pacs:104': expected HOST:PORT:AETITLE, "
                                              "e.g. 127.0.0.1:11112:PACS"]
+
+
+def test_listen_on_a_port_in_use_is_one_line(model, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(tmp_path / "s"),
+                            "--port", str(port), "--min-free-mb", "0"],
+                           capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")

@@ -101,17 +101,21 @@ class Listener:
     def start(self) -> "Listener":
         self.recover()
         try:
+            if self.cfg.metrics_port is not None:
+                where = f"{self.cfg.metrics_host}:{self.cfg.metrics_port} (metrics)"
+                self._metrics_server, _ = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+            where = f"{self.cfg.host}:{self.cfg.port}"
             self.scp.start()
         except OSError as exc:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
             self.jobs.close()
-            raise EdgeKidneyError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror or exc}") from None
+            raise EdgeKidneyError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         for name, target in (("pipeline", self._pipeline_loop), ("sender", self._sender_loop),
                              ("webhook", self._webhook_loop)):
             t = threading.Thread(target=target, name=f"listener-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self.cfg.metrics_port is not None:
-            self._metrics_server, _ = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         log.info("listening on %s:%d as %s (%d transfer syntaxes); series complete after %.1f s quiet; "
                  "results to %s", self.cfg.host, self.port, self.cfg.ae_title, len(self.scp.syntaxes),
                  self.cfg.series_timeout_s, self.cfg.destination or "the results file only")
