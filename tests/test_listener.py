@@ -449,3 +449,20 @@ def test_study_processor_uses_slices_classified_while_the_series_arrived(model, 
     assert (proc.classifier.hits, proc.classifier.misses) == (8, 4)  # same slice content, found in the cache
     for k in ("decision", "slices", "probability", "supporting", "result_uids"):
         assert cached[k] == plain[k]
+
+
+def test_caching_classifier_answers_prepared_slices_by_content(model, series_a):
+    from edgekidney.data.decode import load_slice
+    from edgekidney.dicomnet.study_processor import CachingClassifier
+    from edgekidney.predict import Classifier
+
+    _, _, files = series_a
+    with Classifier(model) as clf:
+        cached = CachingClassifier(clf)
+        cached.prepare(files[:6])
+        slices = [load_slice(f, clf.card.preprocessing) for f in files]
+        got = cached.predict_slices(slices, [f"s{i}" for i in range(12)])
+        want = clf.predict_slices(slices, [f"s{i}" for i in range(12)])
+    assert (cached.hits, cached.misses) == (6, 6)
+    assert [(p.path, p.label) for p in got] == [(p.path, p.label) for p in want]
+    assert max(abs(a.probability - b.probability) for a, b in zip(got, want)) < 1e-5

@@ -6,8 +6,8 @@ needs their UIDs derived from the series (a retry must send the same objects), s
 back and its SOP Instance and Series Instance UIDs are replaced by ``result_uids``.
 
 Slices are classified ahead of completion through :class:`CachingClassifier`: ``prepare`` decodes and
-classifies instances as they arrive and keeps the predictions under the sha1 of the 0..1 slice, and
-the analysis' own ``predict_slices`` calls find them there. A cache keyed by content can only hit
+classifies instances as they arrive and keeps the predictions under the sha1 of the 0..1 slice and of
+the model input, and the analysis' own ``predict_slices`` / ``predict_preprocessed`` calls find them. A cache keyed by content can only hit
 when the slice is the same, so it cannot change a result, only its latency.
 """
 
@@ -34,25 +34,36 @@ def study_available() -> bool:
             and importlib.util.find_spec("highdicom") is not None)
 
 
-def _key(slice01: np.ndarray) -> str:
-    a = np.ascontiguousarray(slice01)
-    return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype.str)).encode()).hexdigest()
+def _key(array: np.ndarray, extra: str = "") -> str:
+    a = np.ascontiguousarray(array)
+    return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype.str, extra)).encode()).hexdigest()
 
 
 class CachingClassifier:
-    """A Classifier whose ``predict_slices`` first looks in predictions made by ``prepare``."""
+    """A Classifier whose ``predict_slices`` (0..1 slices) and, when the real one has it,
+    ``predict_preprocessed`` (model inputs + geometry) first look in predictions made by ``prepare``,
+    keyed by the content they are given."""
 
-    def __init__(self, inner, cache_size: int = 4096) -> None:
+    def __init__(self, inner, cache_size: int = 8192) -> None:
         self.inner = inner
         self.cache_size = cache_size
         self._cache: OrderedDict[str, object] = OrderedDict()
         self.hits = self.misses = 0
+        if callable(getattr(inner, "predict_preprocessed", None)):
+            self.predict_preprocessed = self._predict_preprocessed
 
     def __getattr__(self, name):  # card, threshold, model_path, backend ... come from the real classifier
         return getattr(self.inner, name)
 
+    def _remember(self, keys: list[str], pred) -> None:
+        for k in keys:
+            self._cache[k] = pred
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
     def prepare(self, paths: list[Path], batch_size: int = 8) -> None:
         from ..data.decode import load_slice
+        from ..preprocess import preprocess_batch_with_geometry
 
         pre = self.inner.card.preprocessing
         slices, names = [], []
@@ -62,26 +73,42 @@ class CachingClassifier:
                 names.append(str(p))
             except EdgeKidneyError:
                 continue  # not a single-frame slice (or unreadable): the analysis handles it
+        split = callable(getattr(self.inner, "predict_preprocessed", None))
         for start in range(0, len(slices), batch_size):
-            chunk = slices[start:start + batch_size]
-            preds = self.inner.predict_slices(chunk, names[start:start + batch_size])
-            for s, pred in zip(chunk, preds):
-                self._cache[_key(s)] = pred
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            chunk, chunk_names = slices[start:start + batch_size], names[start:start + batch_size]
+            x, geometries = preprocess_batch_with_geometry(chunk, pre)
+            preds = (self.inner.predict_preprocessed(x, geometries, chunk_names) if split
+                     else self.inner.predict_slices(chunk, chunk_names))
+            for s, xi, g, pred in zip(chunk, x, geometries, preds):
+                self._remember([_key(s), _key(xi, repr(g))], pred)
 
-    def predict_slices(self, slices, names, **kw):
-        if kw:  # e.g. want_cam: nothing cached has it
-            return self.inner.predict_slices(slices, names, **kw)
-        keys = [_key(s) for s in slices]
+    def _lookup(self, keys: list[str], compute) -> list:
         found = {i: self._cache.pop(k) for i, k in enumerate(keys) if k in self._cache}
-        missing = [i for i in range(len(slices)) if i not in found]
+        missing = [i for i in range(len(keys)) if i not in found]
         self.hits += len(found)
         self.misses += len(missing)
-        fresh = self.inner.predict_slices([slices[i] for i in missing], [names[i] for i in missing]) if missing else []
-        found.update(zip(missing, fresh))
-        return [dataclasses.replace(found[i], path=names[i]) if dataclasses.is_dataclass(found[i]) else found[i]
-                for i in range(len(slices))]
+        if missing:
+            found.update(zip(missing, compute(missing)))
+        return [found[i] for i in range(len(keys))]
+
+    @staticmethod
+    def _renamed(preds: list, names: list[str]) -> list:
+        return [dataclasses.replace(p, path=n) if dataclasses.is_dataclass(p) else p for p, n in zip(preds, names)]
+
+    def predict_slices(self, slices, names, want_cam: bool = False, **kw):
+        if want_cam or kw:  # nothing cached carries a map
+            return self.inner.predict_slices(slices, names, want_cam=want_cam, **kw)
+        preds = self._lookup([_key(s) for s in slices], lambda idx: self.inner.predict_slices(
+            [slices[i] for i in idx], [names[i] for i in idx]))
+        return self._renamed(preds, names)
+
+    def _predict_preprocessed(self, x, geometries, names, want_cam: bool = False, **kw):
+        if want_cam or kw:
+            return self.inner.predict_preprocessed(x, geometries, names, want_cam=want_cam, **kw)
+        preds = self._lookup([_key(xi, repr(g)) for xi, g in zip(x, geometries)],
+                             lambda idx: self.inner.predict_preprocessed(
+                                 np.stack([x[i] for i in idx]), [geometries[i] for i in idx], [names[i] for i in idx]))
+        return self._renamed(preds, names)
 
 
 def _rekey(path: Path, kind: str, series_uid: str) -> object:
