@@ -29,9 +29,18 @@ from .sr import result_uids
 
 
 def study_available() -> bool:
-    """True when this installation has the study analysis and highdicom (which its SR needs)."""
-    return (importlib.util.find_spec("edgekidney.study") is not None
-            and importlib.util.find_spec("highdicom") is not None)
+    """True when this edgekidney has the study analysis and highdicom (which its SR needs).
+
+    The spec must come from this package's own folder: an editable install of another checkout can
+    answer for ``edgekidney.study`` by name (seen on a shared machine) without its dependencies."""
+    if importlib.util.find_spec("highdicom") is None:
+        return False
+    try:
+        spec = importlib.util.find_spec("edgekidney.study")
+    except ImportError:
+        return False
+    here = Path(__file__).resolve().parents[1]
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(here)
 
 
 def _key(array: np.ndarray, extra: str = "") -> str:
