@@ -49,7 +49,7 @@ def main() -> int:
     from pynetdicom.sop_class import CTImageStorage, Verification
 
     sys.path.insert(0, str(REPO))
-    from edgekidney.data.synthetic import write_series
+    from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
     from edgekidney.dicomnet.sr import result_uids
 
     arrivals: dict[str, float] = {}
@@ -82,7 +82,9 @@ def main() -> int:
                 break
             time.sleep(0.1)
         for r in range(args.repeat):
-            _, series, files = write_series(tmp / f"series{r}", args.n, size=args.size, seed=100 + r, name=f"b{r}")
+            truth = write_series(tmp / f"series{r}", SeriesSynthConfig(slices=args.n, size=args.size, seed=100 + r,
+                                                                      patient=100 + r, shuffle_names=False))
+            series, files = truth.series_uid, sorted((tmp / f"series{r}").glob("*.dcm"))
             dss = [dcmread(f) for f in files]
             assoc = scu.associate("127.0.0.1", port, ae_title="EDGEKIDNEY", max_pdu=0)
             t0 = time.time()

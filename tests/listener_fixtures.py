@@ -45,11 +45,14 @@ def tiny_model(out_dir: Path, size: int = 32) -> Path:
     return path
 
 
-def write_series(out: Path, n: int, size: int = 64, seed: int = 0, name: str = "s") -> tuple[str, str, list[Path]]:
-    """``n`` synthetic axial CT slices of one series, with geometry; returns (study, series, files)."""
-    from edgekidney.data.synthetic import write_series as synth_series
+def write_series(out: Path, n: int, size: int = 64, seed: int = 1) -> tuple[str, str, list[Path]]:
+    """``n`` slices of a synthetic 3-D phantom as one axial series with geometry (one stone), patient
+    SYNTH-S<seed>; returns (study, series, files in acquisition order)."""
+    from edgekidney.data.synthetic_series import SeriesSynthConfig
+    from edgekidney.data.synthetic_series import write_series as synth_series
 
-    return synth_series(out, n, size=size, seed=seed, name=name)
+    truth = synth_series(out, SeriesSynthConfig(slices=n, size=size, seed=seed, patient=seed, shuffle_names=False))
+    return truth.study_uid, truth.series_uid, sorted(Path(out).glob("*.dcm"))
 
 
 def jpeg2000_series(out: Path, fill_study_series: bool = True) -> list[Path]:

@@ -43,7 +43,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def series_a(tmp_path_factory):
-    return write_series(tmp_path_factory.mktemp("series_a"), 12, seed=1, name="a")
+    return write_series(tmp_path_factory.mktemp("series_a"), 12, seed=1)
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
         pacs.stop()
     sr = pacs.received[0]
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"
-    assert sr.StudyInstanceUID == study and sr.PatientID == "SYNTH-0001" and sr.PatientName == "Synthetic^Phantom"
+    assert sr.StudyInstanceUID == study and sr.PatientID == "SYNTH-S0001" and sr.PatientName == "Synthetic^Phantom"
     refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(
         __import__("pydicom").dcmread(f).SOPInstanceUID for f in files)
@@ -113,7 +113,8 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
     from edgekidney.predict import Classifier
     with Classifier(model) as clf:
         preds, _ = clf.predict_files(files)
-    positives = sorted(i + 1 for i, p in enumerate(preds) if p.label == "Stone")
+    numbers = [int(__import__("pydicom").dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files]
+    positives = sorted(n for n, p in zip(numbers, preds) if p.label == "Stone")
     assert entry["positive_slices"] == positives
     assert entry["decision"] == ("Stone" if positives else "Normal")
     assert abs(entry["max_probability"] - max(p.probability for p in preds)) < 1e-5
@@ -128,7 +129,7 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
 
 def test_destination_down_does_not_block_receiving_and_delivers_when_up(make_listener, series_a, tmp_path):
     _, series, files = series_a
-    _, series_b, files_b = write_series(tmp_path / "b", 5, seed=2, name="b")
+    _, series_b, files_b = write_series(tmp_path / "b", 5, seed=2)
     port = free_port()
     lst = make_listener(destination=Destination("127.0.0.1", port, "PACS"), retry_base_s=0.1, retry_max_s=0.4)
     assert send(lst.port, files) == [0] * 12

@@ -75,8 +75,7 @@ def synth_slice(rng: np.random.Generator, size: int, stone: bool) -> np.ndarray:
     return hu
 
 
-def write_ct_dicom(path: Path, hu: np.ndarray, patient: int, instance: int, study_uid: str, series_uid: str,
-                   extra: dict | None = None) -> None:
+def write_ct_dicom(path: Path, hu: np.ndarray, patient: int, instance: int, study_uid: str, series_uid: str) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -101,8 +100,6 @@ def write_ct_dicom(path: Path, hu: np.ndarray, patient: int, instance: int, stud
     ds.PixelSpacing = [0.7, 0.7]
     ds.SliceThickness = 3.0
     ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
-    for keyword, value in (extra or {}).items():
-        setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -128,28 +125,3 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), classes=("Normal
     (out / "README.txt").write_text(
         f"{SYNTHETIC_COMMENT}.\nMade by 'edgekidney synth' (seed {cfg.seed}): {counts}.\n")
     return counts
-
-
-def write_series(out: str | Path, n: int, size: int = 256, seed: int = 0, name: str = "series",
-                 stone_every: int = 7) -> tuple[str, str, list[Path]]:
-    """One axial series of ``n`` synthetic slices, 2.5 mm apart, with the geometry a scanner writes
-    (ImagePositionPatient, ImageOrientationPatient, FrameOfReferenceUID). Every ``stone_every``-th slice
-    has calculi. UIDs follow from (name, seed). Returns (StudyInstanceUID, SeriesInstanceUID, files)."""
-    from pydicom.uid import generate_uid
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study = generate_uid(entropy_srcs=["edgekidney-synthetic-series", name, str(seed), "study"])
-    series = generate_uid(entropy_srcs=[study, "series"])
-    common = {"FrameOfReferenceUID": generate_uid(entropy_srcs=[study, "frame"]), "StudyDate": "20261127",
-              "StudyTime": "120000", "StudyID": "1", "AccessionNumber": "", "SeriesNumber": 1,
-              "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "SliceThickness": 2.5}
-    files = []
-    for i in range(1, n + 1):
-        path = out / f"{name}-{i:04d}.dcm"
-        hu = synth_slice(rng, size, stone=stone_every > 0 and i % stone_every == 0)
-        write_ct_dicom(path, hu, seed, i, study, series,
-                       extra=dict(common, ImagePositionPatient=[-size * 0.35, -size * 0.35, -2.5 * i]))
-        files.append(path)
-    return study, series, files
