@@ -55,6 +55,9 @@ def echo_ok(port: int) -> bool:
     return ok
 
 
+STARTED: list["Proc"] = []
+
+
 class Proc:
     """A listener process; its log goes to a file (read by the tests for identifiers)."""
 
@@ -62,6 +65,7 @@ class Proc:
         self.log = log
         self.fh = open(log, "ab")
         self.p = subprocess.Popen(args, stdout=self.fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+        STARTED.append(self)
 
     def kill9(self) -> None:
         self.p.send_signal(signal.SIGKILL)
@@ -76,6 +80,14 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
         self.fh.close()
+
+
+@pytest.fixture(autouse=True)
+def no_listener_left_behind():
+    """A failing test must not leave a listener running."""
+    yield
+    while STARTED:
+        STARTED.pop().stop()
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +245,7 @@ def test_kill9_while_sending_resends_the_same_sr(model, tmp_path):
         assert pacs.arrived.wait(20)
         proc.kill9()  # the C-STORE is in flight: recorded 'sending', never 'sent'
         proc = start_listener(model, store, port, pacs.port, log)
+
         def srs():  # the study processor sends a Secondary Capture too
             with pacs.lock:
                 return [str(d.SOPInstanceUID) for d in pacs.received if d.get("Modality") == "SR"]
