@@ -13,6 +13,10 @@ class InputError(EdgeKidneyError):
     """An input image, folder or dataset cannot be used."""
 
 
+class ImageTooLargeError(InputError):
+    """An image whose declared size is over the decode limits (the server answers 413, not 422)."""
+
+
 class ModelError(EdgeKidneyError):
     """A model, sidecar or engine cannot be used."""
 

@@ -149,3 +149,74 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match="empty file"):
         load_slice(tmp_path / "empty.png", CFG)
+
+
+# -- limits before allocation (issue 8) ---------------------------------------------------------------
+import resource  # noqa: E402
+import time  # noqa: E402
+
+from edgekidney.data.decode import DecodeLimits  # noqa: E402
+from edgekidney.errors import ImageTooLargeError  # noqa: E402
+
+from hostile import dicom_declaring, png_declaring, thin_png  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@pytest.mark.parametrize("width,height", [(20000, 32), (40000, 32), (60000, 60)])
+def test_thin_pngs_from_the_issue_are_refused_from_the_header(width, height):
+    data = thin_png(width, height)
+    assert len(data) < 8000  # the issue's files: 790 B, 1.4 KB, 3.7 KB
+    before = peak_rss_mb()
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as info:  # ImageTooLargeError (413) or an aspect-ratio InputError (422)
+        decode_slice(data, "thin.png", CFG)
+    assert time.perf_counter() - t0 < 1.0
+    assert peak_rss_mb() - before < 100  # nothing the size of the declared image was allocated
+    assert f"{width}x{height}" in str(info.value) and str(info.value).startswith("thin.png: ")
+
+
+@pytest.mark.parametrize("width,height,error,fragment", [
+    (100_000, 100_000, ImageTooLargeError, "too large"),   # decompression bomb: Pillow refuses it too
+    (4096, 4096 + 1, ImageTooLargeError, "largest side"),
+    (4050, 4050, ImageTooLargeError, "limit is 16000000 pixels"),
+    (0, 512, InputError, "no pixels|not a PNG"),  # Pillow itself refuses a zero-size PNG
+    (512, 0, InputError, "no pixels|not a PNG"),
+    (4000, 900, InputError, "aspect ratio over 4:1"),
+])
+def test_declared_size_is_checked_before_decoding(width, height, error, fragment):
+    limits = DecodeLimits(max_side=4096, max_pixels=4000 * 4000, max_aspect=4.0)
+    data = png_declaring(width, height)
+    with pytest.raises(error, match=fragment):
+        decode_slice(data, "bomb.png", CFG, limits=limits)
+
+
+def test_limits_are_tunable_and_a_normal_slice_passes():
+    data = thin_png(512, 512)
+    assert decode_slice(data, "ok.png", CFG).shape == (512, 512)
+    with pytest.raises(ImageTooLargeError, match="largest side allowed is 256"):
+        decode_slice(data, "ok.png", CFG, limits=DecodeLimits(max_side=256))
+
+
+def test_dicom_declaring_huge_rows_and_columns_is_refused_before_decoding():
+    template = open(bundled("CT_small.dcm"), "rb").read()
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="60000x60000"):
+        decode_slice(dicom_declaring(template, 60000, 60000), "big.dcm", CFG)
+    with pytest.raises(ImageTooLargeError, match="frame"):
+        decode_slice(dicom_declaring(template, 2048, 2048, frames=1000), "frames.dcm", CFG)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_dicom_declaring_more_pixels_than_it_carries_is_truncated():
+    template = open(bundled("CT_small.dcm"), "rb").read()  # 128x128, 16 bits
+    with pytest.raises(InputError, match=r"truncated \(32768 bytes for 1024x1024 px"):
+        decode_slice(dicom_declaring(template, 1024, 1024), "short.dcm", CFG)
+
+
+def test_dicom_with_zero_rows_is_refused():
+    template = open(bundled("CT_small.dcm"), "rb").read()
+    with pytest.raises(InputError, match="no pixels"):
+        decode_slice(dicom_declaring(template, 0, 128), "zero.dcm", CFG)

@@ -10,6 +10,13 @@ No torch here: the on-device runtime and the server decode with this module too.
 
 Every problem is raised as :class:`~edgekidney.errors.InputError` (or ``DependencyError`` for a
 missing DICOM decoder) with a message that starts with the file's name.
+
+Limits before allocation (docs/architecture.md rule 8): the size an image *declares* (PNG/JPEG header via Pillow's lazy ``open``,
+DICOM Rows/Columns/NumberOfFrames/BitsAllocated) is checked against :class:`DecodeLimits` before any
+pixel is decoded, because decoding, padding to square and resizing allocate from the declared size
+(a 790-byte PNG can declare 20000x32 pixels). Too many pixels or too long a side raises
+:class:`~edgekidney.errors.ImageTooLargeError` (the server's 413); a degenerate shape raises
+``InputError`` (422).
 """
 
 from __future__ import annotations
@@ -20,12 +27,44 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from dataclasses import dataclass
+
+from ..errors import DependencyError, EdgeKidneyError, ImageTooLargeError, InputError
 from ..preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 DICOM_DECODER_HINT = "pip install 'edgekidney[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or python-gdcm"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a CT slice may declare before anything is decoded (CT slices are 512 px, rarely 1024-2048)."""
+
+    # px, either side: padding to square makes a float32 copy of side^2 (2048: 17 MB; decoding plus
+    # preprocessing a 2048 px slice peaks near 60 MB, a 4096 px one near 215 MB and 1.5 s on 2 cores)
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048  # 4.2 MP, all frames together
+    max_aspect: float = 4.0  # long side / short side; padding to square allocates long side squared
+
+    def check(self, width: int, height: int, name: str, frames: int = 1, min_side: int = 1) -> None:
+        """Raise before decoding when the declared size cannot be a slice this pipeline should allocate."""
+        if width <= 0 or height <= 0:
+            raise InputError(f"{name}: image declares {width}x{height} px; it has no pixels")
+        if min(width, height) < min_side:
+            raise InputError(f"{name}: image is {width}x{height} px, smaller than the {min_side} px minimum")
+        if max(width, height) > self.max_side:
+            raise ImageTooLargeError(f"{name}: image declares {width}x{height} px; the largest side allowed "
+                                     f"is {self.max_side} px")
+        if width * height * max(1, frames) > self.max_pixels:
+            raise ImageTooLargeError(f"{name}: image declares {width}x{height} px x {frames} frame(s); "
+                                     f"the limit is {self.max_pixels} pixels")
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise InputError(f"{name}: image is {width}x{height} px, aspect ratio over {self.max_aspect:g}:1; "
+                             "a CT slice is roughly square")
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -53,7 +92,7 @@ def is_candidate_file(path: Path) -> bool:
     return suffix == "" and looks_like_dicom(path)
 
 
-def load_slice(path: str | Path, config: Preprocessing) -> np.ndarray:
+def load_slice(path: str | Path, config: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read and decode one file into a 2-D float32 slice in 0..1."""
     path = Path(path)
     if not path.exists():
@@ -64,17 +103,25 @@ def load_slice(path: str | Path, config: Preprocessing) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_slice(data, str(path), config, dicom_hint=path.suffix.lower() in DICOM_SUFFIXES)
+    return decode_slice(data, str(path), config, dicom_hint=path.suffix.lower() in DICOM_SUFFIXES, limits=limits)
 
 
-def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool = False) -> np.ndarray:
+def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool = False,
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode the bytes of one slice. ``name`` is only used in error messages."""
     if not data:
         raise InputError(f"{name}: empty file")
-    if dicom_hint or is_dicom_bytes(data[:132]):
-        gray = _decode_dicom(data, name, config)
-    else:
-        gray = _decode_image(data, name, config)
+    try:
+        if dicom_hint or is_dicom_bytes(data[:132]):
+            gray = _decode_dicom(data, name, config, limits)
+        else:
+            gray = _decode_image(data, name, config, limits)
+    except (EdgeKidneyError, MemoryError, RecursionError):
+        raise
+    except Exception as exc:  # decoders of untrusted bytes raise anything (ValueError, NotImplementedError,
+        # struct.error, pydicom's BytesLengthException...): a file they cannot read is the file's problem
+        kind = "DICOM" if dicom_hint or is_dicom_bytes(data[:132]) else "image"
+        raise InputError(f"{name}: malformed {kind} ({_one_line(exc)})") from None
     h, w = gray.shape
     if min(h, w) < config.min_input_size:
         raise InputError(f"{name}: image is {w}x{h} px, smaller than the {config.min_input_size} px minimum")
@@ -83,22 +130,18 @@ def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool
     return gray
 
 
-def _decode_dicom(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
+def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeLimits) -> np.ndarray:
     ds = read_dicom(io.BytesIO(data), name)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise InputError(f"{name}: DICOM float pixel data is not a CT image edgekidney can read")
         raise InputError(f"{name}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = getattr(file_meta, "TransferSyntaxUID", None) if file_meta is not None else None
+    _check_dicom_header(ds, name, syntax, config, limits)  # before any pixel is decoded
     pixels = dicom_pixels(ds, name)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
-    if frames > 1 or pixels.ndim != 2:
-        raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
-    modality = str(ds.get("Modality", "CT") or "CT").upper()
-    if modality != "CT":
-        raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
+    if pixels.ndim != 2:
+        raise InputError(f"{name}: DICOM pixel data has shape {pixels.shape}; expected one grayscale slice")
     slope, intercept = dicom_rescale(ds)
     return window_hu(stored_to_hu(pixels, slope, intercept), config.window_center, config.window_width)
 
@@ -164,11 +207,57 @@ def stored_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarr
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def _decode_image(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
+def _dicom_int(ds, keyword: str, default: int | None, name: str) -> int | None:
+    try:
+        value = ds.get(keyword, default)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name}: DICOM {keyword} is not a number") from None
+
+
+def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: DecodeLimits) -> tuple[int, int]:
+    """Rows, Columns, frames, samples, bits and the pixel data's length, before any pixel is decoded."""
+    rows = _dicom_int(ds, "Rows", None, name)
+    cols = _dicom_int(ds, "Columns", None, name)
+    if rows is None or cols is None:
+        raise InputError(f"{name}: DICOM pixel data without Rows/Columns")
+    frames = _dicom_int(ds, "NumberOfFrames", 1, name) or 1
+    samples = _dicom_int(ds, "SamplesPerPixel", 1, name) or 1
+    bits = _dicom_int(ds, "BitsAllocated", 16, name)
+    limits.check(cols, rows, name, frames, config.min_input_size)
+    if frames < 0 or samples < 0:
+        raise InputError(f"{name}: DICOM declares {frames} frames and {samples} samples per pixel")
+    if bits not in (1, 8, 16, 32):
+        raise InputError(f"{name}: DICOM BitsAllocated {bits} is not a CT slice's 8 or 16")
+    compressed = getattr(syntax, "is_compressed", False)
+    if not compressed:  # native pixel data: its length is known before decoding
+        expected = (rows * cols * frames * samples * bits + 7) // 8
+        try:
+            have = len(ds["PixelData"].value or b"")
+        except Exception:  # an unreadable element: pydicom's decoder will say what is wrong
+            have = expected
+        if have < expected:
+            raise InputError(f"{name}: DICOM pixel data is truncated ({have} bytes for {cols}x{rows} px x "
+                             f"{frames} frame(s) at {bits} bits, {expected} expected)")
+    if samples != 1:
+        raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
+    if frames > 1:
+        raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
+    modality = str(ds.get("Modality", "CT") or "CT").upper()
+    if modality != "CT":
+        raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
+    return frames, samples
+
+
+def _decode_image(data: bytes, name: str, config: Preprocessing, limits: DecodeLimits) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limits decide
+            im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        with im:
+            limits.check(im.width, im.height, name, 1, config.min_input_size)  # only the first frame is ever decoded
             im.load()
             return _image_to_gray(im, name, config)
     except UnidentifiedImageError:
@@ -176,7 +265,7 @@ def _decode_image(data: bytes, name: str, config: Preprocessing) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt streams
         raise InputError(f"{name}: corrupt or truncated image ({_one_line(exc)})") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{name}: image too large ({_one_line(exc)})") from None
+        raise ImageTooLargeError(f"{name}: image too large ({_one_line(exc)})") from None
 
 
 def _image_to_gray(im, name: str, config: Preprocessing) -> np.ndarray:
