@@ -490,6 +490,9 @@ def serve_cmd(
     no_batching: bool = typer.Option(False, "--no-batching", help="Run every request alone (same as --max-batch 1)."),
     max_body_mb: float = typer.Option(64.0, min=0.001, help="Larger request bodies get 413."),
     max_images: int = typer.Option(64, min=1, help="Most images (parts) in one multipart request."),
+    max_queue: int = typer.Option(64, min=1, help="Requests admitted at once (decoding or queued); more get 503."),
+    request_timeout: float = typer.Option(30.0, min=0.001, help="Seconds before a request is answered 504."),
+    decode_threads: int = typer.Option(2, min=1, help="Images decoded at once (bounds upload memory)."),
     api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", show_envvar=True,
                                           help="Require this key (Authorization: Bearer KEY or X-API-Key)."),
     graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
@@ -501,7 +504,8 @@ def serve_cmd(
 
     serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
                       threshold=threshold, max_batch=1 if no_batching else max_batch, max_wait_ms=max_wait_ms,
-                      max_body_mb=max_body_mb, max_images=max_images, api_key=api_key,
+                      max_body_mb=max_body_mb, max_images=max_images, max_queue=max_queue,
+                      request_timeout_s=request_timeout, decode_threads=decode_threads, api_key=api_key,
                       graceful_timeout_s=graceful_timeout, log_level=log_level,
                       simulate_latency_ms=simulate_latency_ms))
 

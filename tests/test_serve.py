@@ -30,9 +30,11 @@ pytest.importorskip("torchvision")
 from edgekidney.predict import Classifier  # noqa: E402
 from edgekidney.server.batching import MicroBatcher  # noqa: E402
 from edgekidney.server.inputs import redact  # noqa: E402
+from edgekidney.server.batching import BatchFailed, Closed, Overloaded  # noqa: E402
 from edgekidney.server.metrics import Metrics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hostile import dicom_declaring, png_declaring, thin_png  # noqa: E402
 from serve_fixtures import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,6 +341,115 @@ def test_redact_scrubs_the_dicoms_own_identifiers(images):
     assert redact("upload: bad", b"not dicom") == "upload: bad"
 
 
+# -- hostile uploads: limits before allocation (issue 8) --------------------------------------------------
+def server_peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+@pytest.mark.parametrize("width,height", [(20000, 32), (40000, 32), (60000, 60)])
+def test_the_issues_thin_pngs_get_a_4xx_in_under_a_second_and_memory_stays_low(client, server, width, height):
+    data = thin_png(width, height)
+    t0 = time.perf_counter()
+    r = post(client, data, "image/png")
+    seconds = time.perf_counter() - t0
+    assert r.status_code in (413, 422) and r.json()["status"] == r.status_code, r.text
+    assert f"{width}x{height}" in r.json()["detail"] and seconds < 1.0
+    assert server_peak_rss_mb(server.proc.pid) < 1024
+
+
+def hostile_cases(images) -> list[tuple[str, bytes, str | None, int]]:
+    dicom = images["dicom"]
+    multipart_bomb = (b'--b\r\nContent-Type: image/png\r\n\r\n' + png_declaring(90000, 90000) + b"\r\n--b--\r\n")
+    return [
+        ("png bomb 90000x90000", png_declaring(90000, 90000), "image/png", 413),
+        ("png 5000x5000", png_declaring(5000, 5000), "image/png", 413),
+        ("png zero width", png_declaring(0, 512), "image/png", 422),
+        ("png 4000x512", thin_png(4000, 512), "image/png", 422),
+        ("dicom 60000x60000", dicom_declaring(dicom, 60000, 60000), "application/dicom", 413),
+        ("dicom 1000 frames", dicom_declaring(dicom, 1024, 1024, frames=1000), "application/dicom", 413),
+        ("dicom 2048x2048, little data", dicom_declaring(dicom, 2048, 2048), "application/dicom", 422),
+        ("dicom zero rows", dicom_declaring(dicom, 0, 96), "application/dicom", 422),
+        ("multipart part bomb", multipart_bomb, "multipart/form-data; boundary=b", 413),
+        ("multipart junk", os.urandom(3000), "multipart/form-data; boundary=b", 422),
+        ("wrong content type", images["png"], "image/gif", 415),
+        ("json body", b'{"image": "x"}', "application/json", 415),
+    ]
+
+
+def test_hostile_uploads_get_their_4xx_with_a_reason_and_the_server_keeps_serving(client, server, images,
+                                                                                 reference):
+    for name, data, ctype, status in hostile_cases(images):
+        t0 = time.perf_counter()
+        r = post(client, data, ctype)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        body = r.json()
+        assert body["status"] == status and body["detail"], name
+        assert time.perf_counter() - t0 < 1.0, name
+    assert server_peak_rss_mb(server.proc.pid) < 1024
+    ok = post(client, images["png"], "image/png")
+    assert ok.status_code == 200
+    assert_matches(ok.json(), reference(images["png"]))
+
+
+# -- overload, deadlines, a dead worker (issue 8) -------------------------------------------------------------
+def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, images, tmp_path):
+    srv = LiveServer(model, tmp_path / "overload.log", "--simulate-latency-ms", "400", "--max-batch", "1",
+                     "--max-queue", "2", "--request-timeout", "0.6")
+    try:
+        srv.wait()
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=10.0) as c:
+                return await asyncio.gather(*[c.post("/v1/predict", content=images["png"],
+                                                     headers={"Content-Type": "image/png"}) for _ in range(6)])
+
+        answers = asyncio.run(burst())
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(503) == 4 and codes[:1] == [200] and codes.count(504) == 1, codes
+        for r in answers:
+            if r.status_code != 200:
+                assert r.json()["status"] == r.status_code
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and "--max-queue" in r.json()["detail"]
+        assert httpx.get(srv.url + "/readyz").status_code == 200  # overload is not death
+        again = httpx.post(srv.url + "/v1/predict", content=images["png"], headers={"Content-Type": "image/png"},
+                           timeout=10.0)
+        assert again.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_dead_inference_worker_turns_readyz_not_ready_and_requests_get_503(model, images):
+    from fastapi.testclient import TestClient
+
+    from edgekidney.server import ServeConfig
+    from edgekidney.server.app import create_app
+
+    class Die(BaseException):
+        pass
+
+    def die(batch):
+        raise Die("simulated crash of the inference thread")
+
+    app = create_app(Classifier(model), ServeConfig(model=model))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.post("/v1/predict", content=images["png"], headers={"Content-Type": "image/png"}).status_code == 200
+        app.state.service.batcher._run = die
+        r = c.post("/v1/predict", content=images["png"], headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and "worker has stopped" in r.json()["detail"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "inference worker stopped" in ready.json()["detail"]
+        assert "edgekidney_ready 0.0" in c.get("/metrics").text
+        r = c.post("/v1/predict", content=images["png"], headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
 # -- metrics and logs -------------------------------------------------------------------------------
 def test_metrics_are_prometheus_text(client, server):
     r = client.get("/metrics")
@@ -348,8 +459,9 @@ def test_metrics_are_prometheus_text(client, server):
     assert 'status="422"' in text and 'status="401"' in text
     assert "edgekidney_request_latency_seconds_bucket{le=\"+Inf\"}" in text
     assert "edgekidney_batch_size_count" in text
-    assert 'edgekidney_model_info{sha256="' in text and 'precision="fp32",backend="ort"' in text
-    assert "edgekidney_ready 1" in text
+    assert 'edgekidney_model_info{backend="ort",' in text and 'precision="fp32",' in text and 'sha256="' in text
+    assert "edgekidney_ready 1.0" in text
+    assert "process_resident_memory_bytes" in text  # prometheus_client's process collector
     for line in text.splitlines():  # every sample line: name{labels} value
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
@@ -458,7 +570,120 @@ def test_batcher_failure_reaches_every_request_in_the_batch_and_it_goes_on():
         return first, second
 
     first, second = asyncio.run(main())
-    assert isinstance(first[0], RuntimeError) and second.rows == [0, 0]
+    assert isinstance(first[0], BatchFailed) and first[0].status == 500 and second.rows == [0, 0]
+
+
+def _run_with_batcher(body, **kw):
+    async def main():
+        b = MicroBatcher(kw.pop("run", lambda x: [0.0] * len(x)), **{"max_batch": 8, "max_wait_ms": 0, **kw})
+        await b.start()
+        try:
+            return await body(b)
+        finally:
+            await b.close()
+
+    return asyncio.run(main())
+
+
+def test_batcher_survives_a_concatenate_failure():
+    async def body(b):
+        # two jobs of different image sizes in one batch: np.concatenate raises in the worker
+        bad = await asyncio.gather(b.submit(np.zeros((1, 3, 2, 2))), b.submit(np.zeros((1, 3, 4, 4))),
+                                   return_exceptions=True)
+        return bad, await b.submit(np.zeros((1, 3, 2, 2))), b.alive
+
+    bad, ok, alive = _run_with_batcher(body, max_wait_ms=50, run=lambda x: (time.sleep(0.01), [1.0] * len(x))[1])
+    assert any(isinstance(r, BatchFailed) for r in bad) and ok.rows == [1.0] and alive
+
+
+def test_batcher_survives_a_wrong_number_of_results_and_a_failing_on_batch():
+    calls = []
+
+    def run(x):
+        calls.append(len(x))
+        return [1.0] * (len(x) + (1 if len(calls) == 1 else 0))  # the first batch returns one row too many
+
+    def on_batch(size):
+        raise ValueError("metrics broke")
+
+    async def body(b):
+        first = await asyncio.gather(b.submit(np.zeros((2, 3, 2, 2))), return_exceptions=True)
+        second = await b.submit(np.zeros((2, 3, 2, 2)))  # on_batch fails: the result is still delivered
+        return first[0], second, b.alive
+
+    first, second, alive = _run_with_batcher(body, run=run, on_batch=on_batch)
+    assert isinstance(first, BatchFailed) and second.rows == [1.0, 1.0] and alive
+
+
+class _Die(BaseException):
+    """Not an Exception: what the worker cannot swallow (it must die loudly, not hang)."""
+
+
+def test_a_dead_worker_fails_waiting_requests_and_says_not_alive():
+    def run(x):
+        raise _Die("worker killed")
+
+    async def body(b):
+        waiting = await asyncio.gather(b.submit(np.zeros((1, 3, 2, 2))), return_exceptions=True)
+        await asyncio.sleep(0.01)
+        with pytest.raises(Closed, match="worker has stopped"):
+            b.announce()
+        with pytest.raises(Closed):
+            await b.submit(np.zeros((1, 3, 2, 2)))
+        return waiting[0], b.alive, b.death
+
+    waiting, alive, death = _run_with_batcher(body, run=run)
+    assert isinstance(waiting, Closed) and waiting.status == 503 and not alive and "_Die" in death
+
+
+def test_batcher_bounded_queue_overload_and_closed():
+    started = []
+
+    def run(x):
+        started.append(len(x))
+        time.sleep(0.2)
+        return [0.0] * len(x)
+
+    async def body(b):
+        slots = [b.announce() for _ in range(2)]
+        for s in slots:
+            s.__enter__()
+        with pytest.raises(Overloaded, match="--max-queue") as info:
+            b.announce()
+        assert info.value.status == 503
+        for s in slots:
+            s.__exit__(None, None, None)
+        assert b.pending == 0
+        b.announce()  # room again
+        await b.close()
+        with pytest.raises(Closed, match="shutting down"):
+            b.announce()
+        with pytest.raises(Closed):
+            await b.submit(np.zeros((1, 3, 2, 2)))
+        return True
+
+    assert _run_with_batcher(body, run=run, max_queue=2)
+
+
+def test_abandoned_requests_are_skipped():
+    seen = []
+
+    def run(x):
+        seen.append(len(x))
+        time.sleep(0.1)
+        return [0.0] * len(x)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 3, 2, 2))))
+        await asyncio.sleep(0.02)  # the first runs; the next two queue behind it
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.submit(np.zeros((3, 3, 2, 2))), 0.01)  # gives up (a deadline)
+        last = await b.submit(np.zeros((2, 3, 2, 2)))
+        await first
+        return last
+
+    last = _run_with_batcher(body, run=run)
+    assert last.rows == [0.0, 0.0] and 3 not in seen and 5 not in seen
 
 
 def test_metrics_text_format():
@@ -467,11 +692,14 @@ def test_metrics_text_format():
     m.request_finished("POST", "/v1/predict", 200, 0.03, predict=True)
     m.batch_done(3)
     text = m.render()
-    assert 'edgekidney_requests_total{method="POST",path="/v1/predict",status="200"} 1' in text
-    assert 'edgekidney_request_latency_seconds_bucket{le="0.025"} 0' in text
-    assert 'edgekidney_request_latency_seconds_bucket{le="0.05"} 1' in text
-    assert 'edgekidney_batch_size_bucket{le="4"} 1' in text and "edgekidney_images_total 3" in text
-    assert 'backend="o\\"rt"' in text and "edgekidney_inflight_requests 0" in text
+    assert 'edgekidney_requests_total{method="POST",path="/v1/predict",status="200"} 1.0' in text
+    assert 'edgekidney_request_latency_seconds_bucket{le="0.025"} 0.0' in text
+    assert 'edgekidney_request_latency_seconds_bucket{le="0.05"} 1.0' in text
+    assert 'edgekidney_batch_size_bucket{le="4.0"} 1.0' in text and "edgekidney_images_total 3.0" in text
+    assert 'backend="o\\"rt"' in text and "edgekidney_inflight_requests 0.0" in text
+    assert "edgekidney_ready 0.0" in text and "_created" not in text
+    m.ready_when(lambda: True)
+    assert "edgekidney_ready 1.0" in m.render()
 
 
 def test_cam_is_returned_when_asked_as_a_png_of_the_uploaded_image(client, images, reference):

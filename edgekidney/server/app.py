@@ -13,6 +13,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -22,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..predict import decide_outputs
-from .batching import MicroBatcher
+from .batching import BatcherError, MicroBatcher
 from .config import ServeConfig
 from .inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
                      read_limited, single_upload, split_multipart)
@@ -54,9 +55,23 @@ class Service:
         engine_max = getattr(classifier.backend, "max_batch", None)  # a TensorRT profile's largest batch
         if engine_max and max_batch > engine_max:
             max_batch = engine_max
-        self.batcher = MicroBatcher(self._infer, max_batch, config.max_wait_ms, on_batch=self.metrics.batch_done)
+        self.batcher = MicroBatcher(self._infer, max_batch, config.max_wait_ms, on_batch=self.metrics.batch_done,
+                                    max_queue=config.max_queue)
+        self.metrics.ready_when(lambda: self.is_ready)
+        self._decode_limiter: anyio.CapacityLimiter | None = None  # made in the event loop (lifespan)
         self.ready = False
         self.not_ready_reason = "model is warming up"
+
+    @property
+    def is_ready(self) -> bool:
+        """Warmed up and the inference worker alive: what /readyz and edgekidney_ready say."""
+        return self.ready and self.batcher.alive
+
+    @property
+    def not_ready(self) -> str:
+        if self.ready and self.batcher.death:
+            return f"inference worker stopped ({self.batcher.death})"
+        return self.not_ready_reason if not self.ready else "shutting down"
 
     # -- the inference thread --------------------------------------------------------------
     def _infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -70,6 +85,7 @@ class Service:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
         await self.batcher.start()
+        self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads)
         warm = asyncio.create_task(self._warm_up())
         try:
             yield
@@ -91,7 +107,7 @@ class Service:
             self.not_ready_reason = f"warm-up failed: {' '.join(str(exc).split())[:200]}"
             log.error(self.not_ready_reason)
             return
-        self.ready = self.metrics.ready = True
+        self.ready = True
         batching = (f"micro-batching up to {self.batcher.max_batch} images, {self.config.max_wait_ms:g} ms wait"
                     if self.batcher.batching else "micro-batching off")
         log.info("ready in %.0f ms: model sha256 %s, %s, backend %s, %s", (time.perf_counter() - t0) * 1000,
@@ -134,15 +150,14 @@ class Service:
             content_type = request.headers.get("content-type")
             kind = check_content_type(content_type)
             check_declared_length(request.headers.get("content-length"), cfg.max_body_bytes)
-            if not self.ready:
-                return JSONResponse({"detail": self.not_ready_reason, "status": 503}, 503,
-                                    headers={"Retry-After": "1"})
-            body = await read_limited(request.stream(), cfg.max_body_bytes)
+            if not self.is_ready:
+                return JSONResponse({"detail": self.not_ready, "status": 503}, 503, headers={"Retry-After": "1"})
             want_cam = request.query_params.get("cam", "").lower() in ("1", "true", "yes")
-            with self.batcher.announce() as slot:
-                uploads, (x, geometries) = await run_in_threadpool(self._decode, kind, content_type, body,
-                                                                   request.scope)
-                result = await slot.submit(x)
+            with self.batcher.announce() as slot:  # admission: 503 when --max-queue requests are in
+                body = await read_limited(request.stream(), cfg.max_body_bytes)
+                uploads, (x, geometries), result = await asyncio.wait_for(
+                    self._decode_and_run(slot, kind, content_type, body, request.scope),
+                    max(0.001, cfg.request_timeout_s - (time.perf_counter() - t0)))
             rows = result.rows
             decided = decide_outputs(self.clf.card, self.clf.threshold,
                                      {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam)
@@ -150,6 +165,12 @@ class Service:
             return JSONResponse(exc.to_dict(), exc.status)
         except ClientDisconnect:
             return JSONResponse({"detail": "client disconnected", "status": 400}, 400)
+        except BatcherError as exc:  # 503 overloaded or closing (retry), 500 a failed batch
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return JSONResponse({"detail": str(exc), "status": exc.status}, exc.status, headers=headers)
+        except asyncio.TimeoutError:
+            return JSONResponse({"detail": f"no answer within {cfg.request_timeout_s:g} s (--request-timeout); "
+                                           "the server is overloaded", "status": 504}, 504)
         latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         items = []
         pos = self.clf.card.positive_index
@@ -177,6 +198,11 @@ class Service:
         from ..data.decode import decode_slice
 
         return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)
+
+    async def _decode_and_run(self, slot, kind: str, content_type: str, body: bytes, scope: dict):
+        uploads, decoded = await anyio.to_thread.run_sync(self._decode, kind, content_type, body, scope,
+                                                          limiter=self._decode_limiter)
+        return uploads, decoded, await slot.submit(decoded[0])
 
     def _decode(self, kind: str, content_type: str, body: bytes, scope: dict):
         if kind == MULTIPART_TYPE:
@@ -242,9 +268,9 @@ def create_app(classifier, config: ServeConfig) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        if service.ready:
+        if service.is_ready:
             return {"status": "ready", "model": service.model}
-        return JSONResponse({"status": "not ready", "detail": service.not_ready_reason}, 503)
+        return JSONResponse({"status": "not ready", "detail": service.not_ready}, 503)
 
     @app.get("/metrics", dependencies=auth)
     async def metrics():
@@ -252,8 +278,9 @@ def create_app(classifier, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/model", dependencies=auth)
     async def model():
-        return {**service.model, "ready": service.ready, "max_batch": service.batcher.max_batch,
-                "batching": service.batcher.batching, "max_wait_ms": config.max_wait_ms}
+        return {**service.model, "ready": service.is_ready, "max_batch": service.batcher.max_batch,
+                "batching": service.batcher.batching, "max_wait_ms": config.max_wait_ms,
+                "max_queue": config.max_queue, "request_timeout_s": config.request_timeout_s}
 
     @app.post("/v1/predict", dependencies=auth)
     async def predict(request: Request):

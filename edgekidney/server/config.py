@@ -24,6 +24,9 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # how long a batch may wait for more requests that are on their way
     max_body_mb: float = 64.0
     max_images: int = 64  # parts per multipart request
+    max_queue: int = 64  # requests admitted at once (decoding or queued); more get 503 + Retry-After
+    request_timeout_s: float = 30.0  # a request not answered by then gets 504
+    decode_threads: int = 2  # images decoded at once (bounds the memory hostile uploads can take)
     api_key: str | None = None
     graceful_timeout_s: float = 30.0  # after SIGTERM, how long in-flight requests may take
     log_level: str = "info"
@@ -57,6 +60,12 @@ class ServeConfig:
             raise InputError(f"--max-body-mb {self.max_body_mb}: must be positive")
         if self.max_images < 1:
             raise InputError(f"--max-images {self.max_images}: must be at least 1")
+        if self.max_queue < 1:
+            raise InputError(f"--max-queue {self.max_queue}: must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise InputError(f"--request-timeout {self.request_timeout_s}: must be positive")
+        if self.decode_threads < 1:
+            raise InputError(f"--decode-threads {self.decode_threads}: must be at least 1")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"--threshold {self.threshold}: must be in 0..1")
         if self.api_key is not None and not self.api_key.strip():

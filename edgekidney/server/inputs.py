@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.decode import decode_slice
-from ..errors import DependencyError, InputError
-from ..preprocess import Geometry, Preprocessing, preprocess_batch_with_geometry
+from ..errors import DependencyError, ImageTooLargeError, InputError
+from ..preprocess import Geometry, Preprocessing, preprocess_with_geometry
 
 DICOM_TYPES = {"application/dicom"}
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg"}
@@ -160,14 +160,25 @@ def split_multipart(content_type: str, body: bytes, max_images: int) -> list[Upl
 
 
 def decode_uploads(uploads: list[Upload], config: Preprocessing) -> tuple[np.ndarray, list[Geometry]]:
-    """Decode and preprocess (the CLI's code) -> ((N, 3, S, S), geometries); the first bad image raises 422."""
-    slices = []
-    for up in uploads:
+    """Decode and preprocess (the CLI's code) -> ((N, 3, S, S), geometries); the first bad image raises 413/422.
+
+    Each image is preprocessed right after it is decoded, so a request holds one full-size slice at a
+    time, not all of its parts at full size. An image declaring more pixels than the decode limits
+    allow is 413 (too large); every other bad image is 422.
+    """
+    s = config.image_size
+    out = np.empty((len(uploads), 3, s, s), dtype=np.float32)
+    geometries: list[Geometry] = []
+    for i, up in enumerate(uploads):
         try:
-            slices.append(decode_slice(up.data, up.name, config, dicom_hint=up.dicom))
+            gray = decode_slice(up.data, up.name, config, dicom_hint=up.dicom)
+        except ImageTooLargeError as exc:
+            raise ClientError(413, redact(str(exc), up.data), part=up.part) from None
         except (InputError, DependencyError) as exc:
             raise ClientError(422, redact(str(exc), up.data), part=up.part) from None
-    return preprocess_batch_with_geometry(slices, config)
+        out[i], geometry = preprocess_with_geometry(gray, config)
+        geometries.append(geometry)
+    return out, geometries
 
 
 def patient_identifiers(data: bytes) -> list[str]:
