@@ -1,107 +1,63 @@
-"""Prometheus text exposition (format 0.0.4), written by hand: no client library needed.
+"""The service's Prometheus metrics, kept by ``prometheus_client`` (text format 0.0.4).
 
-Updated from the event loop and the inference thread, hence one lock.
+One registry per service (tests run several in one process), holding the service's own metrics and
+the library's process and platform collectors (``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, ``python_info``...). ``prometheus_client`` is thread-safe: the event
+loop and the inference thread update it without a lock of ours.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+from typing import Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               PlatformCollector, ProcessCollector, disable_created_metrics, generate_latest)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# what generate_latest writes (newer prometheus_client releases call the same text "1.0.0" by default)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _num(x: float) -> str:
-    return repr(float(x)) if isinstance(x, float) else str(x)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * len(self.buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, le in enumerate(self.buckets):
-            if value <= le:
-                self.counts[i] += 1
-                break
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, cumulative = [], 0
-        for le, n in zip(self.buckets, self.counts):
-            cumulative += n
-            out.append(f'{name}_bucket{{le="{_num(le)}"}} {cumulative}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum {self.sum!r}")
-        out.append(f"{name}_count {self.count}")
-        return out
+disable_created_metrics()  # no *_created series: timestamps of process start add nothing here
 
 
 class Metrics:
     def __init__(self, model_info: dict[str, str]) -> None:
-        self._lock = threading.Lock()
-        self.model_info = dict(model_info)
-        self.requests: Counter[tuple[str, str, int]] = Counter()  # (method, path, status)
-        self.latency = Histogram(LATENCY_BUCKETS)  # /v1/predict only
-        self.batch_size = Histogram(BATCH_BUCKETS)
-        self.images = 0
-        self.inflight = 0
-        self.ready = False
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter("edgekidney_requests", "HTTP requests by method, path and status.",
+                                ["method", "path", "status"], registry=r)
+        self.latency = Histogram("edgekidney_request_latency_seconds",
+                                 "Time to answer POST /v1/predict (all statuses).", buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.batch_size = Histogram("edgekidney_batch_size",
+                                    "Images per inference batch (micro-batching joins requests).",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.images = Counter("edgekidney_images", "Images classified.", registry=r)
+        self.inflight = Gauge("edgekidney_inflight_requests", "Requests being served now.", registry=r)
+        self._ready = Gauge("edgekidney_ready", "1 when the model is loaded, warmed up and its worker alive.",
+                            registry=r)
+        self._ready.set_function(lambda: 0.0)
+        info = Info("edgekidney_model", "The model being served.", registry=r)
+        info.info({k: str(v) for k, v in model_info.items()})
+
+    def ready_when(self, is_ready: Callable[[], bool]) -> None:
+        """edgekidney_ready reads ``is_ready()`` at every scrape."""
+        self._ready.set_function(lambda: float(bool(is_ready())))
 
     def request_started(self) -> None:
-        with self._lock:
-            self.inflight += 1
+        self.inflight.inc()
 
     def request_finished(self, method: str, path: str, status: int, seconds: float, predict: bool) -> None:
-        with self._lock:
-            self.inflight -= 1
-            self.requests[(method, path, status)] += 1
-            if predict:
-                self.latency.observe(seconds)
+        self.inflight.dec()
+        self.requests.labels(method=method, path=path, status=str(status)).inc()
+        if predict:
+            self.latency.observe(seconds)
 
     def batch_done(self, size: int) -> None:
-        with self._lock:
-            self.batch_size.observe(size)
-            self.images += size
+        self.batch_size.observe(size)
+        self.images.inc(size)
 
     def render(self) -> str:
-        with self._lock:
-            lines = ["# HELP edgekidney_requests_total HTTP requests by method, path and status.",
-                     "# TYPE edgekidney_requests_total counter"]
-            for (method, path, status), n in sorted(self.requests.items()):
-                lines.append(f"edgekidney_requests_total{_labels({'method': method, 'path': path, 'status': status})} {n}")
-            lines += ["# HELP edgekidney_request_latency_seconds Time to answer POST /v1/predict (all statuses).",
-                      "# TYPE edgekidney_request_latency_seconds histogram"]
-            lines += self.latency.lines("edgekidney_request_latency_seconds")
-            lines += ["# HELP edgekidney_batch_size Images per inference batch (micro-batching joins requests).",
-                      "# TYPE edgekidney_batch_size histogram"]
-            lines += self.batch_size.lines("edgekidney_batch_size")
-            lines += ["# HELP edgekidney_images_total Images classified.",
-                      "# TYPE edgekidney_images_total counter",
-                      f"edgekidney_images_total {self.images}",
-                      "# HELP edgekidney_inflight_requests Requests being served now.",
-                      "# TYPE edgekidney_inflight_requests gauge",
-                      f"edgekidney_inflight_requests {self.inflight}",
-                      "# HELP edgekidney_ready 1 when the model is loaded and warmed up.",
-                      "# TYPE edgekidney_ready gauge",
-                      f"edgekidney_ready {int(self.ready)}",
-                      "# HELP edgekidney_model_info The model being served.",
-                      "# TYPE edgekidney_model_info gauge",
-                      f"edgekidney_model_info{_labels(self.model_info)} 1"]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode("utf-8")
