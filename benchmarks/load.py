@@ -90,11 +90,9 @@ def malformed_cases(jpeg: bytes, max_body_bytes: int) -> list[tuple[str, bytes, 
 
 def reference_predictions(model: Path, paths: list[Path], backend: str | None,
                           threads: int | None) -> tuple[dict, dict]:
-    from edgekidney.predict import Classifier, default_backend_for
+    from edgekidney.predict import Classifier
 
-    backend = backend or default_backend_for(model)
-    options = {"threads": threads} if backend == "ort" else {}
-    with Classifier(model, backend=backend, **options) as clf:
+    with Classifier(model, backend=backend, defaults={"threads": threads}) as clf:
         preds, _ = clf.predict_files(paths, batch_size=16)
         card = {"sha256": clf.card.sha256, "precision": clf.card.precision, "threshold": clf.threshold,
                 "image_size": clf.card.preprocessing.image_size}

@@ -211,7 +211,7 @@ def infer_cmd(
     model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
     paths: List[Path] = typer.Argument(..., help="Image/DICOM files and folders."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
-    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
+    device: Optional[str] = typer.Option(None, help="ONNX Runtime: cpu (default) | cuda | tensorrt | auto; TensorRT: GPU index."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     batch_size: int = typer.Option(8, min=1),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
@@ -225,8 +225,8 @@ def infer_cmd(
     from .predict import Classifier, expand_inputs, write_cams
     from .provenance import mismatch_warning
 
-    options = {"device": device, "threads": threads} if (backend or "ort") == "ort" and model.suffix == ".onnx" else {}
-    with Classifier(model, backend=backend, threshold=threshold, **options) as clf:  # the model first, as given
+    with Classifier(model, backend=backend, threshold=threshold, device=device,
+                    threads=threads) as clf:  # the model first, as given
         files = expand_inputs(paths)
         mismatch = mismatch_warning(clf.card.extra.get("data"), files)
         if mismatch:
@@ -482,8 +482,8 @@ def serve_cmd(
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; loopback by default."),
     port: int = typer.Option(8080, min=1, max=65535),
-    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | tensorrt | auto."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads for ONNX Runtime."),
+    device: Optional[str] = typer.Option(None, help="ONNX Runtime: cpu (default) | cuda | tensorrt | auto; TensorRT: GPU index."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads (ONNX Runtime only)."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the sidecar's threshold."),
     max_batch: int = typer.Option(8, min=0, help="Images per micro-batch; 0 or 1 turns micro-batching off."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest a batch waits for requests on their way."),

@@ -17,7 +17,7 @@ from .errors import EdgeKidneyError, InputError
 from .metrics import decide, softmax
 from .preprocess import preprocess_batch_with_geometry
 from .scope import OUT_OF_SCOPE
-from .runtime import open_backend
+from .runtime import backend_for, open_backend
 from .sidecar import load_card
 
 
@@ -117,7 +117,8 @@ def decide_outputs(card, threshold: float, outs: dict[str, np.ndarray], geometri
 
 
 def default_backend_for(path: str | Path) -> str:
-    return "trt" if Path(path).suffix in (".engine", ".plan", ".trt") else "ort"
+    """The backend the artifact's sidecar asks for (an engine: trt; an ONNX model: ort)."""
+    return backend_for(load_card(path, verify_hash=False))
 
 
 class Classifier:
@@ -127,7 +128,7 @@ class Classifier:
                  **backend_options) -> None:
         self.model_path = Path(model_path)
         self.card = load_card(self.model_path)
-        self.backend_name = backend or default_backend_for(self.model_path)
+        self.backend_name = backend or backend_for(self.card)  # options are checked by open_backend
         self.backend = open_backend(self.model_path, self.card, self.backend_name, **backend_options)
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self.positive = self.card.positive_index

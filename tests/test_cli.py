@@ -69,6 +69,10 @@ def cases(tmp_path, tiny_onnx):
     (tmp_path / "bare.onnx").write_bytes(tiny_onnx.read_bytes())
     from PIL import Image
     Image.new("L", (16, 16)).save(tmp_path / "tiny.png")
+    import hostile
+
+    (tmp_path / "thin.png").write_bytes(hostile.thin_png(20000, 32))
+    (tmp_path / "bomb.png").write_bytes(hostile.png_declaring(60000, 60000))
     return tmp_path
 
 
@@ -77,6 +81,12 @@ def cases(tmp_path, tiny_onnx):
     (["infer", "{model}", "{d}/empty"], ["empty: folder holds no"]),
     (["infer", "{model}", "{d}/text.png"], ["text.png: not a PNG, JPEG or DICOM"]),
     (["infer", "{model}", "{d}/tiny.png"], ["tiny.png: image is 16x16 px"]),
+    (["infer", "{model}", "{d}/thin.png"], ["thin.png: image declares 20000x32 px"]),
+    (["infer", "{model}", "{d}/bomb.png"], ["bomb.png: image too large"]),
+    (["infer", "{model}", "{d}/tiny.png", "--backend", "trt", "--threads", "2"],
+     ["--threads: not an option of the trt backend (it takes --device, --cuda-binding)"]),
+    (["infer", "{model}", "{d}/tiny.png", "--backend", "tflite"], ["unknown backend 'tflite'"]),
+    (["bench", "latency", "{model}", "--batch-sizes", "one"], ["invalid literal"]),
     (["infer", "{model}", "{truncated}"], ["MR_truncated.dcm", "truncated"]),
     (["infer", "{model}", "{nopixels}"], ["rtplan.dcm: DICOM file has no pixel data"]),
     (["infer", "{d}/notonnx.onnx", "{d}/text.png"], ["notonnx.onnx: ONNX Runtime cannot load this model"]),
@@ -111,3 +121,28 @@ def test_demo_runs_the_whole_job_on_synthetic_data(tmp_path):
     assert all(row["decision"] in ("stone", "no_stone") for row in summary["study"])
     assert summary["validation"]["n"] > 0 and "p(stone)" in r.stdout
     assert (out / "model.onnx").exists() and (out / "model.json").exists()
+
+
+def test_one_door_validates_options_per_backend(tiny_onnx):
+    from edgekidney.errors import InputError
+    from edgekidney.runtime import backend_options, open_backend
+    from edgekidney.sidecar import load_card
+
+    card = load_card(tiny_onnx)
+    assert backend_options("ort", {"threads": 2, "device": None}, {"spinning": False, "cuda_binding": "x"}) == \
+        {"threads": 2, "spinning": False}  # defaults apply only where the backend takes them
+    assert backend_options("trt", {"device": "cuda:0"}, {"spinning": False, "threads": 2}) == {"device": "cuda:0"}
+    with pytest.raises(InputError, match="--spin: not an option of the ort backend"):
+        open_backend(tiny_onnx, card, spin=True)
+    with open_backend(tiny_onnx, card, threads=1, defaults={"spinning": False}) as b:  # the sidecar says ort
+        assert b.name == "ort" and b.threads == 1
+
+
+def test_benchmark_scripts_exit_1_on_usage_errors(capsys):
+    from edgekidney.bench import accuracy, latency
+
+    for main, argv in ((latency.main, ["--bogus"]), (accuracy.main, ["m.onnx"]), (latency.main, ["--threads", "x"])):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 1
+        assert capsys.readouterr().err.strip().startswith("error: ")

@@ -299,7 +299,9 @@ def test_jetson_release_and_device_index(tmp_path):
     f = tmp_path / "nv_tegra_release"
     f.write_text("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13\n")
     assert l4t_release(str(f)) == "R36.4.0" and l4t_release(str(tmp_path / "none")) is None
-    assert [device_index(d) for d in (0, 1, "1", "cuda:1", "cpu", "auto")] == [0, 1, 1, 1, 0, 0]
+    assert [device_index(d) for d in (0, 1, "1", "cuda:1", "cuda", "auto")] == [0, 1, 1, 1, 0, 0]
+    with pytest.raises(InputError, match="TensorRT runs on a GPU"):
+        device_index("cpu")
 
 
 # -- ONNX checks before TensorRT ---------------------------------------------------------------------

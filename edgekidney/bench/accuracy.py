@@ -9,7 +9,6 @@ agreement >= 99 %. A failed gate makes the exit code 1.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..errors import EdgeKidneyError, InputError
 from ..jsonio import write_json
+from . import ArgumentParser
 from ..evaluate import labelled_set
 from ..metrics import classification_report, predictions
 from ..predict import Classifier, decide_outputs
@@ -40,8 +40,7 @@ def run_accuracy(models: list[Path], data: Path, split: str | None = None, class
         raise InputError("name at least one model")
     gates = gates or Gates()
     t0 = time.perf_counter()
-    clfs = [Classifier(m, backend=backend, **({"spinning": False} if (backend or "ort") == "ort" and
-                                              Path(m).suffix == ".onnx" else {})) for m in models]
+    clfs = [Classifier(m, backend=backend, defaults={"spinning": False}) for m in models]
     try:
         ref_i = _reference_index(clfs, reference)
         ref = clfs[ref_i]
@@ -125,7 +124,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", type=Path)
     p.add_argument("--data", type=Path, required=True, help="dataset folder or split manifest (RUN/split.csv)")
     p.add_argument("--split", default=None)
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_accuracy(a.models, a.data, a.split, parse_classes(a.classes),
                               Gates(a.max_accuracy_drop, a.max_sensitivity_drop, a.min_agreement), a.reference,
                               backend=a.backend, log=lambda s: print(s, file=sys.stderr))
-    except EdgeKidneyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except EdgeKidneyError as exc:  # a user error: exit 1, one line, as every command
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     print(format_table(result))
     if a.json:
         write_json(result, a.json)

@@ -5,7 +5,7 @@ percentiles), per batch and per image, throughput, peak memory (the worker proce
 modes: ``model`` (preprocessed tensor in, logits out) and ``end_to_end`` (read + decode + preprocess +
 infer from files). PyTorch eager FP32 on the same inputs is the baseline row when torch is installed.
 Each (model, backend) runs in a separate process: two runtimes in one process disturb each other's
-thread pools (DESIGN.md). Threads are set explicitly and reported.
+thread pools (docs/architecture.md, CPU facts). Threads are set explicitly and reported.
 
 ``--baseline OLD.json --max-slowdown 0.10`` compares with an earlier report through ratios to the
 FP32 ONNX Runtime row of the same run (absolute times drift on a shared machine) and exits 1 on a
@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import EdgeKidneyError, InputError
 from ..jsonio import write_json
+from . import ArgumentParser
 
 
 @dataclass
@@ -77,8 +78,7 @@ def worker(spec: dict) -> dict:
     from ..predict import Classifier
     from ..preprocess import preprocess_batch
 
-    options = {"threads": cfg.threads} if cfg.backend == "ort" else {}
-    clf = Classifier(spec["model"], backend=cfg.backend, **options)
+    clf = Classifier(spec["model"], backend=cfg.backend, defaults={"threads": cfg.threads})
     pre = clf.preprocessing
     rows = []
     try:
@@ -348,7 +348,7 @@ def plot(report: dict, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", type=Path)
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="ort")
@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.baseline:
             problems = compare_to_baseline(report, json.loads(a.baseline.read_text()), a.max_slowdown)
             report["regressions"] = problems
-    except (EdgeKidneyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (EdgeKidneyError, ValueError) as exc:  # user errors: exit 1, as every command does
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     print(format_table(report))
     if a.json:
         write_json(report, a.json)

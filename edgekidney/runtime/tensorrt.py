@@ -85,18 +85,23 @@ def make_logger(trt, verbose: bool = False):
 
 
 def device_index(device) -> int:
-    """0, 1, "1" or "cuda:1" -> the GPU index; names of other backends' devices ("cpu", "auto") -> 0."""
-    if isinstance(device, int):
+    """0, 1, "1", "cuda" or "cuda:1" (and "auto": the first GPU) -> the GPU index; anything else is an error."""
+    if isinstance(device, int) and device >= 0:
         return device
-    text = str(device).rsplit(":", 1)[-1]
-    return int(text) if text.isdigit() else 0
+    text = str(device).strip().lower()
+    if text in ("auto", "cuda", "gpu"):
+        return 0
+    tail = text[5:] if text.startswith("cuda:") else text
+    if tail.isdigit():
+        return int(tail)
+    raise InputError(f"--device {device}: TensorRT runs on a GPU; give its index (0, 1, cuda:1) or auto")
 
 
 class TensorRTBackend(Backend):
     name = "trt"
 
     def __init__(self, engine_path: str | Path, card: ModelCard, device: int | str = 0,
-                 cuda_binding: str | None = None, **_other_backends_options) -> None:
+                 cuda_binding: str | None = None) -> None:
         self.engine_path = Path(engine_path)
         self.cuda: CudaBinding | None = None
         if card.kind != "engine":

@@ -14,10 +14,10 @@ API_KEY_ENV = "EDGEKIDNEY_API_KEY"
 @dataclass
 class ServeConfig:
     model: Path
-    backend: str | None = None  # ort | trt; None: from the model file's suffix
+    backend: str | None = None  # ort | trt; None: from the model's sidecar (an engine runs on trt)
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = 8080
-    device: str = "cpu"  # ONNX Runtime device
+    device: str | None = None  # the backend's device (ONNX Runtime: cpu by default; TensorRT: GPU 0)
     threads: int | None = None  # ONNX Runtime intra-op threads (None: ORT's default)
     threshold: float | None = None  # override the sidecar's decision threshold
     max_batch: int = 8  # images per micro-batch; 0 or 1 turns micro-batching off (8: best on 2 CPU cores)

@@ -26,13 +26,11 @@ def setup_logging(level: str) -> None:
 
 
 def open_classifier(config: ServeConfig):
-    from ..predict import Classifier, default_backend_for
+    from ..predict import Classifier
 
-    backend = config.backend or default_backend_for(config.model)
-    options = {}
-    if backend == "ort":  # no spinning: the pool must not steal the cores the event loop decodes on
-        options = {"device": config.device, "threads": config.threads, "spinning": False}
-    return Classifier(config.model, backend=backend, threshold=config.threshold, **options)
+    # no spinning where a backend has a thread pool: it must not steal the cores the event loop decodes on
+    return Classifier(config.model, backend=config.backend, threshold=config.threshold, device=config.device,
+                      threads=config.threads, defaults={"spinning": False})
 
 
 def serve(config: ServeConfig) -> None:
