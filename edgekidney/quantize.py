@@ -157,18 +157,13 @@ def _to_fp16(model, out: Path) -> dict:
 
 
 def _topological_sort(graph) -> None:
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ModelError("FP16 conversion produced a graph with a cycle or a dangling input")
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-        pending = [n for n in pending if n not in ready]
-    del graph.node[:]
-    graph.node.extend(ordered)
+    """ONNX Runtime's own sort (the transformers optimizer uses it on every graph it rewrites)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    try:
+        OnnxModel.graph_topological_sort(graph)
+    except RuntimeError as exc:
+        raise ModelError(f"FP16 conversion produced a graph that cannot be ordered ({exc})") from None
 
 
 def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, cal: CalibrationSet, log) -> dict:

@@ -208,3 +208,24 @@ def test_scope_and_cam_outputs_survive_quantization_with_agreement(quantized, ti
     assert q["heads_kept_fp32"] > 0 and q["cam_min_correlation"] > (0.99 if name == "fp16" else 0.5)
     if name != "fp16":
         assert q["heads_inputs_float"] >= 1  # the scope MatMul reads the FP32 pooled features
+
+
+def test_fp16_graph_is_ordered_by_onnx_runtimes_sort():
+    """Nodes listed out of order (as the FP16 converter appends its casts) come out topologically sorted."""
+    from onnx import TensorProto, helper
+
+    from edgekidney.errors import ModelError
+    from edgekidney.quantize import _topological_sort
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("Relu", ["b"], ["y"], name="last"), helper.make_node("Neg", ["a"], ["b"], name="mid"),
+             helper.make_node("Abs", ["x"], ["a"], name="first")]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    _topological_sort(graph)
+    assert [n.name for n in graph.node] == ["first", "mid", "last"]
+    onnx.checker.check_model(helper.make_model(graph))
+    cyclic = helper.make_graph([helper.make_node("Neg", ["c"], ["d"]), helper.make_node("Abs", ["d"], ["c"])],
+                               "g", [x], [y])
+    with pytest.raises(ModelError, match="cannot be ordered"):
+        _topological_sort(cyclic)
