@@ -1,6 +1,6 @@
 """Build a TensorRT engine from an edgekidney ONNX model: ``edgekidney build-engine MODEL.onnx --out MODEL.engine``.
 
-The network is strongly typed (DESIGN.md rule 2): precision comes from the graph (FP32, FP16, or Q/DQ
+The network is strongly typed (docs/architecture.md rule 2): precision comes from the graph (FP32, FP16, or Q/DQ
 INT8), so the same code builds on TensorRT 10.3+ (JetPack 6.1/6.2) and 11.x, which removed the
 FP16/INT8 builder flags. One optimization profile covers the batch range; the spatial size comes from
 the model's sidecar. The engine's sidecar (``MODEL.engine.json``) records the TensorRT version, GPU,

@@ -1,6 +1,6 @@
 """Export a trained checkpoint to ONNX (opset >= 17, dynamic batch) and prove parity with PyTorch.
 
-Writes ``model.onnx`` and its sidecar ``model.json`` (DESIGN.md rule 5). Parity: the same real CT
+Writes ``model.onnx`` and its sidecar ``model.json`` (docs/architecture.md rule 5). Parity: the same real CT
 slices (from the run's split manifest) through PyTorch and ONNX Runtime; max |Δlogit| is recorded in
 the sidecar and must be within ``tolerance`` or the export fails.
 """

@@ -1,4 +1,4 @@
-"""What an ONNX graph says about its own precision (DESIGN.md rule 2: precision lives in the graph)."""
+"""What an ONNX graph says about its own precision (docs/architecture.md rule 2: precision lives in the graph)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantize an FP32 ONNX model: the precision is written INTO the graph (DESIGN.md rule 2).
+"""Quantize an FP32 ONNX model: the precision is written INTO the graph (docs/architecture.md rule 2).
 
 - ``fp16``: an FP16 graph with float32 inputs and outputs kept, checked numerically against FP32.
 - ``int8 --target trt``: explicit Q/DQ TensorRT 10/11 accept: symmetric INT8 activations (zero point

@@ -1,4 +1,4 @@
-"""JSON sidecars: every ONNX model and engine describes itself (DESIGN.md rule 5).
+"""JSON sidecars: every ONNX model and engine describes itself (docs/architecture.md rule 5).
 
 ``model.onnx`` -> ``model.json``; ``model.int8.engine`` -> ``model.int8.engine.json``.
 A sidecar holds the class names, the positive class, input size and tensor names, the preprocessing

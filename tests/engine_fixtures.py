@@ -4,7 +4,7 @@
 :func:`edgekidney.train.save_checkpoint`, a ``split.csv`` of synthetic DICOM slices (or real ones) for the
 export's parity check, then :func:`edgekidney.export.export_onnx` -> FP32 ONNX with its sidecar.
 ``to_fp16`` and ``to_int8_qdq`` derive FP16 and symmetric Q/DQ INT8 graphs from it with the product's own
-``edgekidney.quantize`` (precision in the graph, DESIGN.md rule 2): the engines under test are built from
+``edgekidney.quantize`` (precision in the graph, docs/architecture.md rule 2): the engines under test are built from
 exactly what users feed ``build-engine``. ``fake_engine`` writes a *bad input*: bytes that are not a TensorRT plan, with
 an engine sidecar, for the error-path tests; it is never run as an engine.
 """
