@@ -1,11 +1,16 @@
-"""Calibration sets for INT8: N slices from the *training* split of a run, stratified by class.
+"""Calibration sets for INT8: N slices from the *training* split, stratified by class.
+
+Works from artifacts, without torch: the FP32 ``model.onnx`` (its sidecar holds the classes and the
+preprocessing) plus the split manifest it was trained with (``RUN/split.csv``; by default the one
+the sidecar names). When the sidecar records the manifest's sha256 (``extra.split_manifest_sha256``,
+written by ``export``), a manifest with other bytes is refused; the check says what it compared.
 
 A calibration set is a folder (by convention ``calibration/NAME``) holding:
 
 - ``manifest.csv``: path, sha256, label, class_name of every chosen slice;
 - ``tensors.npy``: the preprocessed inputs, (N, 3, S, S) float32, made by the same
   :func:`edgekidney.preprocess.preprocess` the runtime uses (byte-identical for the same files);
-- ``calibration.json``: preprocessing, counts per class, seed, the run and the manifest's sha256.
+- ``calibration.json``: preprocessing, counts per class, seed, the model's and both manifests' sha256.
 
 Validation and test images are never chosen: calibrating on them would leak the data the accuracy
 gates are measured on.
@@ -21,11 +26,11 @@ from typing import Callable
 
 import numpy as np
 
+from .data.arrays import load_arrays
 from .data.dataset import Sample, discover, read_manifest
-from .errors import InputError
+from .errors import InputError, ModelError
 from .preprocess import Preprocessing
-from .sidecar import sha256_of
-from .train import load_arrays, load_checkpoint_card
+from .sidecar import ModelCard, load_card, sha256_of
 
 CAL_FIELDS = ("path", "sha256", "label", "class_name")
 
@@ -42,9 +47,34 @@ class CalibrationSet:
         return self.info["manifest_sha256"]
 
 
-def run_split_hashes(run: Path) -> dict[str, str]:
-    """sha256 -> split for every slice of a run's manifest."""
-    return {s.sha256: s.split for s in read_manifest(run / "split.csv")}
+def split_hashes(manifest: Path) -> dict[str, str]:
+    """sha256 -> split for every slice of a split manifest."""
+    return {s.sha256: s.split for s in read_manifest(manifest)}
+
+
+def resolve_split_manifest(model: Path, card: ModelCard, manifest: str | Path | None) -> tuple[Path, str, str]:
+    """-> (manifest, its sha256, what was compared). Refuses a manifest the model was not trained with."""
+    recorded_path = card.extra.get("split_manifest")
+    recorded_hash = card.extra.get("split_manifest_sha256")
+    if manifest is None:
+        if not recorded_path:
+            raise InputError(f"{model}: its sidecar names no split manifest; pass --manifest RUN/split.csv")
+        manifest = Path(recorded_path)
+        if not manifest.exists():
+            raise InputError(f"{model}: the split manifest it was trained with ({manifest}) is not there; "
+                             "pass --manifest PATH to a copy")
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        manifest = manifest / "split.csv"
+    if not manifest.exists():
+        raise InputError(f"{manifest}: no such split manifest")
+    digest = sha256_of(manifest)
+    if recorded_hash and digest != recorded_hash:
+        raise InputError(f"{manifest}: sha256 {digest[:12]} differs from the split manifest {model.name} was trained "
+                         f"with ({recorded_hash[:12]}); calibrating from another split may use validation images")
+    compared = (f"split manifest sha256 {digest[:12]} matches the one recorded in {model.name}'s sidecar"
+                if recorded_hash else f"{model.name}'s sidecar records no split manifest sha256: not compared")
+    return manifest, digest, compared
 
 
 def choose(eligible: list[Sample], n: int, seed: int) -> list[Sample]:
@@ -73,15 +103,18 @@ def choose(eligible: list[Sample], n: int, seed: int) -> list[Sample]:
     return picked
 
 
-def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: int = 256, seed: int = 0,
+def make_calibration_set(data: str | Path, model: str | Path, out: str | Path, manifest: str | Path | None = None,
+                         n: int = 256, seed: int = 0,
                          progress: Callable[[int], None] | None = None) -> CalibrationSet:
-    data, run, out = Path(data), Path(run), Path(out)
+    """N training slices of ``data`` for the FP32 ONNX ``model``, chosen with its split ``manifest``."""
+    data, model, out = Path(data), Path(model), Path(out)
     if not data.is_dir():  # DATA comes first on the command line: report it first
         raise InputError(f"{data}: no such folder" if not data.exists() else f"{data}: is a file, not a dataset folder")
-    card = load_checkpoint_card(run)
-    if not (run / "split.csv").exists():
-        raise InputError(f"{run}: no split.csv; calibrate needs the run's manifest to avoid validation images")
-    splits = run_split_hashes(run)
+    card = load_card(model)
+    if card.kind != "onnx" or card.precision != "fp32":
+        raise ModelError(f"{model}: calibrate takes the FP32 ONNX model (this is {card.precision} {card.kind})")
+    manifest, manifest_sha, compared = resolve_split_manifest(model, card, manifest)
+    splits = split_hashes(manifest)
     ds = discover(data, [c for c in card.classes if (data / c).is_dir()] or None)
     unknown_classes = [c for c in ds.classes if c not in card.classes]
     if unknown_classes:
@@ -95,7 +128,7 @@ def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: 
         elif where in ("val", "test"):
             held_out += 1
     if not eligible:
-        raise InputError(f"{data}: none of its slices are in the training split of {run / 'split.csv'}")
+        raise InputError(f"{data}: none of its slices are in the training split of {manifest}")
     picked = choose(eligible, n, seed)
     pre = card.preprocessing
     tensors = load_arrays(picked, pre, progress)  # the shared decode + preprocess, as training uses it
@@ -107,8 +140,10 @@ def make_calibration_set(data: str | Path, run: str | Path, out: str | Path, n: 
             w.writerow({"path": str(s.path.resolve()), "sha256": s.sha256, "label": s.label, "class_name": s.class_name})
     np.save(out / "tensors.npy", tensors)
     counts = {c: sum(s.class_name == c for s in picked) for c in card.classes}
-    info = {"format": "edgekidney.calibration/1", "n": len(picked), "per_class": counts, "seed": seed,
-            "run": str(run.resolve()), "data": str(data.resolve()), "preprocessing": pre.to_dict(),
+    info = {"format": "edgekidney.calibration/2", "n": len(picked), "per_class": counts, "seed": seed,
+            "model_sha256": card.sha256, "split_manifest": str(manifest.resolve()),
+            "split_manifest_sha256": manifest_sha, "split_manifest_check": compared,
+            "data": str(data.resolve()), "preprocessing": pre.to_dict(),
             "manifest_sha256": sha256_of(out / "manifest.csv"), "held_out_images_skipped": held_out,
             "eligible_training_images": len(eligible)}
     (out / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -132,8 +167,13 @@ def load_calibration_set(folder: str | Path) -> CalibrationSet:
     return CalibrationSet(folder, tensors, samples, info)
 
 
-def check_against_model(cal: CalibrationSet, pre: Preprocessing, run_manifest: Path | None) -> None:
-    """Refuse a calibration set that does not fit the model or that contains held-out images."""
+def check_against_model(cal: CalibrationSet, card: ModelCard, where: str = "the model") -> list[str]:
+    """Refuse a calibration set that does not fit the model or that contains held-out images.
+
+    Lineage by sha256: the calibration set records the split manifest it was drawn from; the model's
+    sidecar records the one it was trained with. -> the checks made, in words (for the child's sidecar).
+    """
+    pre = card.preprocessing
     s = pre.image_size
     if tuple(cal.tensors.shape[1:]) != (3, s, s):
         raise InputError(f"{cal.folder}: calibration tensors are {tuple(cal.tensors.shape[1:])}, the model takes (3, {s}, {s})")
@@ -141,9 +181,25 @@ def check_against_model(cal: CalibrationSet, pre: Preprocessing, run_manifest: P
         raise InputError(f"{cal.folder}: calibration was preprocessed differently from the model (see calibration.json)")
     if len({x.class_name for x in cal.samples}) < 2:
         raise InputError(f"{cal.folder}: calibration set holds one class only; it needs both")
-    if run_manifest is not None and run_manifest.exists():
-        splits = {x.sha256: x.split for x in read_manifest(run_manifest)}
+    checks = []
+    model_split = card.extra.get("split_manifest_sha256")
+    cal_split = cal.info.get("split_manifest_sha256")
+    if model_split and cal_split and model_split != cal_split:
+        raise InputError(f"{cal.folder}: drawn from split manifest sha256 {cal_split[:12]}, but {where} was trained "
+                         f"with {model_split[:12]}; its slices may be this model's validation images")
+    if model_split and cal_split:
+        checks.append(f"split manifest: calibration and model both sha256 {model_split[:12]}")
+    else:
+        missing = "model's sidecar" if not model_split else "calibration set"
+        checks.append(f"split manifest: not compared (the {missing} records no sha256)")
+    manifest = Path(cal.info.get("split_manifest", ""))
+    if cal_split and manifest.is_file() and sha256_of(manifest) == cal_split:
+        splits = split_hashes(manifest)
         leaked = [x for x in cal.samples if splits.get(x.sha256) in ("val", "test")]
         if leaked:
             raise InputError(f"{cal.folder}: {len(leaked)} calibration slice(s) are validation/test images of the run "
                              f"(e.g. {leaked[0].path.name}); calibrate on the training split only")
+        checks.append(f"slices: all {len(cal.samples)} are training slices of split manifest {cal_split[:12]}")
+    else:
+        checks.append("slices: not re-checked (the split manifest file is not at its recorded path with that sha256)")
+    return checks

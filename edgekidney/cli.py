@@ -203,6 +203,8 @@ def evaluate_cmd(
                    f"(specificity there {result['at_target_threshold']['specificity']:.4f})")
         if store_threshold:
             typer.echo(f"stored threshold in {result['stored_threshold_in']}")
+            for child in result["stale_children"]:
+                typer.echo(f"warning: {child['message']}", err=True)
     echo_json(result, json_out)
 
 
@@ -225,8 +227,13 @@ def infer_cmd(
     from .predict import Classifier, expand_inputs, write_cams
     from .provenance import mismatch_warning
 
+    from .lineage import threshold_status
+
     with Classifier(model, backend=backend, threshold=threshold, device=device,
                     threads=threads) as clf:  # the model first, as given
+        status = threshold_status(model, clf.card)
+        if status.stale and threshold is None:
+            warn(status.message)
         files = expand_inputs(paths)
         mismatch = mismatch_warning(clf.card.extra.get("data"), files)
         if mismatch:
@@ -353,19 +360,22 @@ def demo_cmd(
 # -- quantization commands (issue 3) ----------------------------------------------------------------
 @command("calibrate")
 def calibrate_cmd(
-    data: Path = typer.Argument(..., help="Dataset folder (class folders) the run was trained on."),
-    run: Path = typer.Option(..., "--run", help="Run directory: its split.csv says which slices are training slices."),
+    data: Path = typer.Argument(..., help="Dataset folder (class folders) the model was trained on."),
+    model: Path = typer.Option(..., "--model", help="The FP32 ONNX model (with sidecar) to calibrate for."),
     out: Path = typer.Option(..., "--out", help="Calibration folder to write, e.g. calibration/ct-axial-256."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                            help="Split manifest (RUN/split.csv; default: the one the sidecar names)."),
     n: int = typer.Option(256, "--n", min=2, help="Number of slices (stratified by class)."),
     seed: int = typer.Option(0),
 ):
-    """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration."""
+    """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration (no torch)."""
     from .calibrate import make_calibration_set
 
     with stage("preprocessing calibration slices", n, "slice") as bar:
-        cal = make_calibration_set(data, run, out, n=n, seed=seed, progress=bar.advance)
+        cal = make_calibration_set(data, model, out, manifest=manifest, n=n, seed=seed, progress=bar.advance)
     typer.echo(f"wrote {cal.info['n']} slices {cal.info['per_class']} to {out} "
-               f"(skipped {cal.info['held_out_images_skipped']} validation/test slices)")
+               f"(skipped {cal.info['held_out_images_skipped']} validation/test slices; "
+               f"{cal.info['split_manifest_check']})")
 
 
 @command("quantize")

@@ -25,6 +25,7 @@ from .engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_op
                             timing_cache_file)
 from .errors import InputError, ModelError
 from .graph import graph_precision
+from .lineage import threshold_record
 from .sidecar import ModelCard, load_card, sidecar_path
 
 
@@ -241,8 +242,10 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineBuildConfig 
     engine_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
                             threshold=card.threshold, precision=card.precision, kind="engine",
                             input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
-                            scope=card.scope, parent_sha256=card.sha256,
-                            metrics=card.metrics, extra={"engine": info, "data": card.extra.get("data")})
+                            scope=card.scope, parent_sha256=card.sha256, metrics=card.metrics,
+                            extra={"engine": info, "data": card.extra.get("data"),
+                                   "threshold_from": threshold_record(card),
+                                   "split_manifest_sha256": card.extra.get("split_manifest_sha256")})
     engine_card.save(out)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {build_seconds:.1f} s) and {sidecar_path(out).name}")
     return out, engine_card

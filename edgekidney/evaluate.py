@@ -133,6 +133,7 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
         result["plots"] = write_plots(Path(plot_dir), ls.labels == pos, probs[:, pos], result["calibration"])
     if store_threshold:
         result["stored_threshold_in"] = str(store_model_threshold(model, target_thr))
+        result["stale_children"] = stale_children(model)
     return result
 
 
@@ -195,3 +196,14 @@ def format_confounders(result: dict) -> str:
     lines.append(f"  AUC {result['at_model_threshold']['auc']:.3f} [{lo:.3f}, {hi:.3f}]; "
                  f"calibration error (ECE) {result['calibration']['ece']:.3f}")
     return "\n".join(lines)
+
+def stale_children(model: str | Path) -> list[dict]:
+    """Quantized models and engines next to ``model`` (found by parent sha256) whose threshold is now stale."""
+    from .lineage import descendants, threshold_status
+
+    out = []
+    for path, card in descendants(model):
+        status = threshold_status(path, card)
+        if status.stale:
+            out.append({"model": str(path), "threshold": status.threshold, "message": status.message})
+    return out

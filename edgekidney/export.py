@@ -92,6 +92,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         metrics=card.metrics.get("val", {}),
         extra={"opset": opset, "source_checkpoint": str(ckpt_file.resolve()), "weights": card.extra.get("weights"),
                "data": card.extra.get("data"),
+               "split_manifest": str((ckpt_file.parent / "split.csv").resolve()),  # lineage: calibrate checks it
+               "split_manifest_sha256": sha256_of(ckpt_file.parent / "split.csv"),
                "parity": {"max_abs_logit_diff": delta, "max_abs_logit_diff_batch1": delta1, "n_images": len(x),
                           "max_rel_diff_heads": heads,
                           "inputs": source, "tolerance": tolerance},

@@ -25,6 +25,7 @@ import numpy as np
 from .calibrate import CalibrationSet, check_against_model, load_calibration_set
 from .errors import InputError, ModelError
 from .graph import graph_precision, head_nodes, heads_read_float
+from .lineage import threshold_record
 from .sidecar import ModelCard, load_card, sha256_of
 
 
@@ -110,9 +111,9 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
         if cfg.calibration is None:
             raise InputError("--precision int8 needs --calibration DIR (make one with 'edgekidney calibrate')")
         cal = load_calibration_set(cfg.calibration)
-        run_manifest = Path(card.extra.get("source_checkpoint", "")).parent / "split.csv" \
-            if card.extra.get("source_checkpoint") else None
-        check_against_model(cal, card.preprocessing, run_manifest)
+        checks = check_against_model(cal, card, model_path.name)
+    else:
+        checks = []
 
     if cfg.precision == Precision.fp16:
         info = _to_fp16(model, out)
@@ -129,14 +130,17 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
     info["seconds"] = round(seconds, 1)
     if cal is not None:
         info["calibration"] = {"folder": str(cal.folder.resolve()), "manifest_sha256": cal.manifest_sha256,
+                               "split_manifest_sha256": cal.info.get("split_manifest_sha256"),
                                "n": int(min(len(cal.tensors), cfg.max_calibration or len(cal.tensors))),
-                               "per_class": cal.info.get("per_class")}
+                               "per_class": cal.info.get("per_class"), "checks": checks}
+    card.sha256 = card.sha256 or sha256_of(model_path)
     q_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
                        threshold=card.threshold, precision=cfg.precision.value, kind="onnx",
                        input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
-                       scope=card.scope,
-                       parent_sha256=card.sha256 or sha256_of(model_path), metrics={},
+                       scope=card.scope, parent_sha256=card.sha256, metrics={},
                        extra={"quantization": info, "parent": str(model_path.resolve()),
+                              "threshold_from": threshold_record(card),
+                              "split_manifest_sha256": card.extra.get("split_manifest_sha256"),
                               "source_checkpoint": card.extra.get("source_checkpoint"), "data": card.extra.get("data")})
     q_card.save(out)
     return q_card

@@ -24,12 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from .data.dataset import (Dataset, Sample, SplitConfig, discover, find_classes, positive_class_index, split_dataset,
+from .data.arrays import load_arrays
+from .data.dataset import (Dataset, SplitConfig, discover, find_classes, positive_class_index, split_dataset,
                            write_manifest)
-from .data.decode import load_slice
 from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
 from .metrics import classification_report, softmax, threshold_for_sensitivity
-from .preprocess import Preprocessing, preprocess
+from .preprocess import Preprocessing
 from .progress import echo, stage
 from .provenance import data_provenance
 from .sidecar import ModelCard, sha256_of
@@ -185,16 +185,6 @@ def resolve_device(device: str):
 
 
 # -- data -------------------------------------------------------------------------------------------
-def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Decode + preprocess (the shared numpy implementation) every sample once."""
-    out = np.empty((len(samples), 3, pre.image_size, pre.image_size), dtype=np.float32)
-    for i, s in enumerate(samples):
-        out[i] = preprocess(load_slice(s.path, pre), pre)
-        if progress:
-            progress(1)
-    return out
-
-
 def augment(batch, pre: Preprocessing, generator, which: frozenset[str] = frozenset(AUGMENTATIONS)):
     """Random variations a CT slice may show at another site, each switchable by name.
 

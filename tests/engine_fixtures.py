@@ -92,14 +92,18 @@ def to_int8_qdq(src: Path, dst: Path, calibration_slices: Path) -> Path:
     from edgekidney.calibrate import make_calibration_set
     from edgekidney.data.dataset import discover, read_manifest, write_manifest
     from edgekidney.quantize import Precision, QuantizeConfig, Target, quantize
-    from edgekidney.sidecar import load_card
+    from edgekidney.sidecar import load_card, sha256_of
 
     run = Path(load_card(src).extra["source_checkpoint"]).parent
     extra = discover(calibration_slices, CLASSES).samples
     for i, s in enumerate(extra):
         s.split, s.group = "train", f"calibration{i}"
     write_manifest(read_manifest(run / "split.csv") + extra, run / "split.csv")
-    cal = make_calibration_set(calibration_slices, run, dst.parent / "calibration-set", n=len(extra))
+    card = load_card(src)  # the run's manifest now holds the calibration slices: record its new sha256
+    card.extra["split_manifest_sha256"] = sha256_of(run / "split.csv")
+    card.save(src)
+    cal = make_calibration_set(calibration_slices, src, dst.parent / "calibration-set", manifest=run / "split.csv",
+                               n=len(extra))
     quantize(src, dst, QuantizeConfig(precision=Precision.int8, target=Target.trt, calibration=cal.folder),
              log=lambda s: None)
     return dst

@@ -20,8 +20,9 @@ from edgekidney.sidecar import load_card
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory, small_real, tiny_run):
-    return make_calibration_set(small_real, tiny_run, tmp_path_factory.mktemp("cal") / "set", n=12, seed=1)
+def calib(tmp_path_factory, small_real, tiny_onnx):
+    # from the ONNX model and the split manifest its sidecar names: no checkpoint, no torch
+    return make_calibration_set(small_real, tiny_onnx, tmp_path_factory.mktemp("cal") / "set", n=12, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,13 @@ def quantized(tmp_path_factory, tiny_onnx, calib):
     return models
 
 
-def test_calibration_uses_training_slices_only_stratified_and_deterministic(calib, tiny_run, small_real, tmp_path):
+def test_calibration_uses_training_slices_only_stratified_and_deterministic(calib, tiny_run, tiny_onnx, small_real,
+                                                                          tmp_path):
     splits = {s.sha256: s.split for s in read_manifest(tiny_run / "split.csv")}
     assert all(splits[s.sha256] == "train" for s in calib.samples)
     assert calib.info["per_class"] == {"Normal": 6, "Stone": 6}
     assert calib.info["held_out_images_skipped"] > 0
-    again = make_calibration_set(small_real, tiny_run, tmp_path / "again", n=12, seed=1)
+    again = make_calibration_set(small_real, tiny_onnx, tmp_path / "again", manifest=tiny_run / "split.csv", n=12, seed=1)
     assert [s.sha256 for s in again.samples] == [s.sha256 for s in calib.samples]
 
 
@@ -58,18 +60,18 @@ def test_calibration_tensors_are_byte_identical_to_runtime_preprocessing(calib):
         assert loaded.tensors[i].tobytes() == expected.tobytes()
 
 
-def test_calibration_refuses_more_slices_than_the_training_split_has(small_real, tiny_run, tmp_path):
+def test_calibration_refuses_more_slices_than_the_training_split_has(small_real, tiny_onnx, tmp_path):
     with pytest.raises(InputError, match="training split offers only"):
-        make_calibration_set(small_real, tiny_run, tmp_path / "c", n=1000)
+        make_calibration_set(small_real, tiny_onnx, tmp_path / "c", n=1000)
 
 
-def test_calibration_refuses_one_class(small_real, tiny_run, tmp_path):
+def test_calibration_refuses_one_class(small_real, tiny_onnx, tmp_path):
     only = tmp_path / "data"
     shutil.copytree(small_real / "Stone", only / "Stone")
     (only / "Normal").mkdir()
     shutil.copy(small_real / "Normal" / "Normal- (381).jpg", only / "Normal")  # a validation slice
     with pytest.raises(InputError, match="at least two classes"):
-        make_calibration_set(only, tiny_run, tmp_path / "c", n=4)
+        make_calibration_set(only, tiny_onnx, tmp_path / "c", n=4)
 
 
 def test_int8_trt_graph_is_symmetric_per_channel_qdq(quantized):
@@ -229,3 +231,73 @@ def test_fp16_graph_is_ordered_by_onnx_runtimes_sort():
                                "g", [x], [y])
     with pytest.raises(ModelError, match="cannot be ordered"):
         _topological_sort(cyclic)
+
+
+# -- stages take artifacts; lineage by sha256 (issue 8) -------------------------------------------------------
+def test_calibrate_needs_no_torch(small_real, tiny_onnx, tmp_path):
+    """Run in a process where importing torch fails: calibrate works from model.onnx + split.csv."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+            "from edgekidney.calibrate import make_calibration_set\n"
+            f"cal = make_calibration_set({str(small_real)!r}, {str(tiny_onnx)!r}, {str(tmp_path / 'c')!r}, n=6)\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "print(cal.info['n'], cal.info['split_manifest_check'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("6 split manifest sha256 ") and "matches the one recorded" in r.stdout
+
+
+def test_calibrate_refuses_a_split_manifest_the_model_was_not_trained_with(small_real, tiny_onnx, tiny_run, tmp_path):
+    edited = tmp_path / "split.csv"
+    edited.write_text((tiny_run / "split.csv").read_text().replace(",val,", ",train,"))
+    with pytest.raises(InputError, match=r"differs from the split manifest model.onnx was trained with"):
+        make_calibration_set(small_real, tiny_onnx, tmp_path / "c", manifest=edited, n=6)
+
+
+def _copy_model(src, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, folder / src.name)
+    shutil.copy(src.with_suffix(".json"), folder / src.with_suffix(".json").name)
+    return folder / src.name
+
+
+def test_moved_model_is_checked_by_hash_and_the_child_says_what_was_compared(calib, tiny_onnx, tmp_path):
+    moved = _copy_model(tiny_onnx, tmp_path / "elsewhere")  # source_checkpoint paths no longer matter
+    card = quantize(moved, tmp_path / "elsewhere" / "m.int8.onnx", QuantizeConfig(calibration=calib.folder),
+                    log=lambda s: None)
+    checks = card.extra["quantization"]["calibration"]["checks"]
+    split = load_card(tiny_onnx).extra["split_manifest_sha256"]
+    assert checks[0] == f"split manifest: calibration and model both sha256 {split[:12]}"
+    assert checks[1] == f"slices: all 12 are training slices of split manifest {split[:12]}"
+    assert card.extra["split_manifest_sha256"] == split and card.parent_sha256 == load_card(moved).sha256
+    other = _forge(calib, tmp_path)
+    info = json.loads((other / "calibration.json").read_text())
+    info["split_manifest_sha256"] = "f" * 64
+    (other / "calibration.json").write_text(json.dumps(info))
+    with pytest.raises(InputError, match=r"drawn from split manifest sha256 ffffffffffff, but model.onnx was trained"):
+        quantize(moved, tmp_path / "x.onnx", QuantizeConfig(calibration=other), log=lambda s: None)
+
+
+def test_a_changed_parent_threshold_is_reported_on_its_children(quantized, tiny_onnx, tmp_path):
+    from edgekidney.evaluate import stale_children, store_model_threshold
+    from edgekidney.lineage import threshold_status
+
+    folder = tmp_path / "family"
+    parent = _copy_model(tiny_onnx, folder)
+    child = _copy_model(quantized["int8-cpu"], folder)  # a child found by its parent's sha256, not its name
+    old = load_card(parent).threshold
+    assert load_card(child).extra["threshold_from"] == {"sha256": load_card(parent).sha256, "threshold": old}
+    status = threshold_status(child)
+    assert not status.stale and "equals that of parent model.onnx" in status.message
+    assert stale_children(parent) == []
+
+    store_model_threshold(parent, 0.123)
+    status = threshold_status(child)
+    assert status.stale and status.threshold == old
+    assert "now holds 0.123" in status.message and child.name in status.message
+    assert [c["model"] for c in stale_children(parent)] == [str(child)]
+
+    store_model_threshold(child, 0.2)  # chosen for the child itself: never stale
+    assert not threshold_status(child).stale and stale_children(parent) == []

@@ -23,7 +23,7 @@ def test_real_slices_train_quantize_and_pass_the_gates(tmp_path, real_data):
                                 image_size=64, epochs=6, batch_size=32), log=lambda s: None)
     assert metrics["n_val"] == 160 and metrics["val"]["auc"] > 0.9
     fp32 = export_onnx(run, tmp_path / "model.onnx") and tmp_path / "model.onnx"
-    cal = make_calibration_set(real_data, run, tmp_path / "cal", n=128)
+    cal = make_calibration_set(real_data, fp32, tmp_path / "cal", n=128)
     models = [fp32]
     keep = ["first-conv", "last-fc"]
     for name, cfg in {"fp16": QuantizeConfig(precision=Precision.fp16),

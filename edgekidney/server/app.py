@@ -55,6 +55,13 @@ class Service:
         engine_max = getattr(classifier.backend, "max_batch", None)  # a TensorRT profile's largest batch
         if engine_max and max_batch > engine_max:
             max_batch = engine_max
+        from ..lineage import threshold_status
+
+        if config.threshold is None:
+            status = threshold_status(config.model, card)
+            self.model["threshold_status"] = status.message
+            if status.stale:
+                log.warning(status.message)
         self.batcher = MicroBatcher(self._infer, max_batch, config.max_wait_ms, on_batch=self.metrics.batch_done,
                                     max_queue=config.max_queue)
         self.metrics.ready_when(lambda: self.is_ready)

@@ -1,0 +1,21 @@
+"""Decode + preprocess many samples into one array (numpy only: training and calibration share it)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..preprocess import Preprocessing, preprocess
+from .dataset import Sample
+from .decode import load_slice
+
+
+def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Decode + preprocess (the shared numpy implementation) every sample once -> (N, 3, S, S) float32."""
+    out = np.empty((len(samples), 3, pre.image_size, pre.image_size), dtype=np.float32)
+    for i, s in enumerate(samples):
+        out[i] = preprocess(load_slice(s.path, pre), pre)
+        if progress:
+            progress(1)
+    return out
