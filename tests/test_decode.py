@@ -78,8 +78,12 @@ def test_compressed_dicom_without_decoder_names_the_package():
             pytest.skip(f"{mod} is installed, so the decoder is not missing")
         except ImportError:
             pass
+    ds = pydicom.dcmread(bundled("MR_small_jpeg_ls_lossless.dcm"))
+    ds.Modality = "CT"  # the only bundled JPEG-LS file is MR, which is refused before decoding
+    buf = io.BytesIO()
+    ds.save_as(buf)
     with pytest.raises(DependencyError, match=r"needs a decoder that is not installed: pip install 'edgekidney\[dicom\]' \(pylibjpeg"):
-        load_slice(bundled("MR_small_jpeg_ls_lossless.dcm"), CFG)
+        decode_slice(buf.getvalue(), "jpegls.dcm", CFG)
 
 
 def test_dicom_without_extension_is_found_by_magic(tmp_path):
