@@ -14,6 +14,11 @@ Reports p50/p95/p99 latency (client side, valid requests), throughput, errors an
 (from the server's /metrics), writes JSON, prints a table. Exit 1 if any valid request errored or got
 a wrong answer, or a malformed one got anything but its 4xx.
 
+Overload row (``--overload-factor 2``): open-loop arrivals at twice the best batched throughput just
+measured, for ``--overload-seconds``, against the batched server (``--max-queue``). Reports the share
+of 503s (each must carry Retry-After), 504s, the p50/p99 latency and throughput of the accepted
+requests, and fails on any other status, a transport error or a wrong answer.
+
     python benchmarks/load.py --model runs/m/model.onnx              # 1,000 slices at 1/4/16
     python benchmarks/load.py --model M --n 200 --concurrency 16     # quicker
 """
@@ -273,6 +278,89 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class OverloadResult:
+    offered_rps: float
+    capacity_rps: float
+    max_queue: int
+    seconds: float
+    sent: int = 0
+    accepted: int = 0  # 200
+    refused_503: int = 0
+    timed_out_504: int = 0
+    other: int = 0
+    wrong: int = 0
+    share_503: float = 0.0
+    accepted_rps: float = 0.0
+    accepted_p50_ms: float = 0.0
+    accepted_p99_ms: float = 0.0
+    refused_p99_ms: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+async def open_loop(url: str, tasks: list[Task], rate: float, seconds: float) -> tuple[list[tuple], float]:
+    """Send one request every 1/rate s for ``seconds`` (arrivals do not wait for answers)."""
+    import httpx
+
+    results: list[tuple] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
+        async def one(task: Task):
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/predict", content=task.body, headers={"Content-Type": task.content_type})
+                payload = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+                results.append((task, r.status_code, payload, time.perf_counter() - t0, r.headers.get("retry-after")))
+            except httpx.HTTPError as exc:
+                results.append((task, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, None))
+
+        pending, start, i = [], time.perf_counter(), 0
+        while (due := start + i / rate) < start + seconds:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            pending.append(asyncio.create_task(one(tasks[i % len(tasks)])))
+            i += 1
+        await asyncio.gather(*pending)
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+def run_overload(server: Server, tasks: list[Task], refs: dict, tolerance: float, threshold: float,
+                 capacity: float, factor: float, seconds: float, max_queue: int) -> OverloadResult:
+    rate = capacity * factor
+    res = OverloadResult(offered_rps=round(rate, 1), capacity_rps=round(capacity, 1), max_queue=max_queue,
+                         seconds=seconds)
+    results, wall = asyncio.run(open_loop(server.url, tasks, rate, seconds))
+    ok_ms, refused_ms = [], []
+    for task, status, payload, secs, retry_after in results:
+        res.sent += 1
+        if status == 200:
+            res.accepted += 1
+            ok_ms.append(secs * 1000.0)
+            prob, label = refs[task.path]
+            near = abs(prob - threshold) <= tolerance
+            if abs(payload["probability"] - prob) > tolerance or (payload["label"] != label and not near):
+                res.wrong += 1
+                res.problems.append(f"{task.path.name}: got {payload['label']} {payload['probability']:.6f}")
+        elif status == 503:
+            res.refused_503 += 1
+            refused_ms.append(secs * 1000.0)
+            if retry_after is None:
+                res.problems.append("503 without Retry-After")
+        elif status == 504:
+            res.timed_out_504 += 1
+        else:
+            res.other += 1
+            res.problems.append(f"{status}: {str(payload)[:160]}")
+    res.share_503 = round(res.refused_503 / max(1, res.sent), 3)
+    res.accepted_rps = round(res.accepted / wall, 1) if wall > 0 else 0.0
+    if ok_ms:
+        res.accepted_p50_ms, res.accepted_p99_ms = (round(float(np.percentile(ok_ms, q)), 1) for q in (50, 99))
+    if refused_ms:
+        res.refused_p99_ms = round(float(np.percentile(refused_ms, 99)), 1)
+    return res
+
+
 def speedups(results: list[RunResult]) -> dict[str, float]:
     by = {(r.mode, r.concurrency): r for r in results}
     out = {}
@@ -300,6 +388,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=16, help="Untimed requests before each run.")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="Seconds per run; unsent requests are errors.")
     ap.add_argument("--time-limit", type=float, default=3600.0, help="Seconds for the whole benchmark.")
+    ap.add_argument("--max-queue", type=int, default=64, help="Server --max-queue (admitted requests).")
+    ap.add_argument("--overload-factor", type=float, default=2.0,
+                    help="Overload row: open-loop arrivals at this multiple of the measured capacity (0: skip).")
+    ap.add_argument("--overload-seconds", type=float, default=10.0, help="Duration of the overload row.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load.json")
     args = ap.parse_args(argv)
     args.model = args.model.resolve()  # the server runs from the repository root
@@ -326,7 +418,7 @@ def main(argv=None) -> int:
     tasks = build_tasks(paths, blobs, bad, args.malformed_every)
     warmup = [Task(blobs[p], content_type(p), path=p) for p in paths[: args.warmup]]
 
-    common = ["--max-body-mb", str(args.max_body_mb), "--log-level", "info"]
+    common = ["--max-body-mb", str(args.max_body_mb), "--log-level", "info", "--max-queue", str(args.max_queue)]
     common += ["--threads", str(args.threads)] if args.threads else []
     common += ["--backend", args.backend] if args.backend else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,11 +443,21 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(f"  {mode:<9} c={c:<3} ok {r.ok}/{r.valid}  p50 {r.p50_ms} ms  {r.throughput_rps} req/s  "
                       f"batch {r.mean_batch}", flush=True)
+        overload = None
+        mode = "batched" if "batched" in servers else args.modes[0]
+        capacity = max((r.throughput_rps for r in results if r.mode == mode), default=0.0)
+        if args.overload_factor > 0 and capacity > 0:
+            valid = [t for t in tasks if t.path is not None]
+            overload = run_overload(servers[mode], valid, refs, args.tolerance, card["threshold"], capacity,
+                                    args.overload_factor, args.overload_seconds, args.max_queue)
+            print(f"  overload  x{args.overload_factor:g} ({overload.offered_rps} req/s offered): "
+                  f"503 {overload.share_503:.1%}, accepted p99 {overload.accepted_p99_ms} ms", flush=True)
     finally:
         for s in servers.values():
             s.stop()
 
     failed = any(r.errors or r.wrong or r.malformed_ok != r.malformed or r.valid < args.n for r in results)
+    failed = failed or bool(overload and (overload.other or overload.wrong or overload.problems))
     report = {
         "model": str(args.model), "model_sha256": card["sha256"], "precision": card["precision"],
         "image_size": card["image_size"], "backend": args.backend or "default", "data": str(args.data),
@@ -365,6 +467,7 @@ def main(argv=None) -> int:
                     "loadavg_at_end": os.getloadavg()},
         "server_logs": {mode: str(s.log) for mode, s in servers.items()},
         "runs": [asdict(r) for r in results], "throughput_speedup_batched_over_unbatched": speedups(results),
+        "overload": asdict(overload) if overload else None, "max_queue": args.max_queue,
         "passed": not failed, "seconds": round(time.monotonic() - started, 1),
     }
     for r in report["runs"]:
@@ -376,6 +479,13 @@ def main(argv=None) -> int:
     print(table(results))
     for c, x in report["throughput_speedup_batched_over_unbatched"].items():
         print(f"concurrency {c}: micro-batching throughput x{x:.2f}")
+    if overload:
+        o = overload
+        print(f"overload x{args.overload_factor:g}: {o.offered_rps} req/s offered for {o.seconds:g} s "
+              f"(capacity {o.capacity_rps}, --max-queue {o.max_queue}): {o.sent} sent, {o.accepted} accepted "
+              f"({o.accepted_rps} req/s, p50 {o.accepted_p50_ms} / p99 {o.accepted_p99_ms} ms), "
+              f"503 {o.refused_503} ({o.share_503:.1%}, p99 {o.refused_p99_ms} ms), 504 {o.timed_out_504}, "
+              f"other {o.other}, wrong {o.wrong}")
     for r in results:
         for p in r.problems[:5]:
             print(f"  problem ({r.mode}, c={r.concurrency}): {p}")
