@@ -415,6 +415,16 @@ def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, im
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1" and "--max-queue" in r.json()["detail"]
         assert httpx.get(srv.url + "/readyz").status_code == 200  # overload is not death
+
+        def slow_body():  # a slow sender holds its admission slot only until the deadline
+            yield images["png"][:100]
+            time.sleep(1.5)
+            yield images["png"][100:]
+
+        slow = httpx.post(srv.url + "/v1/predict", content=slow_body(), headers={"Content-Type": "image/png"},
+                          timeout=10.0)
+        # 504, not 200: the body took 1.5 s > 0.6 s, although decoding and inference alone fit in 0.6 s
+        assert slow.status_code == 504 and "--request-timeout" in slow.json()["detail"]
         again = httpx.post(srv.url + "/v1/predict", content=images["png"], headers={"Content-Type": "image/png"},
                            timeout=10.0)
         assert again.status_code == 200

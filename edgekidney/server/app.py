@@ -161,10 +161,9 @@ class Service:
                 return JSONResponse({"detail": self.not_ready, "status": 503}, 503, headers={"Retry-After": "1"})
             want_cam = request.query_params.get("cam", "").lower() in ("1", "true", "yes")
             with self.batcher.announce() as slot:  # admission: 503 when --max-queue requests are in
-                body = await read_limited(request.stream(), cfg.max_body_bytes)
+                # the deadline covers reading the body too: a slow sender cannot hold a slot forever
                 uploads, (x, geometries), result = await asyncio.wait_for(
-                    self._decode_and_run(slot, kind, content_type, body, request.scope),
-                    max(0.001, cfg.request_timeout_s - (time.perf_counter() - t0)))
+                    self._read_decode_run(slot, request, kind, content_type), cfg.request_timeout_s)
             rows = result.rows
             decided = decide_outputs(self.clf.card, self.clf.threshold,
                                      {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam)
@@ -194,7 +193,8 @@ class Service:
             if cam is not None:
                 peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))
                 item["cam_peak"] = list(peak)  # (row, col) on the uploaded image
-                item["cam_png"] = await run_in_threadpool(self._cam_png, up, cam, peak)
+                item["cam_png"] = await anyio.to_thread.run_sync(self._cam_png, up, cam, peak,
+                                                                 limiter=self._decode_limiter)
             if up.part is not None:
                 item = {"part": up.part, **item}
             items.append(item)
@@ -206,8 +206,9 @@ class Service:
 
         return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)
 
-    async def _decode_and_run(self, slot, kind: str, content_type: str, body: bytes, scope: dict):
-        uploads, decoded = await anyio.to_thread.run_sync(self._decode, kind, content_type, body, scope,
+    async def _read_decode_run(self, slot, request: Request, kind: str, content_type: str):
+        body = await read_limited(request.stream(), self.config.max_body_bytes)
+        uploads, decoded = await anyio.to_thread.run_sync(self._decode, kind, content_type, body, request.scope,
                                                           limiter=self._decode_limiter)
         return uploads, decoded, await slot.submit(decoded[0])
 
