@@ -224,3 +224,9 @@ def test_dicom_with_zero_rows_is_refused():
     template = open(bundled("CT_small.dcm"), "rb").read()
     with pytest.raises(InputError, match="no pixels"):
         decode_slice(dicom_declaring(template, 0, 128), "zero.dcm", CFG)
+
+
+def test_default_limits_accept_a_2048_px_slice_and_refuse_one_more_pixel():
+    assert decode_slice(thin_png(2048, 2048), "big.png", CFG).shape == (2048, 2048)
+    with pytest.raises(ImageTooLargeError, match="largest side allowed is 2048 px"):
+        decode_slice(thin_png(2049, 2048), "big.png", CFG)

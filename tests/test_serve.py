@@ -367,7 +367,8 @@ def hostile_cases(images) -> list[tuple[str, bytes, str | None, int]]:
         ("png bomb 90000x90000", png_declaring(90000, 90000), "image/png", 413),
         ("png 5000x5000", png_declaring(5000, 5000), "image/png", 413),
         ("png zero width", png_declaring(0, 512), "image/png", 422),
-        ("png 4000x512", thin_png(4000, 512), "image/png", 422),
+        ("png 1600x256", thin_png(1600, 256), "image/png", 422),  # aspect ratio 6.25
+        ("png 2049x2049", thin_png(2049, 2049), "image/png", 413),
         ("dicom 60000x60000", dicom_declaring(dicom, 60000, 60000), "application/dicom", 413),
         ("dicom 1000 frames", dicom_declaring(dicom, 1024, 1024, frames=1000), "application/dicom", 413),
         ("dicom 2048x2048, little data", dicom_declaring(dicom, 2048, 2048), "application/dicom", 422),
