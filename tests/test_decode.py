@@ -230,3 +230,20 @@ def test_default_limits_accept_a_2048_px_slice_and_refuse_one_more_pixel():
     assert decode_slice(thin_png(2048, 2048), "big.png", CFG).shape == (2048, 2048)
     with pytest.raises(ImageTooLargeError, match="largest side allowed is 2048 px"):
         decode_slice(thin_png(2049, 2048), "big.png", CFG)
+
+
+@pytest.mark.parametrize("old,new", [
+    (b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00Dw"),  # an unknown VR in Modality: NotImplementedError in pydicom
+    (b"-1024", b"-10q4"),                            # RescaleIntercept that is no number: ValueError
+    (b"\x28\x00\x11\x00US\x02\x00", b"\x28\x00\x11\x00US\x03\x00"),  # Columns of 3 bytes: BytesLengthException
+])
+def test_malformed_dicom_headers_found_by_fuzzing_are_input_errors(tmp_path, old, new):
+    """Mutations that made pydicom raise outside the decoder's error handling (a 500 in the server)."""
+    from edgekidney.data.synthetic import synth_slice, write_ct_dicom
+
+    path = tmp_path / "x.dcm"
+    write_ct_dicom(path, synth_slice(np.random.default_rng(1), 96, stone=True), 1, 1, "1.2.3", "1.2.3.4")
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    with pytest.raises(InputError, match=r"^bad.dcm: "):
+        decode_slice(data.replace(old, new), "bad.dcm", CFG)
