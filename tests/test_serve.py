@@ -375,6 +375,7 @@ def hostile_cases(images) -> list[tuple[str, bytes, str | None, int]]:
         ("dicom zero rows", dicom_declaring(dicom, 0, 96), "application/dicom", 422),
         ("multipart part bomb", multipart_bomb, "multipart/form-data; boundary=b", 413),
         ("multipart junk", os.urandom(3000), "multipart/form-data; boundary=b", 422),
+        ("multipart 300-char boundary", b"--" + b"b" * 300 + b"\r\n", "multipart/form-data; boundary=" + "b" * 300, 422),
         ("wrong content type", images["png"], "image/gif", 415),
         ("json body", b'{"image": "x"}', "application/json", 415),
     ]
@@ -730,3 +731,15 @@ def test_cam_is_returned_when_asked_as_a_png_of_the_uploaded_image(client, image
         assert im.format == "PNG" and im.mode == "RGB" and im.size == src.size
         row, col = item["cam_peak"]
         assert 0 <= row < src.size[1] and 0 <= col < src.size[0]
+
+
+def test_split_multipart_turns_every_parser_complaint_into_a_422():
+    """Found by fuzzing: python-multipart raises FormParserError (not MultipartParseError) for a long boundary."""
+    from edgekidney.server.inputs import ClientError, split_multipart
+
+    for ctype, body in (("multipart/form-data; boundary=" + "b" * 300, b"--" + b"b" * 300 + b"\r\n"),
+                        ("multipart/form-data; boundary=b", b"--b\r\nContent-Type: image/png\xff\x00\r\n\r\nxx"),
+                        ("multipart/form-data; boundary=b", b"--c\r\n\r\n")):
+        with pytest.raises(ClientError) as info:
+            split_multipart(ctype, body, 4)
+        assert info.value.status == 422

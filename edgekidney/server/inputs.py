@@ -12,6 +12,7 @@ message before it reaches a response or a log.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import numpy as np
 from ..data.decode import decode_slice
 from ..errors import DependencyError, ImageTooLargeError, InputError
 from ..preprocess import Geometry, Preprocessing, preprocess_with_geometry
+
+# python-multipart logs every malformed byte it meets at WARNING; the 422 already says what is wrong
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 DICOM_TYPES = {"application/dicom"}
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg"}
@@ -106,7 +110,7 @@ def single_upload(body: bytes, kind: str) -> list[Upload]:
 
 def split_multipart(content_type: str, body: bytes, max_images: int) -> list[Upload]:
     """Every part of a multipart/form-data body is one image, in order."""
-    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.exceptions import FormParserError  # MultipartParseError's base: bad boundaries too
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     _, params = parse_options_header(content_type)
@@ -143,7 +147,7 @@ def split_multipart(content_type: str, body: bytes, max_images: int) -> list[Upl
         parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as exc:
+    except (FormParserError, ValueError) as exc:
         raise ClientError(422, f"malformed multipart body ({' '.join(str(exc).split())[:120]})") from None
     if not state["ended"]:
         raise ClientError(422, "multipart body is incomplete (no closing boundary)")
