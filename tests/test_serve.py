@@ -398,10 +398,10 @@ def test_hostile_uploads_get_their_4xx_with_a_reason_and_the_server_keeps_servin
 
 # -- overload, deadlines, a dead worker (issue 8) -------------------------------------------------------------
 def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, images, tmp_path):
-    # each batch takes 1 s: of two admitted requests the first answers in ~1 s + decoding (< 1.6 s),
-    # the second waits for the first, so it cannot finish before ~2 s (> 1.6 s): 504
-    srv = LiveServer(model, tmp_path / "overload.log", "--simulate-latency-ms", "1000", "--max-batch", "1",
-                     "--max-queue", "2", "--request-timeout", "1.6")
+    # each batch takes 1.5 s: of two admitted requests the first answers in 1.5 s + decoding (< 2.5 s),
+    # the second waits for the first, so it cannot finish before 3 s (> 2.5 s): 504
+    srv = LiveServer(model, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
+                     "--max-queue", "2", "--request-timeout", "2.5")
     try:
         srv.wait()
 
@@ -422,12 +422,12 @@ def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, im
 
         def slow_body():  # a slow sender holds its admission slot only until the deadline
             yield images["png"][:100]
-            time.sleep(2.5)
+            time.sleep(3.5)
             yield images["png"][100:]
 
         slow = httpx.post(srv.url + "/v1/predict", content=slow_body(), headers={"Content-Type": "image/png"},
                           timeout=10.0)
-        # 504, not 200: the body took 2.5 s > 1.6 s, although decoding and inference alone fit in 1.6 s
+        # 504, not 200: the body took 3.5 s > 2.5 s, although decoding and inference alone fit in 2.5 s
         assert slow.status_code == 504 and "--request-timeout" in slow.json()["detail"]
         again = httpx.post(srv.url + "/v1/predict", content=images["png"], headers={"Content-Type": "image/png"},
                            timeout=10.0)

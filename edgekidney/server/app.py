@@ -121,18 +121,19 @@ class Service:
                  self.model["sha256"][:12], self.model["precision"], self.model["backend"], batching)
 
     def _warm_decoders(self) -> None:
-        """The first DICOM decode imports pydicom's pixel handlers (~200 ms): pay that before ready."""
+        """The first DICOM decode imports pydicom's pixel handlers (~200 ms) and the first preprocessing
+        scipy's image tools (the body crop): pay that before ready, not in the first request's deadline."""
         import tempfile
         from pathlib import Path
 
-        from ..data.decode import decode_slice
-        from ..data.synthetic import write_ct_dicom
+        from ..data.synthetic import synth_slice, write_ct_dicom
+        from .inputs import Upload, decode_uploads
 
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "warm-up.dcm"
-                write_ct_dicom(path, np.zeros((32, 32), np.float32), 0, 0, "1.2.3", "1.2.3.4")
-                decode_slice(path.read_bytes(), "warm-up", self.pre)
+                write_ct_dicom(path, synth_slice(np.random.default_rng(0), 64, stone=False), 0, 0, "1.2.3", "1.2.3.4")
+                decode_uploads([Upload(path.read_bytes(), "warm-up", dicom=True)], self.pre)  # decode + preprocess
         except Exception as exc:  # only an optimisation: a real upload will say what is wrong
             log.debug("decoder warm-up skipped: %s", type(exc).__name__)
 
