@@ -63,7 +63,7 @@ OUT_OF_SCOPE = "out_of_scope"
 
 def series_decision(labels: list[str], positive: str) -> str:
     """Positive when any slice is; else out of scope when most slices are (the model does not apply,
-    DESIGN.md rule 7: never a silent negative); else the most common in-scope label."""
+    docs/architecture.md rule 7: never a silent negative); else the most common in-scope label."""
     if positive in labels:
         return positive
     in_scope = [lab for lab in labels if lab != OUT_OF_SCOPE]
