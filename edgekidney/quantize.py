@@ -294,4 +294,5 @@ def head_agreement(ref: dict, got: dict, scope_threshold: float | None) -> dict:
         b = b - b.mean(1, keepdims=True)
         corr = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         out["cam_min_correlation"] = float(corr.min())
+        out["cam_median_correlation"] = float(np.median(corr))
     return out
