@@ -508,8 +508,9 @@ def serve_cmd(
     graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
     simulate_latency_ms: float = typer.Option(0.0, min=0.0, hidden=True, help="Testing: sleep before each batch."),
+    model_name: str = typer.Option("edgekidney", help="The model's name under /v2/models/ (Open Inference Protocol)."),
 ):
-    """HTTP inference service: POST /v1/predict, /healthz, /readyz, /metrics (FastAPI + uvicorn)."""
+    """HTTP inference service: POST /v1/predict, /v2 (Open Inference Protocol), /healthz, /readyz, /metrics."""
     from .server import ServeConfig, serve
 
     serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
@@ -517,7 +518,7 @@ def serve_cmd(
                       max_body_mb=max_body_mb, max_images=max_images, max_queue=max_queue,
                       request_timeout_s=request_timeout, decode_threads=decode_threads, api_key=api_key,
                       graceful_timeout_s=graceful_timeout, log_level=log_level,
-                      simulate_latency_ms=simulate_latency_ms))
+                      simulate_latency_ms=simulate_latency_ms, oip_model_name=model_name))
 
 
 # -- DICOM listener (issue 10) -----------------------------------------------------------------------
