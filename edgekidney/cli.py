@@ -483,6 +483,39 @@ def build_engine_cmd(
 
 
 
+# -- Triton model repository (issue 11) --------------------------------------------------------------
+@command("export-triton")
+def export_triton_cmd(
+    model: Path = typer.Argument(..., help="ONNX model or TensorRT engine, with its sidecar."),
+    repo: Path = typer.Option(..., "--repo", help="Triton model repository folder (created if missing)."),
+    name: str = typer.Option("edgekidney", help="Model name (the folder under --repo)."),
+    version: int = typer.Option(1, min=1, help="Version folder."),
+    max_batch_size: Optional[int] = typer.Option(None, min=1, help="Default: the engine profile's largest batch, "
+                                                                    "an ONNX graph's fixed batch, else 8."),
+    queue_delay_us: int = typer.Option(5000, min=0, help="Dynamic batching: longest a request waits for others."),
+    instance_kind: str = typer.Option("auto", help="auto | cpu | gpu (auto: GPU for engines, CPU for ONNX)."),
+    instances: int = typer.Option(1, min=1, help="Model instances."),
+    force: bool = typer.Option(False, help="Replace REPO/NAME if it exists."),
+):
+    """Write a Triton model repository entry: NAME/config.pbtxt, NAME/VERSION/model.onnx|model.plan + sidecar."""
+    from .triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
+    from .sidecar import load_card
+
+    path = export_triton(model, repo, TritonExportConfig(name=name, version=version, max_batch_size=max_batch_size,
+                                                         queue_delay_us=queue_delay_us, instance_kind=instance_kind,
+                                                         instance_count=instances, force=force))
+    typer.echo(f"wrote {path} and {path.parent / str(version)}")
+    card = load_card(model, verify_hash=False)
+    release = triton_release(card) if card.kind == "engine" else DEFAULT_RELEASE
+    if release is None:
+        typer.echo("warning: no Triton release known for this engine's TensorRT "
+                   f"{card.extra.get('engine', {}).get('tensorrt_version')}: use the one that ships it", err=True)
+        release = DEFAULT_RELEASE
+    gpus = "--gpus all " if card.kind == "engine" or instance_kind == "gpu" else ""
+    typer.echo(f"run: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {repo.resolve()}:/models "
+               f"nvcr.io/nvidia/tritonserver:{release}-py3 tritonserver --model-repository=/models")
+
+
 # -- service commands (issue 5) ----------------------------------------------------------------------
 
 
