@@ -210,8 +210,9 @@ def evaluate_cmd(
 
 @command("infer")
 def infer_cmd(
-    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
-    paths: List[Path] = typer.Argument(..., help="Image/DICOM files and folders."),
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine; with --server, "
+                                            "the first input file."),
+    paths: List[Path] = typer.Argument(None, help="Image/DICOM files and folders."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
     device: Optional[str] = typer.Option(None, help="ONNX Runtime: cpu (default) | cuda | tensorrt | auto; TensorRT: GPU index."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
@@ -222,34 +223,57 @@ def infer_cmd(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write results as CSV ('-' for stdout)."),
     cam: Optional[Path] = typer.Option(None, help="Folder for activation-map PNG overlays of slices called stone."),
     cam_all: bool = typer.Option(False, help="With --cam: an overlay for every slice."),
+    server: Optional[str] = typer.Option(None, help="Send the slices to an inference server (Open Inference "
+                                                    "Protocol: edgekidney serve or Triton), e.g. http://host:8080."),
+    model_name: str = typer.Option("edgekidney", help="With --server: the model's name on the server."),
+    sidecar: Optional[Path] = typer.Option(None, help="With --server: the sidecar JSON for a server that does not "
+                                                      "carry it (local preprocessing)."),
+    send: str = typer.Option("auto", help="With --server: auto | bytes (files) | tensor (preprocessed here)."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
     from .predict import Classifier, expand_inputs, write_cams
     from .provenance import mismatch_warning
 
-    from .lineage import threshold_status
+    if server is not None:
+        from .remote import RemoteClassifier
 
-    with Classifier(model, backend=backend, threshold=threshold, device=device,
-                    threads=threads) as clf:  # the model first, as given
-        status = threshold_status(model, clf.card)
-        if status.stale and threshold is None:
-            warn(status.message)
-        files = expand_inputs(paths)
-        mismatch = mismatch_warning(clf.card.extra.get("data"), files)
-        if mismatch:
-            warn(mismatch)
-        with stage("classifying", len(files), "file") as bar:
-            preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
-                                                want_cam=cam is not None, progress=bar.advance)
+        if cam is not None:
+            fail("--cam needs a local model; it is not available with --server")
+        files = expand_inputs([model, *(paths or [])])
+        with RemoteClassifier(server, model_name, sidecar=sidecar, send=send, threshold=threshold,
+                              api_key=api_key) as clf:
+            with stage("classifying", len(files), "file") as bar:
+                preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                                    progress=bar.advance)
+            clf.threshold = clf.model.threshold
+            positive_class = clf.model.positive_class
+    else:
+        from .lineage import threshold_status
+
+        with Classifier(model, backend=backend, threshold=threshold, device=device,
+                        threads=threads) as clf:  # the model first, as given
+            status = threshold_status(model, clf.card)
+            if status.stale and threshold is None:
+                warn(status.message)
+            files = expand_inputs(paths or [])
+            mismatch = mismatch_warning(clf.card.extra.get("data"), files)
+            if mismatch:
+                warn(mismatch)
+            with stage("classifying", len(files), "file") as bar:
+                preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                                    want_cam=cam is not None, progress=bar.advance)
+        positive_class = clf.card.positive_class
     if cam is not None:
         write_cams(preds, cam, clf.card, everything=cam_all)
     rows = [p.to_dict() for p in preds]
     to_stdout = "-" in (str(json_out), str(csv_out))
     if not to_stdout:
-        echo(format_predictions(rows, clf.card.positive_class, clf.threshold,
-                                "--threshold" if threshold is not None else "the model's sidecar"))
+        source = "--threshold" if threshold is not None else ("the server's model" if server else "the model's sidecar")
+        echo(format_predictions(rows, positive_class, clf.threshold, source))
     if json_out is not None:
-        echo_json({"model": str(model), "threshold": clf.threshold, "predictions": rows,
+        echo_json({"model": str(model) if server is None else f"{server} {model_name}", "threshold": clf.threshold,
+                   "predictions": rows,
                    "failures": [f.__dict__ for f in failures]}, json_out)
     if csv_out is not None:
         fh = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")

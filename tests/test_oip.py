@@ -260,3 +260,36 @@ def test_codec_reads_binary_and_json_tensors_alike():
         with pytest.raises(OipError):
             parse_infer_request(bad_body, hl)
 
+
+# -- edgekidney infer --server: the same table as a local infer -----------------------------------------
+@pytest.mark.parametrize("send", ["bytes", "tensor"])
+def test_infer_server_gives_local_infer_results(server, tiny_onnx, slices, local, tmp_path, send):
+    """``bytes``: the server decodes; ``tensor``: preprocessed here with the sidecar read from the server's
+    model configuration (as from a Triton repository made by export-triton), decided here."""
+    from typer.testing import CliRunner
+
+    from edgekidney.cli import app
+
+    out = tmp_path / "remote.json"
+    args = ["infer", str(slices[0]), *[str(p) for p in slices[1:]], "--server", server.url, "--send", send,
+            "--json", str(out), "--batch-size", "4"]
+    r = CliRunner().invoke(app, args, env={"EDGEKIDNEY_API_KEY": KEY})
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["predictions"]
+    assert [row["path"] for row in rows] == [str(p) for p in slices]
+    for row, ref in zip(rows, local["preds"]):
+        assert row["probability"] == pytest.approx(ref.probability, abs=1e-4)
+        assert row["label"] == ref.label and row["in_scope"] == ref.in_scope
+        assert row["scope_distance"] == pytest.approx(ref.scope_distance, rel=1e-4)
+
+
+def test_infer_server_says_what_is_wrong_in_one_line(server, slices):
+    from typer.testing import CliRunner
+
+    from edgekidney.cli import app
+
+    r = CliRunner().invoke(app, ["infer", str(slices[0]), "--server", server.url, "--model-name", "other"],
+                           env={"EDGEKIDNEY_API_KEY": KEY})
+    assert r.exit_code == 1 and "'other' is not ready" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["infer", str(slices[0]), "--server", "http://127.0.0.1:9"])
+    assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
