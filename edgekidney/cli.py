@@ -125,6 +125,8 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     seed: int = typer.Option(0),
+    nproc_per_node: int = typer.Option(1, min=1, help="DDP: processes on this machine (gloo on CPU, NCCL on "
+                                                      "CUDA); several machines: torchrun, see docs/triton.md."),
 ):
     """Fine-tune ResNet50 on a folder of CT slices."""
     from .data.dataset import SplitConfig, parse_classes
@@ -140,7 +142,18 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
-    metrics = train(cfg, log=echo)
+    from .distributed import init_from_env, launch, rank_output
+
+    dist = None if nproc_per_node > 1 else init_from_env(device)  # under torchrun: this process's rank
+    if nproc_per_node > 1:
+        metrics = launch(cfg, nproc_per_node)
+    elif dist is None:
+        metrics = train(cfg, log=echo)
+    else:
+        with rank_output(cfg, dist) as mine:  # rank 0 writes RUN, the others a temporary folder
+            metrics = train(mine, log=echo if dist.main else (lambda s: None))
+        if not dist.main:
+            return
     from .metrics import format_report
 
     typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
