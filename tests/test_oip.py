@@ -293,3 +293,39 @@ def test_infer_server_says_what_is_wrong_in_one_line(server, slices):
     assert r.exit_code == 1 and "'other' is not ready" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["infer", str(slices[0]), "--server", "http://127.0.0.1:9"])
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_v2_shares_admission_and_deadline_with_v1(tiny_onnx, slices, tmp_path):
+    """Overload is an answer on /v2 too (docs/architecture.md rule 9): one --max-queue for both APIs,
+    503 + Retry-After beyond it, 504 past the deadline, in the protocol's error shape."""
+    import asyncio
+
+    srv = LiveServer(tiny_onnx, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
+                     "--max-queue", "2", "--request-timeout", "2.5")
+    data = slices[0].read_bytes()
+    blob = serialize_bytes([data])
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    try:
+        srv.wait()
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=10.0) as c:
+                v1 = [c.post("/v1/predict", content=data, headers={"Content-Type": "image/jpeg"}) for _ in range(3)]
+                v2 = [c.post("/v2/models/edgekidney/infer", content=head + blob,
+                             headers={"Inference-Header-Content-Length": str(len(head))}) for _ in range(3)]
+                return await asyncio.gather(*v1, *v2)
+
+        answers = asyncio.run(burst())
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(503) == 4 and codes.count(200) == 1 and codes.count(504) == 1, codes
+        refused_v2 = [r for r in answers[3:] if r.status_code == 503]
+        assert refused_v2  # two admitted of six: at least one /v2 request is among the refused
+        for r in answers[3:]:
+            if r.status_code != 200:
+                assert set(r.json()) == {"error"}
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and "--max-queue" in r.json()["error"]
+        assert httpx.get(srv.url + "/v2/health/ready").status_code == 200  # overload is not death
+    finally:
+        srv.stop()

@@ -16,8 +16,8 @@ what the model itself returns (``logits``, ``scope_distance``, ``cam``). For raw
 slice to look at, so "no patient outline" is not assessed; the feature-distance scope test still is.
 
 Inference runs through the service's micro-batcher (``service.batcher``), so /v1 and /v2 requests share
-batches and the same limits. Errors are the protocol's ``{"error": "..."}`` with a 4xx (503 while not
-ready or overloaded).
+batches and the same limits (docs/architecture.md rule 9: 503 + Retry-After when --max-queue requests
+are in, 504 past --request-timeout). Errors are the protocol's ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import json
 import logging
 import time
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..predict import decide_outputs
 from ..preprocess import Geometry
+from .batching import BatcherError
 from .inputs import ClientError, Upload, check_declared_length, decode_uploads, read_limited
 from .oip_codec import HEADER_LENGTH, InferRequest, OipError, Tensor, encode_response, parse_infer_request
 
@@ -72,12 +73,10 @@ class OipModel:
             self.output_shapes[out] = {"logits": [-1, n], "scope_distance": [-1]}.get(out, [-1, -1, -1])
 
     def ready(self) -> bool:
-        s = self.service
-        return bool(getattr(s, "is_ready", s.ready))  # is_ready: the worker is alive too (when the service has it)
+        return self.service.is_ready  # warmed up and the inference worker alive
 
     def not_ready_reason(self) -> str:
-        s = self.service
-        return str(getattr(s, "not_ready", None) or s.not_ready_reason)
+        return self.service.not_ready
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [VERSION],
@@ -253,9 +252,10 @@ async def _infer(model: OipModel, request: Request) -> Response:
             raise OipError(exc.status, exc.reason) from None
         if not model.ready():
             return error(503, model.not_ready_reason(), {"Retry-After": "1"})
-        timeout = getattr(cfg, "request_timeout_s", None)
-        with service.batcher.announce() as slot:  # 503 when the service is at capacity (where it has a limit)
-            req, (x, geometries), result = await asyncio.wait_for(_read_decode_run(model, slot, request), timeout)
+        with service.batcher.announce() as slot:  # admission: 503 when --max-queue requests are in
+            # the deadline covers reading the body too, as on /v1
+            req, (x, geometries), result = await asyncio.wait_for(_read_decode_run(model, slot, request),
+                                                                  cfg.request_timeout_s)
         outputs = model.outputs(req, result.rows, geometries)
     except OipError as exc:
         return error(exc.status, exc.reason)
@@ -263,13 +263,10 @@ async def _infer(model: OipModel, request: Request) -> Response:
         return error(exc.status, exc.reason)
     except ClientDisconnect:
         return error(400, "client disconnected")
+    except BatcherError as exc:  # 503 overloaded or closing (retry), 500 a failed batch
+        return error(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 503 else None)
     except asyncio.TimeoutError:
-        return error(504, f"no answer within {cfg.request_timeout_s:g} s; the server is overloaded")
-    except Exception as exc:
-        status = getattr(exc, "status", None)  # the batcher's refusals (overloaded, closing) carry a status
-        if status != 503:
-            raise
-        return error(503, str(exc), {"Retry-After": "1"})
+        return error(504, f"no answer within {cfg.request_timeout_s:g} s (--request-timeout); the server is overloaded")
     binary = {t.name for t in outputs} if req.binary_all else req.binary_outputs
     body, head = encode_response(model.name, VERSION, outputs, binary, req.id)
     headers = {"X-Edgekidney-Batch-Size": str(result.batch_size),
@@ -282,7 +279,8 @@ async def _infer(model: OipModel, request: Request) -> Response:
 
 async def _read_decode_run(model: OipModel, slot, request: Request):
     cfg = model.service.config
+    limiter = model.service._decode_limiter  # bounded decoding, shared with /v1
     body = await read_limited(request.stream(), cfg.max_body_bytes)
-    req = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER_LENGTH))
-    x, geometries = await run_in_threadpool(model.to_batch, req, cfg.max_images, request.scope)
+    req = await anyio.to_thread.run_sync(parse_infer_request, body, request.headers.get(HEADER_LENGTH), limiter=limiter)
+    x, geometries = await anyio.to_thread.run_sync(model.to_batch, req, cfg.max_images, request.scope, limiter=limiter)
     return req, (x, geometries), await slot.submit(x)
