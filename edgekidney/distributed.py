@@ -8,8 +8,9 @@ Inside :func:`edgekidney.train.train` one :class:`Dist` says what this process d
   ``seed + epoch`` (as ``DistributedSampler.set_epoch``), then takes every N-th index (:meth:`Dist.shard`),
   so the ranks see disjoint slices and run the same number of steps;
 - gradients are averaged by ``DistributedDataParallel`` (:meth:`Dist.wrap`);
-- validation is split over the ranks and the logits gathered back in order (:meth:`Dist.gather_logits`),
-  so every rank takes the same best-epoch and early-stopping decisions;
+- after each epoch rank 0's BatchNorm statistics go to every rank (:meth:`Dist.sync_buffers`), then
+  validation is split over the ranks and the logits gathered back in order (:meth:`Dist.gather_logits`),
+  so every rank validates the same model and takes the same best-epoch and early-stopping decisions;
 - only rank 0 writes the run folder (checkpoint, metrics, history); the others write into a temporary
   folder that is removed (:func:`rank_output`).
 
@@ -74,6 +75,19 @@ class Dist:
 
         dev = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def sync_buffers(self, model) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) to every rank, as DDP does before each forward.
+
+        After an epoch each rank's statistics include its own last batch; validating or saving without
+        this would mix models (rank 1's shard of the validation seen by a different model than rank 0's).
+        """
+        if not self.active:
+            return
+        import torch.distributed as tdist
+
+        for b in model.buffers():
+            tdist.broadcast(b.data, src=0)
 
     def gather_logits(self, predict, x: np.ndarray, width: int) -> np.ndarray:
         """``predict(x_part)`` -> (k, width) on this rank's share of ``x``; all shares gathered back in the

@@ -446,6 +446,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     run_n += len(yn)
                     run_ok += int((out.argmax(1) == yb).sum())
                     bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
+                dist.sync_buffers(model)  # one model on every rank before validating
                 val_logits = dist.gather_logits(lambda x: _predict_logits(model, x, device), x_val, len(ds.classes))
                 val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits),
                                                                    torch.from_numpy(y_val), weight=class_w.cpu()))
