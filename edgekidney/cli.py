@@ -125,6 +125,8 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     seed: int = typer.Option(0),
+    nproc_per_node: int = typer.Option(1, min=1, help="DDP: processes on this machine (gloo on CPU, NCCL on "
+                                                      "CUDA); several machines: torchrun, see docs/triton.md."),
 ):
     """Fine-tune ResNet50 on a folder of CT slices."""
     from .data.dataset import SplitConfig, parse_classes
@@ -140,7 +142,18 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
-    metrics = train(cfg, log=echo)
+    from .distributed import init_from_env, launch, rank_output
+
+    dist = None if nproc_per_node > 1 else init_from_env(device)  # under torchrun: this process's rank
+    if nproc_per_node > 1:
+        metrics = launch(cfg, nproc_per_node)
+    elif dist is None:
+        metrics = train(cfg, log=echo)
+    else:
+        with rank_output(cfg, dist) as mine:  # rank 0 writes RUN, the others a temporary folder
+            metrics = train(mine, log=echo if dist.main else (lambda s: None))
+        if not dist.main:
+            return
     from .metrics import format_report
 
     typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
@@ -210,8 +223,9 @@ def evaluate_cmd(
 
 @command("infer")
 def infer_cmd(
-    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),
-    paths: List[Path] = typer.Argument(..., help="Image/DICOM files and folders."),
+    model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine; with --server, "
+                                            "the first input file."),
+    paths: List[Path] = typer.Argument(None, help="Image/DICOM files and folders."),
     backend: Optional[str] = typer.Option(None, help="ort | trt (default: from the model file)."),
     device: Optional[str] = typer.Option(None, help="ONNX Runtime: cpu (default) | cuda | tensorrt | auto; TensorRT: GPU index."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
@@ -222,34 +236,57 @@ def infer_cmd(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write results as CSV ('-' for stdout)."),
     cam: Optional[Path] = typer.Option(None, help="Folder for activation-map PNG overlays of slices called stone."),
     cam_all: bool = typer.Option(False, help="With --cam: an overlay for every slice."),
+    server: Optional[str] = typer.Option(None, help="Send the slices to an inference server (Open Inference "
+                                                    "Protocol: edgekidney serve or Triton), e.g. http://host:8080."),
+    model_name: str = typer.Option("edgekidney", help="With --server: the model's name on the server."),
+    sidecar: Optional[Path] = typer.Option(None, help="With --server: the sidecar JSON for a server that does not "
+                                                      "carry it (local preprocessing)."),
+    send: str = typer.Option("auto", help="With --server: auto | bytes (files) | tensor (preprocessed here)."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
     from .predict import Classifier, expand_inputs, write_cams
     from .provenance import mismatch_warning
 
-    from .lineage import threshold_status
+    if server is not None:
+        from .remote import RemoteClassifier
 
-    with Classifier(model, backend=backend, threshold=threshold, device=device,
-                    threads=threads) as clf:  # the model first, as given
-        status = threshold_status(model, clf.card)
-        if status.stale and threshold is None:
-            warn(status.message)
-        files = expand_inputs(paths)
-        mismatch = mismatch_warning(clf.card.extra.get("data"), files)
-        if mismatch:
-            warn(mismatch)
-        with stage("classifying", len(files), "file") as bar:
-            preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
-                                                want_cam=cam is not None, progress=bar.advance)
+        if cam is not None:
+            fail("--cam needs a local model; it is not available with --server")
+        files = expand_inputs([model, *(paths or [])])
+        with RemoteClassifier(server, model_name, sidecar=sidecar, send=send, threshold=threshold,
+                              api_key=api_key) as clf:
+            with stage("classifying", len(files), "file") as bar:
+                preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                                    progress=bar.advance)
+            clf.threshold = clf.model.threshold
+            positive_class = clf.model.positive_class
+    else:
+        from .lineage import threshold_status
+
+        with Classifier(model, backend=backend, threshold=threshold, device=device,
+                        threads=threads) as clf:  # the model first, as given
+            status = threshold_status(model, clf.card)
+            if status.stale and threshold is None:
+                warn(status.message)
+            files = expand_inputs(paths or [])
+            mismatch = mismatch_warning(clf.card.extra.get("data"), files)
+            if mismatch:
+                warn(mismatch)
+            with stage("classifying", len(files), "file") as bar:
+                preds, failures = clf.predict_files(files, batch_size=batch_size, keep_going=keep_going,
+                                                    want_cam=cam is not None, progress=bar.advance)
+        positive_class = clf.card.positive_class
     if cam is not None:
         write_cams(preds, cam, clf.card, everything=cam_all)
     rows = [p.to_dict() for p in preds]
     to_stdout = "-" in (str(json_out), str(csv_out))
     if not to_stdout:
-        echo(format_predictions(rows, clf.card.positive_class, clf.threshold,
-                                "--threshold" if threshold is not None else "the model's sidecar"))
+        source = "--threshold" if threshold is not None else ("the server's model" if server else "the model's sidecar")
+        echo(format_predictions(rows, positive_class, clf.threshold, source))
     if json_out is not None:
-        echo_json({"model": str(model), "threshold": clf.threshold, "predictions": rows,
+        echo_json({"model": str(model) if server is None else f"{server} {model_name}", "threshold": clf.threshold,
+                   "predictions": rows,
                    "failures": [f.__dict__ for f in failures]}, json_out)
     if csv_out is not None:
         fh = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
@@ -483,6 +520,39 @@ def build_engine_cmd(
 
 
 
+# -- Triton model repository (issue 11) --------------------------------------------------------------
+@command("export-triton")
+def export_triton_cmd(
+    model: Path = typer.Argument(..., help="ONNX model or TensorRT engine, with its sidecar."),
+    repo: Path = typer.Option(..., "--repo", help="Triton model repository folder (created if missing)."),
+    name: str = typer.Option("edgekidney", help="Model name (the folder under --repo)."),
+    version: int = typer.Option(1, min=1, help="Version folder."),
+    max_batch_size: Optional[int] = typer.Option(None, min=1, help="Default: the engine profile's largest batch, "
+                                                                    "an ONNX graph's fixed batch, else 8."),
+    queue_delay_us: int = typer.Option(5000, min=0, help="Dynamic batching: longest a request waits for others."),
+    instance_kind: str = typer.Option("auto", help="auto | cpu | gpu (auto: GPU for engines, CPU for ONNX)."),
+    instances: int = typer.Option(1, min=1, help="Model instances."),
+    force: bool = typer.Option(False, help="Replace REPO/NAME if it exists."),
+):
+    """Write a Triton model repository entry: NAME/config.pbtxt, NAME/VERSION/model.onnx|model.plan + sidecar."""
+    from .triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
+    from .sidecar import load_card
+
+    path = export_triton(model, repo, TritonExportConfig(name=name, version=version, max_batch_size=max_batch_size,
+                                                         queue_delay_us=queue_delay_us, instance_kind=instance_kind,
+                                                         instance_count=instances, force=force))
+    typer.echo(f"wrote {path} and {path.parent / str(version)}")
+    card = load_card(model, verify_hash=False)
+    release = triton_release(card) if card.kind == "engine" else DEFAULT_RELEASE
+    if release is None:
+        typer.echo("warning: no Triton release known for this engine's TensorRT "
+                   f"{card.extra.get('engine', {}).get('tensorrt_version')}: use the one that ships it", err=True)
+        release = DEFAULT_RELEASE
+    gpus = "--gpus all " if card.kind == "engine" or instance_kind == "gpu" else ""
+    typer.echo(f"run: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {repo.resolve()}:/models "
+               f"nvcr.io/nvidia/tritonserver:{release}-py3 tritonserver --model-repository=/models")
+
+
 # -- service commands (issue 5) ----------------------------------------------------------------------
 
 
@@ -508,8 +578,9 @@ def serve_cmd(
     graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
     simulate_latency_ms: float = typer.Option(0.0, min=0.0, hidden=True, help="Testing: sleep before each batch."),
+    model_name: str = typer.Option("edgekidney", help="The model's name under /v2/models/ (Open Inference Protocol)."),
 ):
-    """HTTP inference service: POST /v1/predict, /healthz, /readyz, /metrics (FastAPI + uvicorn)."""
+    """HTTP inference service: POST /v1/predict, /v2 (Open Inference Protocol), /healthz, /readyz, /metrics."""
     from .server import ServeConfig, serve
 
     serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
@@ -517,7 +588,7 @@ def serve_cmd(
                       max_body_mb=max_body_mb, max_images=max_images, max_queue=max_queue,
                       request_timeout_s=request_timeout, decode_threads=decode_threads, api_key=api_key,
                       graceful_timeout_s=graceful_timeout, log_level=log_level,
-                      simulate_latency_ms=simulate_latency_ms))
+                      simulate_latency_ms=simulate_latency_ms, oip_model_name=model_name))
 
 
 # -- DICOM listener (issue 10) -----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .preprocess import Preprocessing
 from .progress import echo, stage
 from .provenance import data_provenance
 from .sidecar import ModelCard, sha256_of
+from .distributed import current as current_dist
 from .threads import apply_torch_threads, contention_note
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
@@ -351,6 +352,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     torch = require_torch()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    dist = current_dist()  # rank 0 of 1 unless under edgekidney.distributed (DDP)
     ds: Dataset = split_dataset(discover(cfg.data, cfg.classes), cfg.split)
     positive = positive_class_index(ds.classes, cfg.positive_class)
     write_manifest(ds.samples, cfg.out / "split.csv")
@@ -383,10 +385,10 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     which = cfg.augmentations()
     log(f"training: augmentations {', '.join(sorted(which)) or 'none'}; "
         f"{'class-balanced sampling' if cfg.balanced else 'class-weighted loss'}")
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + dist.rank)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    steps_per_epoch = dist.steps(len(x_train), cfg.batch_size)
 
     def make_phase(frozen: bool, epochs: int):
         for name, p in model.named_parameters():
@@ -410,6 +412,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
             if n_epochs <= 0 or stopped_early:
                 continue
             opt, sched = make_phase(frozen, n_epochs)
+            net = dist.wrap(model)  # DDP after this phase's requires_grad is set
             for _ in range(n_epochs):
                 epoch += 1
                 t0 = time.perf_counter()
@@ -420,7 +423,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     for m in model.modules():
                         if isinstance(m, torch.nn.BatchNorm2d):
                             m.eval()
-                order = epoch_order(y_train, cfg.balanced, gen)
+                order = dist.shard(epoch_order(y_train, cfg.balanced, dist.epoch_generator(gen, cfg.seed, epoch)))
                 run_loss, run_ok, run_n = 0.0, 0, 0
                 for i in range(0, len(order), cfg.batch_size):
                     idx = order[i : i + cfg.batch_size]
@@ -434,7 +437,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                         xb = augment(xb, pre, gen, which)
                     xb, yb = xb.to(device), torch.from_numpy(yn).to(device)
                     opt.zero_grad(set_to_none=True)
-                    out = model(xb)
+                    out = net(xb)
                     loss = loss_fn(out, yb)
                     loss.backward()
                     opt.step()
@@ -443,7 +446,8 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     run_n += len(yn)
                     run_ok += int((out.argmax(1) == yb).sum())
                     bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
-                val_logits = _predict_logits(model, x_val, device)
+                dist.sync_buffers(model)  # one model on every rank before validating
+                val_logits = dist.gather_logits(lambda x: _predict_logits(model, x, device), x_val, len(ds.classes))
                 val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits),
                                                                    torch.from_numpy(y_val), weight=class_w.cpu()))
                 rep = classification_report(y_val, softmax(val_logits), ds.classes, positive, 0.5)
@@ -494,6 +498,9 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         "val": report, "val_at_0.5": report_05,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
+    if dist.active:
+        metrics["distributed"] = {"world_size": dist.world, "backend": dist.backend,
+                                  "train_slices_last_epoch_per_rank": dist.gather_object(run_n)}
     save_checkpoint(cfg.out / "model.pt", model, ds.classes, ds.classes[positive], pre, threshold,
                     weights_source, metrics, scope)
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

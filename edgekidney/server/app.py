@@ -28,6 +28,7 @@ from .config import ServeConfig
 from .inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
                      read_limited, single_upload, split_multipart)
 from .metrics import CONTENT_TYPE, Metrics
+from .oip import add_oip_routes
 
 log = logging.getLogger("edgekidney.server")
 
@@ -299,5 +300,6 @@ def create_app(classifier, config: ServeConfig) -> FastAPI:
             log.exception("internal error while serving /v1/predict")
             return JSONResponse({"detail": "internal error", "status": 500}, 500)
 
+    add_oip_routes(app, service)  # /v2: the Open Inference Protocol (oip.py)
     app.add_middleware(RequestLog, service=service)
     return app

@@ -31,6 +31,7 @@ class ServeConfig:
     graceful_timeout_s: float = 30.0  # after SIGTERM, how long in-flight requests may take
     log_level: str = "info"
     simulate_latency_ms: float = 0.0  # testing only: sleep before each batch (graceful-shutdown test)
+    oip_model_name: str = "edgekidney"  # the model's name under /v2/models/ (Open Inference Protocol)
 
     @property
     def batching(self) -> bool:
