@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 CT_VOLUMES = REPO.parent / "shared" / "data" / "ct-volumes"
 
 
+def wait_for(cond, timeout: float = 15.0, step: float = 0.05):
+    """Poll ``cond`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

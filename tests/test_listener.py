@@ -17,23 +17,14 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
-from listener_fixtures import REPO, Pacs, free_port, jpeg2000_series, send, tiny_model, write_series  # noqa: E402
+from listener_fixtures import (REPO, Pacs, free_port, jpeg2000_series, send, tiny_model,  # noqa: E402
+                               wait_for, write_series)
 
 from edgekidney.dicomnet import Destination, Listener, ListenerConfig, fallback_processor  # noqa: E402
 from edgekidney.dicomnet.jobs import JobTable  # noqa: E402
 from edgekidney.dicomnet.service import backoff_s  # noqa: E402
 from edgekidney.dicomnet.sr import result_uids  # noqa: E402
 from edgekidney.errors import InputError  # noqa: E402
-
-
-def wait_for(cond, timeout: float = 15.0, step: float = 0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
 from listener_fixtures import REPO, Pacs, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
+from listener_fixtures import wait_for as fixtures_wait_for  # noqa: E402
 
 from edgekidney.dicomnet.sr import result_uids  # noqa: E402
 
@@ -31,13 +32,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
+    return fixtures_wait_for(cond, timeout, step)  # subprocesses start slower: a longer default
 
 
 def echo_ok(port: int) -> bool:
