@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 
 
+def peak_of(cam: np.ndarray) -> tuple[int, int]:
+    """(row, col) of a map's maximum."""
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))
+
+
 def _heat(v: np.ndarray) -> np.ndarray:
     """0..1 -> RGB, black-red-yellow-white (a perceptually ordered 'hot' map)."""
     r = np.clip(v * 3.0, 0, 1)

@@ -16,6 +16,7 @@ from .data.decode import decode_slice, load_slice
 from .errors import EdgeKidneyError, InputError
 from .metrics import decide, softmax
 from .preprocess import preprocess_batch_with_geometry
+from .cam import peak_of
 from .scope import OUT_OF_SCOPE
 from .runtime import backend_for, open_backend
 from .sidecar import load_card
@@ -88,6 +89,12 @@ def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.n
     return inside, reasons
 
 
+def checked_logits(card, logits: np.ndarray) -> np.ndarray:
+    if logits.ndim != 2 or logits.shape[1] != len(card.classes):
+        raise EdgeKidneyError(f"model returned shape {logits.shape}; sidecar names {len(card.classes)} classes")
+    return logits
+
+
 def classify_batch(predictor, slices: list[np.ndarray], want_cam: bool = False) -> BatchResult:
     """Preprocess (the shared implementation), run the model, decide, and say what is out of scope.
 
@@ -101,9 +108,7 @@ def classify_batch(predictor, slices: list[np.ndarray], want_cam: bool = False) 
 def decide_outputs(card, threshold: float, outs: dict[str, np.ndarray], geometries: list,
                    want_cam: bool = False) -> BatchResult:
     """The model's outputs for a batch -> labels (out of scope included) and, when asked, maps on the slices."""
-    logits = outs["logits"]
-    if logits.ndim != 2 or logits.shape[1] != len(card.classes):
-        raise EdgeKidneyError(f"model returned shape {logits.shape}; sidecar names {len(card.classes)} classes")
+    logits = checked_logits(card, outs["logits"])
     probs = softmax(logits)
     distances = outs.get("scope_distance")
     in_scope, reasons = scope_of(card, distances, geometries)
@@ -143,10 +148,7 @@ class Classifier:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed batch -> (N, classes) probabilities."""
-        logits = self.backend.infer(batch)
-        if logits.ndim != 2 or logits.shape[1] != len(self.card.classes):
-            raise EdgeKidneyError(f"model returned shape {logits.shape}; sidecar names {len(self.card.classes)} classes")
-        return softmax(logits)
+        return softmax(checked_logits(self.card, self.backend.infer(batch)))
 
     def predict_slices(self, slices: list[np.ndarray], names: list[str], want_cam: bool = False) -> list[Prediction]:
         x, geometries = preprocess_batch_with_geometry(slices, self.card.preprocessing)
@@ -161,7 +163,7 @@ class Classifier:
         preds = []
         for i, name in enumerate(names):
             cam = r.cams[i]
-            peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)) if cam is not None else None
+            peak = peak_of(cam) if cam is not None else None
             preds.append(Prediction(
                 name, float(r.probs[i, self.positive]), r.labels[i], self.threshold,
                 in_scope=None if r.in_scope is None else bool(r.in_scope[i]),

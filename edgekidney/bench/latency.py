@@ -75,7 +75,7 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "torch":
         return _torch_worker(spec, cfg, files)
     from ..data.decode import load_slice
-    from ..predict import Classifier
+    from ..predict import Classifier, classify_batch
     from ..preprocess import preprocess_batch
 
     clf = Classifier(spec["model"], backend=cfg.backend, defaults={"threads": cfg.threads})
@@ -92,7 +92,7 @@ def worker(spec: dict) -> dict:
                 return getattr(backend, "last_gpu_ms", None)
 
             def end_to_end():
-                clf.probabilities(preprocess_batch([load_slice(f, pre) for f in batch_files], pre))
+                classify_batch(clf, [load_slice(f, pre) for f in batch_files])  # what infer does, scope included
                 return getattr(backend, "last_gpu_ms", None)
 
             for mode, fn in (("model", model_only), ("end_to_end", end_to_end)):

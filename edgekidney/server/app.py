@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..cam import peak_of
 from ..predict import decide_outputs
 from .batching import BatcherError, MicroBatcher
 from .config import ServeConfig
@@ -193,7 +194,7 @@ class Service:
                     "batch_size": result.batch_size, "latency_ms": latency_ms}
             cam = decided.cams[i]
             if cam is not None:
-                peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))
+                peak = peak_of(cam)
                 item["cam_peak"] = list(peak)  # (row, col) on the uploaded image
                 item["cam_png"] = await anyio.to_thread.run_sync(self._cam_png, up, cam, peak,
                                                                  limiter=self._decode_limiter)
