@@ -636,17 +636,28 @@ def listen_cmd(
     run(cfg, model, log_level=log_level, processor=processor, plane=plane, backend=backend)
 
 
-METAVARS = {"int": "N", "float": "X", "path": "PATH", "str": "TEXT"}
+METAVARS = {"int": "N", "integer": "N", "float": "X", "path": "PATH", "str": "TEXT", "text": "TEXT"}
+
+
+def _type_word(command, param) -> str:
+    """First word of the option's value type: recent typers say it through ``display_type``
+    ("<int range>"), older ones and click through ``param.type.name`` ("integer range")."""
+    if hasattr(param, "display_type"):
+        import click
+
+        text = param.display_type(click.Context(command))
+    else:
+        text = str(getattr(getattr(param, "type", None), "name", "") or "")
+    words = text.strip("<>").split()
+    return words[0] if words else "text"
 
 
 def build_cli(command=None):
     """The click command behind ``app`` with plain metavars (``--threads N``, not ``<int range>``)."""
-    import click
-
     command = command or typer.main.get_command(app)
     for param in command.params:
         if param.param_type_name == "option" and not param.is_flag and param.metavar is None:
-            kind = param.display_type(click.Context(command)).strip("<>").split()[0]
+            kind = _type_word(command, param)
             param.metavar = METAVARS.get(kind, kind.upper())
         elif param.param_type_name == "argument" and param.metavar is None:
             param.metavar = param.name.upper()
