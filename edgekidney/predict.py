@@ -83,7 +83,7 @@ def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.n
     for i, (ok, g) in enumerate(zip(inside, geometries)):
         if card.preprocessing.body_crop and not g.body_found:
             inside[i] = False
-            reasons[i] = "no patient outline found in the image"
+            reasons[i] = "no patient outline (or no anatomy, one flat value) found in the image"
         elif not ok:
             reasons[i] = f"unlike the training slices (feature distance {float(distances[i]):.3g} > {thr:.3g})"
     return inside, reasons

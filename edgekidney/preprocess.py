@@ -167,6 +167,8 @@ def body_box(img: np.ndarray, config: Preprocessing) -> tuple[tuple[int, int, in
     fraction = float(sizes[k] / small.size)
     if fraction < config.body_min_fraction:
         return (whole[0], False, fraction)
+    if float(img[::step, ::step][labels == k + 1].std()) < 0.01:  # one flat value: a page, not anatomy
+        return (whole[0], False, fraction)
     rows, cols = ndimage.find_objects(labels)[k]
     top, bottom = rows.start * step, min(h, rows.stop * step)
     left, right = cols.start * step, min(w, cols.stop * step)

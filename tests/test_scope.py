@@ -13,11 +13,12 @@ from edgekidney.scope import choose_threshold, energy, fit_scope, separation_auc
 
 # -- body crop ---------------------------------------------------------------------------------------
 def phantom_hu(size=256, body=(128, 120, 70, 95), table_row=230):
-    """Air, an elliptic body of soft tissue centred at (row, col) with radii (ry, rx), a thin table."""
+    """Air, an elliptic body of noisy soft tissue centred at (row, col) with radii (ry, rx), a thin table."""
     yy, xx = np.mgrid[0:size, 0:size]
     cy, cx, ry, rx = body
     hu = np.full((size, size), -1000.0, np.float32)
-    hu[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 40.0
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    hu[inside] = 40.0 + np.random.default_rng(0).normal(0, 15, int(inside.sum()))  # tissue with CT noise
     hu[table_row : table_row + 2, 10 : size - 10] = 300.0  # the scanner table: thin and wide
     return hu
 
@@ -68,7 +69,8 @@ def test_geometry_maps_network_positions_back_to_the_slice():
 
 def test_blank_image_has_no_body():
     pre = Preprocessing(image_size=64)
-    for img in (np.zeros((128, 128), np.float32), np.full((128, 128), 0.01, np.float32)):
+    for img in (np.zeros((128, 128), np.float32), np.full((128, 128), 0.01, np.float32),
+                np.full((128, 128), 0.5, np.float32)):  # a flat gray page fills the frame but is no anatomy
         _, geo = preprocess_with_geometry(img, pre)
         assert not geo.body_found and geo.crop == (0, 128, 0, 128)
 
