@@ -56,6 +56,16 @@ class BatchResult:
     cams: list[np.ndarray | None]  # on each original slice, when asked for
     geometries: list
 
+    def predictions(self, names: list[str], card, threshold: float) -> list["Prediction"]:
+        """One :class:`Prediction` per slice, named as given."""
+        pos, thr = card.positive_index, card.scope_threshold
+        return [Prediction(
+            str(name), float(self.probs[i, pos]), self.labels[i], threshold,
+            in_scope=None if self.in_scope is None else bool(self.in_scope[i]),
+            scope_distance=None if self.distances is None else float(self.distances[i]),
+            scope_threshold=thr, scope_reason=self.reasons[i], cam=self.cams[i],
+            cam_peak=None if self.cams[i] is None else peak_of(self.cams[i])) for i, name in enumerate(names)]
+
 
 @dataclass
 class Failure:
@@ -159,17 +169,7 @@ class Classifier:
         """The half of :meth:`predict_slices` after preprocessing, for callers that preprocess in
         another thread (the study pipeline): ``x, geometries = preprocess_batch_with_geometry(...)``."""
         r = decide_outputs(self.card, self.threshold, self.infer_outputs(x), geometries, want_cam)
-        thr = self.card.scope_threshold
-        preds = []
-        for i, name in enumerate(names):
-            cam = r.cams[i]
-            peak = peak_of(cam) if cam is not None else None
-            preds.append(Prediction(
-                name, float(r.probs[i, self.positive]), r.labels[i], self.threshold,
-                in_scope=None if r.in_scope is None else bool(r.in_scope[i]),
-                scope_distance=None if r.distances is None else float(r.distances[i]),
-                scope_threshold=thr, scope_reason=r.reasons[i], cam=cam, cam_peak=peak))
-        return preds
+        return r.predictions(names, self.card, self.threshold)
 
     def predict_bytes(self, data: bytes, name: str, want_cam: bool = False) -> Prediction:
         return self.predict_slices([decode_slice(data, name, self.preprocessing)], [name], want_cam)[0]

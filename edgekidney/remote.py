@@ -192,13 +192,7 @@ class RemoteClassifier:
         wanted = [o for o in ("logits", "scope_distance") if o in m.outputs]
         res = self._infer(inp, wanted)
         outs = {o: res.as_numpy(o) for o in wanted}
-        r = decide_outputs(card, m.threshold, outs, geometries)
-        pos = card.positive_index
-        return [Prediction(str(p), float(r.probs[i, pos]), r.labels[i], m.threshold,
-                           in_scope=None if r.in_scope is None else bool(r.in_scope[i]),
-                           scope_distance=None if r.distances is None else float(r.distances[i]),
-                           scope_threshold=card.scope_threshold, scope_reason=r.reasons[i])
-                for i, p in enumerate(paths)]
+        return decide_outputs(card, m.threshold, outs, geometries).predictions(paths, card, m.threshold)
 
     def close(self) -> None:
         self.client.close()
