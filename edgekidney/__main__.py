@@ -1,5 +1,5 @@
 """``python -m edgekidney`` = the ``edgekidney`` command."""
 
-from .cli import main
+from edgekidney.cli import main
 
 main()

@@ -26,11 +26,11 @@ from typing import Callable
 
 import numpy as np
 
-from .data.arrays import load_arrays
-from .data.dataset import Sample, discover, read_manifest
-from .errors import InputError, ModelError
-from .preprocess import Preprocessing
-from .sidecar import ModelCard, load_card, sha256_of
+from edgekidney.data.arrays import load_arrays
+from edgekidney.data.dataset import Sample, discover, read_manifest
+from edgekidney.errors import InputError, ModelError
+from edgekidney.preprocess import Preprocessing
+from edgekidney.sidecar import ModelCard, load_card, sha256_of
 
 CAL_FIELDS = ("path", "sha256", "label", "class_name")
 

@@ -14,9 +14,9 @@ from typing import List, Optional
 
 import typer
 
-from .errors import EdgeKidneyError
-from .jsonio import write_json
-from .progress import echo, stage
+from edgekidney.errors import EdgeKidneyError
+from edgekidney.jsonio import write_json
+from edgekidney.progress import echo, stage
 
 # Plain help (click's layout): typer's rich panels print flags as `--help <bool>`.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -77,14 +77,14 @@ def synth_cmd(
 ):
     """Write synthetic CT-like DICOM slices (clearly labelled synthetic, licence-free)."""
     if series:
-        from .data.synthetic_series import write_series_set
-        from .jsonio import write_json
+        from edgekidney.data.synthetic_series import write_series_set
+        from edgekidney.jsonio import write_json
 
         truths = write_series_set(out, n_series=series, slices=series_slices, size=size, seed=seed)
         write_json([t.to_dict() for t in truths], out / "truth.json")
         typer.echo(f"wrote {series} synthetic series of {series_slices} slices to {out} (ground truth: truth.json)")
         return
-    from .data.synthetic import SynthConfig, generate
+    from edgekidney.data.synthetic import SynthConfig, generate
 
     counts = generate(out, SynthConfig(patients=patients, slices_per_class=slices, size=size, seed=seed))
     typer.echo(f"wrote {sum(counts.values())} synthetic slices to {out}: {counts}")
@@ -129,9 +129,9 @@ def train_cmd(
                                                       "CUDA); several machines: torchrun, see docs/triton.md."),
 ):
     """Fine-tune ResNet50 on a folder of CT slices."""
-    from .data.dataset import SplitConfig, parse_classes
-    from .preprocess import Preprocessing
-    from .train import TrainConfig, train
+    from edgekidney.data.dataset import SplitConfig, parse_classes
+    from edgekidney.preprocess import Preprocessing
+    from edgekidney.train import TrainConfig, train
 
     pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
                         png16_hu_offset=png16_hu_offset, body_crop=body_crop, body_level=body_level or None)
@@ -142,7 +142,7 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
-    from .distributed import init_from_env, launch, rank_output
+    from edgekidney.distributed import init_from_env, launch, rank_output
 
     dist = None if nproc_per_node > 1 else init_from_env(device)  # under torchrun: this process's rank
     if nproc_per_node > 1:
@@ -154,7 +154,7 @@ def train_cmd(
             metrics = train(mine, log=echo if dist.main else (lambda s: None))
         if not dist.main:
             return
-    from .metrics import format_report
+    from edgekidney.metrics import format_report
 
     typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
                                              f"threshold for sensitivity >= {target_sensitivity}):"))
@@ -170,7 +170,7 @@ def export_cmd(
     tolerance: float = typer.Option(1e-3),
 ):
     """Export a checkpoint to ONNX with a JSON sidecar and a PyTorch parity check."""
-    from .export import export_onnx
+    from edgekidney.export import export_onnx
 
     card = export_onnx(run, out, opset=opset, parity_images=parity_images, tolerance=tolerance)
     parity = card.extra["parity"]
@@ -195,10 +195,10 @@ def evaluate_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
-    from .data.dataset import parse_classes
-    from .evaluate import evaluate, format_confounders
-    from .metrics import format_report
-    from .predict import default_backend_for
+    from edgekidney.data.dataset import parse_classes
+    from edgekidney.evaluate import evaluate, format_confounders
+    from edgekidney.metrics import format_report
+    from edgekidney.predict import default_backend_for
 
     options = {"threads": threads} if (backend or default_backend_for(model)) == "ort" else {}
     result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
@@ -245,11 +245,11 @@ def infer_cmd(
     api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
-    from .predict import Classifier, expand_inputs, write_cams
-    from .provenance import mismatch_warning
+    from edgekidney.predict import Classifier, expand_inputs, write_cams
+    from edgekidney.provenance import mismatch_warning
 
     if server is not None:
-        from .remote import RemoteClassifier
+        from edgekidney.remote import RemoteClassifier
 
         if cam is not None:
             fail("--cam needs a local model; it is not available with --server")
@@ -262,7 +262,7 @@ def infer_cmd(
             clf.threshold = clf.model.threshold
             positive_class = clf.model.positive_class
     else:
-        from .lineage import threshold_status
+        from edgekidney.lineage import threshold_status
 
         with Classifier(model, backend=backend, threshold=threshold, device=device,
                         threads=threads) as clf:  # the model first, as given
@@ -324,10 +324,10 @@ def study_cmd(
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
     from dataclasses import replace
 
-    from .predict import Classifier
-    from .study import StudyRule, analyze_study
-    from .study.planes import check_plane
-    from .study.report import format_study
+    from edgekidney.predict import Classifier
+    from edgekidney.study import StudyRule, analyze_study
+    from edgekidney.study.planes import check_plane
+    from edgekidney.study.report import format_study
 
     check_plane(plane)
     # The decode/preprocess thread needs a core: ORT gets the others (1 of 2) and its threads do not spin
@@ -347,13 +347,13 @@ def study_cmd(
             if series.kind != "dicom" or series.refusal:
                 return
             if sr_out is not None:
-                from .study.sr import write_sr
+                from edgekidney.study.sr import write_sr
 
                 written.append(str(write_sr(result, series, sr_out)))
             if sc_out is not None and result.peak is not None and result.plane != series.acquired_plane:
                 result.warnings.append("no Secondary Capture: a reformatted slice has no single source instance")
             elif sc_out is not None and result.peak is not None:
-                from .study.sc import write_sc
+                from edgekidney.study.sc import write_sc
 
                 written.extend(str(p) for p in write_sc(result, series, sc_out, clf))
 
@@ -389,7 +389,7 @@ def demo_cmd(
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """The whole job on built-in synthetic CT slices: data -> train -> ONNX -> evaluate -> infer."""
-    from .demo import run_demo
+    from edgekidney.demo import run_demo
 
     run_demo(out, epochs=epochs, image_size=image_size, patients=patients, seed=seed, threads=threads, log=echo)
 
@@ -406,7 +406,7 @@ def calibrate_cmd(
     seed: int = typer.Option(0),
 ):
     """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration (no torch)."""
-    from .calibrate import make_calibration_set
+    from edgekidney.calibrate import make_calibration_set
 
     with stage("preprocessing calibration slices", n, "slice") as bar:
         cal = make_calibration_set(data, model, out, manifest=manifest, n=n, seed=seed, progress=bar.advance)
@@ -428,7 +428,7 @@ def quantize_cmd(
     max_calibration: Optional[int] = typer.Option(None, min=1, help="Use only the first N calibration slices."),
 ):
     """Write an FP16 or INT8 (Q/DQ) model; the precision lives in the graph."""
-    from .quantize import Method, Precision, QuantizeConfig, Target, quantize
+    from edgekidney.quantize import Method, Precision, QuantizeConfig, Target, quantize
 
     try:
         cfg = QuantizeConfig(precision=Precision(precision), target=Target(target), method=Method(method),
@@ -457,8 +457,8 @@ def bench_accuracy_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Accuracy of quantized models against their FP32 parent; exit 1 when a gate fails."""
-    from .bench.accuracy import Gates, format_table, run_accuracy
-    from .data.dataset import parse_classes
+    from edgekidney.bench.accuracy import Gates, format_table, run_accuracy
+    from edgekidney.data.dataset import parse_classes
 
     result = run_accuracy(list(models), data, split, parse_classes(classes),
                           Gates(max_accuracy_drop, max_sensitivity_drop, min_agreement), reference, backend=backend,
@@ -482,7 +482,7 @@ def bench_latency_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"), plot: Optional[Path] = typer.Option(None),
 ):
     """Latency percentiles and throughput per model, backend and batch size."""
-    from .bench.latency import main as latency_main
+    from edgekidney.bench.latency import main as latency_main
 
     argv = [str(m) for m in models] + ["--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads),
                                        "--seconds", str(seconds), "--torch", torch, "--max-slowdown", str(max_slowdown)]
@@ -510,8 +510,8 @@ def build_engine_cmd(
     verbose: bool = typer.Option(False, help="Show TensorRT's info messages."),
 ):
     """Build a TensorRT engine (strongly typed, dynamic batch) for this GPU and TensorRT version."""
-    from .engine import EngineBuildConfig, build_engine
-    from .engine_compat import BatchProfile
+    from edgekidney.engine import EngineBuildConfig, build_engine
+    from edgekidney.engine_compat import BatchProfile
 
     cfg = EngineBuildConfig(profile=BatchProfile(min_batch, opt_batch, max_batch), workspace_mib=workspace,
                             timing_cache=timing_cache, version_compatible=version_compatible,
@@ -535,8 +535,8 @@ def export_triton_cmd(
     force: bool = typer.Option(False, help="Replace REPO/NAME if it exists."),
 ):
     """Write a Triton model repository entry: NAME/config.pbtxt, NAME/VERSION/model.onnx|model.plan + sidecar."""
-    from .triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
-    from .sidecar import load_card
+    from edgekidney.triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
+    from edgekidney.sidecar import load_card
 
     path = export_triton(model, repo, TritonExportConfig(name=name, version=version, max_batch_size=max_batch_size,
                                                          queue_delay_us=queue_delay_us, instance_kind=instance_kind,
@@ -581,7 +581,7 @@ def serve_cmd(
     model_name: str = typer.Option("edgekidney", help="The model's name under /v2/models/ (Open Inference Protocol)."),
 ):
     """HTTP inference service: POST /v1/predict, /v2 (Open Inference Protocol), /healthz, /readyz, /metrics."""
-    from .server import ServeConfig, serve
+    from edgekidney.server import ServeConfig, serve
 
     serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
                       threshold=threshold, max_batch=1 if no_batching else max_batch, max_wait_ms=max_wait_ms,
@@ -622,7 +622,7 @@ def listen_cmd(
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
 ):
     """DICOM Storage SCP: store every CT instance durably, classify each series, send an SR back."""
-    from .dicomnet import Destination, ListenerConfig, TlsConfig, run
+    from edgekidney.dicomnet import Destination, ListenerConfig, TlsConfig, run
 
     if (tls_cert is None) != (tls_key is None):
         fail("--tls-cert and --tls-key go together")

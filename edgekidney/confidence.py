@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import roc_auc_rows
+from edgekidney.metrics import roc_auc_rows
 
 
 def _interval(values: np.ndarray, level: float) -> list[float]:

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .data.synthetic import SynthConfig, generate
-from .evaluate import evaluate
-from .export import export_onnx
-from .metrics import format_report
-from .predict import Classifier, expand_inputs
-from .preprocess import Preprocessing
-from .progress import echo
-from .train import TrainConfig, train
+from edgekidney.data.synthetic import SynthConfig, generate
+from edgekidney.evaluate import evaluate
+from edgekidney.export import export_onnx
+from edgekidney.metrics import format_report
+from edgekidney.predict import Classifier, expand_inputs
+from edgekidney.preprocess import Preprocessing
+from edgekidney.progress import echo
+from edgekidney.train import TrainConfig, train
 
 
 def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int = 40, seed: int = 0,
@@ -73,10 +73,10 @@ def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int =
 
 def demo_study(folder: Path, model: Path, log: Callable[[str], None] = print) -> list[dict]:
     """Whole synthetic series (one with stones, one without) through ``edgekidney study``'s pipeline."""
-    from .data.series import identity_hash
-    from .data.synthetic_series import write_series_set
-    from .study import analyze_study
-    from .study.report import format_study
+    from edgekidney.data.series import identity_hash
+    from edgekidney.data.synthetic_series import write_series_set
+    from edgekidney.study import analyze_study
+    from edgekidney.study.report import format_study
 
     truths = write_series_set(folder, n_series=2, slices=30, size=256)
     with Classifier(model) as clf:

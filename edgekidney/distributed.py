@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from edgekidney.errors import InputError
 
 TIMEOUT = timedelta(minutes=10)  # a rank that died must not leave the others waiting forever
 
@@ -174,7 +174,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, cfg, world: int, port: int, quiet_others: bool) -> None:
-    from .train import train
+    from edgekidney.train import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

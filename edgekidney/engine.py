@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_options, check_static_batch,
+from edgekidney.engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_options, check_static_batch,
                             engine_cache_key, engine_file_name, profile_shapes, require_tensorrt_environment,
                             timing_cache_file)
-from .errors import InputError, ModelError
-from .graph import graph_precision
-from .lineage import threshold_record
-from .sidecar import ModelCard, load_card, sidecar_path
+from edgekidney.errors import InputError, ModelError
+from edgekidney.graph import graph_precision
+from edgekidney.lineage import threshold_record
+from edgekidney.sidecar import ModelCard, load_card, sidecar_path
 
 
 @dataclass
@@ -190,7 +190,7 @@ def cached_engine(out: Path, key: str) -> ModelCard | None:
 def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineBuildConfig | None = None,
                  log: Callable[[str], None] = print) -> tuple[Path, ModelCard]:
     """Build (or find up to date) the engine for ``onnx_path``; -> (engine path, engine card)."""
-    from .runtime.tensorrt import detect_environment, import_tensorrt, make_logger
+    from edgekidney.runtime.tensorrt import detect_environment, import_tensorrt, make_logger
 
     cfg = (cfg or EngineBuildConfig()).validate()
     onnx_path = Path(onnx_path)

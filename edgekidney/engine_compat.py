@@ -16,7 +16,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import DependencyError, InputError, ModelError
+from edgekidney.errors import DependencyError, InputError, ModelError
 
 MIN_TENSORRT = (10, 3)
 SUPPORTED_TENSORRT = ("TensorRT 10.3 or newer 10.x (JetPack 6.1/6.2 ships 10.3) and TensorRT 11.x; "

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.dataset import read_manifest
-from .data.decode import load_slice
-from .errors import GateError, InputError
-from .preprocess import preprocess
-from .sidecar import ModelCard, sha256_of
+from edgekidney.data.dataset import read_manifest
+from edgekidney.data.decode import load_slice
+from edgekidney.errors import GateError, InputError
+from edgekidney.preprocess import preprocess
+from edgekidney.sidecar import ModelCard, sha256_of
 
 DEFAULT_OPSET = 18
 
@@ -45,8 +45,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     import onnx
     import torch
 
-    from .runtime.ort import OrtBackend
-    from .train import load_checkpoint
+    from edgekidney.runtime.ort import OrtBackend
+    from edgekidney.train import load_checkpoint
 
     if opset < 17:
         raise InputError(f"--opset {opset}: edgekidney exports opset 17 or newer")

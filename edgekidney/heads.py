@@ -31,7 +31,7 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
     import torch
     import torch.nn.functional as F
 
-    from .train import forward_parts
+    from edgekidney.train import forward_parts
 
     class Headed(torch.nn.Module):
         def __init__(self) -> None:

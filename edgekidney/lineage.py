@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
-from .sidecar import ModelCard, load_card, sha256_of
+from edgekidney.errors import ModelError
+from edgekidney.sidecar import ModelCard, load_card, sha256_of
 
 
 def threshold_record(parent: ModelCard) -> dict:

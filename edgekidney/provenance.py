@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
-from .data.decode import looks_like_dicom
+from edgekidney.data.decode import looks_like_dicom
 
 SYNTHETIC_MARK = "SYNTHETIC"
 MAX_FILES_CHECKED = 200  # headers of evenly spaced files; enough to tell phantoms from scans

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import CalibrationSet, check_against_model, load_calibration_set
-from .errors import InputError, ModelError
-from .graph import graph_precision, head_nodes, heads_read_float
-from .lineage import threshold_record
-from .sidecar import ModelCard, load_card, sha256_of
+from edgekidney.calibrate import CalibrationSet, check_against_model, load_calibration_set
+from edgekidney.errors import InputError, ModelError
+from edgekidney.graph import graph_precision, head_nodes, heads_read_float
+from edgekidney.lineage import threshold_record
+from edgekidney.sidecar import ModelCard, load_card, sha256_of
 
 
 
@@ -254,8 +254,8 @@ def _entropy_ranges(prepared: Path, reader: _Reader, op_types: list[str] | None,
 
 def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 64) -> dict:
     """Quick numerical check on calibration slices (the accuracy benchmark is the real judge)."""
-    from .metrics import softmax
-    from .runtime.ort import OrtBackend
+    from edgekidney.metrics import softmax
+    from edgekidney.runtime.ort import OrtBackend
 
     if cal is None:
         rng = np.random.default_rng(0)

@@ -22,12 +22,12 @@ from typing import Callable
 
 import numpy as np
 
-from .data.decode import load_slice
-from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
-from .metrics import decide
-from .predict import Failure, Prediction, decide_outputs
-from .preprocess import preprocess_batch_with_geometry
-from .sidecar import ModelCard, load_card
+from edgekidney.data.decode import load_slice
+from edgekidney.errors import DependencyError, EdgeKidneyError, InputError, ModelError
+from edgekidney.metrics import decide
+from edgekidney.predict import Failure, Prediction, decide_outputs
+from edgekidney.preprocess import preprocess_batch_with_geometry
+from edgekidney.sidecar import ModelCard, load_card
 
 IMAGE_INPUT = "image"
 SIDECAR_PARAMETER = "edgekidney_sidecar"

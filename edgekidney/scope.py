@@ -97,7 +97,7 @@ def energy(logits: np.ndarray) -> np.ndarray:
 
 def separation_auc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """AUROC of telling out-of-scope from in-scope inputs by a score (higher = more out of scope)."""
-    from .metrics import roc_auc
+    from edgekidney.metrics import roc_auc
 
     s = np.concatenate([np.asarray(in_scores, float), np.asarray(out_scores, float)])
     y = np.concatenate([np.zeros(len(in_scores), bool), np.ones(len(out_scores), bool)])

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ModelError
-from .preprocess import Preprocessing
+from edgekidney import __version__
+from edgekidney.errors import ModelError
+from edgekidney.preprocess import Preprocessing
 
 FORMAT = "edgekidney.model/1"
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import InputError
+from edgekidney.errors import InputError
 
 
 def available_cores() -> int:

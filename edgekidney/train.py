@@ -24,17 +24,17 @@ from typing import Callable
 
 import numpy as np
 
-from .data.arrays import load_arrays
-from .data.dataset import (Dataset, SplitConfig, discover, find_classes, positive_class_index, split_dataset,
+from edgekidney.data.arrays import load_arrays
+from edgekidney.data.dataset import (Dataset, SplitConfig, discover, find_classes, positive_class_index, split_dataset,
                            write_manifest)
-from .errors import DependencyError, EdgeKidneyError, InputError, ModelError
-from .metrics import classification_report, softmax, threshold_for_sensitivity
-from .preprocess import Preprocessing
-from .progress import echo, stage
-from .provenance import data_provenance
-from .sidecar import ModelCard, sha256_of
-from .distributed import current as current_dist
-from .threads import apply_torch_threads, contention_note
+from edgekidney.errors import DependencyError, EdgeKidneyError, InputError, ModelError
+from edgekidney.metrics import classification_report, softmax, threshold_for_sensitivity
+from edgekidney.preprocess import Preprocessing
+from edgekidney.progress import echo, stage
+from edgekidney.provenance import data_provenance
+from edgekidney.sidecar import ModelCard, sha256_of
+from edgekidney.distributed import current as current_dist
+from edgekidney.threads import apply_torch_threads, contention_note
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
 INCOMPLETE = "INCOMPLETE"  # in a run folder whose training did not finish
@@ -242,7 +242,7 @@ def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float,
     The untouched slices stay in the batch as their negative twins (see :mod:`edgekidney.data.calculus`).
     Sizes are 3-9 mm at an assumed 350 mm field of view across the body crop.
     """
-    from .data.calculus import draw_calculus, kidney_sites, random_spec
+    from edgekidney.data.calculus import draw_calculus, kidney_sites, random_spec
 
     mean0, std0 = pre.mean[0], pre.std[0]
     extra = []
@@ -515,7 +515,7 @@ def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: n
 
     Returns (the detector as stored in the checkpoint, validation logits).
     """
-    from .scope import choose_threshold, fit_scope
+    from edgekidney.scope import choose_threshold, fit_scope
 
     f_train, _ = _predict_features(model, x_train, device)
     f_val, val_logits = _predict_features(model, x_val, device)
@@ -644,7 +644,7 @@ def load_checkpoint(path: str | Path, heads: bool = False):
     model.load_state_dict(ck["state_dict"])
     model.eval()
     if heads:
-        from .heads import build_headed_model
+        from edgekidney.heads import build_headed_model
 
         model = build_headed_model(model, card.positive_index, card.preprocessing.image_size, ck.get("scope"))
     return model, card

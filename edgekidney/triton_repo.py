@@ -22,8 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, ModelError
-from .sidecar import load_card, sidecar_path
+from edgekidney.errors import InputError, ModelError
+from edgekidney.sidecar import load_card, sidecar_path
 
 SIDECAR_PARAMETER = "edgekidney_sidecar"
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8",

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeKidneyError, InputError
-from ..jsonio import write_json
-from . import ArgumentParser
-from ..evaluate import labelled_set
-from ..metrics import classification_report, predictions
-from ..predict import Classifier, decide_outputs
-from ..preprocess import preprocess_batch_with_geometry
-from ..data.decode import load_slice
+from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.jsonio import write_json
+from edgekidney.bench import ArgumentParser
+from edgekidney.evaluate import labelled_set
+from edgekidney.metrics import classification_report, predictions
+from edgekidney.predict import Classifier, decide_outputs
+from edgekidney.preprocess import preprocess_batch_with_geometry
+from edgekidney.data.decode import load_slice
 
 
 @dataclass
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-agreement", type=float, default=0.99)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    from ..data.dataset import parse_classes
+    from edgekidney.data.dataset import parse_classes
 
     try:
         result = run_accuracy(a.models, a.data, a.split, parse_classes(a.classes),

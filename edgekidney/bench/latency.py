@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeKidneyError, InputError
-from ..jsonio import write_json
-from . import ArgumentParser
+from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.jsonio import write_json
+from edgekidney.bench import ArgumentParser
 
 
 @dataclass
@@ -74,9 +74,9 @@ def worker(spec: dict) -> dict:
     files = [Path(f) for f in spec["files"]]
     if spec["kind"] == "torch":
         return _torch_worker(spec, cfg, files)
-    from ..data.decode import load_slice
-    from ..predict import Classifier, classify_batch
-    from ..preprocess import preprocess_batch
+    from edgekidney.data.decode import load_slice
+    from edgekidney.predict import Classifier, classify_batch
+    from edgekidney.preprocess import preprocess_batch
 
     clf = Classifier(spec["model"], backend=cfg.backend, defaults={"threads": cfg.threads})
     pre = clf.preprocessing
@@ -113,12 +113,12 @@ def worker(spec: dict) -> dict:
 def _torch_worker(spec: dict, cfg: LatencyConfig, files: list[Path]) -> dict:
     import torch
 
-    from ..data.decode import load_slice
-    from ..preprocess import Preprocessing, preprocess_batch
+    from edgekidney.data.decode import load_slice
+    from edgekidney.preprocess import Preprocessing, preprocess_batch
 
     torch.set_num_threads(cfg.threads)
     if spec.get("checkpoint"):
-        from ..train import load_checkpoint
+        from edgekidney.train import load_checkpoint
 
         model, card = load_checkpoint(spec["checkpoint"])
         pre, weights = card.preprocessing, "checkpoint " + spec["checkpoint"]
@@ -165,12 +165,12 @@ def _run_worker(spec: dict, timeout: float) -> dict:
 
 def benchmark_files(data: Path | None, pre_dict: dict, tmp: Path) -> list[Path]:
     """Real slices from ``data`` when given, else synthetic CT DICOM made here."""
-    from ..predict import expand_inputs
+    from edgekidney.predict import expand_inputs
 
     if data is not None:
         files = expand_inputs([data])[:64]
     else:
-        from ..data.synthetic import SynthConfig, generate
+        from edgekidney.data.synthetic import SynthConfig, generate
 
         generate(tmp, SynthConfig(patients=4, slices_per_class=4, size=512, seed=1))
         files = expand_inputs([tmp])
@@ -179,7 +179,7 @@ def benchmark_files(data: Path | None, pre_dict: dict, tmp: Path) -> list[Path]:
 
 def run_latency(models: list[Path], cfg: LatencyConfig | None = None, data: Path | None = None,
                 log=print, timeout_per_model: float = 1800) -> dict:
-    from ..sidecar import load_card
+    from edgekidney.sidecar import load_card
 
     cfg = cfg or LatencyConfig()
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.calculus import CalculusSpec, draw_calculus, kidney_sites
-from ..preprocess import window_hu
+from edgekidney.data.calculus import CalculusSpec, draw_calculus, kidney_sites
+from edgekidney.preprocess import window_hu
 
 VOLUMES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct-volumes"
 
@@ -94,10 +94,10 @@ MUST_REFUSE = ("mr_volume", "head_ct_multiframe", "liver_dome_lung_bases", "blan
 
 
 def run_scope(model: Path, val_manifest: Path | None = None, volumes: Path = VOLUMES, log=print) -> dict:
-    from ..data.dataset import read_manifest
-    from ..data.decode import load_slice
-    from ..predict import Classifier, classify_batch
-    from ..scope import energy, separation_auc
+    from edgekidney.data.dataset import read_manifest
+    from edgekidney.data.decode import load_slice
+    from edgekidney.predict import Classifier, classify_batch
+    from edgekidney.scope import energy, separation_auc
 
     out: dict = {"model": str(model), "sets": {}}
     with Classifier(model) as clf:
@@ -136,9 +136,9 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
     With ``val_manifest``, the same on the validation split's slices without a stone (in the windowed
     image, calculus at saturation), to tell "does not see calculi" from "does not see them elsewhere".
     """
-    from ..data.dataset import read_manifest
-    from ..data.decode import load_slice
-    from ..predict import Classifier
+    from edgekidney.data.dataset import read_manifest
+    from edgekidney.data.decode import load_slice
+    from edgekidney.predict import Classifier
 
     rng = np.random.default_rng(seed)
     kidneys, mm = nifti_axial_slices(volumes / "kidneys-ct-crop.nii.gz")
@@ -192,7 +192,7 @@ def _pair_report(clf, base: list[np.ndarray], placed: list[np.ndarray], source: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..jsonio import write_json
+    from edgekidney.jsonio import write_json
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)

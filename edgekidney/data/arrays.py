@@ -6,9 +6,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..preprocess import Preprocessing, preprocess
-from .dataset import Sample
-from .decode import load_slice
+from edgekidney.preprocess import Preprocessing, preprocess
+from edgekidney.data.dataset import Sample
+from edgekidney.data.decode import load_slice
 
 
 def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None) -> np.ndarray:

@@ -23,9 +23,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from ..sidecar import sha256_of
-from .decode import is_candidate_file, looks_like_dicom
+from edgekidney.errors import InputError
+from edgekidney.sidecar import sha256_of
+from edgekidney.data.decode import is_candidate_file, looks_like_dicom
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("path", "sha256", "label", "class_name", "group", "split")

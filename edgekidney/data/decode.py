@@ -29,8 +29,8 @@ import numpy as np
 
 from dataclasses import dataclass
 
-from ..errors import DependencyError, EdgeKidneyError, ImageTooLargeError, InputError
-from ..preprocess import Preprocessing, window_hu
+from edgekidney.errors import DependencyError, EdgeKidneyError, ImageTooLargeError, InputError
+from edgekidney.preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}

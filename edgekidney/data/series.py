@@ -34,10 +34,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import DependencyError, EdgeKidneyError, InputError
-from .decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
-from .dataset import expand_paths as dataset_expand_paths
-from .geometry import DisplayTransform, canonical_normal, display_transform, plane_of
+from edgekidney.errors import DependencyError, EdgeKidneyError, InputError
+from edgekidney.data.decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
+from edgekidney.data.dataset import expand_paths as dataset_expand_paths
+from edgekidney.data.geometry import DisplayTransform, canonical_normal, display_transform, plane_of
 
 CT_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -419,7 +419,7 @@ def _series_order(series: Series) -> tuple[int, str]:
 def read_series(paths: Iterable[str | Path]) -> tuple[list[Series], list[Skipped]]:
     """Files and folders -> the CT series they hold (DICOM by SeriesInstanceUID; each NIfTI file is
     one series) and the files skipped, with reasons. Raises InputError when nothing usable is found."""
-    from .volume import read_nifti
+    from edgekidney.data.volume import read_nifti
 
     files = expand_paths(paths)
     nifti = [f for f in files if is_nifti(f)]

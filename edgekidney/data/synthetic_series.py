@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic import SYNTHETIC_COMMENT, _ellipse
+from edgekidney.data.synthetic import SYNTHETIC_COMMENT, _ellipse
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
-from .series import Series, is_nifti
+from edgekidney.errors import DependencyError, InputError
+from edgekidney.data.series import Series, is_nifti
 
 AIR_HU = -900.0
 MIN_AIR_FRACTION = 0.02

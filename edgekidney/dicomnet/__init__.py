@@ -3,9 +3,9 @@
 No torch on this path (it runs on the device). See docs/listener.md.
 """
 
-from .config import Destination, ListenerConfig, TlsConfig
-from .processor import FallbackProcessor, ProcessResult, SeriesProcessor, fallback_processor, make_processor
-from .service import Listener
+from edgekidney.dicomnet.config import Destination, ListenerConfig, TlsConfig
+from edgekidney.dicomnet.processor import FallbackProcessor, ProcessResult, SeriesProcessor, fallback_processor, make_processor
+from edgekidney.dicomnet.service import Listener
 
 __all__ = ["Destination", "FallbackProcessor", "Listener", "ListenerConfig", "ProcessResult", "SeriesProcessor",
            "TlsConfig", "fallback_processor", "make_processor", "run"]
@@ -18,7 +18,7 @@ def run(cfg: ListenerConfig, model, log_level: str = "info", processor: str = "a
     import signal
     import threading
 
-    from ..errors import DependencyError
+    from edgekidney.errors import DependencyError
 
     try:
         import pynetdicom  # noqa: F401

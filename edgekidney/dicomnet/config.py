@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from edgekidney.errors import InputError
 
 _AET = re.compile(r"^[\x20-\x7e]{1,16}$")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from .sr import derived_uid
+from edgekidney.dicomnet.sr import derived_uid
 
 SUBSTITUTE_PREFIX = "2.25."  # substitute keys are UUID-derived UIDs, flagged in the job table by this tag
 FILING_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SeriesNumber",

@@ -18,10 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from .. import __version__
-from ..errors import InputError
-from ..predict import Prediction
-from .sr import build_series_sr
+from edgekidney import __version__
+from edgekidney.errors import InputError
+from edgekidney.predict import Prediction
+from edgekidney.dicomnet.sr import build_series_sr
 
 
 @dataclass
@@ -152,8 +152,8 @@ class FallbackProcessor:
 def make_processor(model: Path, kind: str = "auto", plane: str = "axial", **classifier_options):
     """(processor, close, name): ``study`` = the study analysis (edgekidney.study, with SR and Secondary
     Capture), ``fallback`` = per-slice classification with a minimal SR, ``auto`` = study when installed."""
-    from ..predict import Classifier
-    from .study_processor import StudyProcessor, study_available
+    from edgekidney.predict import Classifier
+    from edgekidney.dicomnet.study_processor import StudyProcessor, study_available
 
     if kind not in ("auto", "study", "fallback"):
         raise InputError(f"--processor {kind!r}: choose auto, study or fallback")
@@ -172,7 +172,7 @@ def make_processor(model: Path, kind: str = "auto", plane: str = "axial", **clas
 
 def fallback_processor(model: Path, **classifier_options) -> tuple[Callable[[list[Path]], ProcessResult], Callable[[], None]]:
     """(processor, close) for ``model`` (ONNX with sidecar or engine), without torch."""
-    from ..predict import Classifier
+    from edgekidney.predict import Classifier
 
     clf = Classifier(model, **classifier_options)
     return FallbackProcessor(clf), clf.close

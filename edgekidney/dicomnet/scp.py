@@ -18,11 +18,11 @@ from typing import Callable
 from pydicom import dcmread
 from pydicom import uid as _uid
 
-from .config import ListenerConfig
-from .filing import FILING_TAGS, filing_uids
-from .jobs import JobTable
-from .metrics import ListenerMetrics
-from .store import InstanceStore, uid_key
+from edgekidney.dicomnet.config import ListenerConfig
+from edgekidney.dicomnet.filing import FILING_TAGS, filing_uids
+from edgekidney.dicomnet.jobs import JobTable
+from edgekidney.dicomnet.metrics import ListenerMetrics
+from edgekidney.dicomnet.store import InstanceStore, uid_key
 
 log = logging.getLogger("edgekidney.listener")
 

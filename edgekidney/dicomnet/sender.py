@@ -7,7 +7,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .config import Destination
+from edgekidney.dicomnet.config import Destination
 
 # Statuses a PACS may answer that still mean "stored": success and the warnings (coercion etc.).
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}

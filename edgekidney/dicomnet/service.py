@@ -21,16 +21,16 @@ from typing import Callable
 
 from pydicom import dcmread
 
-from ..errors import EdgeKidneyError
-from .config import ListenerConfig
-from .filing import FILING_TAGS, filing_uids
-from .jobs import JobTable
-from .metrics import ListenerMetrics
-from .processor import ProcessResult
-from .scp import StorageSCP
-from .sender import send_files
-from .sr import encode
-from .store import InstanceStore, uid_key
+from edgekidney.errors import EdgeKidneyError
+from edgekidney.dicomnet.config import ListenerConfig
+from edgekidney.dicomnet.filing import FILING_TAGS, filing_uids
+from edgekidney.dicomnet.jobs import JobTable
+from edgekidney.dicomnet.metrics import ListenerMetrics
+from edgekidney.dicomnet.processor import ProcessResult
+from edgekidney.dicomnet.scp import StorageSCP
+from edgekidney.dicomnet.sender import send_files
+from edgekidney.dicomnet.sr import encode
+from edgekidney.dicomnet.store import InstanceStore, uid_key
 
 log = logging.getLogger("edgekidney.listener")
 

@@ -16,7 +16,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 
-from .. import __version__
+from edgekidney import __version__
 
 CODING_SCHEME = "99EDGEKIDNEY"  # private coding scheme ("99" prefix, PS3.16 8.2)
 PATIENT_STUDY_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from ..errors import EdgeKidneyError, InputError
-from .processor import ProcessResult
-from .sr import result_uids
+from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.dicomnet.processor import ProcessResult
+from edgekidney.dicomnet.sr import result_uids
 
 
 def study_available() -> bool:
@@ -71,8 +71,8 @@ class CachingClassifier:
             self._cache.popitem(last=False)
 
     def prepare(self, paths: list[Path], batch_size: int = 8) -> None:
-        from ..data.decode import load_slice
-        from ..preprocess import preprocess_batch_with_geometry
+        from edgekidney.data.decode import load_slice
+        from edgekidney.preprocess import preprocess_batch_with_geometry
 
         pre = self.inner.card.preprocessing
         slices, names = [], []
@@ -141,7 +141,7 @@ class StudyProcessor:
         self.classifier.prepare(paths, self.batch_size)
 
     def __call__(self, paths: list[Path]) -> ProcessResult:
-        from ..study import analyze_study, write_sc, write_sr
+        from edgekidney.study import analyze_study, write_sc, write_sr
 
         datasets, per_series = [], {}
         with tempfile.TemporaryDirectory(prefix="edgekidney-results-") as tmp:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError, ModelError
-from ..sidecar import ModelCard
-from .base import Backend
+from edgekidney.errors import InputError, ModelError
+from edgekidney.sidecar import ModelCard
+from edgekidney.runtime.base import Backend
 
 BACKENDS = ("ort", "trt")
 # What each backend takes. ort: device cpu|cuda|tensorrt|auto, intra-op threads, pool spinning;
@@ -51,10 +51,10 @@ def open_backend(path: str | Path, card: ModelCard, backend: str | None = None, 
     if backend == "ort":
         if card.kind != "onnx":
             raise ModelError(f"{path}: is a TensorRT engine; use --backend trt (ONNX Runtime runs .onnx models)")
-        from .ort import OrtBackend
+        from edgekidney.runtime.ort import OrtBackend
 
         return OrtBackend(path, image_size=card.preprocessing.image_size, input_name=card.input_name, **kwargs)
-    from .tensorrt import TensorRTBackend
+    from edgekidney.runtime.tensorrt import TensorRTBackend
 
     return TensorRTBackend(path, card, **kwargs)
 

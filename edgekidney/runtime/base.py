@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from edgekidney.errors import InputError, ModelError
 
 
 class Backend(ABC):

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DependencyError
+from edgekidney.errors import DependencyError
 
 BINDINGS = ("pycuda", "cuda-python")
 

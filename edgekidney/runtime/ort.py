@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
-from ..threads import resolve_threads
-from .base import Backend
+from edgekidney.errors import ModelError
+from edgekidney.threads import resolve_threads
+from edgekidney.runtime.base import Backend
 
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine_compat import (BatchProfile, check_engine_compatible, engine_info_of, require_tensorrt_environment)
-from ..errors import DependencyError, InputError, ModelError
-from ..sidecar import ModelCard
-from .base import Backend
-from .cuda import CudaBinding, gpu_environment, load_binding
+from edgekidney.engine_compat import (BatchProfile, check_engine_compatible, engine_info_of, require_tensorrt_environment)
+from edgekidney.errors import DependencyError, InputError, ModelError
+from edgekidney.sidecar import ModelCard
+from edgekidney.runtime.base import Backend
+from edgekidney.runtime.cuda import CudaBinding, gpu_environment, load_binding
 
 
 def import_tensorrt():
     """``import tensorrt``, or a :class:`DependencyError` that says how to get it."""
-    from ..engine_compat import INSTALL_TENSORRT
+    from edgekidney.engine_compat import INSTALL_TENSORRT
 
     try:
         import tensorrt as trt

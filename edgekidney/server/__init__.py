@@ -12,12 +12,12 @@ Modules, one job each:
 FastAPI and uvicorn are the ``serve`` extra; importing this package does not need them.
 """
 
-from .config import ServeConfig
+from edgekidney.server.config import ServeConfig
 
 __all__ = ["ServeConfig", "serve"]
 
 
 def serve(config: ServeConfig) -> None:
-    from .run import serve as _serve
+    from edgekidney.server.run import serve as _serve
 
     _serve(config)

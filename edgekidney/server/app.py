@@ -21,15 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..cam import peak_of
-from ..predict import decide_outputs
-from .batching import BatcherError, MicroBatcher
-from .config import ServeConfig
-from .inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
+from edgekidney import __version__
+from edgekidney.cam import peak_of
+from edgekidney.predict import decide_outputs
+from edgekidney.server.batching import BatcherError, MicroBatcher
+from edgekidney.server.config import ServeConfig
+from edgekidney.server.inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
                      read_limited, single_upload, split_multipart)
-from .metrics import CONTENT_TYPE, Metrics
-from .oip import add_oip_routes
+from edgekidney.server.metrics import CONTENT_TYPE, Metrics
+from edgekidney.server.oip import add_oip_routes
 
 log = logging.getLogger("edgekidney.server")
 
@@ -57,7 +57,7 @@ class Service:
         engine_max = getattr(classifier.backend, "max_batch", None)  # a TensorRT profile's largest batch
         if engine_max and max_batch > engine_max:
             max_batch = engine_max
-        from ..lineage import threshold_status
+        from edgekidney.lineage import threshold_status
 
         if config.threshold is None:
             status = threshold_status(config.model, card)
@@ -128,8 +128,8 @@ class Service:
         import tempfile
         from pathlib import Path
 
-        from ..data.synthetic import synth_slice, write_ct_dicom
-        from .inputs import Upload, decode_uploads
+        from edgekidney.data.synthetic import synth_slice, write_ct_dicom
+        from edgekidney.server.inputs import Upload, decode_uploads
 
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -204,8 +204,8 @@ class Service:
         return JSONResponse(items if kind == MULTIPART_TYPE else items[0])
 
     def _cam_png(self, upload, cam: np.ndarray, peak) -> str:
-        from ..cam import overlay_png_base64
-        from ..data.decode import decode_slice
+        from edgekidney.cam import overlay_png_base64
+        from edgekidney.data.decode import decode_slice
 
         return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)
 

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from edgekidney.errors import InputError
 
 API_KEY_ENV = "EDGEKIDNEY_API_KEY"
 

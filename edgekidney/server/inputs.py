@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.decode import decode_slice
-from ..errors import DependencyError, ImageTooLargeError, InputError
-from ..preprocess import Geometry, Preprocessing, preprocess_with_geometry
+from edgekidney.data.decode import decode_slice
+from edgekidney.errors import DependencyError, ImageTooLargeError, InputError
+from edgekidney.preprocess import Geometry, Preprocessing, preprocess_with_geometry
 
 # python-multipart logs every malformed byte it meets at WARNING; the 422 already says what is wrong
 logging.getLogger("python_multipart").setLevel(logging.ERROR)

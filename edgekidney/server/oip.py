@@ -33,12 +33,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..predict import decide_outputs
-from ..preprocess import Geometry
-from .batching import BatcherError
-from .inputs import ClientError, Upload, check_declared_length, decode_uploads, read_limited
-from .oip_codec import HEADER_LENGTH, InferRequest, OipError, Tensor, encode_response, parse_infer_request
+from edgekidney import __version__
+from edgekidney.predict import decide_outputs
+from edgekidney.preprocess import Geometry
+from edgekidney.server.batching import BatcherError
+from edgekidney.server.inputs import ClientError, Upload, check_declared_length, decode_uploads, read_limited
+from edgekidney.server.oip_codec import HEADER_LENGTH, InferRequest, OipError, Tensor, encode_response, parse_infer_request
 
 log = logging.getLogger("edgekidney.server")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..errors import DependencyError
-from .config import ServeConfig
+from edgekidney.errors import DependencyError
+from edgekidney.server.config import ServeConfig
 
 log = logging.getLogger("edgekidney.server")
 
@@ -26,7 +26,7 @@ def setup_logging(level: str) -> None:
 
 
 def open_classifier(config: ServeConfig):
-    from ..predict import Classifier
+    from edgekidney.predict import Classifier
 
     # no spinning where a backend has a thread pool: it must not steal the cores the event loop decodes on
     return Classifier(config.model, backend=config.backend, threshold=config.threshold, device=config.device,
@@ -40,7 +40,7 @@ def serve(config: ServeConfig) -> None:
         import uvicorn
     except ImportError as exc:
         raise DependencyError(f"the server needs {exc.name}: pip install 'edgekidney[serve]'") from None
-    from .app import create_app
+    from edgekidney.server.app import create_app
 
     config.validate()
     setup_logging(config.log_level)

@@ -35,20 +35,20 @@ The API (no torch; what ``edgekidney study`` and a DICOM listener call)::
 are :class:`edgekidney.errors.EdgeKidneyError` with a one-line message. See docs/study.md.
 """
 
-from .analyze import SeriesResult, SliceRange, SliceRecord, StudyResult, analyze, analyze_series, analyze_study
-from .rule import StudyRule, choose_rule, decide
+from edgekidney.study.analyze import SeriesResult, SliceRange, SliceRecord, StudyResult, analyze, analyze_series, analyze_study
+from edgekidney.study.rule import StudyRule, choose_rule, decide
 
 __all__ = ["SeriesResult", "SliceRange", "SliceRecord", "StudyResult", "StudyRule", "analyze", "analyze_series",
            "analyze_study", "choose_rule", "decide", "write_sc", "write_sr"]
 
 
 def write_sr(result, series, out_dir):
-    from .sr import write_sr as _write_sr
+    from edgekidney.study.sr import write_sr as _write_sr
 
     return _write_sr(result, series, out_dir)
 
 
 def write_sc(result, series, out_dir, classifier=None):
-    from .sc import write_sc as _write_sc
+    from edgekidney.study.sc import write_sc as _write_sc
 
     return _write_sc(result, series, out_dir, classifier)

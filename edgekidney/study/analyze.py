@@ -20,14 +20,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .. import __version__
-from ..data.series import Series, Skipped, read_series
-from ..errors import DependencyError, InputError
-from ..preprocess import preprocess_batch_with_geometry, window_hu
-from .planes import CoronalReformat, check_plane
+from edgekidney import __version__
+from edgekidney.data.series import Series, Skipped, read_series
+from edgekidney.errors import DependencyError, InputError
+from edgekidney.preprocess import preprocess_batch_with_geometry, window_hu
+from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
-from .rule import StudyRule, decide
+from edgekidney.study.rule import StudyRule, decide
 
 
 @dataclass

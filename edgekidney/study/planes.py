@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from edgekidney.errors import InputError
 
 PLANES = ("axial", "coronal")
 MAX_SIDE = 512

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analyze import SeriesResult, StudyResult
+from edgekidney.study.analyze import SeriesResult, StudyResult
 
 
 def _ranges(result: SeriesResult) -> str:

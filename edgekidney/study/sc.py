@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..preprocess import window_hu
-from .analyze import SeriesResult
-from .sr import _hd, study_header
+from edgekidney.errors import InputError
+from edgekidney.preprocess import window_hu
+from edgekidney.study.analyze import SeriesResult
+from edgekidney.study.sr import _hd, study_header
 
 SC_SERIES_NUMBER = 9902
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import DependencyError, InputError
-from .analyze import SeriesResult
+from edgekidney.errors import DependencyError, InputError
+from edgekidney.study.analyze import SeriesResult
 
 SR_HINT = "pip install 'edgekidney[sr]' (highdicom)"
 SR_SERIES_NUMBER = 9901
