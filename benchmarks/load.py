@@ -7,7 +7,7 @@ busy machine disturbs both alike), interleaves malformed requests (garbage, trun
 16 px image, wrong content type, oversize body) and checks that
 
 - every valid request gets 200 and the same label and probability as the same model computed in this
-  process with :class:`edgekidney.predict.Classifier` (the reference), and
+  process with :class:`edgekidney.runtime.predict.Classifier` (the reference), and
 - every malformed one gets its 4xx (never a 5xx), the server serving on.
 
 Reports p50/p95/p99 latency (client side, valid requests), throughput, errors and the mean batch size
@@ -95,7 +95,7 @@ def malformed_cases(jpeg: bytes, max_body_bytes: int) -> list[tuple[str, bytes, 
 
 def reference_predictions(model: Path, paths: list[Path], backend: str | None,
                           threads: int | None) -> tuple[dict, dict]:
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     with Classifier(model, backend=backend, defaults={"threads": threads}) as clf:
         preds, _ = clf.predict_files(paths, batch_size=16)

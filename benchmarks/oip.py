@@ -38,7 +38,7 @@ def main() -> int:
     import httpx
 
     from edgekidney.data.decode import load_slice
-    from edgekidney.preprocess import preprocess_batch
+    from edgekidney.data.preprocess import preprocess_batch
     from edgekidney.sidecar import load_card
     from edgekidney.server.oip_codec import serialize_bytes
 

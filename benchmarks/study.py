@@ -51,7 +51,7 @@ def make_series(work: Path, slices: int, size: int, syntax: str | None) -> Path:
 
 
 def classifier(model: str, threads: int, spinning: bool):
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     return Classifier(model, threads=threads, spinning=spinning)
 
@@ -60,7 +60,7 @@ def time_study(model: str, folder: Path, threads: int, batch: int, spinning: boo
     import numpy as np
 
     from edgekidney.data.series import read_series
-    from edgekidney.preprocess import preprocess_batch, window_hu
+    from edgekidney.data.preprocess import preprocess_batch, window_hu
     from edgekidney.study import analyze_study
 
     clf = classifier(model, threads, spinning)
@@ -107,7 +107,7 @@ def time_study(model: str, folder: Path, threads: int, batch: int, spinning: boo
 RSS_CHILD = """
 import json, resource, sys, threading, time
 sys.path.insert(0, {repo!r})
-from edgekidney.predict import Classifier
+from edgekidney.runtime.predict import Classifier
 from edgekidney.study import analyze_study
 clf = Classifier({model!r}, threads={threads}, spinning=False)
 clf.predict_slices([__import__("numpy").zeros((512, 512), "float32")], ["warm-up"])

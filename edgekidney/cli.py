@@ -130,8 +130,8 @@ def train_cmd(
 ):
     """Fine-tune ResNet50 on a folder of CT slices."""
     from edgekidney.data.dataset import SplitConfig, parse_classes
-    from edgekidney.preprocess import Preprocessing
-    from edgekidney.train import TrainConfig, train
+    from edgekidney.data.preprocess import Preprocessing
+    from edgekidney.model.train import TrainConfig, train
 
     pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
                         png16_hu_offset=png16_hu_offset, body_crop=body_crop, body_level=body_level or None)
@@ -142,7 +142,7 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
-    from edgekidney.distributed import init_from_env, launch, rank_output
+    from edgekidney.model.distributed import init_from_env, launch, rank_output
 
     dist = None if nproc_per_node > 1 else init_from_env(device)  # under torchrun: this process's rank
     if nproc_per_node > 1:
@@ -170,7 +170,7 @@ def export_cmd(
     tolerance: float = typer.Option(1e-3),
 ):
     """Export a checkpoint to ONNX with a JSON sidecar and a PyTorch parity check."""
-    from edgekidney.export import export_onnx
+    from edgekidney.model.export import export_onnx
 
     card = export_onnx(run, out, opset=opset, parity_images=parity_images, tolerance=tolerance)
     parity = card.extra["parity"]
@@ -196,9 +196,9 @@ def evaluate_cmd(
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
     from edgekidney.data.dataset import parse_classes
-    from edgekidney.evaluate import evaluate, format_confounders
+    from edgekidney.model.evaluate import evaluate, format_confounders
     from edgekidney.metrics import format_report
-    from edgekidney.predict import default_backend_for
+    from edgekidney.runtime.predict import default_backend_for
 
     options = {"threads": threads} if (backend or default_backend_for(model)) == "ort" else {}
     result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
@@ -245,11 +245,11 @@ def infer_cmd(
     api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
-    from edgekidney.predict import Classifier, expand_inputs, write_cams
-    from edgekidney.provenance import mismatch_warning
+    from edgekidney.runtime.predict import Classifier, expand_inputs, write_cams
+    from edgekidney.data.provenance import mismatch_warning
 
     if server is not None:
-        from edgekidney.remote import RemoteClassifier
+        from edgekidney.runtime.remote import RemoteClassifier
 
         if cam is not None:
             fail("--cam needs a local model; it is not available with --server")
@@ -324,7 +324,7 @@ def study_cmd(
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
     from dataclasses import replace
 
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
     from edgekidney.study import StudyRule, analyze_study
     from edgekidney.study.planes import check_plane
     from edgekidney.study.report import format_study
@@ -406,7 +406,7 @@ def calibrate_cmd(
     seed: int = typer.Option(0),
 ):
     """Choose N training slices, stratified by class, and store them preprocessed for INT8 calibration (no torch)."""
-    from edgekidney.calibrate import make_calibration_set
+    from edgekidney.optimize.calibrate import make_calibration_set
 
     with stage("preprocessing calibration slices", n, "slice") as bar:
         cal = make_calibration_set(data, model, out, manifest=manifest, n=n, seed=seed, progress=bar.advance)
@@ -428,7 +428,7 @@ def quantize_cmd(
     max_calibration: Optional[int] = typer.Option(None, min=1, help="Use only the first N calibration slices."),
 ):
     """Write an FP16 or INT8 (Q/DQ) model; the precision lives in the graph."""
-    from edgekidney.quantize import Method, Precision, QuantizeConfig, Target, quantize
+    from edgekidney.optimize.quantize import Method, Precision, QuantizeConfig, Target, quantize
 
     try:
         cfg = QuantizeConfig(precision=Precision(precision), target=Target(target), method=Method(method),
@@ -510,8 +510,8 @@ def build_engine_cmd(
     verbose: bool = typer.Option(False, help="Show TensorRT's info messages."),
 ):
     """Build a TensorRT engine (strongly typed, dynamic batch) for this GPU and TensorRT version."""
-    from edgekidney.engine import EngineBuildConfig, build_engine
-    from edgekidney.engine_compat import BatchProfile
+    from edgekidney.optimize.engine import EngineBuildConfig, build_engine
+    from edgekidney.runtime.engine_compat import BatchProfile
 
     cfg = EngineBuildConfig(profile=BatchProfile(min_batch, opt_batch, max_batch), workspace_mib=workspace,
                             timing_cache=timing_cache, version_compatible=version_compatible,
@@ -535,7 +535,7 @@ def export_triton_cmd(
     force: bool = typer.Option(False, help="Replace REPO/NAME if it exists."),
 ):
     """Write a Triton model repository entry: NAME/config.pbtxt, NAME/VERSION/model.onnx|model.plan + sidecar."""
-    from edgekidney.triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
+    from edgekidney.server.triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
     from edgekidney.sidecar import load_card
 
     path = export_triton(model, repo, TritonExportConfig(name=name, version=version, max_batch_size=max_batch_size,

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Callable
 
 from edgekidney.data.synthetic import SynthConfig, generate
-from edgekidney.evaluate import evaluate
-from edgekidney.export import export_onnx
+from edgekidney.model.evaluate import evaluate
+from edgekidney.model.export import export_onnx
 from edgekidney.metrics import format_report
-from edgekidney.predict import Classifier, expand_inputs
-from edgekidney.preprocess import Preprocessing
+from edgekidney.runtime.predict import Classifier, expand_inputs
+from edgekidney.data.preprocess import Preprocessing
 from edgekidney.progress import echo
-from edgekidney.train import TrainConfig, train
+from edgekidney.model.train import TrainConfig, train
 
 
 def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int = 40, seed: int = 0,

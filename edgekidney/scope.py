@@ -5,7 +5,7 @@ for detecting out-of-distribution samples"): class means and one shared covarian
 *training* split, the score being the smallest Mahalanobis distance to a class mean. The covariance of
 2048 features estimated from ~1,000 slices is singular, so it is shrunk towards a scaled identity.
 The covariance is kept as its top 256 principal axes plus one variance for the rest (probabilistic
-PCA), and the exported ONNX graph computes the distance itself (:mod:`edgekidney.heads`), so it
+PCA), and the exported ONNX graph computes the distance itself (:mod:`edgekidney.model.heads`), so it
 survives FP16, INT8 and TensorRT like the logits. The threshold comes from the *validation* split: a
 quantile of its distances times a margin, stored in the sidecar.
 

@@ -3,7 +3,7 @@
 ``model.onnx`` -> ``model.json``; ``model.int8.engine`` -> ``model.int8.engine.json``.
 A sidecar holds the class names, the positive class, input size and tensor names, the preprocessing
 parameters, the decision threshold, the precision, the sha256 of the artifact and of its parent, and
-metrics. Engines add the TensorRT version, GPU and build profile (see :mod:`edgekidney.engine`).
+metrics. Engines add the TensorRT version, GPU and build profile (see :mod:`edgekidney.optimize.engine`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from edgekidney import __version__
 from edgekidney.errors import ModelError
-from edgekidney.preprocess import Preprocessing
+from edgekidney.data.preprocess import Preprocessing
 
 FORMAT = "edgekidney.model/1"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -45,7 +45,7 @@ class ModelCard:
     kind: str = "onnx"  # onnx | engine
     input_name: str = "input"
     output_name: str = "logits"
-    outputs: list[str] = field(default_factory=lambda: ["logits"])  # + scope_distance, cam (edgekidney.heads)
+    outputs: list[str] = field(default_factory=lambda: ["logits"])  # + scope_distance, cam (edgekidney.model.heads)
     # out-of-scope detector: method, output, threshold, how it was set (edgekidney.scope); {} = none
     scope: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""

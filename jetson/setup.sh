@@ -111,7 +111,7 @@ echo
 echo "checking the installed environment"
 "$VENV/bin/python" - <<'EOF'
 import json, sys
-from edgekidney.engine_compat import missing_for_tensorrt
+from edgekidney.runtime.engine_compat import missing_for_tensorrt
 from edgekidney.runtime.tensorrt import detect_environment
 
 env = detect_environment()

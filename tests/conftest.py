@@ -49,7 +49,7 @@ def small_real(tmp_path_factory, real_data) -> Path:
 def tiny_run(tmp_path_factory, small_real) -> Path:
     """A real (tiny) training run on real slices: 64 px, 2 epochs."""
     from edgekidney.data.dataset import SplitConfig
-    from edgekidney.train import TrainConfig, train
+    from edgekidney.model.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
     train(TrainConfig(data=small_real, out=out, weights="none", image_size=64, epochs=2, batch_size=8,
@@ -59,7 +59,7 @@ def tiny_run(tmp_path_factory, small_real) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_run) -> Path:
-    from edgekidney.export import export_onnx
+    from edgekidney.model.export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(tiny_run, out, parity_images=4)

@@ -1,10 +1,10 @@
 """Small real models for the TensorRT tests, made without training (a few seconds each).
 
 ``build_onnx``: torchvision ResNet50 with seeded random weights, a checkpoint from
-:func:`edgekidney.train.save_checkpoint`, a ``split.csv`` of synthetic DICOM slices (or real ones) for the
-export's parity check, then :func:`edgekidney.export.export_onnx` -> FP32 ONNX with its sidecar.
+:func:`edgekidney.model.train.save_checkpoint`, a ``split.csv`` of synthetic DICOM slices (or real ones) for the
+export's parity check, then :func:`edgekidney.model.export.export_onnx` -> FP32 ONNX with its sidecar.
 ``to_fp16`` and ``to_int8_qdq`` derive FP16 and symmetric Q/DQ INT8 graphs from it with the product's own
-``edgekidney.quantize`` (precision in the graph, docs/architecture.md rule 2): the engines under test are built from
+``edgekidney.optimize.quantize`` (precision in the graph, docs/architecture.md rule 2): the engines under test are built from
 exactly what users feed ``build-engine``. ``fake_engine`` writes a *bad input*: bytes that are not a TensorRT plan, with
 an engine sidecar, for the error-path tests; it is never run as an engine.
 """
@@ -39,10 +39,10 @@ def build_onnx(out_dir: Path, image_size: int = 64, seed: int = 0) -> Path:
     from torchvision.models import resnet50
 
     from edgekidney.data.dataset import Sample, write_manifest
-    from edgekidney.export import export_onnx
-    from edgekidney.preprocess import Preprocessing
+    from edgekidney.model.export import export_onnx
+    from edgekidney.data.preprocess import Preprocessing
     from edgekidney.sidecar import ModelCard
-    from edgekidney.train import save_checkpoint
+    from edgekidney.model.train import save_checkpoint
 
     out_dir = Path(out_dir)
     run = out_dir / "run"
@@ -69,7 +69,7 @@ def inputs(card, n: int, out: Path, seed: int = 0) -> np.ndarray:
     """``n`` preprocessed synthetic CT slices for ``card``'s preprocessing."""
     from edgekidney.data.decode import load_slice
     from edgekidney.data.synthetic import SynthConfig, generate
-    from edgekidney.preprocess import preprocess
+    from edgekidney.data.preprocess import preprocess
 
     generate(out, SynthConfig(patients=(n + 1) // 2, slices_per_class=1, size=96, seed=seed), classes=tuple(CLASSES))
     files = sorted(out.rglob("*.dcm"))[:n]
@@ -79,7 +79,7 @@ def inputs(card, n: int, out: Path, seed: int = 0) -> np.ndarray:
 
 def to_fp16(src: Path, dst: Path) -> Path:
     """The product's FP16 graph (float32 I/O kept), as ``edgekidney quantize --precision fp16`` writes it."""
-    from edgekidney.quantize import Precision, QuantizeConfig, quantize
+    from edgekidney.optimize.quantize import Precision, QuantizeConfig, quantize
 
     quantize(src, dst, QuantizeConfig(precision=Precision.fp16), log=lambda s: None)
     return dst
@@ -89,9 +89,9 @@ def to_int8_qdq(src: Path, dst: Path, calibration_slices: Path) -> Path:
     """The product's TensorRT-flavoured INT8 graph (symmetric S8 Q/DQ), calibrated on the slices under
     ``calibration_slices`` (class folders), which are added to the run's manifest as training slices so
     that ``edgekidney calibrate`` takes them, exactly as a user's run would."""
-    from edgekidney.calibrate import make_calibration_set
+    from edgekidney.optimize.calibrate import make_calibration_set
     from edgekidney.data.dataset import discover, read_manifest, write_manifest
-    from edgekidney.quantize import Precision, QuantizeConfig, Target, quantize
+    from edgekidney.optimize.quantize import Precision, QuantizeConfig, Target, quantize
     from edgekidney.sidecar import load_card, sha256_of
 
     run = Path(load_card(src).extra["source_checkpoint"]).parent

@@ -36,7 +36,7 @@ def tiny_model(out_dir: Path, size: int = 32) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekidney.preprocess import Preprocessing
+    from edgekidney.data.preprocess import Preprocessing
     from edgekidney.sidecar import ModelCard
 
     w = numpy_helper.from_array(np.array([[1.0, -1.0], [0.5, -0.5], [0.2, 0.8]], np.float32), "W")

@@ -1,8 +1,8 @@
 """A small exported model for the service tests and the load benchmark, built without training.
 
-ResNet50 with seeded random weights, a checkpoint made by :func:`edgekidney.train.save_checkpoint`, a
+ResNet50 with seeded random weights, a checkpoint made by :func:`edgekidney.model.train.save_checkpoint`, a
 ``split.csv`` of a few real slices (or synthetic DICOMs when the shared data is absent) for the export's
-parity check, then :func:`edgekidney.export.export_onnx`. Takes a few seconds, unlike ``train``.
+parity check, then :func:`edgekidney.model.export.export_onnx`. Takes a few seconds, unlike ``train``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def condition(model, paths: list[Path], pre) -> None:
     import torch
 
     from edgekidney.data.decode import load_slice
-    from edgekidney.preprocess import preprocess_batch
+    from edgekidney.data.preprocess import preprocess_batch
 
     x = torch.from_numpy(preprocess_batch([load_slice(p, pre) for p in paths], pre))
     for m in model.modules():
@@ -67,9 +67,9 @@ def build_model(out_dir: Path, image_size: int = 64, seed: int = 0, threshold: f
     from torchvision.models import resnet50
 
     from edgekidney.data.dataset import Sample, write_manifest
-    from edgekidney.export import export_onnx
-    from edgekidney.preprocess import Preprocessing
-    from edgekidney.train import save_checkpoint
+    from edgekidney.model.export import export_onnx
+    from edgekidney.data.preprocess import Preprocessing
+    from edgekidney.model.train import save_checkpoint
 
     out_dir = Path(out_dir)
     run = out_dir / "run"

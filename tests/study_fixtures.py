@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekidney.predict import Prediction
-from edgekidney.preprocess import Preprocessing
+from edgekidney.runtime.predict import Prediction
+from edgekidney.data.preprocess import Preprocessing
 from edgekidney.sidecar import ModelCard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from edgekidney.errors import InputError
 
 @pytest.fixture(scope="module")
 def fp16_model(tmp_path_factory, tiny_onnx):
-    from edgekidney.quantize import Precision, QuantizeConfig, quantize
+    from edgekidney.optimize.quantize import Precision, QuantizeConfig, quantize
 
     out = tmp_path_factory.mktemp("b") / "model.fp16.onnx"
     quantize(tiny_onnx, out, QuantizeConfig(precision=Precision.fp16), log=lambda s: None)

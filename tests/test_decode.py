@@ -8,7 +8,7 @@ from pydicom.data import get_testdata_file
 
 from edgekidney.data.decode import decode_slice, is_candidate_file, load_slice
 from edgekidney.errors import DependencyError, InputError
-from edgekidney.preprocess import Preprocessing, window_hu
+from edgekidney.data.preprocess import Preprocessing, window_hu
 
 CFG = Preprocessing()
 

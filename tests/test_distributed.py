@@ -21,9 +21,9 @@ def test_two_processes_train_one_run(small_real, tmp_path):
     from pathlib import Path
 
     from edgekidney.data.dataset import SplitConfig, read_manifest
-    from edgekidney.distributed import launch
+    from edgekidney.model.distributed import launch
     from edgekidney.metrics import roc_auc, softmax
-    from edgekidney.train import TrainConfig, TorchPredictor
+    from edgekidney.model.train import TrainConfig, TorchPredictor
 
     before = set(Path(tempfile.gettempdir()).glob("edgekidney-rank*"))
     out = tmp_path / "run"
@@ -41,7 +41,7 @@ def test_two_processes_train_one_run(small_real, tmp_path):
     val = [s for s in read_manifest(out / "split.csv") if s.split == "val"]
     assert len(val) == metrics["n_val"] > 0
     from edgekidney.data.decode import load_slice
-    from edgekidney.preprocess import preprocess_batch
+    from edgekidney.data.preprocess import preprocess_batch
 
     pred = TorchPredictor(out / "model.pt")
     x = preprocess_batch([load_slice(s.path, pred.card.preprocessing) for s in val], pred.card.preprocessing)

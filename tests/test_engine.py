@@ -22,14 +22,14 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from edgekidney.cli import app
-from edgekidney.engine import (EngineBuildConfig, format_parser_errors, graph_precision, inspect_onnx,
+from edgekidney.optimize.engine import (EngineBuildConfig, format_parser_errors, graph_precision, inspect_onnx,
                                resolve_output)
-from edgekidney.engine_compat import (BatchProfile, check_engine_compatible, check_static_batch, check_tensorrt_version,
+from edgekidney.runtime.engine_compat import (BatchProfile, check_engine_compatible, check_static_batch, check_tensorrt_version,
                                       compatibility_problems, engine_cache_key, engine_file_name, missing_for_tensorrt,
                                       parse_version, profile_shapes, rebuild_command, require_tensorrt_environment,
                                       timing_cache_file, timing_cache_key)
 from edgekidney.errors import DependencyError, InputError, ModelError
-from edgekidney.preprocess import Preprocessing
+from edgekidney.data.preprocess import Preprocessing
 from edgekidney.runtime import open_backend
 from edgekidney.runtime.base import Backend
 from edgekidney.sidecar import ModelCard, load_card, sidecar_path
@@ -238,7 +238,7 @@ def test_mismatch_error_says_which_and_prints_the_rebuild_command():
 
 
 def test_hardware_compatibility_is_refused_on_jetpack_and_pre_ampere():
-    from edgekidney.engine_compat import check_build_options
+    from edgekidney.runtime.engine_compat import check_build_options
 
     check_build_options(None, ORIN)
     check_build_options("ampere_plus", H100)
@@ -552,10 +552,10 @@ def test_bench_sh_restores_power_mode_and_clocks_even_on_failure(tmp_path, real_
 
 
 def test_no_torch_in_the_tensorrt_path():
-    code = ("import sys; import edgekidney.engine, edgekidney.engine_compat, edgekidney.runtime.tensorrt, "
+    code = ("import sys; import edgekidney.optimize.engine, edgekidney.runtime.engine_compat, edgekidney.runtime.tensorrt, "
             "edgekidney.runtime.cuda; assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
-    for f in ("edgekidney/engine.py", "edgekidney/engine_compat.py", "edgekidney/runtime/tensorrt.py",
+    for f in ("edgekidney/optimize/engine.py", "edgekidney/runtime/engine_compat.py", "edgekidney/runtime/tensorrt.py",
               "edgekidney/runtime/cuda.py"):
         assert "import torch" not in (REPO / f).read_text()
     assert sidecar_path("x.engine").name == "x.engine.json"

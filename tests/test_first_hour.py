@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from edgekidney.cli import build_cli
 from edgekidney.data.dataset import SplitConfig
 from edgekidney.errors import InputError, ModelError
-from edgekidney.provenance import content_sha256, mismatch_warning
+from edgekidney.data.provenance import content_sha256, mismatch_warning
 from edgekidney.sidecar import load_card
 from edgekidney.threads import available_cores, resolve_threads
 
@@ -78,7 +78,7 @@ def test_imagenet_offline_fails_before_any_data_work_and_leaves_no_run(monkeypat
     pytest.importorskip("torch")
     from torchvision.models import ResNet50_Weights
 
-    import edgekidney.train as tr
+    import edgekidney.model.train as tr
 
     monkeypatch.setattr(type(ResNet50_Weights.IMAGENET1K_V2), "get_state_dict", _offline)
     monkeypatch.setattr(tr, "discover", lambda *a, **k: pytest.fail("data were read before the weights"))
@@ -95,7 +95,7 @@ def test_data_folder_is_checked_before_the_weights(tmp_path):
 
 
 def _failing_training(monkeypatch, small_real, out):
-    import edgekidney.train as tr
+    import edgekidney.model.train as tr
 
     def boom(*a, **k):
         raise InputError("decoding failed on purpose")
@@ -121,7 +121,7 @@ def test_a_failed_training_marks_an_existing_run_folder_incomplete_and_later_ste
     assert "decoding failed on purpose" in (run / "INCOMPLETE").read_text()
     r = cli("export", run, "--out", tmp_path / "m.onnx")
     assert r.exit_code == 1 and "incomplete run (training did not finish: decoding failed on purpose)" in r.output
-    from edgekidney.train import load_checkpoint_card
+    from edgekidney.model.train import load_checkpoint_card
 
     with pytest.raises(ModelError, match="incomplete run"):
         load_checkpoint_card(run)
@@ -132,7 +132,7 @@ def test_a_failed_training_marks_an_existing_run_folder_incomplete_and_later_ste
 def synthetic_run(tmp_path_factory):
     pytest.importorskip("torch")
     from edgekidney.data.synthetic import SynthConfig, generate
-    from edgekidney.train import TrainConfig, train
+    from edgekidney.model.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("synthetic")
     generate(root / "data", SynthConfig(patients=4, slices_per_class=2, size=64, seed=1))
@@ -142,7 +142,7 @@ def synthetic_run(tmp_path_factory):
 
 
 def test_synthetic_model_on_real_slices_warns_and_records_its_data(synthetic_run, small_real):
-    from edgekidney.evaluate import evaluate
+    from edgekidney.model.evaluate import evaluate
 
     data = json.loads((synthetic_run / "run" / "metrics.json").read_text())["data"]
     assert data["synthetic"] is True and data["synthetic_files_checked"] == "16/16"

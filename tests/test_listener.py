@@ -101,7 +101,7 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
     assert entry["series_uid"] == series and entry["slices"] == 12 and entry["failed_slices"] == 0
     assert entry["result_uids"] == [result_uids(series)[0]]
     # the same decision as classifying the files directly
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
     with Classifier(model) as clf:
         preds, _ = clf.predict_files(files)
     numbers = [int(__import__("pydicom").dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files]
@@ -292,7 +292,7 @@ def test_backoff_and_destination_parsing():
 
 
 def test_listener_path_does_not_import_torch():
-    code = ("import sys, edgekidney.dicomnet, edgekidney.dicomnet.service, edgekidney.predict; "
+    code = ("import sys, edgekidney.dicomnet, edgekidney.dicomnet.service, edgekidney.runtime.predict; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=60)
@@ -301,7 +301,7 @@ def test_listener_path_does_not_import_torch():
 
 def test_prefetched_slices_are_not_classified_again_and_give_the_same_result(model, series_a):
     from edgekidney.dicomnet import FallbackProcessor
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     _, _, files = series_a
     with Classifier(model) as clf:
@@ -446,7 +446,7 @@ def test_study_processor_uses_slices_classified_while_the_series_arrived(model, 
 def test_caching_classifier_answers_prepared_slices_by_content(model, series_a):
     from edgekidney.data.decode import load_slice
     from edgekidney.dicomnet.study_processor import CachingClassifier
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     _, _, files = series_a
     with Classifier(model) as clf:

@@ -22,8 +22,8 @@ pytest.importorskip("fastapi")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from edgekidney.predict import Classifier  # noqa: E402
-from edgekidney.preprocess import preprocess_batch_with_geometry  # noqa: E402
+from edgekidney.runtime.predict import Classifier  # noqa: E402
+from edgekidney.data.preprocess import preprocess_batch_with_geometry  # noqa: E402
 from edgekidney.server.oip_codec import OipError, parse_infer_request, serialize_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

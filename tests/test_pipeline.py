@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from edgekidney.errors import InputError
-from edgekidney.evaluate import evaluate, labelled_set, open_predictor, predict_probabilities
-from edgekidney.predict import Classifier
+from edgekidney.model.evaluate import evaluate, labelled_set, open_predictor, predict_probabilities
+from edgekidney.runtime.predict import Classifier
 from edgekidney.sidecar import load_card, sha256_of
 
 
@@ -99,7 +99,7 @@ def test_local_weights_file_with_checksum_and_frozen_backbone(tmp_path, small_re
     from torchvision.models import resnet50
 
     from edgekidney.data.dataset import SplitConfig
-    from edgekidney.train import TrainConfig, build_model, train
+    from edgekidney.model.train import TrainConfig, build_model, train
 
     torch.manual_seed(3)
     weights = tmp_path / "resnet50-local.pth"
@@ -121,7 +121,7 @@ def test_local_weights_file_with_checksum_and_frozen_backbone(tmp_path, small_re
 
 def test_weights_file_that_is_not_resnet50_is_refused(tmp_path):
     torch = pytest.importorskip("torch")
-    from edgekidney.train import build_model
+    from edgekidney.model.train import build_model
 
     bad = tmp_path / "w.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
@@ -136,7 +136,7 @@ def test_imagenet_weights_offline_says_to_pass_a_local_file(monkeypatch):
     pytest.importorskip("torch")
     from torchvision.models import ResNet50_Weights
 
-    from edgekidney.train import build_model
+    from edgekidney.model.train import build_model
 
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

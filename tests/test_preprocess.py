@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgekidney.preprocess import Preprocessing, pad_to_square, preprocess, preprocess_batch, resize, window_hu
+from edgekidney.data.preprocess import Preprocessing, pad_to_square, preprocess, preprocess_batch, resize, window_hu
 
 
 def test_window_maps_abdomen_window_to_unit_range():

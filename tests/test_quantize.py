@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgekidney.calibrate import load_calibration_set, make_calibration_set
+from edgekidney.optimize.calibrate import load_calibration_set, make_calibration_set
 from edgekidney.data.dataset import read_manifest
 from edgekidney.data.decode import load_slice
 from edgekidney.errors import InputError, ModelError
-from edgekidney.preprocess import preprocess
-from edgekidney.quantize import Method, Precision, QuantizeConfig, Target, quantize
+from edgekidney.data.preprocess import preprocess
+from edgekidney.optimize.quantize import Method, Precision, QuantizeConfig, Target, quantize
 from edgekidney.sidecar import load_card
 
 
@@ -51,7 +51,7 @@ def test_calibration_uses_training_slices_only_stratified_and_deterministic(cali
 
 
 def test_calibration_tensors_are_byte_identical_to_runtime_preprocessing(calib):
-    from edgekidney.preprocess import Preprocessing
+    from edgekidney.data.preprocess import Preprocessing
 
     pre = Preprocessing.from_dict(calib.info["preprocessing"])
     loaded = load_calibration_set(calib.folder)
@@ -221,7 +221,7 @@ def test_fp16_graph_is_ordered_by_onnx_runtimes_sort():
     from onnx import TensorProto, helper
 
     from edgekidney.errors import ModelError
-    from edgekidney.quantize import _topological_sort
+    from edgekidney.optimize.quantize import _topological_sort
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -244,7 +244,7 @@ def test_calibrate_needs_no_torch(small_real, tiny_onnx, tmp_path):
     import sys
 
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "from edgekidney.calibrate import make_calibration_set\n"
+            "from edgekidney.optimize.calibrate import make_calibration_set\n"
             f"cal = make_calibration_set({str(small_real)!r}, {str(tiny_onnx)!r}, {str(tmp_path / 'c')!r}, n=6)\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
             "print(cal.info['n'], cal.info['split_manifest_check'])\n")
@@ -285,7 +285,7 @@ def test_moved_model_is_checked_by_hash_and_the_child_says_what_was_compared(cal
 
 
 def test_a_changed_parent_threshold_is_reported_on_its_children(quantized, tiny_onnx, tmp_path):
-    from edgekidney.evaluate import stale_children, store_model_threshold
+    from edgekidney.model.evaluate import stale_children, store_model_threshold
     from edgekidney.lineage import threshold_status
 
     folder = tmp_path / "family"

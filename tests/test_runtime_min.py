@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgekidney.preprocess import Preprocessing
+from edgekidney.data.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -109,8 +109,8 @@ def test_classifier_matches_numpy_on_png_and_dicom(model, dataset, tmp_path):
     from edgekidney.data.decode import load_slice
     from edgekidney.data.synthetic import synth_slice, write_ct_dicom
     from edgekidney.metrics import softmax
-    from edgekidney.predict import Classifier
-    from edgekidney.preprocess import preprocess_batch
+    from edgekidney.runtime.predict import Classifier
+    from edgekidney.data.preprocess import preprocess_batch
 
     path, w = model
     dcm = tmp_path / "slice.dcm"
@@ -141,8 +141,8 @@ def test_cli_infer_and_one_line_errors(model, dataset, tmp_path):
 
 def test_calibrate_and_quantize_with_the_lowest_onnxruntime(model, dataset, tmp_path):
     """calibrate (no torch), FP16 (ORT's topological sort) and INT8 entropy (quantize_static's cache)."""
-    from edgekidney.calibrate import make_calibration_set
-    from edgekidney.quantize import Method, Precision, QuantizeConfig, Target, quantize
+    from edgekidney.optimize.calibrate import make_calibration_set
+    from edgekidney.optimize.quantize import Method, Precision, QuantizeConfig, Target, quantize
     from edgekidney.sidecar import load_card
 
     path, _ = model

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from edgekidney.confidence import bootstrap, calibration, confounder_table
+from edgekidney.model.confidence import bootstrap, calibration, confounder_table
 from edgekidney.data.decode import load_slice
-from edgekidney.preprocess import Preprocessing, body_box, preprocess_with_geometry
+from edgekidney.data.preprocess import Preprocessing, body_box, preprocess_with_geometry
 from edgekidney.scope import choose_threshold, energy, fit_scope, separation_auc
 
 
@@ -125,9 +125,9 @@ def test_exported_model_carries_scope_and_cam_outputs(tiny_onnx):
 
 def test_cam_is_the_logit_margin_spread_over_the_image(tiny_onnx, tiny_run, small_real):
     """Spatial mean of the CAM (before upsampling it is exactly) = stone logit - mean of the others - bias term."""
-    from edgekidney.predict import Classifier
-    from edgekidney.preprocess import preprocess_batch
-    from edgekidney.train import load_checkpoint
+    from edgekidney.runtime.predict import Classifier
+    from edgekidney.data.preprocess import preprocess_batch
+    from edgekidney.model.train import load_checkpoint
 
     model, card = load_checkpoint(tiny_run)
     w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
@@ -143,7 +143,7 @@ def test_cam_is_the_logit_margin_spread_over_the_image(tiny_onnx, tiny_run, smal
 
 
 def test_blank_and_out_of_scope_slices_are_never_called_stone(tiny_onnx, small_real):
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     with Classifier(tiny_onnx) as clf:
         preds = clf.predict_slices([np.zeros((128, 128), np.float32), load_slice(
@@ -206,7 +206,7 @@ def test_confounder_table_counts_stone_calls_per_class():
 
 
 def test_evaluate_reports_confounders_intervals_and_plots(tiny_onnx, tiny_run, tmp_path):
-    from edgekidney.evaluate import evaluate
+    from edgekidney.model.evaluate import evaluate
 
     r = evaluate(tiny_onnx, tiny_run / "split.csv", split="val", bootstrap_resamples=200, plot_dir=tmp_path)
     assert {c["class"] for c in r["confounders"]} == {"Normal", "Stone"}

@@ -27,7 +27,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("torchvision")
 
-from edgekidney.predict import Classifier  # noqa: E402
+from edgekidney.runtime.predict import Classifier  # noqa: E402
 from edgekidney.server.batching import MicroBatcher  # noqa: E402
 from edgekidney.server.inputs import redact  # noqa: E402
 from edgekidney.server.batching import BatchFailed, Closed, Overloaded  # noqa: E402

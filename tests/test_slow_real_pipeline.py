@@ -9,10 +9,10 @@ first convolution and the classifier in FP32 holds them for the CPU target, whic
 import pytest
 
 from edgekidney.bench.accuracy import run_accuracy
-from edgekidney.calibrate import make_calibration_set
-from edgekidney.export import export_onnx
-from edgekidney.quantize import Precision, QuantizeConfig, Target, quantize
-from edgekidney.train import TrainConfig, train
+from edgekidney.optimize.calibrate import make_calibration_set
+from edgekidney.model.export import export_onnx
+from edgekidney.optimize.quantize import Precision, QuantizeConfig, Target, quantize
+from edgekidney.model.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 

@@ -334,8 +334,8 @@ def test_a_truncated_slice_makes_its_series_not_assessable_not_the_study(synth, 
 
 
 def test_preprocessing_in_the_decode_thread_gives_the_same_predictions(tiny_onnx, synth):
-    from edgekidney.predict import Classifier
-    from edgekidney.preprocess import window_hu
+    from edgekidney.runtime.predict import Classifier
+    from edgekidney.data.preprocess import window_hu
 
     root, _ = synth
     (series,), _ = read_series([root / "two"])

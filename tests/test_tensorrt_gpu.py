@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import engine_fixtures as fx
 from edgekidney.cli import app
-from edgekidney.engine import EngineBuildConfig, build_engine
-from edgekidney.engine_compat import BatchProfile
+from edgekidney.optimize.engine import EngineBuildConfig, build_engine
+from edgekidney.runtime.engine_compat import BatchProfile
 from edgekidney.errors import InputError, ModelError
 from edgekidney.runtime import open_backend
 from edgekidney.runtime.ort import OrtBackend
@@ -31,7 +31,7 @@ MIN_AGREEMENT = 0.99
 
 @pytest.fixture(scope="module")
 def gpu_env():
-    from edgekidney.engine_compat import check_tensorrt_version, missing_for_tensorrt
+    from edgekidney.runtime.engine_compat import check_tensorrt_version, missing_for_tensorrt
     from edgekidney.errors import DependencyError
     from edgekidney.runtime.tensorrt import detect_environment
 
@@ -153,7 +153,7 @@ def test_parser_errors_name_the_failing_node(gpu_env, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edgekidney.preprocess import Preprocessing
+    from edgekidney.data.preprocess import Preprocessing
 
     node = helper.make_node("KidneyMagic", ["input"], ["logits"], domain="com.example", name="magic_node")
     x_info = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])

@@ -14,7 +14,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from edgekidney.errors import InputError  # noqa: E402
 from edgekidney.sidecar import load_card  # noqa: E402
-from edgekidney.triton_repo import TritonExportConfig, export_triton  # noqa: E402
+from edgekidney.server.triton_repo import TritonExportConfig, export_triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_fixtures import fake_engine  # noqa: E402

@@ -19,10 +19,10 @@ import numpy as np
 from edgekidney.errors import EdgeKidneyError, InputError
 from edgekidney.jsonio import write_json
 from edgekidney.bench import ArgumentParser
-from edgekidney.evaluate import labelled_set
+from edgekidney.model.evaluate import labelled_set
 from edgekidney.metrics import classification_report, predictions
-from edgekidney.predict import Classifier, decide_outputs
-from edgekidney.preprocess import preprocess_batch_with_geometry
+from edgekidney.runtime.predict import Classifier, decide_outputs
+from edgekidney.data.preprocess import preprocess_batch_with_geometry
 from edgekidney.data.decode import load_slice
 
 

@@ -75,8 +75,8 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "torch":
         return _torch_worker(spec, cfg, files)
     from edgekidney.data.decode import load_slice
-    from edgekidney.predict import Classifier, classify_batch
-    from edgekidney.preprocess import preprocess_batch
+    from edgekidney.runtime.predict import Classifier, classify_batch
+    from edgekidney.data.preprocess import preprocess_batch
 
     clf = Classifier(spec["model"], backend=cfg.backend, defaults={"threads": cfg.threads})
     pre = clf.preprocessing
@@ -114,11 +114,11 @@ def _torch_worker(spec: dict, cfg: LatencyConfig, files: list[Path]) -> dict:
     import torch
 
     from edgekidney.data.decode import load_slice
-    from edgekidney.preprocess import Preprocessing, preprocess_batch
+    from edgekidney.data.preprocess import Preprocessing, preprocess_batch
 
     torch.set_num_threads(cfg.threads)
     if spec.get("checkpoint"):
-        from edgekidney.train import load_checkpoint
+        from edgekidney.model.train import load_checkpoint
 
         model, card = load_checkpoint(spec["checkpoint"])
         pre, weights = card.preprocessing, "checkpoint " + spec["checkpoint"]
@@ -165,7 +165,7 @@ def _run_worker(spec: dict, timeout: float) -> dict:
 
 def benchmark_files(data: Path | None, pre_dict: dict, tmp: Path) -> list[Path]:
     """Real slices from ``data`` when given, else synthetic CT DICOM made here."""
-    from edgekidney.predict import expand_inputs
+    from edgekidney.runtime.predict import expand_inputs
 
     if data is not None:
         files = expand_inputs([data])[:64]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekidney.data.calculus import CalculusSpec, draw_calculus, kidney_sites
-from edgekidney.preprocess import window_hu
+from edgekidney.data.preprocess import window_hu
 
 VOLUMES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct-volumes"
 
@@ -96,7 +96,7 @@ MUST_REFUSE = ("mr_volume", "head_ct_multiframe", "liver_dome_lung_bases", "blan
 def run_scope(model: Path, val_manifest: Path | None = None, volumes: Path = VOLUMES, log=print) -> dict:
     from edgekidney.data.dataset import read_manifest
     from edgekidney.data.decode import load_slice
-    from edgekidney.predict import Classifier, classify_batch
+    from edgekidney.runtime.predict import Classifier, classify_batch
     from edgekidney.scope import energy, separation_auc
 
     out: dict = {"model": str(model), "sets": {}}
@@ -138,7 +138,7 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
     """
     from edgekidney.data.dataset import read_manifest
     from edgekidney.data.decode import load_slice
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     rng = np.random.default_rng(seed)
     kidneys, mm = nifti_axial_slices(volumes / "kidneys-ct-crop.nii.gz")

@@ -1,7 +1,5 @@
-"""Reading CT slices and datasets (no torch)."""
-
-from edgekidney.data.dataset import Dataset, Sample, SplitConfig, discover, read_manifest, split_dataset, write_manifest
-from edgekidney.data.decode import decode_slice, load_slice
-
-__all__ = ["Dataset", "Sample", "SplitConfig", "decode_slice", "discover", "load_slice", "read_manifest",
-           "split_dataset", "write_manifest"]
+"""Stage 1, files to slices: decoding (with limits), series and volumes, datasets and splits, the one
+preprocessing (numpy, no torch). Import the modules themselves; this package re-exports nothing, so that
+``edgekidney.sidecar`` can import ``data.preprocess`` without pulling in the dataset code. See
+docs/architecture.md.
+"""

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekidney.preprocess import Preprocessing, preprocess
+from edgekidney.data.preprocess import Preprocessing, preprocess
 from edgekidney.data.dataset import Sample
 from edgekidney.data.decode import load_slice
 

@@ -1,6 +1,6 @@
 """Synthetic calculi placed into real slices: teaching the model the stone, not the image source.
 
-Training (see :mod:`edgekidney.train`, augmentation ``calculus``) takes slices labelled without a stone,
+Training (see :mod:`edgekidney.model.train`, augmentation ``calculus``) takes slices labelled without a stone,
 places a calculus where a kidney lies and adds the result as an extra *positive* beside its untouched
 twin, a negative. The same functions build the paired test on real CT of other hospitals
 (``benchmarks/calculus_pairs.py``).

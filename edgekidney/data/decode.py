@@ -30,7 +30,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from edgekidney.errors import DependencyError, EdgeKidneyError, ImageTooLargeError, InputError
-from edgekidney.preprocess import Preprocessing, window_hu
+from edgekidney.data.preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}

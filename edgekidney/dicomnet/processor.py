@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from edgekidney import __version__
 from edgekidney.errors import InputError
-from edgekidney.predict import Prediction
+from edgekidney.runtime.predict import Prediction
 from edgekidney.dicomnet.sr import build_series_sr
 
 
@@ -152,7 +152,7 @@ class FallbackProcessor:
 def make_processor(model: Path, kind: str = "auto", plane: str = "axial", **classifier_options):
     """(processor, close, name): ``study`` = the study analysis (edgekidney.study, with SR and Secondary
     Capture), ``fallback`` = per-slice classification with a minimal SR, ``auto`` = study when installed."""
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
     from edgekidney.dicomnet.study_processor import StudyProcessor, study_available
 
     if kind not in ("auto", "study", "fallback"):
@@ -172,7 +172,7 @@ def make_processor(model: Path, kind: str = "auto", plane: str = "axial", **clas
 
 def fallback_processor(model: Path, **classifier_options) -> tuple[Callable[[list[Path]], ProcessResult], Callable[[], None]]:
     """(processor, close) for ``model`` (ONNX with sidecar or engine), without torch."""
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     clf = Classifier(model, **classifier_options)
     return FallbackProcessor(clf), clf.close

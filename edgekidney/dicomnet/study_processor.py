@@ -72,7 +72,7 @@ class CachingClassifier:
 
     def prepare(self, paths: list[Path], batch_size: int = 8) -> None:
         from edgekidney.data.decode import load_slice
-        from edgekidney.preprocess import preprocess_batch_with_geometry
+        from edgekidney.data.preprocess import preprocess_batch_with_geometry
 
         pre = self.inner.card.preprocessing
         slices, names = [], []

@@ -2,7 +2,7 @@
 
 A backend takes a preprocessed float32 batch ``(N, 3, S, S)`` and returns its named outputs
 (``{name: array}``, Polygraphy's convention): ``logits`` ``(N, classes)`` and, for models exported with
-heads, ``scope_distance`` ``(N,)`` and ``cam`` ``(N, S, S)`` (see :mod:`edgekidney.heads`).
+heads, ``scope_distance`` ``(N,)`` and ``cam`` ``(N, S, S)`` (see :mod:`edgekidney.model.heads`).
 Public methods check state and shapes and call small ``_*_impl`` methods, as Polygraphy's runners do;
 batches larger than the backend's maximum are split here, once, for every backend.
 """

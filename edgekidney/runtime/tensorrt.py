@@ -1,7 +1,7 @@
 """TensorRT backend: runs an engine built by ``edgekidney build-engine`` (numpy, tensorrt, a CUDA binding; no torch).
 
 Before deserializing, the engine's sidecar is checked against this machine's GPU and TensorRT
-(:mod:`edgekidney.engine_compat`); a mismatch names the difference and the command that rebuilds.
+(:mod:`edgekidney.runtime.engine_compat`); a mismatch names the difference and the command that rebuilds.
 Pinned host and device buffers are allocated once for the profile's largest batch and reused; tensors
 are bound by name (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) on one CUDA
 stream. Larger batches are split by :meth:`Backend.infer` at ``max_batch`` (the profile's maximum).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekidney.engine_compat import (BatchProfile, check_engine_compatible, engine_info_of, require_tensorrt_environment)
+from edgekidney.runtime.engine_compat import (BatchProfile, check_engine_compatible, engine_info_of, require_tensorrt_environment)
 from edgekidney.errors import DependencyError, InputError, ModelError
 from edgekidney.sidecar import ModelCard
 from edgekidney.runtime.base import Backend
@@ -30,7 +30,7 @@ from edgekidney.runtime.cuda import CudaBinding, gpu_environment, load_binding
 
 def import_tensorrt():
     """``import tensorrt``, or a :class:`DependencyError` that says how to get it."""
-    from edgekidney.engine_compat import INSTALL_TENSORRT
+    from edgekidney.runtime.engine_compat import INSTALL_TENSORRT
 
     try:
         import tensorrt as trt

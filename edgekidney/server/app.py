@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edgekidney import __version__
-from edgekidney.cam import peak_of
-from edgekidney.predict import decide_outputs
+from edgekidney.runtime.cam import peak_of
+from edgekidney.runtime.predict import decide_outputs
 from edgekidney.server.batching import BatcherError, MicroBatcher
 from edgekidney.server.config import ServeConfig
 from edgekidney.server.inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
@@ -204,7 +204,7 @@ class Service:
         return JSONResponse(items if kind == MULTIPART_TYPE else items[0])
 
     def _cam_png(self, upload, cam: np.ndarray, peak) -> str:
-        from edgekidney.cam import overlay_png_base64
+        from edgekidney.runtime.cam import overlay_png_base64
         from edgekidney.data.decode import decode_slice
 
         return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)

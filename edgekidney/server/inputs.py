@@ -1,7 +1,7 @@
 """Request bodies -> network inputs: content types, the size limit, multipart parts, decoding.
 
 Decoding and preprocessing are the CLI's own (:func:`edgekidney.data.decode.decode_slice`,
-:func:`edgekidney.preprocess.preprocess_batch`). Everything a client can get wrong becomes a
+:func:`edgekidney.data.preprocess.preprocess_batch`). Everything a client can get wrong becomes a
 :class:`ClientError` with a 4xx status and a reason; nothing here lets a client cause a 500.
 
 Privacy: uploads are named ``upload`` or ``part N`` in messages (a multipart *filename* may itself hold
@@ -20,7 +20,7 @@ import numpy as np
 
 from edgekidney.data.decode import decode_slice
 from edgekidney.errors import DependencyError, ImageTooLargeError, InputError
-from edgekidney.preprocess import Geometry, Preprocessing, preprocess_with_geometry
+from edgekidney.data.preprocess import Geometry, Preprocessing, preprocess_with_geometry
 
 # python-multipart logs every malformed byte it meets at WARNING; the 422 already says what is wrong
 logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -10,7 +10,7 @@
 
 Two inputs, send one of them: ``image`` (BYTES, shape [N]: encoded DICOM/PNG/JPEG files, decoded and
 preprocessed exactly as /v1/predict and ``edgekidney infer`` do) or the sidecar's input name (FP32
-[N, 3, S, S], already preprocessed by the client with :func:`edgekidney.preprocess.preprocess_batch`).
+[N, 3, S, S], already preprocessed by the client with :func:`edgekidney.data.preprocess.preprocess_batch`).
 Outputs: ``probabilities`` [N, classes], ``label`` (BYTES [N]: a class name or ``out_of_scope``), and
 what the model itself returns (``logits``, ``scope_distance``, ``cam``). For raw tensors there is no
 slice to look at, so "no patient outline" is not assessed; the feature-distance scope test still is.
@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from edgekidney import __version__
-from edgekidney.predict import decide_outputs
-from edgekidney.preprocess import Geometry
+from edgekidney.runtime.predict import decide_outputs
+from edgekidney.data.preprocess import Geometry
 from edgekidney.server.batching import BatcherError
 from edgekidney.server.inputs import ClientError, Upload, check_declared_length, decode_uploads, read_limited
 from edgekidney.server.oip_codec import HEADER_LENGTH, InferRequest, OipError, Tensor, encode_response, parse_infer_request

@@ -26,7 +26,7 @@ def setup_logging(level: str) -> None:
 
 
 def open_classifier(config: ServeConfig):
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     # no spinning where a backend has a thread pool: it must not steal the cores the event loop decodes on
     return Classifier(config.model, backend=config.backend, threshold=config.threshold, device=config.device,

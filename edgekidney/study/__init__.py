@@ -2,7 +2,7 @@
 
 The API (no torch; what ``edgekidney study`` and a DICOM listener call)::
 
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
     from edgekidney.study import analyze_study, write_sr, write_sc
 
     with Classifier("model.onnx") as clf:
@@ -30,7 +30,7 @@ The API (no torch; what ``edgekidney study`` and a DICOM listener call)::
   Secondary Capture with the activation map (or a marker) overlaid
 - ``StudyRule`` / ``choose_rule``: the series-level rule and its choice on validation series
 
-``classifier`` is an :class:`edgekidney.predict.Classifier` or anything with ``card``,
+``classifier`` is an :class:`edgekidney.runtime.predict.Classifier` or anything with ``card``,
 ``threshold``, ``model_path`` and ``predict_slices(slices, names)``. Errors the caller can act on
 are :class:`edgekidney.errors.EdgeKidneyError` with a one-line message. See docs/study.md.
 """

@@ -23,7 +23,7 @@ import numpy as np
 from edgekidney import __version__
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
-from edgekidney.preprocess import preprocess_batch_with_geometry, window_hu
+from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
@@ -109,7 +109,7 @@ def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], 
                     timings: dict | None = None) -> list:
     """Classify a stream of 0..1 slices while the next ones are decoded and preprocessed in a thread.
 
-    With an :class:`edgekidney.predict.Classifier` (it has ``predict_preprocessed``) the producer
+    With an :class:`edgekidney.runtime.predict.Classifier` (it has ``predict_preprocessed``) the producer
     thread decodes *and* preprocesses, and this thread only runs the model; with any other
     classifier the producer decodes and ``predict_slices`` does the rest. At most
     ``2 x batch_size`` produced slices wait in the queue. ``timings`` receives ``decode_s`` and

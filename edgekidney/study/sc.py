@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekidney.errors import InputError
-from edgekidney.preprocess import window_hu
+from edgekidney.data.preprocess import window_hu
 from edgekidney.study.analyze import SeriesResult
 from edgekidney.study.sr import _hd, study_header
 
@@ -36,7 +36,7 @@ def activation_map(classifier, window01: np.ndarray, name: str) -> np.ndarray | 
     cam = getattr(pred, "cam", None)
     if cam is None:
         return None
-    cam = np.asarray(cam, dtype=np.float32)  # edgekidney.predict maps it onto the slice's own grid
+    cam = np.asarray(cam, dtype=np.float32)  # edgekidney.runtime.predict maps it onto the slice's own grid
     if cam.shape != window01.shape or not np.isfinite(cam).all():
         return None
     span = float(cam.max() - cam.min())

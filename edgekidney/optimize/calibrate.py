@@ -9,7 +9,7 @@ A calibration set is a folder (by convention ``calibration/NAME``) holding:
 
 - ``manifest.csv``: path, sha256, label, class_name of every chosen slice;
 - ``tensors.npy``: the preprocessed inputs, (N, 3, S, S) float32, made by the same
-  :func:`edgekidney.preprocess.preprocess` the runtime uses (byte-identical for the same files);
+  :func:`edgekidney.data.preprocess.preprocess` the runtime uses (byte-identical for the same files);
 - ``calibration.json``: preprocessing, counts per class, seed, the model's and both manifests' sha256.
 
 Validation and test images are never chosen: calibrating on them would leak the data the accuracy
@@ -29,7 +29,7 @@ import numpy as np
 from edgekidney.data.arrays import load_arrays
 from edgekidney.data.dataset import Sample, discover, read_manifest
 from edgekidney.errors import InputError, ModelError
-from edgekidney.preprocess import Preprocessing
+from edgekidney.data.preprocess import Preprocessing
 from edgekidney.sidecar import ModelCard, load_card, sha256_of
 
 CAL_FIELDS = ("path", "sha256", "label", "class_name")

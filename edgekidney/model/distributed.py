@@ -2,7 +2,7 @@
 
 ``edgekidney train --nproc-per-node N`` starts N processes on this machine (:func:`launch`); under
 ``torchrun`` (several machines) each process finds its rank in the environment (:func:`init_from_env`).
-Inside :func:`edgekidney.train.train` one :class:`Dist` says what this process does:
+Inside :func:`edgekidney.model.train.train` one :class:`Dist` says what this process does:
 
 - every rank loads the same data and draws the same epoch order from a generator seeded with
   ``seed + epoch`` (as ``DistributedSampler.set_epoch``), then takes every N-th index (:meth:`Dist.shard`),
@@ -174,7 +174,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, cfg, world: int, port: int, quiet_others: bool) -> None:
-    from edgekidney.train import train
+    from edgekidney.model.train import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

@@ -15,7 +15,7 @@ import numpy as np
 from edgekidney.data.dataset import read_manifest
 from edgekidney.data.decode import load_slice
 from edgekidney.errors import GateError, InputError
-from edgekidney.preprocess import preprocess
+from edgekidney.data.preprocess import preprocess
 from edgekidney.sidecar import ModelCard, sha256_of
 
 DEFAULT_OPSET = 18
@@ -46,7 +46,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     import torch
 
     from edgekidney.runtime.ort import OrtBackend
-    from edgekidney.train import load_checkpoint
+    from edgekidney.model.train import load_checkpoint
 
     if opset < 17:
         raise InputError(f"--opset {opset}: edgekidney exports opset 17 or newer")

@@ -7,10 +7,10 @@ Two kinds of server, one client (tritonclient's HTTP client, binary tensors):
 - Triton (a repository from ``edgekidney export-triton``): the model takes preprocessed FP32 tensors, so
   the files are decoded and preprocessed here with the sidecar's parameters (the one preprocessing),
   the server runs the network, and the decision (threshold, out of scope) is made here with
-  :func:`edgekidney.predict.decide_outputs`. The sidecar comes from the model's configuration
+  :func:`edgekidney.runtime.predict.decide_outputs`. The sidecar comes from the model's configuration
   (``parameters.edgekidney_sidecar``, written by export-triton) or from ``--sidecar``.
 
-Either way the answers are :class:`edgekidney.predict.Prediction` rows, as ``edgekidney infer`` prints them.
+Either way the answers are :class:`edgekidney.runtime.predict.Prediction` rows, as ``edgekidney infer`` prints them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 from edgekidney.data.decode import load_slice
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError, ModelError
 from edgekidney.metrics import decide
-from edgekidney.predict import Failure, Prediction, decide_outputs
-from edgekidney.preprocess import preprocess_batch_with_geometry
+from edgekidney.runtime.predict import Failure, Prediction, decide_outputs
+from edgekidney.data.preprocess import preprocess_batch_with_geometry
 from edgekidney.sidecar import ModelCard, load_card
 
 IMAGE_INPUT = "image"

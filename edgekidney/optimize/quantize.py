@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekidney.calibrate import CalibrationSet, check_against_model, load_calibration_set
+from edgekidney.optimize.calibrate import CalibrationSet, check_against_model, load_calibration_set
 from edgekidney.errors import InputError, ModelError
-from edgekidney.graph import graph_precision, head_nodes, heads_read_float
+from edgekidney.optimize.graph import graph_precision, head_nodes, heads_read_float
 from edgekidney.lineage import threshold_record
 from edgekidney.sidecar import ModelCard, load_card, sha256_of
 

@@ -5,7 +5,7 @@ INT8), so the same code builds on TensorRT 10.3+ (JetPack 6.1/6.2) and 11.x, whi
 FP16/INT8 builder flags. One optimization profile covers the batch range; the spatial size comes from
 the model's sidecar. The engine's sidecar (``MODEL.engine.json``) records the TensorRT version, GPU,
 compute capability, precision, profile shapes, the ONNX sha256 and the build time, which the runtime
-checks before it loads the engine (:mod:`edgekidney.engine_compat`). No torch here.
+checks before it loads the engine (:mod:`edgekidney.runtime.engine_compat`). No torch here.
 
 Build steps are named for what they produce from what, as Polygraphy's loaders are:
 ``inspect_onnx`` -> ``network_from_onnx`` -> ``builder_config`` -> ``serialized_engine``.
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgekidney.engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_options, check_static_batch,
+from edgekidney.runtime.engine_compat import (HARDWARE_COMPATIBILITY, BatchProfile, check_build_options, check_static_batch,
                             engine_cache_key, engine_file_name, profile_shapes, require_tensorrt_environment,
                             timing_cache_file)
 from edgekidney.errors import InputError, ModelError
-from edgekidney.graph import graph_precision
+from edgekidney.optimize.graph import graph_precision
 from edgekidney.lineage import threshold_record
 from edgekidney.sidecar import ModelCard, load_card, sidecar_path
 

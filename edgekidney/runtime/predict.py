@@ -15,8 +15,8 @@ from edgekidney.data.dataset import expand_paths
 from edgekidney.data.decode import decode_slice, load_slice
 from edgekidney.errors import EdgeKidneyError, InputError
 from edgekidney.metrics import decide, softmax
-from edgekidney.preprocess import preprocess_batch_with_geometry
-from edgekidney.cam import peak_of
+from edgekidney.data.preprocess import preprocess_batch_with_geometry
+from edgekidney.runtime.cam import peak_of
 from edgekidney.scope import OUT_OF_SCOPE
 from edgekidney.runtime import backend_for, open_backend
 from edgekidney.sidecar import load_card
@@ -209,7 +209,7 @@ class Classifier:
 
 def write_cams(preds: list[Prediction], folder: Path, card, everything: bool = False) -> list[Path]:
     """PNG overlays of the activation map: for slices called stone, or every slice with ``everything``."""
-    from edgekidney.cam import write_overlay
+    from edgekidney.runtime.cam import write_overlay
 
     folder = Path(folder)
     written = []

@@ -17,10 +17,10 @@ import numpy as np
 from edgekidney.data.dataset import (SPLITS, Sample, SplitConfig, discover, find_classes, read_manifest, split_dataset)
 from edgekidney.data.decode import load_slice
 from edgekidney.errors import InputError, ModelError
-from edgekidney.confidence import bootstrap, calibration, confounder_table
+from edgekidney.model.confidence import bootstrap, calibration, confounder_table
 from edgekidney.metrics import classification_report, predictions, roc_curve, threshold_for_sensitivity
 from edgekidney.progress import stage
-from edgekidney.provenance import mismatch_warning
+from edgekidney.data.provenance import mismatch_warning
 from edgekidney.sidecar import ModelCard, load_card, sidecar_path
 
 
@@ -32,10 +32,10 @@ def is_checkpoint(path: str | Path) -> bool:
 def open_predictor(model: str | Path, backend: str | None = None, **options):
     """A TorchPredictor for checkpoints, a Classifier for ONNX models and engines."""
     if is_checkpoint(model):
-        from edgekidney.train import TorchPredictor
+        from edgekidney.model.train import TorchPredictor
 
         return TorchPredictor(model, device=options.get("device", "cpu"), threads=options.get("threads"))
-    from edgekidney.predict import Classifier
+    from edgekidney.runtime.predict import Classifier
 
     return Classifier(model, backend=backend, **options)
 
@@ -85,7 +85,7 @@ def predict_probabilities(predictor, samples: list[Sample], batch_size: int = 16
 
     Returns ((N, classes) probabilities, (N,) in scope or None for a model without a detector).
     """
-    from edgekidney.predict import classify_batch
+    from edgekidney.runtime.predict import classify_batch
 
     pre = predictor.card.preprocessing
     probs, scope = [], []

@@ -1,6 +1,6 @@
 """Drawing class activation maps (numpy + Pillow, no torch): where the model looked.
 
-The map itself is an output of the exported graph (:mod:`edgekidney.heads`); :class:`Prediction.cam`
+The map itself is an output of the exported graph (:mod:`edgekidney.model.heads`); :class:`Prediction.cam`
 already lies on the original slice. Here it becomes a PNG: the slice in gray, the positive part of the
 map as a heat overlay (transparent where the map is at or below zero), the peak marked.
 """

@@ -29,11 +29,11 @@ from edgekidney.data.dataset import (Dataset, SplitConfig, discover, find_classe
                            write_manifest)
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError, ModelError
 from edgekidney.metrics import classification_report, softmax, threshold_for_sensitivity
-from edgekidney.preprocess import Preprocessing
+from edgekidney.data.preprocess import Preprocessing
 from edgekidney.progress import echo, stage
-from edgekidney.provenance import data_provenance
+from edgekidney.data.provenance import data_provenance
 from edgekidney.sidecar import ModelCard, sha256_of
-from edgekidney.distributed import current as current_dist
+from edgekidney.model.distributed import current as current_dist
 from edgekidney.threads import apply_torch_threads, contention_note
 
 CHECKPOINT_FORMAT = "edgekidney.checkpoint/1"
@@ -352,7 +352,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     torch = require_torch()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    dist = current_dist()  # rank 0 of 1 unless under edgekidney.distributed (DDP)
+    dist = current_dist()  # rank 0 of 1 unless under edgekidney.model.distributed (DDP)
     ds: Dataset = split_dataset(discover(cfg.data, cfg.classes), cfg.split)
     positive = positive_class_index(ds.classes, cfg.positive_class)
     write_manifest(ds.samples, cfg.out / "split.csv")
@@ -644,7 +644,7 @@ def load_checkpoint(path: str | Path, heads: bool = False):
     model.load_state_dict(ck["state_dict"])
     model.eval()
     if heads:
-        from edgekidney.heads import build_headed_model
+        from edgekidney.model.heads import build_headed_model
 
         model = build_headed_model(model, card.positive_index, card.preprocessing.image_size, ck.get("scope"))
     return model, card

@@ -9,7 +9,7 @@
   ``sum_k w_k A_k(x, y)`` with ``w = W_pos - mean(W_others)``; that map over layer4's A is upsampled
   bilinearly to the input grid. No gradients: it runs in ONNX Runtime, INT8 and TensorRT alike.
 
-Both heads stay in FP32 when the model is quantized (see :func:`edgekidney.graph.head_nodes`).
+Both heads stay in FP32 when the model is quantized (see :func:`edgekidney.optimize.graph.head_nodes`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
     import torch
     import torch.nn.functional as F
 
-    from edgekidney.train import forward_parts
+    from edgekidney.model.train import forward_parts
 
     class Headed(torch.nn.Module):
         def __init__(self) -> None:
