@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from edgekidney.cli import app
+from pydicom_files import shipped_file
 
 runner = CliRunner()
 
@@ -98,8 +98,8 @@ def cases(tmp_path, tiny_onnx):
     (["export", "{d}/norun", "--out", "{d}/m.onnx"], ["no such checkpoint"]),
 ])
 def test_bad_input_gives_one_line_error(cases, tiny_onnx, argv, fragments):
-    subst = {"model": tiny_onnx, "d": cases, "truncated": get_testdata_file("MR_truncated.dcm", download=False),
-             "nopixels": get_testdata_file("rtplan.dcm", download=False)}
+    subst = {"model": tiny_onnx, "d": cases, "truncated": shipped_file("MR_truncated.dcm"),
+             "nopixels": shipped_file("rtplan.dcm")}
     r = run(*[a.format(**subst) for a in argv])
     assert_one_line_error(r, *fragments)
 

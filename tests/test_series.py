@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from edgekidney.data.geometry import DisplayTransform, display_transform, plane_of
 from edgekidney.data.series import read_series
@@ -13,6 +12,7 @@ from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
 from edgekidney.data.volume import not_ct_reason, read_nifti
 from edgekidney.errors import InputError
 
+from pydicom_files import shipped_file
 from study_fixtures import volumes_or_skip
 
 
@@ -126,9 +126,7 @@ def test_non_ct_and_non_image_objects_are_skipped_with_reasons(tmp_path, small_s
     folder, _ = small_series
     shutil.copytree(folder, tmp_path / "study")
     for name in ("MR_small.dcm", "rtplan.dcm"):
-        path = get_testdata_file(name, download=False)
-        if path:
-            shutil.copy(path, tmp_path / "study" / name)
+        shutil.copy(shipped_file(name), tmp_path / "study" / name)
     scout = tmp_path / "study" / "scout.dcm"
     shutil.copy(sorted(folder.iterdir())[0], scout)
     edit(scout, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SeriesInstanceUID="1.2.3.4.5",
@@ -139,10 +137,8 @@ def test_non_ct_and_non_image_objects_are_skipped_with_reasons(tmp_path, small_s
     reasons = {p.split("/")[-1]: r for p, r in ((s.path, s.reason) for s in skipped)}
     assert reasons["scout.dcm"] == "localizer (scout/topogram)"
     assert reasons["notes.txt"] == "not a DICOM or NIfTI file"
-    if "MR_small.dcm" in reasons:
-        assert reasons["MR_small.dcm"] == "modality MR, not CT"
-    if "rtplan.dcm" in reasons:
-        assert reasons["rtplan.dcm"].startswith("not an image")
+    assert reasons["MR_small.dcm"] == "modality MR, not CT"
+    assert reasons["rtplan.dcm"].startswith("not an image")
 
 
 def test_nothing_usable_is_one_clear_error(tmp_path):
