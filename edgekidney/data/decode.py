@@ -11,11 +11,12 @@ No torch here: the on-device runtime and the server decode with this module too.
 Every problem is raised as :class:`~edgekidney.errors.InputError` (or ``DependencyError`` for a
 missing DICOM decoder) with a message that starts with the file's name.
 
-Limits before allocation (docs/architecture.md rule 8): the size an image *declares* (PNG/JPEG header via Pillow's lazy ``open``,
-DICOM Rows/Columns/NumberOfFrames/BitsAllocated) is checked against :class:`DecodeLimits` before any
-pixel is decoded, because decoding, padding to square and resizing allocate from the declared size
-(a 790-byte PNG can declare 20000x32 pixels). Too many pixels or too long a side raises
-:class:`~edgekidney.errors.ImageTooLargeError` (the server's 413); a degenerate shape raises
+Limits before allocation (docs/architecture.md rule 8): the size an image *declares* (PNG/JPEG
+header via Pillow's lazy ``open``, DICOM Rows/Columns/NumberOfFrames/BitsAllocated) is checked
+against :class:`DecodeLimits` (:mod:`edgekidney.data.limits`, the one limits object of every input
+path) before any pixel is decoded, because decoding, padding to square and resizing allocate from
+the declared size (a 790-byte PNG can declare 20000x32 pixels). Too many pixels or too long a side
+raises :class:`~edgekidney.errors.ImageTooLargeError` (the server's 413); a degenerate shape raises
 ``InputError`` (422).
 """
 
@@ -27,44 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dataclasses import dataclass
-
 from edgekidney.errors import DependencyError, EdgeKidneyError, ImageTooLargeError, InputError
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, dicom_size  # noqa: F401 - DecodeLimits: re-exported
 from edgekidney.data.preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 DICOM_DECODER_HINT = "pip install 'edgekidney[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or python-gdcm"
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What a CT slice may declare before anything is decoded (CT slices are 512 px, rarely 1024-2048)."""
-
-    # px, either side: padding to square makes a float32 copy of side^2 (2048: 17 MB; decoding plus
-    # preprocessing a 2048 px slice peaks near 60 MB, a 4096 px one near 215 MB and 1.5 s on 2 cores)
-    max_side: int = 2048
-    max_pixels: int = 2048 * 2048  # 4.2 MP, all frames together
-    max_aspect: float = 4.0  # long side / short side; padding to square allocates long side squared
-
-    def check(self, width: int, height: int, name: str, frames: int = 1, min_side: int = 1) -> None:
-        """Raise before decoding when the declared size cannot be a slice this pipeline should allocate."""
-        if width <= 0 or height <= 0:
-            raise InputError(f"{name}: image declares {width}x{height} px; it has no pixels")
-        if min(width, height) < min_side:
-            raise InputError(f"{name}: image is {width}x{height} px, smaller than the {min_side} px minimum")
-        if max(width, height) > self.max_side:
-            raise ImageTooLargeError(f"{name}: image declares {width}x{height} px; the largest side allowed "
-                                     f"is {self.max_side} px")
-        if width * height * max(1, frames) > self.max_pixels:
-            raise ImageTooLargeError(f"{name}: image declares {width}x{height} px x {frames} frame(s); "
-                                     f"the limit is {self.max_pixels} pixels")
-        if max(width, height) > self.max_aspect * min(width, height):
-            raise InputError(f"{name}: image is {width}x{height} px, aspect ratio over {self.max_aspect:g}:1; "
-                             "a CT slice is roughly square")
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -207,31 +177,14 @@ def stored_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarr
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def _dicom_int(ds, keyword: str, default: int | None, name: str) -> int | None:
-    try:
-        value = ds.get(keyword, default)
-        return default if value in (None, "") else int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InputError(f"{name}: DICOM {keyword} is not a number") from None
-
-
 def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: DecodeLimits) -> tuple[int, int]:
     """Rows, Columns, frames, samples, bits and the pixel data's length, before any pixel is decoded."""
-    rows = _dicom_int(ds, "Rows", None, name)
-    cols = _dicom_int(ds, "Columns", None, name)
-    if rows is None or cols is None:
-        raise InputError(f"{name}: DICOM pixel data without Rows/Columns")
-    frames = _dicom_int(ds, "NumberOfFrames", 1, name) or 1
-    samples = _dicom_int(ds, "SamplesPerPixel", 1, name) or 1
-    bits = _dicom_int(ds, "BitsAllocated", 16, name)
-    limits.check(cols, rows, name, frames, config.min_input_size)
-    if frames < 0 or samples < 0:
-        raise InputError(f"{name}: DICOM declares {frames} frames and {samples} samples per pixel")
-    if bits not in (1, 8, 16, 32):
-        raise InputError(f"{name}: DICOM BitsAllocated {bits} is not a CT slice's 8 or 16")
+    size = dicom_size(ds, name)
+    rows, cols, frames, samples, bits = size
+    limits.check(cols, rows, name, frames, config.min_input_size)  # one slice: all frames count
     compressed = getattr(syntax, "is_compressed", False)
     if not compressed:  # native pixel data: its length is known before decoding
-        expected = (rows * cols * frames * samples * bits + 7) // 8
+        expected = size.pixel_bytes
         try:
             have = len(ds["PixelData"].value or b"")
         except Exception:  # an unreadable element: pydicom's decoder will say what is wrong
