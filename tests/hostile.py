@@ -39,3 +39,64 @@ def dicom_declaring(template: bytes, rows: int, cols: int, frames: int | None = 
     ds.save_as(out, enforce_file_format=True) if "enforce_file_format" in ds.save_as.__code__.co_varnames \
         else ds.save_as(out, write_like_original=False)
     return out.getvalue()
+
+
+def dicom_instance_declaring(template: bytes, rows: int, cols: int, frames: int | None = None, **attrs) -> bytes:
+    """As :func:`dicom_declaring`, with other attributes set too (SOPInstanceUID, SeriesInstanceUID,
+    ImagePositionPatient...), so that the file joins or starts a series as a real instance would."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_declaring(template, rows, cols, frames)), force=True)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = value
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def nifti_declaring(path, shape: tuple[int, ...], version: int = 1, dtype=np.int16):
+    """A NIfTI file that is its header alone (348 bytes for NIfTI-1, 540 for NIfTI-2, plus the 4-byte
+    extension flag; gzipped when ``path`` ends in .gz) declaring a volume of ``shape``."""
+    import gzip
+    from pathlib import Path
+
+    import nibabel as nib
+
+    header = (nib.Nifti1Header if version == 1 else nib.Nifti2Header)()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.diag([-1.0, -1.0, 3.0, 1.0]), code=1)
+    header.set_sform(np.diag([-1.0, -1.0, 3.0, 1.0]), code=1)
+    raw = header.binaryblock + b"\x00" * 4
+    path = Path(path)
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+class Measured:
+    """``with Measured() as m:`` the block's wall time (``m.seconds``) and the peak of Python and numpy
+    allocations made during it, in every thread (``m.peak_mb``, tracemalloc: numpy reports its arrays,
+    so an array sized from a declared shape shows here even where the OS never commits its pages)."""
+
+    def __enter__(self) -> "Measured":
+        import time
+        import tracemalloc
+
+        self._started_tracing = not tracemalloc.is_tracing()
+        if self._started_tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._base = tracemalloc.get_traced_memory()[0]
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+        import tracemalloc
+
+        self.seconds = time.perf_counter() - self._t0
+        self.peak_mb = (tracemalloc.get_traced_memory()[1] - self._base) / 2**20
+        if self._started_tracing:
+            tracemalloc.stop()

@@ -249,3 +249,35 @@ def test_declared_non_hu_values_are_refused(tmp_path, small_series):
         edit(f, RescaleType="US")
     (s,), _ = read_series([tmp_path / "s"])
     assert s.refusal is not None and "not Hounsfield units (RescaleType US" in s.refusal
+
+
+# -- limits before allocation (docs/architecture.md rule 8) ------------------------------------------
+
+from hostile import Measured, nifti_declaring  # noqa: E402
+
+
+@pytest.mark.parametrize("name,shape,version,reason", [
+    ("huge.nii", (32767, 32767, 1000), 1, "image declares 32767x32767 px; the largest side allowed is 2048 px"),
+    ("huge.nii.gz", (32767, 32767, 1000), 1, "image declares 32767x32767 px; the largest side allowed is 2048 px"),
+    ("huge2.nii", (60000, 60000, 1000), 2, "image declares 60000x60000 px; the largest side allowed is 2048 px"),
+    # slices within the slice limits, too many voxels for a series: 2 GB of int16 from 352 bytes
+    ("deep.nii", (1024, 1024, 1000), 1, "1000 slices declare 1,048,576,000 pixels in all; a series may declare "
+                                        "at most 786,432,000"),
+    ("deep.nii.gz", (1024, 1024, 1000), 1, "1000 slices declare 1,048,576,000 pixels in all; a series may declare "
+                                           "at most 786,432,000"),
+    ("many.nii.gz", (64, 64, 4000), 1, "4000 slices; a series may have at most 3000 slices"),
+    ("needle.nii", (2048, 64, 10), 1, "image is 2048x64 px, aspect ratio over 4:1; a CT slice is roughly square"),
+    ("short.nii", (512, 512, 100), 1, "NIfTI is truncated (352 bytes; its header declares 512x512x100 voxels, "),
+    ("4d.nii", (64, 64, 10, 5), 1, "NIfTI has shape (64, 64, 10, 5); expected a 3-D volume"),
+])
+def test_a_nifti_header_declaring_too_much_is_refused_before_any_voxel_is_read(tmp_path, name, shape, version, reason):
+    pytest.importorskip("nibabel")
+    path = nifti_declaring(tmp_path / name, shape, version)
+    assert path.stat().st_size <= 544
+    with Measured() as m:
+        with pytest.raises(InputError) as info:
+            read_nifti(path)
+    assert str(info.value).startswith(f"{name}: {reason}") and "\n" not in str(info.value)
+    assert m.seconds < 1.0 and m.peak_mb < 10, (m.seconds, m.peak_mb)
+    with pytest.raises(InputError, match=f"^no CT series found in 1 file\\(s\\): {name}: "):
+        read_series([path])  # skipped with that reason, and nothing else was found

@@ -11,7 +11,11 @@
   few percent of its voxels, and almost nothing above 4000 HU. MR, PET or unscaled data have no air
   in HU terms (MR is >= 0 give or take noise).
 
-A NIfTI file is one file: the volume is held in memory as stored (int16 for most CT).
+A NIfTI file is one file: the volume is held in memory as stored (int16 for most CT). Before it is
+read, the header's dims are checked against :class:`~edgekidney.data.limits.DecodeLimits`
+(docs/architecture.md rule 8): each axial slice as a slice (side, pixels, aspect), the volume as a
+series (slices, voxels); and an uncompressed file must hold the bytes its header declares. A few
+hundred bytes of header declaring 60000 x 60000 x 1000 voxels is refused in milliseconds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, InputError
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.data.series import Series, is_nifti
 
 AIR_HU = -900.0
@@ -68,7 +73,35 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def read_nifti(path: str | Path) -> VolumeSeries:
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return InputError(f"{path.name}: not a readable NIfTI volume ({text})")
+
+
+def check_declared_volume(img, path: Path, to_lps: np.ndarray, limits: DecodeLimits) -> tuple[int, int, int]:
+    """The volume's (x, y, z) in L-P-S voxel order as its header declares it, checked against ``limits``
+    before any voxel is read: an axial slice is x by y pixels, the volume a series of z of them."""
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(f"{path.name}: NIfTI has shape {shape}; expected a 3-D volume")
+    lps = [0, 0, 0]
+    for axis, n in enumerate(shape):
+        lps[int(to_lps[axis, 0])] = n
+    nx, ny, nz = lps
+    limits.check(nx, ny, path.name)
+    limits.check_series(nz, nx * ny * nz, path.name)
+    if not path.name.lower().endswith(".gz"):  # uncompressed: the file must hold what the header declares
+        declared = int(img.dataobj.offset) + nx * ny * nz * img.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < declared:
+            raise InputError(f"{path.name}: NIfTI is truncated ({size} bytes; its header declares "
+                             f"{nx}x{ny}x{nz} voxels, {declared} bytes)")
+    return nx, ny, nz
+
+
+def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> VolumeSeries:
     path = Path(path)
     if not is_nifti(path):
         raise InputError(f"{path.name}: not a NIfTI file (.nii or .nii.gz)")
@@ -77,18 +110,19 @@ def read_nifti(path: str | Path) -> VolumeSeries:
     except ImportError:
         raise DependencyError(f"{path.name}: reading NIfTI needs nibabel: {NIFTI_HINT}") from None
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        img = nib.load(str(path))  # the header; the voxels stay in the file until dataobj is read
+        affine = img.affine
+        ornt = nib.orientations.io_orientation(affine)
+        to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
-        text = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise InputError(f"{path.name}: not a readable NIfTI volume ({text})") from None
+        raise _unreadable(path, exc) from None
+    check_declared_volume(img, path, to_lps, limits)  # docs/architecture.md rule 8
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{path.name}: NIfTI has shape {data.shape}; expected a 3-D volume")
-    affine = img.affine
-    ornt = nib.orientations.io_orientation(affine)
-    to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
     data = nib.orientations.apply_orientation(data, to_lps)
     affine = affine @ nib.orientations.inv_ornt_aff(to_lps, img.shape[:3])
     warnings: list[str] = []
