@@ -1,6 +1,7 @@
 """Reading whole series and volumes: grouping, order by position, geometry checks, NIfTI, multi-frame."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -252,8 +253,57 @@ def test_declared_non_hu_values_are_refused(tmp_path, small_series):
 
 
 # -- limits before allocation (docs/architecture.md rule 8) ------------------------------------------
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits  # noqa: E402
 
-from hostile import Measured, nifti_declaring  # noqa: E402
+from hostile import Measured, dicom_instance_declaring, nifti_declaring  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,cols,frames,reason", [
+    (60000, 60000, None, "image declares 60000x60000 px; the largest side allowed is 2048 px"),
+    (64, 2048, None, "image is 2048x64 px, aspect ratio over 4:1; a CT slice is roughly square"),
+    (2048, 2048, 1000, "1000 frame(s) declare 4,194,304,000 pixels in all; a series may declare at most 786,432,000"),
+    (64, 64, 5000, "5000 frame(s); a series may have at most 3000 slices"),
+])
+def test_an_instance_declaring_too_much_is_skipped_with_the_reason_before_its_pixels_are_read(
+        tmp_path, small_series, rows, cols, frames, reason):
+    files = copy_series(small_series[0], tmp_path / "s")
+    hostile = tmp_path / "s" / "hostile.dcm"  # same series, its own instance; pixel data of a 64 px slice
+    hostile.write_bytes(dicom_instance_declaring(files[0].read_bytes(), rows, cols, frames, SOPInstanceUID="1.2.3.999"))
+    assert hostile.stat().st_size < 20_000
+    with Measured() as m:
+        (s,), skipped = read_series([tmp_path / "s"])
+        first = next(s.hu_slices())
+    assert [(Path(k.path).name, k.reason) for k in skipped] == [("hostile.dcm", reason)]
+    assert len(s) == 8 and s.refusal is None and first.shape == (64, 64)  # the series is read without it
+    assert m.seconds < 1.0 and m.peak_mb < 100, (m.seconds, m.peak_mb)
+
+
+def test_a_series_over_the_series_limits_is_refused_and_not_kept_whole(small_series):
+    folder, _ = small_series  # 8 slices of 64 x 64
+    (s,), skipped = read_series([folder], limits=DecodeLimits(max_series_slices=5))
+    assert s.refusal == "too large: 8 slices; a series may have at most 5 slices" and skipped == []
+    assert len(s) == 5  # the slices past the limit were counted, not kept
+    (s,), _ = read_series([folder], limits=DecodeLimits(max_series_pixels=64 * 64 * 6))
+    assert s.refusal == "too large: 8 slices declare 32,768 pixels in all; a series may declare at most 24,576"
+    (s,), _ = read_series([folder], limits=DecodeLimits(max_series_slices=8))
+    assert s.refusal is None and len(s) == 8
+
+
+def test_default_series_limits_take_3000_slices_of_512_px():
+    assert DEFAULT_LIMITS.series_excess(3000, 3000 * 512 * 512) is None
+    assert DEFAULT_LIMITS.series_excess(3001, 3001 * 512 * 512).startswith("3001 slices")
+    assert DEFAULT_LIMITS.series_excess(751, 751 * 1024 * 1024) is not None  # 750 slices of 1024 px
+
+
+def test_a_file_changed_after_its_header_was_read_is_not_decoded(tmp_path, small_series):
+    copy_series(small_series[0], tmp_path / "s")
+    (s,), _ = read_series([tmp_path / "s"])
+    victim = s.refs[0].path
+    victim.write_bytes(dicom_instance_declaring(victim.read_bytes(), 60000, 60000))
+    with Measured() as m:
+        with pytest.raises(InputError, match=r"header now declares 60000x60000 px x 1 frame\(s\), not the 64x64 px"):
+            next(s.hu_slices())
+    assert m.peak_mb < 100
 
 
 @pytest.mark.parametrize("name,shape,version,reason", [

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from edgekidney.cli import app
 from edgekidney.data.series import read_series
+from edgekidney.errors import InputError
 from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
 from edgekidney.study import StudyRule, analyze, analyze_series, analyze_study, choose_rule, decide, write_sc, write_sr
 from edgekidney.study.analyze import classify_stream
@@ -349,3 +350,56 @@ def test_preprocessing_in_the_decode_thread_gives_the_same_predictions(tiny_onnx
     assert [p.probability for p in streamed] == pytest.approx([p.probability for p in direct], abs=1e-5)
     assert [p.label for p in streamed] == [p.label for p in direct]
     assert timings["preprocess_s"] > 0  # done in the producer thread
+
+
+# -- limits before allocation (docs/architecture.md rule 8) ------------------------------------------
+def _hostile_jpeg2000_series(folder):
+    """Two instances of one series: the shared JPEG 2000 slices (150 kB each) with Rows = Columns = 60000.
+    Before the limits applied here, decoding the first asked for 6.7 GB and the coronal volume for 13.4 GB."""
+    from hostile import dicom_instance_declaring
+
+    src = sorted((volumes_or_skip() / "abdomen-jpeg2000-series").iterdir())[:2]
+    folder.mkdir()
+    for k, f in enumerate(src):
+        (folder / f"hostile{k}.dcm").write_bytes(dicom_instance_declaring(
+            f.read_bytes(), 60000, 60000, SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.{k + 1}",
+            SeriesInstanceUID="1.2.826.0.1.3680043.8.498.100"))
+    return folder
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_a_compressed_series_declaring_huge_slices_asks_for_no_memory(tmp_path, plane):
+    from hostile import Measured
+
+    folder = _hostile_jpeg2000_series(tmp_path / "in")
+    with Measured() as m:
+        with pytest.raises(InputError) as info:
+            analyze_study(Oracle([]), [folder], plane=plane)
+    assert str(info.value) == ("no CT series found in 2 file(s): hostile0.dcm: image declares 60000x60000 px; the "
+                               "largest side allowed is 2048 px; hostile1.dcm: image declares 60000x60000 px; the "
+                               "largest side allowed is 2048 px")
+    assert m.seconds < 1.0 and m.peak_mb < 100, (m.seconds, m.peak_mb)
+
+
+def test_study_command_on_hostile_files_is_one_line_and_quick(tmp_path):
+    import time
+
+    from hostile import dicom_instance_declaring, nifti_declaring
+    from listener_fixtures import tiny_model
+    from pydicom_files import shipped_file
+
+    model = tiny_model(tmp_path / "model")  # ONNX without torch: milliseconds to load
+    (tmp_path / "dcm").mkdir()
+    (tmp_path / "dcm" / "hostile.dcm").write_bytes(  # a CT slice of 128 px that says it is 60000 px
+        dicom_instance_declaring(open(shipped_file("CT_small.dcm"), "rb").read(), 60000, 60000))
+    nii = nifti_declaring(tmp_path / "huge.nii", (1024, 1024, 1000))  # 352 bytes asking for 2 GB
+    for path, reason in ((tmp_path / "dcm", "hostile.dcm: image declares 60000x60000 px; the largest side allowed "
+                                            "is 2048 px"),
+                         (nii, "huge.nii: 1000 slices declare 1,048,576,000 pixels in all; a series may declare at "
+                               "most 786,432,000")):
+        t0 = time.perf_counter()
+        r = runner.invoke(app, ["study", str(model), str(path)])
+        assert time.perf_counter() - t0 < 5.0
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert lines == [f"error: no CT series found in 1 file(s): {reason}"], r.output

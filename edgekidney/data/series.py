@@ -7,7 +7,10 @@
 - Skipped and listed with the reason: files that are not DICOM, non-image objects (structured
   reports, presentation states, key-object notes, DICOMDIR), modalities other than CT, localizers
   (ImageType LOCALIZER: scouts/topograms), colour images, SOP classes that are not CT images
-  (secondary captures, including edgekidney's own), unreadable files.
+  (secondary captures, including edgekidney's own), unreadable files, and an instance whose header
+  declares more than the decode limits allow (a slice or frame over ``max_side``/``max_pixels``/
+  ``max_aspect``, more frames or pixels than a series may have): docs/architecture.md rule 8, checked
+  from Rows/Columns/NumberOfFrames/BitsAllocated/SamplesPerPixel before any pixel is read.
 - Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
   the ImageOrientationPatient cosines, signed to point +z for axial), never by file name;
   InstanceNumber only when positions are missing (then a warning says so).
@@ -16,11 +19,14 @@
 - Geometry checks. *Refused* (the series gets ``not_assessable`` with this one line, nothing is
   classified): mixed orientations, different positions shared by two slices (two stacks in one
   series), slices of different sizes, values declared not to be HU (RescaleType other than HU, as
-  in derived perfusion maps). *Warned* (classified as acquired): the same instance twice
+  in derived perfusion maps), more slices or pixels than :class:`~edgekidney.data.limits.DecodeLimits`
+  allows a series (``max_series_slices``, ``max_series_pixels``; counted from the headers, and the
+  slices past the limit are not even kept). *Warned* (classified as acquired): the same instance twice
   (the copy is dropped), gantry tilt, uneven spacing or gaps, missing positions.
 
 Pixels are decoded only when :meth:`Series.hu_slices` is iterated: one slice in flight at a time,
-through :mod:`edgekidney.data.decode` (compressed syntaxes need the ``dicom`` extra).
+through :mod:`edgekidney.data.decode` (compressed syntaxes need the ``dicom`` extra), and only after
+the file's header, read again with the pixels, still declares the size that was checked.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError
 from edgekidney.data.decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import DisplayTransform, canonical_normal, display_transform, plane_of
 
@@ -152,6 +159,10 @@ class DicomSeries(Series):
 
     def _to_hu(self, ref: SliceRef, ds) -> np.ndarray:
         name = ref.path.name if ref.frame is None else f"{ref.path.name}[frame {ref.frame_number}]"
+        size = dicom_size(ds, name)  # the size checked when the series was read, or nothing is decoded
+        if (size.rows, size.cols) != ref.shape or (ref.frame is None and size.frames != 1):
+            raise InputError(f"{name}: header now declares {size.cols}x{size.rows} px x {size.frames} frame(s), "
+                             f"not the {ref.shape[1]}x{ref.shape[0]} px it declared when the series was read")
         pixels = dicom_pixels(ds, name, index=ref.frame)
         if pixels.ndim != 2 or pixels.shape != ref.shape:
             raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
@@ -277,10 +288,20 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
     return refs
 
 
-def scan_dicom(files: Iterable[Path]) -> tuple[dict[str, list[tuple[SliceRef, object]]], list[Skipped]]:
-    """Read headers; group usable slices by SeriesInstanceUID; list the rest with a reason."""
+def scan_dicom(files: Iterable[Path], limits: DecodeLimits = DEFAULT_LIMITS
+               ) -> tuple[dict[str, list[tuple[SliceRef, object]]], list[Skipped], dict[str, str]]:
+    """Read headers; group usable slices by SeriesInstanceUID; list the rest with a reason.
+
+    Every instance's declared size is checked against ``limits`` before anything else is kept (an
+    instance over them is skipped with the reason). A series keeps its slices up to the series
+    limits; past them only its slices and pixels are counted, and the third item maps its UID to the
+    reason it is refused. Every slice of a series is paired with the series' first header (the
+    others are not kept: a header is a few kB, a series thousands of them)."""
     groups: dict[str, list[tuple[SliceRef, object]]] = defaultdict(list)
     skipped: list[Skipped] = []
+    headers: dict[str, object] = {}
+    slices: dict[str, int] = defaultdict(int)
+    pixels: dict[str, int] = defaultdict(int)
     for path in files:
         if not looks_like_dicom(path):
             skipped.append(Skipped(str(path), "not a DICOM or NIfTI file"))
@@ -289,6 +310,7 @@ def scan_dicom(files: Iterable[Path]) -> tuple[dict[str, list[tuple[SliceRef, ob
             ds = read_dicom(path, path.name, stop_before_pixels=True)
             reason = _skip_reason(ds)
             if reason is None:
+                size = check_dicom_instance(ds, path.name, limits)  # docs/architecture.md rule 8
                 refs = _slice_refs(path, ds)
         except EdgeKidneyError as exc:
             skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: ")))
@@ -297,8 +319,13 @@ def scan_dicom(files: Iterable[Path]) -> tuple[dict[str, list[tuple[SliceRef, ob
             skipped.append(Skipped(str(path), reason))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or f"{NO_SERIES_UID}{path.parent.resolve()}")
-        groups[uid].extend((ref, ds) for ref in refs)
-    return groups, skipped
+        slices[uid] += len(refs)
+        pixels[uid] += size.rows * size.cols * len(refs)
+        if limits.series_excess(slices[uid], pixels[uid]) is None:
+            header = headers.setdefault(uid, ds)
+            groups[uid].extend((ref, header) for ref in refs)
+    too_large = {uid: why for uid in slices if (why := limits.series_excess(slices[uid], pixels[uid]))}
+    return groups, skipped, too_large  # a series' first instance is within the limits: every series has slices
 
 
 # -- one series: order and check --------------------------------------------------------------------
@@ -416,19 +443,28 @@ def _series_order(series: Series) -> tuple[int, str]:
         return 1 << 30, series.identity
 
 
-def read_series(paths: Iterable[str | Path]) -> tuple[list[Series], list[Skipped]]:
+def read_series(paths: Iterable[str | Path],
+                limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[list[Series], list[Skipped]]:
     """Files and folders -> the CT series they hold (DICOM by SeriesInstanceUID; each NIfTI file is
-    one series) and the files skipped, with reasons. Raises InputError when nothing usable is found."""
+    one series) and the files skipped, with reasons. Raises InputError when nothing usable is found.
+
+    ``limits`` (docs/architecture.md rule 8): an instance or a NIfTI file declaring more is skipped
+    with the reason; a DICOM series with more slices or pixels than a series may have is refused."""
     from edgekidney.data.volume import read_nifti
 
     files = expand_paths(paths)
     nifti = [f for f in files if is_nifti(f)]
-    groups, skipped = scan_dicom(f for f in files if not is_nifti(f))
-    series: list[Series] = [build_series(uid, members) for uid, members in groups.items()]
+    groups, skipped, too_large = scan_dicom((f for f in files if not is_nifti(f)), limits)
+    series: list[Series] = []
+    for uid, members in groups.items():
+        one = build_series(uid, members)
+        if uid in too_large:
+            one.refusal = f"too large: {too_large[uid]}"
+        series.append(one)
     series.sort(key=_series_order)
     for f in nifti:
         try:
-            series.append(read_nifti(f))
+            series.append(read_nifti(f, limits))
         except DependencyError:
             raise
         except EdgeKidneyError as exc:
