@@ -458,3 +458,49 @@ def test_caching_classifier_answers_prepared_slices_by_content(model, series_a):
     assert (cached.hits, cached.misses) == (6, 6)
     assert [(p.path, p.label) for p in got] == [(p.path, p.label) for p in want]
     assert max(abs(a.probability - b.probability) for a, b in zip(got, want)) < 1e-5
+
+
+# -- limits before allocation (docs/architecture.md rule 8) ------------------------------------------
+def test_an_instance_declaring_a_huge_image_is_refused_at_c_store_and_not_stored(make_listener, series_a, tmp_path):
+    import io
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from hostile import Measured, dicom_instance_declaring
+
+    _, series, files = series_a
+    hostile = dcmread(io.BytesIO(dicom_instance_declaring(  # a 64 px slice of the series that says it is 60000 px
+        files[0].read_bytes(), 60000, 60000, SOPInstanceUID="1.2.826.0.1.3680043.8.498.60000")))
+    lst = make_listener()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(str(hostile.SOPClassUID), [str(hostile.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assert assoc.is_established
+    try:
+        with Measured() as m:
+            status = assoc.send_c_store(hostile)
+    finally:
+        assoc.release()
+    assert status.Status == 0xC000  # Cannot Understand: a permanent failure, resending cannot help
+    assert status.ErrorComment == "image declares 60000x60000 px; the largest side allowed is 2048"  # 64 chars
+    assert m.seconds < 2.0 and m.peak_mb < 100, (m.seconds, m.peak_mb)
+    assert send(lst.port, files) == [0] * 12  # the rest of the series is received and classified as usual
+    wait_for(lambda: lst.jobs.series_state(series) == "done")
+    stored = list(lst.store.instances.glob("*/*.dcm"))
+    assert len(stored) == 12 and "1.2.826.0.1.3680043.8.498.60000" not in {dcmread(p).SOPInstanceUID for p in stored}
+    assert json.loads((tmp_path / "store" / "results.jsonl").read_text())["series"][0]["slices"] == 12
+    assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="limits"}') == 1
+    assert metric(lst.metrics.text(), "edgekidney_listener_instances_received") == 12
+
+
+def test_the_fallback_fails_a_series_over_the_series_limit_before_reading_it(model, series_a):
+    from edgekidney.data.limits import DecodeLimits
+    from edgekidney.dicomnet import FallbackProcessor
+    from edgekidney.runtime.predict import Classifier
+
+    _, _, files = series_a
+    with Classifier(model) as clf:
+        with pytest.raises(InputError, match=r"^series too large: 12 instances; a series may have at most 5 slices$"):
+            FallbackProcessor(clf, limits=DecodeLimits(max_series_slices=5))(files)
+        assert FallbackProcessor(clf, limits=DecodeLimits(max_series_slices=12))(files).summary["slices"] == 12

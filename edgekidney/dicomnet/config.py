@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.errors import InputError
 
 _AET = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -78,6 +79,7 @@ class ListenerConfig:
     metrics_host: str = "127.0.0.1"
     tls: TlsConfig | None = None
     poll_s: float = 0.2  # how often the pipeline looks for complete series
+    limits: DecodeLimits = DEFAULT_LIMITS  # what an instance may declare (docs/architecture.md rule 8)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ class ListenerMetrics:
         self.queue_depth = Gauge("edgekidney_listener_queue_depth", "Series not yet finished", registry=r)
         self.store_free_mb = Gauge("edgekidney_listener_store_free_megabytes", "Free space where instances go",
                                    registry=r)
-        for reason in ("disk", "policy"):
+        for reason in ("disk", "policy", "limits"):
             self.refused.labels(reason)
         for stage in ("store", "classify", "send", "webhook"):
             self.failures.labels(stage)

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from edgekidney import __version__
+from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.errors import InputError
 from edgekidney.runtime.predict import Prediction
 from edgekidney.dicomnet.sr import build_series_sr
@@ -77,12 +78,16 @@ class FallbackProcessor:
     out of scope when most slices are.
 
     Slices are ordered by Instance Number (the study analysis orders by position along the normal).
+    A series of more instances than ``limits.max_series_slices`` fails before any header is read
+    (each instance's size was checked when it was received: docs/architecture.md rule 8).
     """
 
     name = "slice-classifier-fallback"
 
-    def __init__(self, classifier, batch_size: int = 8, cache_size: int = 20000) -> None:
+    def __init__(self, classifier, batch_size: int = 8, cache_size: int = 20000,
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> None:
         self.classifier = classifier
+        self.limits = limits
         self.batch_size = batch_size
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Prediction] = OrderedDict()  # path -> prediction, made by prepare()
@@ -109,6 +114,9 @@ class FallbackProcessor:
     def __call__(self, paths: list[Path]) -> ProcessResult:
         if not paths:
             raise InputError("series has no stored instances")
+        too_many = self.limits.series_excess(len(paths), 0, "instances")
+        if too_many is not None:
+            raise InputError(f"series too large: {too_many}")
         headers = sorted(read_headers(paths), key=lambda ph: (_instance_number(ph[1]), str(ph[0])))
         ordered = [p for p, _ in headers]
         numbers = {str(p): _instance_number(h) for p, h in headers}

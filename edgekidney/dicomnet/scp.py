@@ -2,7 +2,10 @@
 
 A C-STORE is answered Success only after the instance is on disk (fsync'd) and in the job table
 (committed). Statuses other than success: 0xA700 Out of Resources (store below its free-space floor,
-or the write failed), 0xA900 (no Study/Series Instance UID: the instance cannot be filed), 0xC000
+or the write failed), 0xC000 Cannot Understand with an Error Comment when the header declares an
+image over the decode limits (docs/architecture.md rule 8: Rows/Columns/NumberOfFrames/
+SamplesPerPixel/BitsAllocated are checked before the instance is stored, so nothing that would be
+refused later takes disk or, later, memory; resending cannot help, hence not 0xA700), 0xC000
 (anything else). When the store is below its floor, new associations are rejected
 (A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local-limit-exceeded).
 """
@@ -17,12 +20,15 @@ from typing import Callable
 
 from pydicom import dcmread
 from pydicom import uid as _uid
+from pydicom.dataset import Dataset
 
 from edgekidney.dicomnet.config import ListenerConfig
 from edgekidney.dicomnet.filing import FILING_TAGS, filing_uids
 from edgekidney.dicomnet.jobs import JobTable
 from edgekidney.dicomnet.metrics import ListenerMetrics
 from edgekidney.dicomnet.store import InstanceStore, uid_key
+from edgekidney.data.limits import DICOM_SIZE_TAGS, check_dicom_instance
+from edgekidney.errors import EdgeKidneyError
 
 log = logging.getLogger("edgekidney.listener")
 
@@ -93,7 +99,7 @@ class StorageSCP:
     def handle_echo(self, event) -> int:
         return SUCCESS
 
-    def handle_store(self, event) -> int:
+    def handle_store(self, event) -> int | Dataset:
         try:
             return self._store(event)
         except OSError as exc:
@@ -105,7 +111,7 @@ class StorageSCP:
             log.error("store failed: %s (answered 0xC000)", type(exc).__name__)
             return CANNOT_UNDERSTAND
 
-    def _store(self, event) -> int:
+    def _store(self, event) -> int | Dataset:
         if self.disk_low():
             self.metrics.refused.labels("disk").inc()
             log.warning("C-STORE refused: store below %.0f MB free", self.cfg.min_free_mb)
@@ -115,7 +121,10 @@ class StorageSCP:
             self.metrics.duplicates.inc()
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
-        head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS)
+        head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS + DICOM_SIZE_TAGS)
+        refused = self._over_limits(head, sop_uid)
+        if refused is not None:
+            return refused
         study_uid, series_uid, substituted = filing_uids(head)
         if substituted and series_uid not in self._warned:
             self._warned.add(series_uid)
@@ -133,6 +142,21 @@ class StorageSCP:
                             uid_key(series_uid))
             self.on_instance()
         return SUCCESS
+
+    def _over_limits(self, head, sop_uid: str) -> Dataset | None:
+        """None when the declared image is within the limits; else the failure status to answer (0xC000
+        with the one-line reason as Error Comment), counted and logged. The instance is not stored."""
+        try:
+            check_dicom_instance(head, "instance", self.cfg.limits)
+        except EdgeKidneyError as exc:
+            reason = str(exc).removeprefix("instance: ")
+            self.metrics.refused.labels("limits").inc()
+            log.warning("C-STORE refused (0xC000): instance %s: %s", uid_key(sop_uid), reason)
+            status = Dataset()
+            status.Status = CANNOT_UNDERSTAND
+            status.ErrorComment = reason[:64].rstrip()  # LO: 64 characters at most (the log has it all)
+            return status
+        return None
 
     # -- server -----------------------------------------------------------------------------------------
     def start(self):
