@@ -110,7 +110,7 @@ def roc_curve(y_is_positive, score) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
-def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
+def threshold_for_sensitivity(y_is_positive, score, target: float, in_scope=None) -> float:
     """The decision threshold for a target sensitivity on these data.
 
     Among thresholds whose sensitivity is at least ``target``, take those with the best specificity,
@@ -118,11 +118,23 @@ def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
     positives). The threshold lies halfway between the lowest positive score kept and the next lower
     score, so that a difference in the last float bits between backends (PyTorch, ONNX Runtime,
     TensorRT) cannot flip a decision on the data it was chosen on.
+
+    With ``in_scope``, slices out of scope are never called positive and count as missed positives
+    (docs/architecture.md rule 7): the threshold is chosen on the slices in scope so that the
+    sensitivity over *all* positives reaches ``target`` where it can (see :func:`reachable_sensitivity`),
+    and keeps every positive in scope where it cannot.
     """
     y = np.asarray(y_is_positive).astype(bool)
     s = np.asarray(score, dtype=np.float64)
     if not 0 < target <= 1:
         raise ValueError("target sensitivity must be in (0, 1]")
+    if in_scope is not None:
+        keep = np.asarray(in_scope, dtype=bool)
+        reach = reachable_sensitivity(y, keep)
+        if reach == 0.0:
+            return 0.5
+        target = min(1.0, target / reach)
+        y, s = y[keep], s[keep]
     pos, neg = np.sort(s[y]), np.sort(s[~y])
     if len(pos) == 0:
         return 0.5
@@ -134,6 +146,13 @@ def threshold_for_sensitivity(y_is_positive, score, target: float) -> float:
     chosen = candidates[ok & (spec >= best_spec - 1e-12)].min()  # lowest such threshold = most sensitive
     lower = s[s < chosen]
     return float((chosen + (lower.max() if lower.size else 0.0)) / 2.0)
+
+
+def reachable_sensitivity(y_is_positive, in_scope) -> float:
+    """The highest sensitivity any threshold can give when out-of-scope positives count as missed."""
+    y = np.asarray(y_is_positive).astype(bool)
+    n = int(y.sum())
+    return 1.0 if n == 0 else float((y & np.asarray(in_scope, dtype=bool)).sum() / n)
 
 
 def format_report(report: dict, title: str = "") -> str:

@@ -63,3 +63,20 @@ def test_softmax_and_confusion_matrix():
     p = softmax(np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]]))
     np.testing.assert_allclose(p, [[0.5, 0.5], [0.25, 0.75]], atol=1e-6)
     assert confusion_matrix([0, 1, 2, 2], [0, 2, 2, 1], 3).tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
+
+
+def test_threshold_counts_out_of_scope_positives_as_missed():
+    from edgekidney.metrics import reachable_sensitivity
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    s = np.array([0.9, 0.8, 0.6, 0.99, 0.7, 0.3, 0.2, 0.1])
+    scope = np.array([True, True, True, False, True, True, True, True])  # the surest positive is out of scope
+    assert reachable_sensitivity(y, scope) == 0.75
+    # target 0.75 over all positives = every positive in scope: the threshold must keep 0.6
+    t = threshold_for_sensitivity(y, s, 0.75, scope)
+    assert 0.3 < t <= 0.6
+    # without the scope the out-of-scope 0.99 would have counted as found and 0.6 could be dropped
+    assert threshold_for_sensitivity(y, s, 0.75) > 0.6
+    # an unreachable target keeps every positive in scope rather than failing
+    assert threshold_for_sensitivity(y, s, 1.0, scope) == t
+    assert reachable_sensitivity(y, np.zeros(8, bool)) == 0.0 and threshold_for_sensitivity(y, s, 0.9, np.zeros(8, bool)) == 0.5

@@ -18,7 +18,8 @@ from edgekidney.data.dataset import (SPLITS, Sample, SplitConfig, discover, find
 from edgekidney.data.decode import load_slice
 from edgekidney.errors import InputError, ModelError
 from edgekidney.model.confidence import bootstrap, calibration, confounder_table
-from edgekidney.metrics import classification_report, predictions, roc_curve, threshold_for_sensitivity
+from edgekidney.metrics import (classification_report, predictions, reachable_sensitivity, roc_curve,
+                                threshold_for_sensitivity)
 from edgekidney.progress import stage
 from edgekidney.data.provenance import mismatch_warning
 from edgekidney.sidecar import ModelCard, load_card, sidecar_path
@@ -115,7 +116,14 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
         predictor.close()
     pos = card.positive_index
     at_model = classification_report(ls.labels, probs, card.classes, pos, predictor.threshold, in_scope)
-    target_thr = threshold_for_sensitivity(ls.labels == pos, probs[:, pos], target_sensitivity)
+    target_thr = threshold_for_sensitivity(ls.labels == pos, probs[:, pos], target_sensitivity, in_scope)
+    reach = 1.0 if in_scope is None else reachable_sensitivity(ls.labels == pos, in_scope)
+    warnings = [warning] if warning else []
+    if reach < target_sensitivity:
+        warnings.append(f"target sensitivity {target_sensitivity:g} is out of reach: "
+                        f"{int(((ls.labels == pos) & ~in_scope).sum())} of {int((ls.labels == pos).sum())} "
+                        f"{card.positive_class} slices are out of scope (counted as missed); every "
+                        f"{card.positive_class} slice in scope is kept, sensitivity {reach:.3f}")
     at_target = classification_report(ls.labels, probs, card.classes, pos, target_thr, in_scope)
     pred = predictions(probs, pos, predictor.threshold, in_scope)
     result = {"model": str(model), "data": ls.description, "n": len(ls.samples),
@@ -128,7 +136,8 @@ def evaluate(model: str | Path, data: str | Path, split: str | None = None, clas
               "confounders": confounder_table(ls.labels, pred, card.classes, pos),
               "intervals": bootstrap(ls.labels, pred, probs[:, pos], card.classes, pos, bootstrap_resamples, seed),
               "calibration": calibration(ls.labels == pos, probs[:, pos]),
-              "warnings": [warning] if warning else []}
+              "reachable_sensitivity": reach,
+              "warnings": warnings}
     if plot_dir is not None:
         result["plots"] = write_plots(Path(plot_dir), ls.labels == pos, probs[:, pos], result["calibration"])
     if store_threshold:
