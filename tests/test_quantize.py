@@ -305,3 +305,25 @@ def test_a_changed_parent_threshold_is_reported_on_its_children(quantized, tiny_
 
     store_model_threshold(child, 0.2)  # chosen for the child itself: never stale
     assert not threshold_status(child).stale and stale_children(parent) == []
+
+
+def test_last_fc_is_the_classifier_not_a_head_matmul():
+    """The heads' MatMuls (scope projection, CAM upsampling) follow the classifier in the graph; --keep
+    last-fc once named the scope head's MatMul, so the classifier was quantized after all."""
+    from onnx import TensorProto, helper
+
+    from edgekidney.optimize.quantize import resolve_keep
+
+    f = helper.make_tensor_value_info
+    nodes = [helper.make_node("Conv", ["input", "wc"], ["a"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["a"], ["pooled4"], name="pool"),
+             helper.make_node("Flatten", ["pooled4"], ["pooled"], name="flat"),
+             helper.make_node("Gemm", ["pooled", "wf", "bf"], ["logits"], name="node_linear"),
+             helper.make_node("MatMul", ["pooled", "basis"], ["scope_distance"], name="node_matmul"),
+             helper.make_node("MatMul", ["up", "pooled4"], ["cam"], name="node_matmul_1")]
+    inits = [numpy_helper.from_array(np.zeros(shape, np.float32), name) for name, shape in
+             (("wc", (4, 3, 1, 1)), ("wf", (2, 4)), ("bf", (2,)), ("basis", (4, 2)), ("up", (2, 1)))]
+    graph = helper.make_graph(nodes, "g", [f("input", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [f(n, TensorProto.FLOAT, None) for n in ("logits", "scope_distance", "cam")], inits)
+    model = helper.make_model(graph)
+    assert resolve_keep(model, ["last-fc", "first-conv"]) == ["node_linear", "conv"]

@@ -35,8 +35,33 @@ def _ellipse(yy, xx, cy, cx, ry, rx, angle=0.0):
     return ((x * c + y * s) / rx) ** 2 + ((-x * s + y * c) / ry) ** 2 <= 1.0
 
 
-def synth_slice(rng: np.random.Generator, size: int, stone: bool) -> np.ndarray:
-    """One slice in HU (float32, size x size)."""
+@dataclass(frozen=True)
+class Calculus:
+    """One calculus drawn into a phantom slice: its centre (row, col) and semi-axes in slice pixels."""
+
+    row: float
+    col: float
+    radius_rows: float
+    radius_cols: float
+    hu: float
+
+    @property
+    def radius(self) -> float:
+        return max(self.radius_rows, self.radius_cols)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A synthetic slice with its ground truth: the calculi (none on a ``Normal`` slice) and the same
+    slice without them (the same anatomy, distractors and noise; equal to ``hu`` when there are none)."""
+
+    hu: np.ndarray
+    calculi: tuple[Calculus, ...]
+    without_calculi: np.ndarray
+
+
+def synth_phantom(rng: np.random.Generator, size: int, stone: bool) -> Phantom:
+    """One slice in HU (float32, size x size) and where its calculi are."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     n = size
     hu = np.full((n, n), -1000.0, dtype=np.float32)
@@ -65,14 +90,28 @@ def synth_slice(rng: np.random.Generator, size: int, stone: bool) -> np.ndarray:
         if rng.random() < 0.5:
             dy, dx = cy + rng.uniform(-0.6, 0.0) * ry, cx + rng.uniform(-0.5, 0.5) * rx
         hu[_ellipse(yy, xx, dy, dx, n * rng.uniform(0.006, 0.012), n * rng.uniform(0.006, 0.012))] = rng.uniform(300, 700)
+    without = hu
+    calculi = []
     if stone:
+        without = hu.copy()
         ky, kx, kry, krx = kidneys[rng.integers(0, 2)]
         for _ in range(rng.integers(1, 4)):
             r = n * rng.uniform(0.008, 0.02)
             oy, ox = rng.uniform(-0.5, 0.5) * kry, rng.uniform(-0.5, 0.5) * krx
-            hu[_ellipse(yy, xx, ky + oy, kx + ox, r, r * rng.uniform(0.7, 1.3))] = rng.uniform(400, 1200)
-    hu += rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
-    return hu
+            value = rng.uniform(400, 1200)  # drawn before the aspect ratio: the order the slices were made in
+            rc = r * rng.uniform(0.7, 1.3)
+            hu[_ellipse(yy, xx, ky + oy, kx + ox, r, rc)] = value
+            calculi.append(Calculus(float(ky + oy), float(kx + ox), float(r), float(rc), float(value)))
+    noise = rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
+    hu += noise
+    if without is not hu:
+        without += noise
+    return Phantom(hu, tuple(calculi), without)
+
+
+def synth_slice(rng: np.random.Generator, size: int, stone: bool) -> np.ndarray:
+    """One slice in HU (float32, size x size); :func:`synth_phantom` also says where its calculi are."""
+    return synth_phantom(rng, size, stone).hu
 
 
 def write_ct_dicom(path: Path, hu: np.ndarray, patient: int, instance: int, study_uid: str, series_uid: str) -> None:

@@ -60,10 +60,15 @@ class QuantizeConfig:
 
 
 def resolve_keep(model, keep: list[str]) -> list[str]:
-    """Node names to exclude from quantization; aliases ``first-conv`` and ``last-fc``."""
+    """Node names to exclude from quantization; aliases ``first-conv`` and ``last-fc``.
+
+    ``last-fc`` is the classifier: the last Gemm/MatMul the logits need, not one of the heads' MatMuls
+    (the scope distance's projection, the activation map's upsampling), which come after it.
+    """
     names = [n.name for n in model.graph.node]
+    heads = set(head_nodes(model))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    fcs = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    fcs = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.name not in heads]
     out = []
     for k in keep:
         if k == "first-conv" and convs:
