@@ -33,18 +33,17 @@ def small_cnn(pool: str):
 
 
 def held_out_pairs(files: list[Path], pre, rng) -> tuple[np.ndarray, np.ndarray]:
-    from edgekidney.data.calculus import CalculusSpec, draw_calculus, kidney_sites
+    """Network inputs of each slice and of its copy with a placed calculus, as benchmarks/scope.py makes them."""
+    from edgekidney.bench.scope import place_in_windowed
     from edgekidney.data.decode import load_slice
     from edgekidney.data.preprocess import preprocess
 
     base, placed = [], []
     for f in files:
         gray = load_slice(f, pre)
-        for row, col in kidney_sites(gray, rng, 1):
-            spec = CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0), float(rng.uniform(0.9, 1.0)),
-                                float(rng.uniform(0.3, 0.8)), row, col)
+        for placed_slice in place_in_windowed(gray, rng):
             base.append(preprocess(gray, pre))
-            placed.append(preprocess(draw_calculus(gray, spec), pre))
+            placed.append(preprocess(placed_slice, pre))
     return np.stack(base), np.stack(placed)
 
 

@@ -60,13 +60,9 @@ def local(tiny_onnx, slices):
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx, tmp_path_factory):
-    srv = LiveServer(tiny_onnx, tmp_path_factory.mktemp("oip-log") / "server.log", "--max-images", "8",
-                     "--max-body-mb", "2", "--max-wait-ms", "20", env={"EDGEKIDNEY_API_KEY": KEY})
-    try:
-        srv.wait()
+    with LiveServer(tiny_onnx, tmp_path_factory.mktemp("oip-log") / "server.log", "--max-images", "8",
+                    "--max-body-mb", "2", "--max-wait-ms", "20", env={"EDGEKIDNEY_API_KEY": KEY}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -300,14 +296,12 @@ def test_v2_shares_admission_and_deadline_with_v1(tiny_onnx, slices, tmp_path):
     503 + Retry-After beyond it, 504 past the deadline, in the protocol's error shape."""
     import asyncio
 
-    srv = LiveServer(tiny_onnx, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
-                     "--max-queue", "2", "--request-timeout", "2.5")
     data = slices[0].read_bytes()
     blob = serialize_bytes([data])
     head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                    "parameters": {"binary_data_size": len(blob)}}]}).encode()
-    try:
-        srv.wait()
+    with LiveServer(tiny_onnx, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
+                    "--max-queue", "2", "--request-timeout", "2.5") as srv:
 
         async def burst():
             async with httpx.AsyncClient(base_url=srv.url, timeout=10.0) as c:
@@ -327,5 +321,3 @@ def test_v2_shares_admission_and_deadline_with_v1(tiny_onnx, slices, tmp_path):
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1" and "--max-queue" in r.json()["error"]
         assert httpx.get(srv.url + "/v2/health/ready").status_code == 200  # overload is not death
-    finally:
-        srv.stop()

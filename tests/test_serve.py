@@ -79,6 +79,18 @@ class LiveServer:
             self._fh.flush()
         return self.log.read_text(errors="replace")
 
+    def __enter__(self) -> "LiveServer":
+        """Ready to serve (``/readyz``), or stopped and the error raised."""
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -128,14 +140,10 @@ def reference(model):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    srv = LiveServer(model, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-body-mb", "1",
-                     "--max-images", "4", "--max-batch", "8", "--max-wait-ms", "20",
-                     env={"EDGEKIDNEY_API_KEY": KEY})
-    try:
-        srv.wait()
+    with LiveServer(model, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-body-mb", "1",
+                    "--max-images", "4", "--max-batch", "8", "--max-wait-ms", "20",
+                    env={"EDGEKIDNEY_API_KEY": KEY}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -400,10 +408,8 @@ def test_hostile_uploads_get_their_4xx_with_a_reason_and_the_server_keeps_servin
 def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, images, tmp_path):
     # each batch takes 1.5 s: of two admitted requests the first answers in 1.5 s + decoding (< 2.5 s),
     # the second waits for the first, so it cannot finish before 3 s (> 2.5 s): 504
-    srv = LiveServer(model, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
-                     "--max-queue", "2", "--request-timeout", "2.5")
-    try:
-        srv.wait()
+    with LiveServer(model, tmp_path / "overload.log", "--simulate-latency-ms", "1500", "--max-batch", "1",
+                    "--max-queue", "2", "--request-timeout", "2.5") as srv:
 
         async def burst():
             async with httpx.AsyncClient(base_url=srv.url, timeout=10.0) as c:
@@ -432,8 +438,6 @@ def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, im
         again = httpx.post(srv.url + "/v1/predict", content=images["png"], headers={"Content-Type": "image/png"},
                            timeout=10.0)
         assert again.status_code == 200
-    finally:
-        srv.stop()
 
 
 def test_a_dead_inference_worker_turns_readyz_not_ready_and_requests_get_503(model, images):

@@ -160,11 +160,9 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
             negatives = [s for s in read_manifest(val_manifest) if s.split == "val" and s.class_name != clf.card.positive_class]
             for s in negatives[:: max(1, len(negatives) // 60)]:
                 gray = load_slice(s.path, pre)
-                for site in kidney_sites(gray, rng, 1):
+                for placed_slice in place_in_windowed(gray, rng):
                     vb.append(gray)
-                    vp.append(draw_calculus(gray, CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0),
-                                                               float(rng.uniform(0.9, 1.0)), float(rng.uniform(0.3, 0.8)),
-                                                               site[0], site[1])))
+                    vp.append(placed_slice)
             if vb:
                 res["validation_pairs"] = _pair_report(clf, vb, vp, "validation split, no stone")
     log(f"  {res['pairs']} pairs: calculus found {res['found_with_calculus']:.2f}, twins not stone "
@@ -174,6 +172,14 @@ def run_calculus_pairs(model: Path, volumes: Path = VOLUMES, per_slice: int = 3,
         log(f"  validation: {v['pairs']} pairs: calculus found {v['found_with_calculus']:.2f}, twins not stone "
             f"{v['twin_not_called_stone']:.2f}, median p rise {v['p_rise_median']:+.3f}")
     return res
+
+
+def place_in_windowed(gray: np.ndarray, rng: np.random.Generator, n: int = 1) -> list[np.ndarray]:
+    """Copies of a windowed slice (0..1), each with a 4-8 mm calculus at saturation placed where a kidney
+    lies (up to ``n`` sites; the slice is taken to span 350 mm): the validation pairs' positive side."""
+    return [draw_calculus(gray, CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0),
+                                             float(rng.uniform(0.9, 1.0)), float(rng.uniform(0.3, 0.8)), row, col))
+            for row, col in kidney_sites(gray, rng, n)]
 
 
 def _pair_report(clf, base: list[np.ndarray], placed: list[np.ndarray], source: str) -> dict:
