@@ -1,7 +1,7 @@
 """Can a network learn placed calculi at all? The twin-only task, as docs/scope.md reports it.
 
 Normal training slices and a twin of each with a calculus placed where a kidney lies (the training
-augmentation, :func:`edgekidney.model.train.calculus_twins`), nothing else; held out: the validation
+augmentation, :func:`edgekidney.model.feed.calculus_twins`), nothing else; held out: the validation
 Normal slices with a 4-8 mm calculus drawn at full resolution, as ``benchmarks/scope.py`` draws it.
 Per epoch one JSON line: training loss (chance is ln 2 = 0.693), the held-out pair AUC and the share
 of pairs in which the twin scores above its own original.
@@ -53,7 +53,8 @@ def run(data: Path, model_name: str = "resnet50", image_size: int = 128, epochs:
 
     from edgekidney.data.decode import load_slice
     from edgekidney.data.preprocess import Preprocessing, preprocess
-    from edgekidney.model.train import augment, build_model, calculus_twins, parse_augmentations
+    from edgekidney.model.feed import augment, calculus_twins, parse_augmentations
+    from edgekidney.model.weights import build_model
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -99,7 +99,7 @@ def train_cmd(
     positive: Optional[str] = typer.Option(None, help="Positive class for stone metrics (default: named like 'stone')."),
     weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a local ResNet50 state dict."),
     weights_sha256: Optional[str] = typer.Option(None, help="Expected sha256 of --weights PATH."),
-    image_size: int = typer.Option(224, min=32),
+    image_size: int = typer.Option(256, min=32),
     epochs: int = typer.Option(12, min=1),
     freeze_epochs: int = typer.Option(2, min=0, help="Epochs with the backbone frozen before fine-tuning all layers."),
     batch_size: int = typer.Option(16, min=2),
@@ -122,6 +122,12 @@ def train_cmd(
                                      help="Scale each slice so the body's median intensity is this (0: off)."),
     scope_quantile: float = typer.Option(0.99, min=0.5, max=1.0, help="Out of scope: validation distance quantile..."),
     scope_margin: float = typer.Option(1.0, min=1.0, help="... times this margin is the threshold."),
+    stone_map: bool = typer.Option(True, help="Train the stride-8 stone map that the slice decision reads "
+                                              "(--no-stone-map: plain ResNet50 with a class activation map)."),
+    stone_masks: Optional[Path] = typer.Option(None, help="Folder of stone masks (same relative paths, .png); "
+                                                          "default: DATA-stones beside DATA when it exists."),
+    map_loss_weight: float = typer.Option(1.0, min=0.0, help="Weight of the stone map's losses."),
+    autocast: str = typer.Option("auto", help="auto (bfloat16 where the CPU or GPU runs it natively) | bf16 | off"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     seed: int = typer.Option(0),
@@ -140,7 +146,8 @@ def train_cmd(
                       batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,
                       target_sensitivity=target_sensitivity, seed=seed, device=device, threads=threads, augment=augment,
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
-                      scope_margin=scope_margin,
+                      scope_margin=scope_margin, stone_map=stone_map, stone_masks=stone_masks,
+                      map_loss_weight=map_loss_weight, autocast=autocast,
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
     from edgekidney.model.distributed import init_from_env, launch, rank_output
 

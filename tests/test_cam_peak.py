@@ -52,7 +52,7 @@ def test_cam_cells_sit_on_the_centres_of_their_receptive_fields():
     from torchvision.models import resnet50
 
     from edgekidney.model.heads import STRIDE, build_headed_model, cam_upsampling, cam_weights, layer4_cells
-    from edgekidney.model.train import forward_parts
+    from edgekidney.model.network import forward_parts
 
     torch.manual_seed(0)
     net = resnet50(num_classes=2).eval()
@@ -77,7 +77,7 @@ def test_cam_cells_sit_on_the_centres_of_their_receptive_fields():
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         _, cam = headed(x)
-        a, _, _ = forward_parts(net, x)
+        a, _, _, _ = forward_parts(net, x)
     w = torch.from_numpy(cam_weights(net.fc.weight.detach().numpy(), 1)).view(1, -1, 1, 1)
     coarse = (a * w).sum(dim=1).numpy()
     assert coarse.shape[1:] == (layer4_cells(size),) * 2 == (3, 3)

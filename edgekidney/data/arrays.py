@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekidney.data.preprocess import Preprocessing, preprocess
+from edgekidney.data.preprocess import Geometry, Preprocessing, preprocess, preprocess_with_geometry
 from edgekidney.data.dataset import Sample
 from edgekidney.data.decode import load_slice
 
@@ -19,3 +19,16 @@ def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[i
         if progress:
             progress(1)
     return out
+
+
+def load_arrays_with_geometry(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None
+                              ) -> tuple[np.ndarray, list[Geometry]]:
+    """As :func:`load_arrays`, with where each network grid lies on its slice (masks follow the same way)."""
+    out = np.empty((len(samples), 3, pre.image_size, pre.image_size), dtype=np.float32)
+    geometries = []
+    for i, s in enumerate(samples):
+        out[i], g = preprocess_with_geometry(load_slice(s.path, pre), pre)
+        geometries.append(g)
+        if progress:
+            progress(1)
+    return out, geometries

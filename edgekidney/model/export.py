@@ -46,7 +46,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     import torch
 
     from edgekidney.runtime.ort import OrtBackend
-    from edgekidney.model.train import load_checkpoint
+    from edgekidney.model.checkpoint import load_checkpoint
 
     if opset < 17:
         raise InputError(f"--opset {opset}: edgekidney exports opset 17 or newer")
@@ -91,7 +91,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         outputs=card.outputs, scope=card.scope,
         metrics=card.metrics.get("val", {}),
         extra={"opset": opset, "source_checkpoint": str(ckpt_file.resolve()), "weights": card.extra.get("weights"),
-               "data": card.extra.get("data"),
+               "data": card.extra.get("data"), "arch": card.extra.get("arch"),
+               **{k: card.extra[k] for k in ("planes", "map") if k in card.extra},
                "split_manifest": str((ckpt_file.parent / "split.csv").resolve()),  # lineage: calibrate checks it
                "split_manifest_sha256": sha256_of(ckpt_file.parent / "split.csv"),
                "parity": {"max_abs_logit_diff": delta, "max_abs_logit_diff_batch1": delta1, "n_images": len(x),

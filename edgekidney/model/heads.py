@@ -4,7 +4,10 @@
   mean, fitted on the training split (:mod:`edgekidney.scope`). In the graph: the differences to the
   class means, one MatMul with the (D, 256) principal axes, squares weighted by the inverse
   variances, the rest of the squared norm weighted by the residual variance, a sum and a min.
-- ``cam`` (N, S, S): the class activation map (Zhou et al. 2016). With global average pooling and one
+- ``cam`` (N, S, S): for a model with a stone map (``resnet50-stonemap``, :mod:`edgekidney.model.network`)
+  the map itself: the probability that each stride-8 cell holds a stone, each cell put on its
+  receptive field's centre (input pixel ``8 * cell``) and interpolated between cells. For a plain
+  ResNet50, the class activation map (Zhou et al. 2016). With global average pooling and one
   linear layer, the positive class's logit against the mean of the others is the mean over layer4's grid
   of ``sum_k w_k A_k(x, y)`` (plus the bias term) with ``w = W_pos - mean(W_others)``; that map is upsampled
   bilinearly to the input grid with each cell at the centre of its receptive field, input pixel
@@ -57,7 +60,9 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
     """Wrap a torchvision ResNet50 so that it returns (logits, scope_distance, cam) or (logits, cam)."""
     import torch
 
-    from edgekidney.model.train import forward_parts
+    from edgekidney.model.network import ARCH_STONE_MAP, MAP_STRIDE, arch_of, forward_parts, map_cells
+
+    stone_map = arch_of(model) == ARCH_STONE_MAP
 
     class Headed(torch.nn.Module):
         def __init__(self) -> None:
@@ -65,15 +70,20 @@ def build_headed_model(model, positive: int, image_size: int, scope: dict | None
             self.net = model
             w = cam_weights(model.fc.weight.detach().cpu().numpy(), positive)
             self.register_buffer("cam_w", torch.from_numpy(w).view(1, -1, 1, 1))
-            self.register_buffer("cam_up", torch.from_numpy(cam_upsampling(layer4_cells(image_size), image_size)))
+            up = (cam_upsampling(map_cells(image_size), image_size, MAP_STRIDE) if stone_map
+                  else cam_upsampling(layer4_cells(image_size), image_size))
+            self.register_buffer("cam_up", torch.from_numpy(up))
             self.has_scope = scope is not None
             if self.has_scope:
                 for name in ("means", "basis", "inv_var", "res_inv_var"):
                     self.register_buffer(name, torch.as_tensor(np.asarray(scope[name]), dtype=torch.float32))
 
         def forward(self, x):
-            a, pooled, logits = forward_parts(self.net, x)
-            cam = (a * self.cam_w).sum(dim=1)  # (N, cells, cells)
+            a, pooled, logits, map_logits = forward_parts(self.net, x)
+            if stone_map:
+                cam = torch.sigmoid(map_logits)  # (N, cells, cells): P(stone) per stride-8 cell
+            else:
+                cam = (a * self.cam_w).sum(dim=1)  # (N, cells, cells)
             cam = self.cam_up @ cam @ self.cam_up.T  # (N, S, S): each cell on its receptive field's centre
             if not self.has_scope:
                 return logits, cam

@@ -95,10 +95,12 @@ class StudyResult:
 def model_info(classifier) -> dict:
     card = classifier.card
     extra = getattr(card, "extra", None) or {}
-    plane = extra.get("plane") or (extra.get("training") or {}).get("plane")
+    planes = extra.get("planes") or []
+    plane = extra.get("plane") or (extra.get("training") or {}).get("plane") or (planes[0] if planes else None)
     return {"name": Path(str(getattr(classifier, "model_path", "model"))).name, "sha256": getattr(card, "sha256", ""),
             "precision": getattr(card, "precision", ""), "edgekidney_version": __version__,
-            "threshold": float(classifier.threshold), "plane": plane or "axial", "plane_recorded": bool(plane)}
+            "threshold": float(classifier.threshold), "plane": plane or "axial", "plane_recorded": bool(plane),
+            "planes": list(planes) or [plane or "axial"]}
 
 
 # -- the overlapped pipeline ------------------------------------------------------------------------
@@ -218,8 +220,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         return result
     classified_plane = series.acquired_plane if plane == "axial" or series.acquired_plane == plane else plane
     result.plane = classified_plane
-    if classified_plane != info["plane"]:
-        result.warnings.append(f"plane mismatch: the model was trained on {info['plane']} slices"
+    if classified_plane not in info["planes"]:
+        result.warnings.append(f"plane mismatch: the model was trained on {' and '.join(info['planes'])} slices"
                                f"{'' if info['plane_recorded'] else ' (assumed: its sidecar records no plane)'}, "
                                f"these are {classified_plane}")
     pre = classifier.card.preprocessing

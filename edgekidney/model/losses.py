@@ -1,0 +1,42 @@
+"""The losses of the stone map (needs torch): dense where the stone is known, multiple-instance where not.
+
+- :func:`map_targets`: a mask on the input grid -> one target per map cell. Cell ``o`` is centred on
+  input pixel ``stride * o`` (see :mod:`edgekidney.model.network`), so it takes the mask's maximum
+  over the ``stride`` pixels centred there, not over the block that starts there.
+- :func:`dense_map_loss`: binary cross-entropy per cell, stones up-weighted (``pos_weight``: a stone
+  covers a few of 1,024 cells), on the slices whose map is known: masked Stone slices, placed-calculus
+  twins, and every slice of another class (no stone anywhere).
+- :func:`mil_map_loss`: the map's maximum must be high on a Stone slice and low on every other slice:
+  what teaches the map on Stone slices that nobody outlined.
+"""
+
+from __future__ import annotations
+
+
+def map_targets(masks, cells: int, stride: int, threshold: float = 0.1):
+    """(N, S, S) masks in 0..1 -> (N, cells, cells) float targets in {0, 1}."""
+    import torch.nn.functional as F
+
+    half = stride // 2
+    padded = F.pad(masks.unsqueeze(1), (half, stride - half, half, stride - half))
+    pooled = F.max_pool2d(padded, kernel_size=stride, stride=stride)[:, 0, :cells, :cells]
+    return (pooled > threshold).to(masks.dtype)
+
+
+def dense_map_loss(map_logits, targets, known, pos_weight: float = 10.0):
+    """Mean per-cell BCE over the slices whose target is known (``known`` (N,) bool); 0 when none is."""
+    import torch
+    import torch.nn.functional as F
+
+    if not bool(known.any()):
+        return map_logits.sum() * 0.0
+    z, t = map_logits[known].float(), targets[known].float()
+    return F.binary_cross_entropy_with_logits(z, t, pos_weight=torch.tensor(pos_weight, device=z.device))
+
+
+def mil_map_loss(map_logits, is_stone):
+    """BCE of the map's maximum against the slice label (stone or not)."""
+    import torch.nn.functional as F
+
+    peak = map_logits.flatten(1).amax(dim=1).float()
+    return F.binary_cross_entropy_with_logits(peak, is_stone.float())

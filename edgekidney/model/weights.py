@@ -1,0 +1,115 @@
+"""Network weights: ImageNet from torchvision, a local file for air-gapped sites, or none (needs torch).
+
+``build_model`` makes torchvision's ResNet50 with the classes' final layer, loads the weights asked for
+(checked by sha256 when one is given) and, for ``arch="resnet50-stonemap"``, adds the stone map
+(:mod:`edgekidney.model.network`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from edgekidney.errors import DependencyError, InputError
+from edgekidney.model.network import ARCH_PLAIN, build_network
+from edgekidney.sidecar import sha256_of
+
+IMAGENET_HINT = ("pass --weights PATH to a local torchvision ResNet50 state dict "
+                 "(resnet50-11ad3fa6.pth, IMAGENET1K_V2) or --weights none")
+
+
+def require_torch():
+    try:
+        import torch
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise DependencyError("training needs PyTorch: pip install 'edgekidney[train]'") from None
+    return torch
+
+
+def build_model(num_classes: int, weights: str = "none", weights_sha256: str | None = None,
+                arch: str = ARCH_PLAIN, positive: int = 0):
+    """torchvision ResNet50 with its final layer replaced (and the stone map for ``arch="resnet50-stonemap"``).
+
+    Returns (model, description of the weights).
+    """
+    source = ""
+
+    def resnet(n: int):
+        nonlocal source
+        model, source = _resnet50(n, weights, weights_sha256)
+        return model
+
+    return build_network(num_classes, positive, arch, resnet), source
+
+
+def _resnet50(num_classes: int, weights: str, weights_sha256: str | None):
+    torch = require_torch()
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    model = resnet50(weights=None)
+    if weights == "imagenet":
+        state = _imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2)
+        model.load_state_dict(state)
+        source = "torchvision ResNet50_Weights.IMAGENET1K_V2"
+    elif weights == "none":
+        source = "none (random initialisation)"
+    else:
+        state, digest = load_weights_file(Path(weights), weights_sha256)
+        _load_backbone(model, state, weights)
+        source = f"{weights} (sha256 {digest})"
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    return model, source
+
+
+def _imagenet_state_dict(enum):
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints 'Downloading: "https://..."'
+            return enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, socket errors, SSL errors
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(f"cannot download ImageNet weights ({reason}); {IMAGENET_HINT}") from None
+
+
+def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """A local state dict (or a checkpoint holding one), its sha256 verified when one is given."""
+    torch = require_torch()
+    if not path.exists():
+        raise InputError(f"{path}: no such weights file; {IMAGENET_HINT}")
+    digest = sha256_of(path)
+    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
+        raise InputError(f"{path}: sha256 is {digest}, expected {expected_sha256}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a PyTorch weights file ({' '.join(str(exc).split())[:120]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise InputError(f"{path}: does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, digest
+
+
+def _load_backbone(model, state: dict, where: str) -> None:
+    """Load every backbone tensor; the classifier (fc) is replaced anyway."""
+    own = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing = [k for k in own if not k.startswith("fc.") and k not in backbone]
+    bad = [k for k, v in backbone.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or bad or not backbone:
+        detail = f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else (
+            f"shape mismatch at {bad[0]}" if bad else "no tensors")
+        raise InputError(f"{where}: not a ResNet50 state dict ({detail})")
+    model.load_state_dict(backbone, strict=False)
+
+
+def resolve_device(device: str):
+    torch = require_torch()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to PyTorch; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
