@@ -28,7 +28,7 @@ def run_demo(out: Path, epochs: int = 10, image_size: int = 128, patients: int =
 
     t = time.perf_counter()
     data = out / "data"
-    counts = generate(data, SynthConfig(patients=patients, slices_per_class=5, seed=seed))
+    counts = generate(data, SynthConfig(patients=patients, slices_per_class=5, seed=seed), masks=True)
     log(f"synthetic CT DICOM slices (NOT patient data): {counts} in {data}")
     stage("data", t)
 

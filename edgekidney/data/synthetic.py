@@ -142,11 +142,26 @@ def write_ct_dicom(path: Path, hu: np.ndarray, patient: int, instance: int, stud
     ds.save_as(path, enforce_file_format=True)
 
 
-def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), classes=("Normal", "Stone")) -> dict:
-    """Write ``patients x slices_per_class`` slices per class under ``out/<class>/``."""
+def calculus_mask(shape: tuple[int, int], calculi) -> np.ndarray:
+    """uint8 mask (255 = calculus) of a phantom's calculi, each as its ellipse."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    mask = np.zeros(shape, dtype=bool)
+    for c in calculi:
+        mask |= ((yy - c.row) / max(c.radius_rows, 0.5)) ** 2 + ((xx - c.col) / max(c.radius_cols, 0.5)) ** 2 <= 1.0
+    return mask.astype(np.uint8) * 255
+
+
+def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), classes=("Normal", "Stone"), masks: bool = False) -> dict:
+    """Write ``patients x slices_per_class`` slices per class under ``out/<class>/``.
+
+    With ``masks`` each stone slice's calculi are also written as a mask, ``<out>-stones/<class>/<name>.png``
+    (the layout ``edgekidney train`` finds by itself, see :mod:`edgekidney.data.masks`).
+    """
+    from PIL import Image
     from pydicom.uid import generate_uid
 
     out = Path(out)
+    mask_root = out.parent / f"{out.name}-stones"
     rng = np.random.default_rng(cfg.seed)
     counts = {c: 0 for c in classes}
     for c in classes:
@@ -158,8 +173,12 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), classes=("Normal
         for c in classes:
             for _ in range(cfg.slices_per_class):
                 instance += 1
-                hu = synth_slice(rng, cfg.size, stone="stone" in c.lower())
-                write_ct_dicom(out / c / f"synth-p{p:04d}-i{instance:03d}.dcm", hu, p, instance, study, series)
+                ph = synth_phantom(rng, cfg.size, stone="stone" in c.lower())
+                name = f"synth-p{p:04d}-i{instance:03d}"
+                write_ct_dicom(out / c / f"{name}.dcm", ph.hu, p, instance, study, series)
+                if masks and ph.calculi:
+                    (mask_root / c).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(calculus_mask(ph.hu.shape, ph.calculi), "L").save(mask_root / c / f"{name}.png")
                 counts[c] += 1
     (out / "README.txt").write_text(
         f"{SYNTHETIC_COMMENT}.\nMade by 'edgekidney synth' (seed {cfg.seed}): {counts}.\n")

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 def map_targets(masks, cells: int, stride: int, threshold: float = 0.1):
     """(N, S, S) masks in 0..1 -> (N, cells, cells) float targets in {0, 1}."""
+    import torch
     import torch.nn.functional as F
 
     half = stride // 2
     padded = F.pad(masks.unsqueeze(1), (half, stride - half, half, stride - half))
-    pooled = F.max_pool2d(padded, kernel_size=stride, stride=stride)[:, 0, :cells, :cells]
-    return (pooled > threshold).to(masks.dtype)
+    pooled = F.max_pool2d(padded, kernel_size=stride, stride=stride, ceil_mode=True)[:, 0]
+    # pixels past the last cell's centre + half a stride belong to the last cell (the map has no more)
+    rows = torch.cat([pooled[:, : cells - 1], pooled[:, cells - 1 :].amax(dim=1, keepdim=True)], dim=1)
+    out = torch.cat([rows[:, :, : cells - 1], rows[:, :, cells - 1 :].amax(dim=2, keepdim=True)], dim=2)
+    return (out > threshold).to(masks.dtype)
 
 
 def dense_map_loss(map_logits, targets, known, pos_weight: float = 10.0):

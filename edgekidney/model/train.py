@@ -45,6 +45,7 @@ from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_fi
 from edgekidney.progress import echo, stage
 from edgekidney.threads import apply_torch_threads, contention_note
 
+STOP = "STOP"  # a file of this name in RUN ends training after the current epoch, keeping the best epoch
 LOCATED_FRACTION = 0.05  # a map peak within 5 % of the slice's longer side of a stone pixel is "located"
 
 
@@ -432,6 +433,11 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     f"val_auc {rep['auc']:.4f} val_acc {rep['accuracy']:.4f}{located} ({row['seconds']:.0f} s)")
                 # the one-cycle rate peaks early and validation AUC swings with it: stop only once the
                 # rate is annealing (second half), else a lucky early epoch ends a run (seen: best 3 of 7)
+                if (cfg.out / STOP).exists():
+                    log(f"stop: {cfg.out / STOP} found; finishing with the best epoch ({best['epoch']})")
+                    (cfg.out / STOP).unlink(missing_ok=True)
+                    stopped_early = True
+                    break
                 if not frozen and stale >= cfg.patience and epoch >= cfg.epochs // 2:
                     log(f"early stop: val AUC has not improved for {cfg.patience} epochs (best epoch {best['epoch']})")
                     stopped_early = True

@@ -78,19 +78,48 @@ def _drop_unread(model) -> None:
 
 
 def head_nodes(model, main_output: str = "logits") -> list[str]:
-    """Names of the nodes that only the extra heads need (scope distance, activation map), not the logits.
+    """Names of the nodes of the extra heads (scope distance, activation or stone map), not of the trunk.
 
     They stay in FP32 when the model is quantized: a distance sums 2,048 squares and a map is compared
     across pixels, where FP16 rounding or INT8 steps would move the answer more than they save time
-    (they are a few MatMul/Mul/Reduce nodes beside ResNet50's 53 convolutions).
+    (they are a few Conv/MatMul/Mul/Reduce nodes beside ResNet50's 53 convolutions).
+
+    The trunk is what the classifier (the Gemm nearest the logits) needs, the classifier included.
+    Everything else is a head: with a stone map (docs/architecture.md, "The stone map") the logits
+    also read the map's peak, so the map's convolutions and the link that adds its peak to the stone
+    logit are heads although the logits need them.
     """
     producer = {o: n for n in model.graph.node for o in n.output}
-    needed: set[str] = set()
-    stack = [main_output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.name in needed:
-            continue
-        needed.add(node.name)
-        stack.extend(node.input)
-    return [n.name for n in model.graph.node if n.name not in needed]
+
+    def ancestors(tensor: str) -> set[str]:
+        needed: set[str] = set()
+        stack = [tensor]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in needed:
+                continue
+            needed.add(node.name)
+            stack.extend(node.input)
+        return needed
+
+    classifier = _nearest_gemm(producer, main_output)
+    trunk = ancestors(classifier.output[0]) if classifier is not None else ancestors(main_output)
+    return [n.name for n in model.graph.node if n.name not in trunk]
+
+
+def _nearest_gemm(producer: dict, tensor: str):
+    """The Gemm (or MatMul with a weight) closest to ``tensor`` walking back through the graph, breadth first."""
+    seen: set[str] = set()
+    frontier = [tensor]
+    while frontier:
+        nxt = []
+        for t in frontier:
+            node = producer.get(t)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type == "Gemm":
+                return node
+            nxt.extend(node.input)
+        frontier = nxt
+    return None

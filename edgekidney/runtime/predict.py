@@ -33,7 +33,7 @@ class Prediction:
     scope_threshold: float | None = None
     scope_reason: str | None = None  # why a slice is out of scope
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)  # on the original slice's grid
-    cam_peak: tuple[int, int] | None = None  # (row, col) of the map's maximum on the original slice
+    cam_peak: tuple[int, int] | None = None  # (row, col) of the map's maximum within the body, on the original slice
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,6 +55,7 @@ class BatchResult:
     reasons: list[str | None]
     cams: list[np.ndarray | None]  # on each original slice, when asked for
     geometries: list
+    peaks: list[tuple[int, int] | None] = field(default_factory=list)  # map maximum within the body, on the slice
 
     def predictions(self, names: list[str], card, threshold: float) -> list["Prediction"]:
         """One :class:`Prediction` per slice, named as given."""
@@ -64,7 +65,7 @@ class BatchResult:
             in_scope=None if self.in_scope is None else bool(self.in_scope[i]),
             scope_distance=None if self.distances is None else float(self.distances[i]),
             scope_threshold=thr, scope_reason=self.reasons[i], cam=self.cams[i],
-            cam_peak=None if self.cams[i] is None else peak_of(self.cams[i])) for i, name in enumerate(names)]
+            cam_peak=self.peaks[i] if self.peaks else None) for i, name in enumerate(names)]
 
 
 @dataclass
@@ -112,12 +113,34 @@ def classify_batch(predictor, slices: list[np.ndarray], want_cam: bool = False) 
     or the PyTorch predictor of a checkpoint).
     """
     x, geometries = preprocess_batch_with_geometry(slices, predictor.card.preprocessing)
-    return decide_outputs(predictor.card, predictor.threshold, predictor.infer_outputs(x), geometries, want_cam)
+    return decide_outputs(predictor.card, predictor.threshold, predictor.infer_outputs(x), geometries, want_cam, x)
+
+
+def body_on_grid(x: np.ndarray, card) -> np.ndarray:
+    """(N, S, S) bool: the network-grid pixels that are body (above the body threshold), from the input batch."""
+    pre = card.preprocessing
+    return (x[:, 0] * np.float32(pre.std[0]) + np.float32(pre.mean[0])) > pre.body_threshold
+
+
+def peak_on_slice(grid_map: np.ndarray, geometry, body: np.ndarray | None = None) -> tuple[int, int]:
+    """The map's maximum within the body, as (row, col) on the original slice.
+
+    The maximum is taken on the network grid (where the map was computed), over body pixels when any
+    are given, then carried through the crop, padding and resize back onto the slice.
+    """
+    m = np.asarray(grid_map, dtype=np.float32)
+    if body is not None and body.shape == m.shape and body.any():
+        m = np.where(body, m, -np.inf)
+    r, c = peak_of(m)
+    row, col = geometry.to_input(r, c)
+    h, w = geometry.shape
+    return int(np.clip(round(row), 0, h - 1)), int(np.clip(round(col), 0, w - 1))
 
 
 def decide_outputs(card, threshold: float, outs: dict[str, np.ndarray], geometries: list,
-                   want_cam: bool = False) -> BatchResult:
-    """The model's outputs for a batch -> labels (out of scope included) and, when asked, maps on the slices."""
+                   want_cam: bool = False, x: np.ndarray | None = None) -> BatchResult:
+    """The model's outputs for a batch -> labels (out of scope included), where each map peaks within the
+    body (``cam_peak``, on the original slice; whenever the model has a map) and, when asked, the maps."""
     logits = checked_logits(card, outs["logits"])
     probs = softmax(logits)
     distances = outs.get("scope_distance")
@@ -126,9 +149,13 @@ def decide_outputs(card, threshold: float, outs: dict[str, np.ndarray], geometri
     if in_scope is not None:
         labels = [lab if ok else OUT_OF_SCOPE for lab, ok in zip(labels, in_scope)]
     cams: list[np.ndarray | None] = [None] * len(geometries)
-    if want_cam and "cam" in outs:
-        cams = [g.map_to_input(c) for g, c in zip(geometries, outs["cam"])]
-    return BatchResult(logits, probs, labels, in_scope, distances, reasons, cams, geometries)
+    peaks: list[tuple[int, int] | None] = [None] * len(geometries)
+    if "cam" in outs:
+        bodies = body_on_grid(x, card) if x is not None else [None] * len(geometries)
+        peaks = [peak_on_slice(c, g, b) for c, g, b in zip(outs["cam"], geometries, bodies)]
+        if want_cam:
+            cams = [g.map_to_input(c) for g, c in zip(geometries, outs["cam"])]
+    return BatchResult(logits, probs, labels, in_scope, distances, reasons, cams, geometries, peaks)
 
 
 def default_backend_for(path: str | Path) -> str:
@@ -168,7 +195,7 @@ class Classifier:
                              want_cam: bool = False) -> list[Prediction]:
         """The half of :meth:`predict_slices` after preprocessing, for callers that preprocess in
         another thread (the study pipeline): ``x, geometries = preprocess_batch_with_geometry(...)``."""
-        r = decide_outputs(self.card, self.threshold, self.infer_outputs(x), geometries, want_cam)
+        r = decide_outputs(self.card, self.threshold, self.infer_outputs(x), geometries, want_cam, x)
         return r.predictions(names, self.card, self.threshold)
 
     def predict_bytes(self, data: bytes, name: str, want_cam: bool = False) -> Prediction:

@@ -189,10 +189,10 @@ class RemoteClassifier:
                                                        card.preprocessing)
         inp = self._http.InferInput(m.input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
-        wanted = [o for o in ("logits", "scope_distance") if o in m.outputs]
+        wanted = [o for o in ("logits", "scope_distance", "cam") if o in m.outputs]
         res = self._infer(inp, wanted)
         outs = {o: res.as_numpy(o) for o in wanted}
-        return decide_outputs(card, m.threshold, outs, geometries).predictions(paths, card, m.threshold)
+        return decide_outputs(card, m.threshold, outs, geometries, x=x).predictions(paths, card, m.threshold)
 
     def close(self) -> None:
         self.client.close()

@@ -22,7 +22,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edgekidney import __version__
-from edgekidney.runtime.cam import peak_of
 from edgekidney.runtime.predict import decide_outputs
 from edgekidney.server.batching import BatcherError, MicroBatcher
 from edgekidney.server.config import ServeConfig
@@ -169,7 +168,7 @@ class Service:
                     self._read_decode_run(slot, request, kind, content_type), cfg.request_timeout_s)
             rows = result.rows
             decided = decide_outputs(self.clf.card, self.clf.threshold,
-                                     {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam)
+                                     {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam, x)
         except ClientError as exc:
             return JSONResponse(exc.to_dict(), exc.status)
         except ClientDisconnect:
@@ -192,10 +191,11 @@ class Service:
                     "model_sha256": self.model["sha256"],
                     "precision": self.model["precision"], "backend": self.model["backend"],
                     "batch_size": result.batch_size, "latency_ms": latency_ms}
+            peak = decided.peaks[i] if decided.peaks else None
+            if peak is not None:
+                item["cam_peak"] = list(peak)  # (row, col) of the map's maximum within the body, on the upload
             cam = decided.cams[i]
             if cam is not None:
-                peak = peak_of(cam)
-                item["cam_peak"] = list(peak)  # (row, col) on the uploaded image
                 item["cam_png"] = await anyio.to_thread.run_sync(self._cam_png, up, cam, peak,
                                                                  limiter=self._decode_limiter)
             if up.part is not None:

@@ -39,6 +39,7 @@ class SliceRecord:
     in_scope: bool = True  # true also when the model has no out-of-scope detector
     scope_distance: float | None = None  # the model's feature distance (scope threshold in the sidecar)
     scope_reason: str | None = None  # why the slice is out of scope
+    cam_peak: list[int] | None = None  # [row, col] of the stone map's maximum within the body, on the slice
 
 
 @dataclass
@@ -262,7 +263,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     for k, (pred, pos) in enumerate(zip(preds, positions)):
         result.slices.append(SliceRecord(k, round(float(pos), 3), float(pred.probability), pred.label,
                                          slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
-                                         getattr(pred, "scope_reason", None)))
+                                         getattr(pred, "scope_reason", None),
+                                         None if getattr(pred, "cam_peak", None) is None else list(pred.cam_peak)))
     probs = [s.probability for s in result.slices]
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold))
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold

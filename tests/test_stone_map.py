@@ -1,0 +1,208 @@
+"""The stone map: masks read and aligned, targets on the right cells, the map in the graph and its peak.
+
+Fast tests (small inputs); the phantom training that checks the peak lands on the calculus is one
+small run shared by the tests at the end of this file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgekidney.data.masks import default_mask_folder, distance_to_mask, mask_path, mask_to_network, read_mask
+from edgekidney.data.preprocess import Preprocessing, preprocess_with_geometry
+from edgekidney.errors import InputError
+
+
+def body_slice(h: int = 200, w: int = 160, dot=(120, 50)) -> np.ndarray:
+    """An off-centre body (so the crop moves things) with one bright 2x2 dot."""
+    img = np.zeros((h, w), np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img[((yy - 110) / 70.0) ** 2 + ((xx - 70) / 55.0) ** 2 <= 1] = 0.45
+    img[dot[0] : dot[0] + 2, dot[1] : dot[1] + 2] = 1.0
+    return img
+
+
+def test_a_mask_of_another_size_is_a_clear_error(tmp_path):
+    Image.fromarray(np.zeros((100, 90), np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(InputError, match=r"mask is 90x100 but its slice is 160x200") as exc:
+        read_mask(tmp_path / "m.png", (200, 160))
+    assert "\n" not in str(exc.value)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="not a readable mask"):
+        read_mask(tmp_path / "bad.png", (200, 160))
+
+
+def test_masks_are_found_beside_the_data_with_the_same_relative_path(tmp_path):
+    data = tmp_path / "ct"
+    (data / "Stone").mkdir(parents=True)
+    assert default_mask_folder(data) is None
+    (tmp_path / "ct-stones" / "Stone").mkdir(parents=True)
+    assert default_mask_folder(data) == (tmp_path / "ct-stones").resolve()
+    image = data / "Stone" / "Stone- (17).jpg"
+    assert mask_path(tmp_path / "ct-stones", data, image) == tmp_path / "ct-stones" / "Stone" / "Stone- (17).png"
+
+
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_a_mask_follows_its_slice_through_crop_pad_and_resize(size):
+    img = body_slice()
+    mask = np.zeros(img.shape, bool)
+    mask[120:122, 50:52] = True
+    x, g = preprocess_with_geometry(img, Preprocessing(image_size=size))
+    assert g.crop != (0, 200, 0, 160)  # the body crop moved the grid: alignment is not trivial
+    on_grid = mask_to_network(mask, g)
+    assert on_grid.shape == (size, size) and on_grid.max() > 0.2  # a 2x2 stone survives the resize
+    bright = np.unravel_index(np.argmax(x[0]), x[0].shape)
+    marked = np.unravel_index(np.argmax(on_grid), on_grid.shape)
+    assert np.hypot(bright[0] - marked[0], bright[1] - marked[1]) <= 1.5
+    # and back: the network position of the mask maps onto the dot on the slice
+    back = g.to_input(*marked)
+    assert distance_to_mask(back, mask) <= 1.5 * max(1.0, g.side / size)
+
+
+def test_map_targets_put_a_stone_on_the_cell_centred_on_it():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.losses import map_targets
+
+    def cell_of(row: int, col: int) -> tuple[int, int]:
+        m = torch.zeros(1, 64, 64)
+        m[0, row, col] = 1.0
+        t = map_targets(m, 8, 8)[0]
+        assert t.sum() == 1
+        return tuple(int(v) for v in torch.nonzero(t)[0])
+
+    # cell o is centred on input pixel 8 o and covers 8 o - 4 .. 8 o + 3
+    assert cell_of(16, 16) == (2, 2)
+    assert cell_of(12, 19) == (2, 2)
+    assert cell_of(11, 20) == (1, 3)
+    assert cell_of(0, 63) == (0, 7)
+
+
+def test_dense_loss_reads_only_known_slices_and_mil_reads_the_peak():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.losses import dense_map_loss, mil_map_loss
+
+    logits = torch.full((2, 4, 4), -5.0)
+    logits[1, 2, 2] = 5.0
+    targets = torch.zeros(2, 4, 4)
+    targets[1, 2, 2] = 1.0
+    good = dense_map_loss(logits, targets, torch.tensor([True, True]))
+    wrong = dense_map_loss(logits, torch.roll(targets, 1, dims=2), torch.tensor([True, True]))
+    assert good < 0.05 < wrong
+    assert float(dense_map_loss(logits, torch.roll(targets, 1, dims=2), torch.tensor([True, False]))) < 0.05
+    assert float(dense_map_loss(logits, targets, torch.tensor([False, False]))) == 0.0
+    assert mil_map_loss(logits, torch.tensor([False, True])) < 0.05 < mil_map_loss(logits, torch.tensor([True, False]))
+
+
+def test_geometric_augmentation_moves_the_mask_with_its_slice():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.feed import augment
+
+    pre = Preprocessing(image_size=96)
+    img = np.zeros((4, 96, 96), np.float32)
+    masks = np.zeros((4, 96, 96), np.float32)
+    for i, (r, c) in enumerate([(30, 30), (60, 40), (50, 70), (20, 75)]):
+        img[i, 10:86, 10:86] = 0.4
+        img[i, r : r + 3, c : c + 3] = 1.0
+        masks[i, r : r + 3, c : c + 3] = 1.0
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    x = torch.from_numpy((img[:, None] - mean) / std)
+    gen = torch.Generator().manual_seed(3)
+    xa, ma = augment(x, pre, gen, frozenset({"geometry", "scale"}), masks=torch.from_numpy(masks))
+    moved = 0
+    for i in range(4):
+        a = xa[i, 0].numpy()
+        bright = np.unravel_index(np.argmax(a), a.shape)
+        marked = np.unravel_index(np.argmax(ma[i].numpy()), a.shape)
+        assert np.hypot(bright[0] - marked[0], bright[1] - marked[1]) <= 2.0
+        moved += np.argmax(ma[i].numpy()) != np.argmax(masks[i])
+    assert moved >= 3  # the augmentation did move them
+
+
+def test_the_stone_logit_reads_the_map_peak():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.network import ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
+    from edgekidney.model.weights import build_model
+
+    torch.manual_seed(0)
+    net, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        _, pooled, logits, map_logits = forward_parts(net, x)
+        plain = net.net.fc(pooled)
+        assert map_logits.shape == (2, map_cells(64), map_cells(64)) == (2, 64 // MAP_STRIDE, 64 // MAP_STRIDE)
+        peak = map_logits.flatten(1).amax(1)
+        torch.testing.assert_close(logits[:, 1], plain[:, 1] + net.map_weight * peak)
+        torch.testing.assert_close(logits[:, [0, 2]], plain[:, [0, 2]])  # only the stone logit reads the map
+
+
+# -- a small phantom model with masks: training, export, quantization ----------------------------------
+@pytest.fixture(scope="module")
+def phantom_map_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    from edgekidney.data.synthetic import SynthConfig, generate
+    from edgekidney.model.export import export_onnx
+    from edgekidney.model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("stone_map")
+    generate(root / "data", SynthConfig(patients=8, slices_per_class=3, size=96, seed=0), masks=True)
+    logs: list[str] = []
+    metrics = train(TrainConfig(data=root / "data", out=root / "run", weights="none", epochs=1, freeze_epochs=0,
+                                image_size=64, batch_size=8, seed=0, augment="geometry", threads=1,
+                                preprocessing=Preprocessing(image_size=64)), log=logs.append)
+    export_onnx(root / "run", root / "model.onnx")
+    return root, metrics, logs
+
+
+def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_map_model):
+    root, metrics, logs = phantom_map_model
+    assert any(line.startswith("data: stone masks from") and "data-stones" in line for line in logs), logs
+    assert any("stone map: stride 8" in line and "have a mask" in line for line in logs), logs
+    assert metrics["arch"] == "resnet50-stonemap"
+    history = (root / "run" / "history.csv").read_text().splitlines()
+    assert "val_located" in history[0] and "train_map_dense" in history[0]
+    side = json.loads((root / "model.json").read_text())
+    assert side["extra"]["map"] == {"kind": "stone_map", "stride": 8, "output": "cam", "values": "P(stone) per cell"}
+    assert side["extra"]["arch"] == "resnet50-stonemap" and side["extra"]["planes"] == ["axial"]
+
+
+def test_the_exported_map_is_a_probability_on_the_input_grid_and_its_peak_is_in_the_body(phantom_map_model, tmp_path):
+    root, _, _ = phantom_map_model
+    from edgekidney.data.decode import load_slice
+    from edgekidney.runtime.predict import Classifier, expand_inputs
+
+    files = expand_inputs([root / "data" / "Stone"])[:4]
+    with Classifier(root / "model.onnx") as clf:
+        x = np.stack([preprocess_with_geometry(load_slice(f, clf.preprocessing), clf.preprocessing)[0] for f in files])
+        outs = clf.infer_outputs(x)
+        preds, _ = clf.predict_files(files)
+    assert outs["cam"].shape == (4, 64, 64) and outs["cam"].min() >= 0 and outs["cam"].max() <= 1
+    for p, f in zip(preds, files):
+        assert p.cam_peak is not None and p.cam is None  # the peak always, the map itself only when asked
+        hu = load_slice(f, clf.preprocessing)
+        r, c = p.cam_peak
+        assert hu[r, c] > 0.05  # within the body, not the air around it
+
+
+def test_quantized_children_keep_the_map_in_fp32(phantom_map_model, tmp_path):
+    root, _, _ = phantom_map_model
+    import onnx
+
+    from edgekidney.optimize.graph import head_nodes
+
+    model = onnx.load(str(root / "model.onnx"))
+    heads = set(head_nodes(model))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    head_convs = [n for n in convs if n.name in heads]
+    assert len(head_convs) == 4  # lateral2, lateral3, fuse, out: the map's own convolutions
+    assert len(convs) - len(head_convs) == 53  # ResNet50's convolutions stay the trunk
+    gemm = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemm) == 1 and gemm[0].name not in heads  # the classifier is quantized as before
+    logits_node = producer["logits"]
+    assert logits_node.name in heads  # the link that adds the map's peak to the stone logit stays FP32
