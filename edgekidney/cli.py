@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from edgekidney.released import resolve_model
 from edgekidney.errors import EdgeKidneyError
 from edgekidney.jsonio import write_json
 from edgekidney.progress import echo, stage
@@ -23,6 +24,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Kidney-stone classifier for CT slices: train, export, quantize, build engines, serve.")
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Accuracy and latency benchmarks (also in benchmarks/).")
 app.add_typer(bench_app, name="bench")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from edgekidney import __version__
+
+        typer.echo(f"edgekidney {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")):
+    pass
 
 
 THREADS_HELP = "CPU threads for PyTorch and ONNX Runtime (default: the cores this process may use)."
@@ -202,6 +217,7 @@ def evaluate_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
+    model = model if (model.is_dir() and (model / 'model.pt').exists()) or model.suffix == '.pt' else resolve_model(model)
     from edgekidney.data.dataset import parse_classes
     from edgekidney.model.evaluate import evaluate, format_confounders
     from edgekidney.metrics import format_report
@@ -252,6 +268,7 @@ def infer_cmd(
     api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
+    model = model if server else resolve_model(model)
     from edgekidney.runtime.predict import Classifier, expand_inputs, write_cams
     from edgekidney.data.provenance import mismatch_warning
 
@@ -329,6 +346,7 @@ def study_cmd(
     batch_size: int = typer.Option(8, min=1),
 ):
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
+    model = resolve_model(model)
     from dataclasses import replace
 
     from edgekidney.runtime.predict import Classifier
@@ -517,6 +535,7 @@ def build_engine_cmd(
     verbose: bool = typer.Option(False, help="Show TensorRT's info messages."),
 ):
     """Build a TensorRT engine (strongly typed, dynamic batch) for this GPU and TensorRT version."""
+    model = resolve_model(model, form='gpu')
     from edgekidney.optimize.engine import EngineBuildConfig, build_engine
     from edgekidney.runtime.engine_compat import BatchProfile
 
@@ -588,6 +607,7 @@ def serve_cmd(
     model_name: str = typer.Option("edgekidney", help="The model's name under /v2/models/ (Open Inference Protocol)."),
 ):
     """HTTP inference service: POST /v1/predict, /v2 (Open Inference Protocol), /healthz, /readyz, /metrics."""
+    model = resolve_model(model)
     from edgekidney.server import ServeConfig, serve
 
     serve(ServeConfig(model=model, backend=backend, host=host, port=port, device=device, threads=threads,
@@ -640,7 +660,7 @@ def listen_cmd(
         results_file=results_file, webhook=webhook, retention_s=None if keep_images else retention_hours * 3600.0,
         min_free_mb=min_free_mb, retry_base_s=retry_base, retry_max_s=retry_max, metrics_port=metrics_port,
         tls=TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)
-    run(cfg, model, log_level=log_level, processor=processor, plane=plane, backend=backend)
+    run(cfg, resolve_model(model), log_level=log_level, processor=processor, plane=plane, backend=backend)
 
 
 METAVARS = {"int": "N", "integer": "N", "float": "X", "path": "PATH", "str": "TEXT", "text": "TEXT"}
@@ -650,9 +670,7 @@ def _type_word(command, param) -> str:
     """First word of the option's value type: recent typers say it through ``display_type``
     ("<int range>"), older ones and click through ``param.type.name`` ("integer range")."""
     if hasattr(param, "display_type"):
-        import click
-
-        text = param.display_type(click.Context(command))
+        text = param.display_type(command.context_class(command))  # typer's own click or click itself
     else:
         text = str(getattr(getattr(param, "type", None), "name", "") or "")
     words = text.strip("<>").split()
