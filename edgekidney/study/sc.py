@@ -39,6 +39,8 @@ def activation_map(classifier, window01: np.ndarray, name: str) -> np.ndarray | 
     cam = np.asarray(cam, dtype=np.float32)  # edgekidney.runtime.predict maps it onto the slice's own grid
     if cam.shape != window01.shape or not np.isfinite(cam).all():
         return None
+    if (getattr(classifier.card, "extra", None) or {}).get("map", {}).get("kind") == "stone_map":
+        return np.clip(cam, 0.0, 1.0)  # P(stone) per cell: shown as it is, so a quiet map stays quiet
     span = float(cam.max() - cam.min())
     return (cam - cam.min()) / span if span > 0 else None
 
@@ -60,6 +62,25 @@ def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str) -> np.ndarr
         text += " | no activation map in this model"
     draw.text((4, 2), text, fill=(255, 255, 0))
     return np.asarray(img)
+
+
+# CID 4031 terms for the parts of the trunk a kidney CT covers; none is a paired structure
+UNPAIRED_BODY_PARTS = frozenset({"ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS",
+                                 "WHOLEBODY"})
+
+
+def _body_part(sc, source) -> None:
+    """General Series Laterality is Type 2C: required when the body part examined is a paired structure.
+    The slice shows what its series examined: a series that names one of ``UNPAIRED_BODY_PARTS`` passes it
+    on, without Laterality. Otherwise (no body part, a vendor term such as PARTIALBODY, a malformed value,
+    which are not copied) whether laterality applies is unknown: Laterality is the series' R or L, else
+    empty (Type 2: unknown), never missing, which dciodvfy reports as an error."""
+    body_part = str(source.get("BodyPartExamined", "") or "").strip() if source is not None else ""
+    laterality = str(source.get("Laterality", "") or "").strip() if source is not None else ""
+    if body_part in UNPAIRED_BODY_PARTS:
+        sc.BodyPartExamined = body_part
+    else:
+        sc.Laterality = laterality if laterality in ("R", "L") else ""
 
 
 def write_sc(result: SeriesResult, series, out_dir: str | Path, classifier=None) -> list[Path]:
@@ -97,6 +118,7 @@ def write_sc(result: SeriesResult, series, out_dir: str | Path, classifier=None)
     if ref.frame_number is not None:
         item.ReferencedFrameNumber = ref.frame_number
     sc.SourceImageSequence = Sequence([item])
+    _body_part(sc, series.header)
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "edgekidney peak slice"
     sc.ImageComments = "activation map" if cam is not None else "marker only: the model gives no activation map"
