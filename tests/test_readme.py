@@ -1,16 +1,19 @@
-"""Every command in the README's ```bash blocks runs as written, on the data the README names.
+"""The README's commands run as written, on the data the README names, and the README stays a README for users.
 
-Sizes are made small (epochs, image size, calibration count, benchmark time) by appending options;
-the commands themselves are the README's. ``--weights imagenet`` becomes ``--weights none``: tests
-have no network (the offline path of ``imagenet`` has its own tests). pip lines are not run (the
-test runs inside the installed environment) and neither is the test suite itself.
+The README's blocks are read by ``.ci/readme.py`` (the same reader CI uses): each runnable block is
+marked ``<!-- ci: ROLE -->``. Sizes are made small by appending options (``SMALL`` there); the
+commands themselves are the README's. ``--weights imagenet`` becomes ``--weights none``: tests have no
+network (the offline path of ``imagenet`` has its own tests). Install lines (pip, the venv) are not run
+here: the tests run inside the installed environment; CI runs them in fresh venvs (.ci/run).
 
-The default run uses a small copy of the README's data folder (the same real slices, 24 per class);
-``-m slow`` runs the same commands on the whole folder, the quantization block included.
+The default run uses a small copy of the real data folder (24 real slices per class, and their stone
+masks beside them as the README lays them out); ``-m slow`` runs the same commands on the whole folder.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shlex
 import subprocess
@@ -21,105 +24,141 @@ from conftest import REPO, SHARED_DATA, copy_slices, real_data_or_skip
 from terminal import env_for_subprocess
 
 README = REPO / "README.md"
-# appended to each edgekidney subcommand the README runs (small sizes), or "" to run it exactly as written
-SMALL = {
-    "demo": "--epochs 1 --image-size 32 --patients 4",
-    "train": "--epochs 1 --image-size 32",
-    "export": "--parity-images 2",
-    "evaluate": "",
-    "infer": "",
-    "calibrate": "--n 16",
-    "quantize": "",
-    "bench accuracy": "",
-    "bench latency": "--seconds 0.2 --batch-sizes 1 --torch none",
-}
-SKIPPED_PROGRAMS = ("pip", "python")  # installs and the test suite
+RELEASE = REPO / "models" / "kidney-stone-ct-v1"
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+_spec = importlib.util.spec_from_file_location("ci_readme", REPO / ".ci" / "readme.py")
+ci_readme = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ci_readme)
+
+INSTALL_PROGRAMS = ("pip", "python", ".")  # installs, the venv and the test suite: CI runs them in fresh venvs
+DATA_VAR = "EDGEKIDNEY_DATA"
 
 
-def readme_blocks() -> list[list[str]]:
-    """The commands of each ```bash block (continuation lines joined, comments kept out)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    out = []
-    for block in blocks:
-        joined = block.replace("\\\n", " ")
-        out.append([line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")])
-    return out
-
-
-def subcommand(segment: str) -> str:
-    words = shlex.split(segment, comments=True)
-    return " ".join(words[1:3]) if words[1] == "bench" else words[1]
-
-
-def runnable(command: str) -> list[str]:
-    """The README command, split on '&&', pip/python parts dropped, small sizes appended."""
+def runnable(line: str) -> list[str]:
+    """A README line -> the segments this test runs (install parts dropped, small sizes appended)."""
     parts = []
-    for segment in (s.strip() for s in command.split("&&")):
+    for segment in (s.strip() for s in line.split("&&")):
         program = shlex.split(segment, comments=True)[0]
-        if program in SKIPPED_PROGRAMS:
+        if program in INSTALL_PROGRAMS:
             continue
-        assert program == "edgekidney" or re.match(r"^[A-Z_]+=", segment), f"README runs {segment!r}: teach test_readme"
+        assert program in ("edgekidney", "export"), f"README runs {segment!r}: teach tests/test_readme.py"
         if program == "edgekidney":
-            sub = subcommand(segment)
-            assert sub in SMALL, f"README runs 'edgekidney {sub}': add it to SMALL in tests/test_readme.py"
-            code = re.sub(r"\s+#[^'\"]*$", "", segment)  # a trailing comment would swallow the small sizes
-            segment = code.replace("--weights imagenet", "--weights none") + " " + SMALL[sub]
+            segment = ci_readme.small(segment.replace("--weights imagenet", "--weights none"))
         parts.append(segment)
     return parts
 
 
-def test_every_readme_command_is_known_and_the_infer_example_names_real_files():
-    commands = [c for block in readme_blocks() for c in block]
-    subs = {subcommand(s) for c in commands for s in c.split("&&") if s.strip().startswith("edgekidney")}
-    assert {"demo", "train", "export", "evaluate", "infer"} <= subs
-    for c in commands:
-        runnable(c)  # asserts each program and subcommand is one the test can run
-    infer = next(c for c in commands if c.startswith("edgekidney infer"))
-    for arg in shlex.split(infer.replace("$D", str(SHARED_DATA)))[3:]:
-        if not arg.startswith("-") and arg != "results.json":
-            assert Path(arg).exists() or not SHARED_DATA.exists(), f"README's infer example names {arg}, which is missing"
-
-
-def run_readme(tmp_path: Path, data: Path, blocks: list[list[str]]) -> list[str]:
-    """Run the blocks' commands in order in ``tmp_path`` (D = ``data``); returns what each printed."""
+def run_lines(tmp_path: Path, data: Path | None, lines: list[str]) -> list[str]:
+    """Run README lines in order in ``tmp_path`` ($EDGEKIDNEY_DATA = ``data``); returns what each printed."""
     prelude = 'set -euo pipefail\nedgekidney() { python -m edgekidney "$@"; }\n'
     outputs = []
-    for block in blocks:
-        for command in block:
-            for segment in runnable(command):
-                if segment.startswith("D="):  # the README's data folder (relative to the repository root)
-                    assert segment.split()[0] == "D=../shared/data/ct-kidney-axial", segment
-                    prelude += f"D={shlex.quote(str(data))}\n"
-                    continue
-                r = subprocess.run(["bash", "-c", prelude + segment], cwd=tmp_path, capture_output=True, text=True,
-                                   env=env_for_subprocess(), timeout=1800)
-                gate_failed = segment.startswith("edgekidney bench accuracy") and r.returncode == 1 \
-                    and "error:" not in r.stderr  # documented: exit 1 when a quality gate fails
-                assert r.returncode == 0 or gate_failed, f"{segment}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-                assert "Traceback" not in r.stderr, r.stderr
-                outputs.append(r.stdout + r.stderr)
+    for line in lines:
+        for segment in runnable(line):
+            if segment.startswith("export "):  # the README's data folder: here the test's copy
+                assert segment.split()[1].startswith(f"{DATA_VAR}="), segment
+                prelude += f"export {DATA_VAR}={shlex.quote(str(data))}\n"
+                continue
+            r = subprocess.run(["bash", "-c", prelude + segment], cwd=tmp_path, capture_output=True, text=True,
+                               env=env_for_subprocess(), timeout=1800)
+            gate_failed = segment.startswith("edgekidney bench accuracy") and r.returncode == 1 \
+                and "error:" not in r.stderr  # documented: exit 1 when a quality gate fails
+            assert r.returncode == 0 or gate_failed, f"{segment}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+            assert "Traceback" not in r.stderr, r.stderr
+            outputs.append(r.stdout + r.stderr)
     return outputs
+
+
+def extras_of(line: str) -> set[str]:
+    m = re.search(r"\.\[([a-z,]+)\]", line)
+    return set(m.group(1).split(",")) if m else set()
+
+
+def test_the_readme_is_for_users():
+    text = README.read_text()
+    assert len(text.splitlines()) < 150
+    for banned in ("../shared", "shared machine", "other developers", "other engineers", "issue 1", "issue #"):
+        assert banned not in text, f"README.md says {banned!r}: it is for users outside"
+    for role in ci_readme.ROLES:
+        assert role in ci_readme.marked_blocks(), f"README.md has no block marked <!-- ci: {role} -->"
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if link.startswith("http"):
+            continue
+        if link.startswith("models/") and not RELEASE.is_dir():
+            continue  # the released model lands in its own change
+        assert (REPO / link).exists(), f"README links to {link}, which is missing"
+
+
+def test_the_install_and_test_lines_name_real_extras_and_the_test_line_installs_what_the_tests_need():
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    blocks = ci_readme.marked_blocks()
+    assert blocks["test"] == ["pip install -e '.[train,serve,dev,dicom,nifti,sr,net,triton]' && python -m pytest -q"]
+    # every extra but TensorRT's (not on PyPI; its tests skip without a GPU)
+    assert extras_of(blocks["test"][0]) == extras - {"trt"}
+    for role in ("install", "train"):
+        for line in blocks[role]:
+            assert extras_of(line) <= extras, line
+    assert any(ci_readme.TORCH_LINE.match(line) for line in blocks["train"])  # CI replaces exactly that line
+    assert blocks["first"] == ["edgekidney study kidney-stone-ct-v1 examples/ --json runs/first/study.json "
+                               "--sr-out runs/first/sr --sc-out runs/first/sc"]
+
+
+def test_every_readme_command_is_known_and_the_infer_example_names_real_files():
+    for block in ci_readme.bash_blocks():
+        for line in block:
+            runnable(line)  # asserts each program and subcommand is one the tests and CI can run
+    data = ci_readme.marked_blocks()["data"]
+    assert data[0].startswith(f"export {DATA_VAR}=")
+    infer = next(line for line in data if line.startswith("edgekidney infer"))
+    for arg in shlex.split(infer)[3:]:
+        if not arg.startswith("-") and arg.startswith(f"${DATA_VAR}"):
+            path = Path(arg.replace(f"${DATA_VAR}", str(SHARED_DATA)))
+            assert path.exists() or not SHARED_DATA.exists(), f"README's infer example names {arg}, which is missing"
 
 
 @pytest.fixture()
 def small_readme_data(tmp_path_factory):
+    """Real slices as the README lays them out: DATA/<class>/ and their masks in DATA-stones/Stone/."""
     real = real_data_or_skip()
-    numbers = list(range(1, 17)) + list(range(381, 389))  # train blocks and one validation block per class
-    return copy_slices(real, tmp_path_factory.mktemp("readme_data"), classes=("Normal", "Stone", "Cyst", "Tumor"),
-                       numbers=numbers + [17])  # 17: the slice the infer example names
+    numbers = list(range(1, 17)) + list(range(381, 389)) + [17]  # train blocks, a validation block, the infer example
+    root = tmp_path_factory.mktemp("readme")
+    data = copy_slices(real, root / "ct-kidney", classes=("Normal", "Stone", "Cyst", "Tumor"), numbers=numbers)
+    masks = real.parent / f"{real.name}-stones" / "Stone"
+    if masks.is_dir():
+        (root / "ct-kidney-stones" / "Stone").mkdir(parents=True)
+        for image in (data / "Stone").iterdir():
+            mask = masks / f"{image.stem}.png"
+            if mask.exists():
+                (root / "ct-kidney-stones" / "Stone" / mask.name).write_bytes(mask.read_bytes())
+    return data
 
 
-def test_readme_getting_started_and_real_ct_commands_run(tmp_path, small_readme_data):
-    blocks = readme_blocks()
-    first, real_ct = blocks[0], next(b for b in blocks if any(c.startswith("D=") for c in b))
-    out = run_readme(tmp_path, small_readme_data, [first, real_ct])
+def test_readme_demo_and_real_data_commands_run(tmp_path, small_readme_data):
+    blocks = ci_readme.marked_blocks()
+    out = run_lines(tmp_path, small_readme_data, blocks["train"] + blocks["data"])
     assert (tmp_path / "runs" / "demo" / "demo.json").exists()
-    assert (tmp_path / "runs" / "ct" / "model.onnx").exists() and (tmp_path / "results.json").exists()
+    assert (tmp_path / "runs" / "ct" / "model.onnx").exists() and (tmp_path / "runs" / "ct" / "infer.json").exists()
+    if (small_readme_data.parent / "ct-kidney-stones").is_dir():
+        assert "stone masks from" in out[1], out[1][-2000:]  # found beside the data, as the README says
     assert "label = Stone when p(Stone) >= " in out[-1] and "Stone- (17).jpg" in out[-1]
+
+
+def test_readme_first_command_runs_on_the_released_model(tmp_path):
+    if not (RELEASE / "model-int8cpu.onnx").is_file():
+        pytest.skip(f"the released model is not in this checkout ({RELEASE}/model-int8cpu.onnx)")
+    if not (REPO / "examples").is_dir():
+        pytest.skip("examples/ is not in this checkout")
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    out = run_lines(tmp_path, None, ci_readme.marked_blocks()["first"])
+    study = json.loads((tmp_path / "runs" / "first" / "study.json").read_text())
+    assert study["model"] == "model-int8cpu.onnx"
+    assert re.search(r"\b(stone|no_stone|not_assessable)\b", out[0]), out[0]
 
 
 @pytest.mark.slow
 def test_readme_commands_run_on_the_whole_data_folder(tmp_path):
-    run_readme(tmp_path, real_data_or_skip(), readme_blocks())
-    for name in ("model.onnx", "model.fp16.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx"):
-        assert (tmp_path / "runs" / "ct" / name).exists(), name
+    blocks = ci_readme.marked_blocks()
+    run_lines(tmp_path, real_data_or_skip(), blocks["data"])
+    assert (tmp_path / "runs" / "ct" / "model.onnx").exists()

@@ -165,4 +165,4 @@ def test_constraints_file_holds_exactly_the_floors_of_pyproject():
                 if line and not line.startswith("#"))
     # the floors the code was found to need (see the commit that raised them)
     assert pins["onnxruntime"] == "1.27" and pins["pydicom"] == "3.0.1" and pins["onnx"] == "1.19"
-    assert set(pins) == {"numpy", "scipy", "pillow", "pydicom", "onnx", "onnxruntime", "typer", "rich"}
+    assert set(pins) == {"numpy", "scipy", "pillow", "pydicom", "onnx", "onnxruntime", "typer"}
