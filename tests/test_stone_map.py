@@ -206,3 +206,47 @@ def test_quantized_children_keep_the_map_in_fp32(phantom_map_model, tmp_path):
     assert len(gemm) == 1 and gemm[0].name not in heads  # the classifier is quantized as before
     logits_node = producer["logits"]
     assert logits_node.name in heads  # the link that adds the map's peak to the stone logit stays FP32
+
+
+# -- the SR says where: a circle around the map's peak on the peak slice ------------------------------
+def test_sr_marks_the_stone_map_peak_on_the_peak_slice(tmp_path):
+    pytest.importorskip("highdicom")
+    import shutil
+    import subprocess
+
+    import highdicom as hd
+    import pydicom
+
+    from edgekidney.data.series import read_series
+    from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
+    from edgekidney.study import analyze_series, write_sr
+
+    from study_fixtures import Oracle
+
+    truth = write_series(tmp_path / "s", SeriesSynthConfig(slices=20, size=96, stones=1, seed=5, patient=1))
+    (series,), _ = read_series([tmp_path / "s"])
+    res = analyze_series(Oracle(truth.kidney_boxes), series)
+    assert res.decision == "stone" and res.peak is not None
+    res.peak.cam_peak = [40, 61]  # (row, col) on the slice as displayed
+    ds = pydicom.dcmread(write_sr(res, series, tmp_path / "sr"))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    (roi,) = sr.content.get_planar_roi_measurement_groups()
+    region = roi.roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
+    ref = series.refs[res.peak.index]
+    (scoord,) = [i for i in _walk_items(ds.ContentSequence) if i.ValueType == "SCOORD"]
+    (image,) = scoord.ContentSequence  # SELECTED FROM the peak slice's instance
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ref.sop_instance_uid
+    data = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+    row, col = series.transform.source_index(40, 61, ref.shape)
+    assert data[0].tolist() == [col + 0.5, row + 0.5]  # centre as (column, row) on the stored grid
+    assert data[1, 0] - data[0, 0] == pytest.approx(0.05 * max(ref.shape))
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(next((tmp_path / "sr").glob("*.dcm")))], capture_output=True, text=True)
+        assert not [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")], out.stderr
+
+
+def _walk_items(items):
+    for item in items:
+        yield item
+        yield from _walk_items(item.get("ContentSequence", []))

@@ -11,7 +11,9 @@ group:
 - the algorithm's identification (TID 4019): name ``edgekidney``, its version, and parameters
   carrying the model file name, the model's sha256, the threshold and the study rule;
 - the supporting slices (every slice of the runs that support a stone call; the peak slice when
-  there is none) as source images, with frame numbers for multi-frame images.
+  there is none) as source images, with frame numbers for multi-frame images;
+- for a stone call on slices as acquired, where: a TID 1410 planar ROI group, a circle (radius 5 %
+  of the slice's longer side) around the stone map's peak (``cam_peak``) on the peak slice.
 
 Patient, study and accession identifiers are copied from the input, so the report files into the
 same study; its own series is new (SeriesNumber 9901). Needs the ``sr`` extra (highdicom).
@@ -85,6 +87,33 @@ def supporting_refs(result: SeriesResult, series) -> list:
     return [series.refs[k] for k in indices]
 
 
+def stone_region(result: SeriesResult, series):
+    """A circle around the stone map's peak on the peak slice (highdicom ImageRegion), or None.
+
+    Only for a stone call on slices as acquired (a reformatted slice has no single source instance)
+    from a model whose slices carry ``cam_peak``.
+    """
+    peak = result.peak
+    if (result.decision != "stone" or peak is None or getattr(peak, "cam_peak", None) is None
+            or result.plane != series.acquired_plane or not 0 <= peak.index < len(series.refs)):
+        return None
+    import numpy as np
+
+    hd = _hd()
+    ref = series.refs[peak.index]
+    transform = getattr(series, "transform", None)
+    row, col = (int(v) for v in peak.cam_peak)  # on the slice as displayed: back to the stored pixel grid
+    if transform is not None:
+        row, col = transform.source_index(row, col, ref.shape)
+    radius = 0.05 * max(ref.shape)
+    centre = [float(col) + 0.5, float(row) + 0.5]  # SCOORD: (column, row), pixel centres at .5
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+        graphic_data=np.array([centre, [centre[0] + radius, centre[1]]], dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid,
+                                                None if ref.frame_number is None else [ref.frame_number]))
+
+
 def build_sr(result: SeriesResult, series):
     """The highdicom Comprehensive3DSR object for one analyzed DICOM series."""
     if series.kind != "dicom" or not getattr(series, "refs", None):
@@ -122,6 +151,14 @@ def build_sr(result: SeriesResult, series):
         measurements=measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(renal_stone, value)],
         source_images=sources or None)
+    groups = [group]
+    where = stone_region(result, series)
+    if where is not None:
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="stone map peak"),
+            referenced_region=where, finding_type=renal_stone, algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(codes.SCT.Kidney)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(renal_stone, value)]))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -131,7 +168,7 @@ def build_sr(result: SeriesResult, series):
         observation_context=hd.sr.ObservationContext(observer_person_context=None,
                                                      observer_device_context=observer),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=[group])
+        imaging_measurements=groups)
     evidence = _evidence(series, series.refs, study)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
