@@ -106,6 +106,22 @@ def phantom_model(tmp_path_factory):
     return root / "model.onnx"
 
 
+def held_out_pairs(folder, seed: int):
+    """N_HELD_OUT stone phantoms as DICOM files, each beside its twin without calculi."""
+    from edgekidney.data.synthetic import write_ct_dicom
+
+    rng = np.random.default_rng(seed)
+    phantoms = [synth_phantom(rng, 256, stone=True) for _ in range(N_HELD_OUT)]
+    study = f"1.2.826.0.1.3680043.2.{seed}"
+    stones, twins = [], []
+    for i, ph in enumerate(phantoms):
+        stones.append(folder / f"stone-{i:02d}.dcm")
+        twins.append(folder / f"twin-{i:02d}.dcm")
+        write_ct_dicom(stones[-1], ph.hu, 1, 2 * i + 1, study, study + ".1")
+        write_ct_dicom(twins[-1], ph.without_calculi, 1, 2 * i + 2, study, study + ".1")
+    return phantoms, stones, twins
+
+
 def _nearest(peak, calculi) -> tuple[float, float, float]:
     """(distance, row offset, column offset) from the calculus centre nearest to ``peak``."""
     d = [(float(np.hypot(peak[0] - c.row, peak[1] - c.col)), peak[0] - c.row, peak[1] - c.col) for c in calculi]
@@ -128,18 +144,10 @@ def test_cam_peak_of_a_stone_slice_lies_on_its_calculus(phantom_model, tmp_path)
     """
     from edgekidney.data.decode import load_slice
     from edgekidney.data.preprocess import preprocess_with_geometry
-    from edgekidney.data.synthetic import write_ct_dicom
     from edgekidney.model.heads import STRIDE
     from edgekidney.runtime.predict import Classifier
 
-    rng = np.random.default_rng(2024)  # not the training phantoms (seed 0)
-    phantoms = [synth_phantom(rng, 256, stone=True) for _ in range(N_HELD_OUT)]
-    stones, twins = [], []
-    for i, ph in enumerate(phantoms):
-        stones.append(tmp_path / f"stone-{i:02d}.dcm")
-        twins.append(tmp_path / f"twin-{i:02d}.dcm")
-        write_ct_dicom(stones[-1], ph.hu, 1, 2 * i + 1, "1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.1.1")
-        write_ct_dicom(twins[-1], ph.without_calculi, 1, 2 * i + 2, "1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.1.1")
+    phantoms, stones, twins = held_out_pairs(tmp_path, seed=2024)  # not the training phantoms (seed 0)
     with Classifier(phantom_model) as clf:
         pre = clf.preprocessing
         preds, _ = clf.predict_files(stones, want_cam=True)
@@ -211,18 +219,10 @@ def test_stone_map_peak_lies_within_one_map_cell_of_a_calculus(phantom_stone_map
     without their calculi the same slices are not called stone and their peaks go elsewhere."""
     from edgekidney.data.decode import load_slice
     from edgekidney.data.preprocess import preprocess_with_geometry
-    from edgekidney.data.synthetic import write_ct_dicom
     from edgekidney.model.network import MAP_STRIDE
     from edgekidney.runtime.predict import Classifier
 
-    rng = np.random.default_rng(2025)  # not the training phantoms (seed 0)
-    phantoms = [synth_phantom(rng, 256, stone=True) for _ in range(N_HELD_OUT)]
-    stones, twins = [], []
-    for i, ph in enumerate(phantoms):
-        stones.append(tmp_path / f"stone-{i:02d}.dcm")
-        twins.append(tmp_path / f"twin-{i:02d}.dcm")
-        write_ct_dicom(stones[-1], ph.hu, 1, 2 * i + 1, "1.2.826.0.1.3680043.2.2", "1.2.826.0.1.3680043.2.2.1")
-        write_ct_dicom(twins[-1], ph.without_calculi, 1, 2 * i + 2, "1.2.826.0.1.3680043.2.2", "1.2.826.0.1.3680043.2.2.1")
+    phantoms, stones, twins = held_out_pairs(tmp_path, seed=2025)
     with Classifier(phantom_stone_map_model) as clf:
         pre = clf.preprocessing
         preds, _ = clf.predict_files(stones)
