@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Write a release folder's MODEL_CARD.md from the measurements ``models/release.sh`` left in OUT/results.
+
+Every figure in the card is read from those JSON files; the prose around them (what the model is for,
+how it was trained, its limits) is in this script. Usage: ``python models/card.py OUT --command "..."``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(folder: Path, name: str) -> dict:
+    path = folder / "results" / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f} %"
+
+
+def ci(pair) -> str:
+    return "" if not pair else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+
+
+def evaluation_rows(ev: dict) -> list[str]:
+    if not ev:
+        return ["(not measured)"]
+    r, iv = ev["at_model_threshold"], ev.get("intervals", {})
+    auc_ci = "" if not iv.get("auc") else " [{:.3f}, {:.3f}]".format(*iv["auc"])
+    rows = [f"| sensitivity (Stone called stone) | {r['tp']}/{r['tp'] + r['fn']} | {pct(r['sensitivity'])}{ci(iv.get('sensitivity'))} |",
+            f"| specificity (the rest not called stone) | {r['tn']}/{r['tn'] + r['fp']} | {pct(r['specificity'])}{ci(iv.get('specificity'))} |",
+            f"| AUC, stone against the rest | {ev['n']} slices | {r['auc']:.3f}{auc_ci} |"]
+    for c in ev.get("confounders", []):
+        if c["is_positive"]:
+            continue
+        rows.append(f"| {c['class']} called stone | {c['called_stone']}/{c['n']} | {pct(c['rate'])}"
+                    f"{ci(iv.get('called_stone_rate', {}).get(c['class']))} |")
+    rows.append(f"| out of scope (of {ev['n']}) | {r.get('out_of_scope', 0)} | |")
+    if ev.get("calibration"):
+        rows.append(f"| expected calibration error | | {ev['calibration']['ece']:.3f} |")
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--command", required=True, help="the training command, as run")
+    p.add_argument("--where", required=True, help="where and how long it trained")
+    a = p.parse_args()
+    out = a.out
+    side_cpu = json.loads((out / "model-int8cpu.json").read_text())
+    train = load(out, "training-metrics.json")
+    ev32, ev8 = load(out, "evaluate-fp32.json"), load(out, "evaluate-int8cpu.json")
+    acc, loc, scope, lat = (load(out, n) for n in ("accuracy.json", "located.json", "scope.json", "latency.json"))
+    sums = (out / "SHA256SUMS").read_text().split("\n")
+    sizes = {f.name: f.stat().st_size for f in out.glob("*.onnx")}
+
+    lines = [f"# Model card: {out.name}", "",
+             "A kidney-stone detector for CT slices: ResNet50 with a stride-8 **stone map**, trained from scratch by",
+             "edgekidney on public data. For each slice it gives P(stone), whether the slice is within what it was",
+             "trained on (`in_scope`), and where the stone is (`cam_peak`, the map's maximum within the body).",
+             "`edgekidney study` turns the slices of a series into one answer per series.", "",
+             "> **Not a medical device.** Research software, trained on 1,600 slices of one public dataset. It has not",
+             "> been validated for clinical use and must not be used to diagnose or treat anyone.", "",
+             "## Files", "",
+             "| file | what | size | sha256 |", "|---|---|---|---|"]
+    what = {"model-int8cpu.onnx": "on-device CPU form: INT8 Q/DQ (U8S8) for ONNX Runtime; the default",
+            "model-int8trt.onnx": "GPU-ready form: symmetric INT8 Q/DQ for `edgekidney build-engine` (TensorRT 10.3+)"}
+    for line in sums:
+        if line.strip():
+            digest, name = line.split()
+            lines.append(f"| `{name}` | {what.get(name, '')} | {sizes.get(name, 0) / 1e6:.1f} MB | `{digest}` |")
+    lines += ["", "Each has its JSON sidecar (classes, preprocessing, threshold, scope threshold, the stone map, the",
+              "planes it was trained on, sha256 of itself and of its FP32 parent). The stone map, the scope distance",
+              "and the link from the map to the stone logit stay FP32 in both. `tests/test_released_model.py` checks",
+              "these checksums and a few predictions.", "",
+              "Use it by name anywhere a command takes a model: `edgekidney study kidney-stone-ct-v1 SERIES/`,",
+              "`edgekidney infer kidney-stone-ct-v1 SLICE.png`, `edgekidney serve kidney-stone-ct-v1`,",
+              "`edgekidney listen kidney-stone-ct-v1 ...`; `edgekidney build-engine kidney-stone-ct-v1` takes the GPU form.", "",
+              "## Data", "",
+              "- **Slices**: 1,600 CT slices (256×256 JPEG, 400 each Normal, Stone, Cyst, Tumor; images 1-400 of each",
+              "  class) of the public \"CT KIDNEY DATASET: Normal-Cyst-Tumor and Stone\" (Islam et al., *Scientific",
+              "  Reports* 12, 11440, 2022; hospitals in Dhaka; CC BY 4.0). About a third are coronal reformats; the",
+              f"  sidecar records the planes: {', '.join(side_cpu['extra'].get('planes', []))}"
+              f" (counted by the body's outline in training: {train.get('planes')}).",
+              "- **Where the stones are**: KSSD2025 masks (Bouzon et al., *IEEE Access* 2025,",
+              "  doi:10.1109/ACCESS.2025.3610027) for 240 of the 400 Stone slices, down-sampled to 256×256. The set",
+              "  ships no licence file; its slices come from the CC BY 4.0 dataset above.",
+              f"- **Split**: by blocks of 20 file numbers; training {train.get('n_train')} slices (numbers 1-320 of",
+              f"  each class, 6 byte-identical duplicates dropped), validation {train.get('n_val')} (321-400).",
+              "  160 training and 80 validation Stone slices have masks.", "",
+              "## Recipe", "",
+              "ResNet50 from random initialisation (no ImageNet weights could be fetched where it was trained) at",
+              "256 px after the body crop and body level; stone map on layer2+layer3 (docs/architecture.md, \"The",
+              "stone map\"); cross-entropy with label smoothing 0.1 on four classes plus the map's losses (dense BCE",
+              "with stones weighted 10× where the map is known: masks, placed calculi, all non-stone slices;",
+              "multiple-instance BCE of the map's maximum on every slice); class-balanced sampling; augmentation:",
+              "rotation/shift, zoom, contrast, window, noise, coarser grids, placed calculi (30 % of non-stone",
+              "slices get a twin with a 3-9 mm calculus and its disc as mask); AdamW, one-cycle, bfloat16 autocast;",
+              "best epoch by validation AUC; threshold for 95 % sensitivity on validation; out-of-scope threshold",
+              "at the 99th percentile of validation distances.", "",
+              "```bash", a.command, "```", "",
+              f"{a.where} Best epoch {train.get('best_epoch')} of {train.get('epochs_run')}.",
+              "Then `bash models/release.sh RUN DATA MASKS VOLUMES models/" + out.name + "` (export, calibration on 256",
+              "training slices, INT8 cpu and trt, every measurement below) and `python models/card.py`.", "",
+              "## Validation (blocks 321-400 of each class; 95 % stratified bootstrap intervals, 2,000 resamples)", "",
+              f"At the model's threshold ({side_cpu['threshold']:.4f}); a slice out of scope counts as a missed stone.", "",
+              "| INT8 cpu (shipped) | count | rate [95 % CI] |", "|---|---|---|", *evaluation_rows(ev8), "",
+              "| FP32 parent | count | rate [95 % CI] |", "|---|---|---|", *evaluation_rows(ev32), ""]
+    if loc:
+        lines += ["## Where it points", "",
+                  "Of the masked validation Stone slices called stone, the share whose `cam_peak` lies within 5 % of",
+                  "the slice's longer side (12.8 px of 256) of a stone pixel; chance is the share of body pixels that",
+                  "close to a stone.", "",
+                  "| model | masked | called stone | located | share | median distance | chance | peak agrees with FP32 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in loc["results"]:
+            lines.append(f"| `{Path(r['model']).name}` | {r['n_masked']} | {r['n_called_stone']} | {r['n_located']} | "
+                         f"{pct(r['located_share'])} | {r['median_distance_px'] or float('nan'):.1f} px | {pct(r['chance'])} | "
+                         f"{pct(r.get('peak_agreement_with_first'))} |")
+        lines.append("")
+    if acc:
+        lines += ["## Quantized forms against their FP32 parent (validation blocks)", "",
+                  "| model | agreement | accuracy | sensitivity | max \\|Δp\\| | gates |", "|---|---|---|---|---|---|"]
+        for r in acc["rows"]:
+            lines.append(f"| `{Path(r['model']).name}` | {pct(r['agreement'])} | {pct(r['accuracy'])} | "
+                         f"{pct(r['sensitivity'])} | {r['max_abs_dprob']:.3f} | {'pass' if r['passed'] else 'FAIL'} |")
+        lines.append("")
+    if scope:
+        s = scope["scope"]["sets"]
+        lines += ["## Out of scope on real CT it was not trained on (INT8 cpu)", "",
+                  "TotalSegmentator's test volumes and pydicom's multi-frame head CT (another hospital, other anatomy,",
+                  "MR), and made-up inputs. Sets marked *refuse* must come out `out_of_scope`; the kidney-level slices",
+                  "of the other hospital should stay in scope.", "",
+                  "| set | slices | out of scope | called stone |", "|---|---|---|---|"]
+        for name, r in s.items():
+            lines.append(f"| {name.replace('_', ' ')}{' (refuse)' if r.get('must_refuse') else ''} | {r['n']} | "
+                         f"{r['out_of_scope']} | {r['called_stone']} |")
+        cp = scope["calculus_pairs"]
+        vp = cp.get("validation_pairs", {})
+        lines += ["", "**Calculus pairs**: a 3-9 mm calculus of 600-1200 HU placed where a kidney lies, beside the",
+                  "same slice without it.", "",
+                  "| slices | pairs | calculus found | twin not called stone | out of scope (calculus / twin) | median rise of p |",
+                  "|---|---|---|---|---|---|",
+                  f"| {cp['source']} | {cp['pairs']} | {pct(cp['found_with_calculus'])} | {pct(cp['twin_not_called_stone'])} | "
+                  f"{pct(cp['out_of_scope_with_calculus'])} / {pct(cp['out_of_scope_twin'])} | {cp['p_rise_median']:+.3f} |"]
+        if vp:
+            lines.append(f"| {vp['source']} | {vp['pairs']} | {pct(vp['found_with_calculus'])} | "
+                         f"{pct(vp['twin_not_called_stone'])} | {pct(vp['out_of_scope_with_calculus'])} / "
+                         f"{pct(vp['out_of_scope_twin'])} | {vp['p_rise_median']:+.3f} |")
+        lines.append("")
+    if lat:
+        env = lat.get("environment", {})
+        lines += ["## Latency (ONNX Runtime, CPU, batch 1)", "",
+                  f"`edgekidney bench latency`, {env.get('threads')} threads, {env.get('processor')} ({env.get('cpus')} cores, "
+                  f"AVX-512 VNNI and AMX), onnxruntime {env.get('onnxruntime')}; all heads included.", "",
+                  "| model | mode | p50 ms | p95 ms |", "|---|---|---|---|"]
+        for r in lat["rows"]:
+            lines.append(f"| {r['label']} | {r['mode']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
+        for sp in lat.get("speedups", []):
+            lines.append(f"\nINT8 cpu against its FP32 parent ({sp['mode']}): **{sp['vs_ort_fp32']:.2f}×**.")
+        lines.append("")
+    lines += ["## Known limits", "",
+              "- Trained on one public dataset of one region (Dhaka), 256×256 JPEG exports: other scanners, windows,",
+              "  resolutions and patient populations are out of its experience. The scope gate refuses much that",
+              "  looks unlike its training slices, but not everything.",
+              "- Trained from scratch on 1,274 slices on a CPU: far less than a clinical model would see; figures on",
+              "  the 320 validation slices have the intervals above and say nothing about other hospitals.",
+              "- Slices, not volumes: it never sees neighbouring slices; `study` combines slice calls with a rule.",
+              "- Stones under about 2 mm, stones in the ureter or bladder, and phleboliths: not specifically taught.",
+              "- The located share is measured on the dataset's own masks; a peak near a stone is not a segmentation.",
+              "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones.", ""]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'MODEL_CARD.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
