@@ -198,6 +198,13 @@ def test_coronal_plane_on_a_series_and_the_plane_mismatch(synth):
     assert not any("plane mismatch" in w for w in res.warnings)
     (res,) = analyze(oracle_for(truth["none"], extra={"plane": "coronal"}), [root / "none"])
     assert any("trained on coronal slices, these are axial" in w for w in res.warnings)
+    # a model trained on both planes (its sidecar's "planes") answers in either without a warning
+    both = {"planes": ["axial", "coronal"]}
+    for plane in ("axial", "coronal"):
+        (res,) = analyze(oracle_for(truth["none"], extra=both), [root / "none"], plane=plane)
+        assert res.plane == plane and not any("plane mismatch" in w for w in res.warnings), res.warnings
+    (res,) = analyze(oracle_for(truth["none"], extra={"planes": ["axial"]}), [root / "none"], plane="coronal")
+    assert any("trained on axial slices, these are coronal" in w for w in res.warnings)
 
 
 # -- DICOM out ----------------------------------------------------------------------------------------
