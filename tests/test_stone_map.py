@@ -250,3 +250,19 @@ def _walk_items(items):
     for item in items:
         yield item
         yield from _walk_items(item.get("ContentSequence", []))
+
+
+def test_train_with_a_missing_mask_folder_is_one_line(tmp_path):
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    data = tmp_path / "ct"
+    for c in ("Normal", "Stone"):
+        (data / c).mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "edgekidney.cli", "train", str(data), "--out", str(tmp_path / "run"),
+                        "--weights", "none", "--stone-masks", str(tmp_path / "nowhere")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: --stone-masks {tmp_path / 'nowhere'}: no such folder"]
+    assert not (tmp_path / "run").exists()
