@@ -2,7 +2,7 @@
 
 ``StoneNet`` is ResNet50 plus a **stone map**: a small top-down fusion of layer2 (stride 8, 512
 channels) and layer3 (stride 16, 1024 channels, upsampled to layer2's grid): two 1x1 lateral
-convolutions, a 3x3 convolution with BatchNorm and ReLU, a 1x1 convolution to one logit per cell.
+convolutions, a 3x3 convolution with GroupNorm and leaky ReLU, a 1x1 convolution to one logit per cell.
 Cell ``o`` of the stride-8 grid is centred on input pixel ``8 o`` (every strided layer of ResNet50
 centres output ``o`` on input ``2 o``), so on a 256 px input the map has 32 x 32 cells 8 px apart: a
 3 mm calculus covers one cell instead of a fraction of a 32-pixel layer4 cell.
@@ -10,7 +10,7 @@ centres output ``o`` on input ``2 o``), so on a 256 px input the map has 32 x 32
 The slice decision reads the map: the stone class's logit gets ``map_weight * max(map logits)`` added
 (a multiple-instance link: a slice holds a stone where some cell does). The classifier over the
 pooled layer4 features still sees the whole slice (and tells Cyst, Tumor and Normal apart); the
-pooled features also feed the out-of-scope distance. See docs/architecture.md, "The stone map".
+pooled features also feed the out-of-scope distance. See docs/architecture.md rule 11 and "The stone map".
 
 Plain ResNet50 checkpoints (``arch: resnet50``, from before the map) load as they were and keep the
 class activation map of layer4 as their ``cam`` output.
@@ -43,8 +43,11 @@ def make_stone_map_head(width: int = 128):
             super().__init__()
             self.lateral2 = nn.Conv2d(512, width, 1)
             self.lateral3 = nn.Conv2d(1024, width, 1)
-            self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                      nn.ReLU(inplace=True))
+            # GroupNorm: the same in training and evaluation, whatever the batch; leaky: a map pushed down
+            # everywhere by the negatives cannot die flat (seen with BatchNorm + ReLU: the peak fell on
+            # cell (0, 0) of every slice while the classifier kept learning)
+            self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.GroupNorm(16, width),
+                                      nn.LeakyReLU(0.1, inplace=True))
             self.out = nn.Conv2d(width, 1, 1)
             nn.init.normal_(self.out.weight, std=0.01)
             nn.init.constant_(self.out.bias, -math.log((1 - MAP_PRIOR) / MAP_PRIOR))

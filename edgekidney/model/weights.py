@@ -88,7 +88,10 @@ def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[d
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise InputError(f"{path}: does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, digest
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    if any(k.startswith("net.") for k in state):  # an edgekidney stone-map checkpoint: its ResNet50 inside
+        state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    return state, digest
 
 
 def _load_backbone(model, state: dict, where: str) -> None:
