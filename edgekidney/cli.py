@@ -142,6 +142,8 @@ def train_cmd(
     stone_masks: Optional[Path] = typer.Option(None, help="Folder of stone masks (same relative paths, .png); "
                                                           "default: DATA-stones beside DATA when it exists."),
     map_loss_weight: float = typer.Option(1.0, min=0.0, help="Weight of the stone map's losses."),
+    tune_layers: Optional[str] = typer.Option(None, help="ResNet50 stages that learn with the new layers while the "
+                                                         "backbone is frozen, e.g. layer2,layer3."),
     autocast: str = typer.Option("auto", help="auto (bfloat16 where the CPU or GPU runs it natively) | bf16 | off"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
@@ -163,6 +165,7 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin, stone_map=stone_map, stone_masks=stone_masks,
                       map_loss_weight=map_loss_weight, autocast=autocast,
+                      tune_layers=tuple(t.strip() for t in (tune_layers or "").split(",") if t.strip()),
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
     from edgekidney.model.distributed import init_from_env, launch, rank_output
 

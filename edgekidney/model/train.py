@@ -86,6 +86,9 @@ class TrainConfig:
     map_pos_weight: float = 10.0  # stone cells' weight in the dense loss
     mil_weight: float = 0.5  # weight of the multiple-instance loss within the map's losses
     autocast: str = "auto"  # auto (bfloat16 where the CPU has AMX/AVX-512 BF16, or on CUDA) | bf16 | off
+    # ResNet50 stages that also learn while the backbone is frozen (e.g. ("layer2", "layer3"): the stages
+    # the stone map reads, when a trained model is given a new map: --weights RUN/model.pt)
+    tune_layers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -309,8 +312,10 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     steps_per_epoch = dist.steps(len(x_train), cfg.batch_size)
     cells = map_cells(pre.image_size)
 
-    def is_new(name: str) -> bool:  # layers that transfer learning does not bring
-        return name.startswith(("fc.", "net.fc.", "stone_map.", "map_weight"))
+    tuned = tuple(f"{prefix}{layer}." for layer in cfg.tune_layers for prefix in ("", "net."))
+
+    def is_new(name: str) -> bool:  # layers that transfer learning does not bring (or that are tuned with them)
+        return name.startswith(("fc.", "net.fc.", "stone_map.", "map_weight") + tuned)
 
     def make_phase(frozen: bool, epochs: int):
         for name, p in model.named_parameters():
@@ -571,3 +576,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.batch_size < 2:
         raise EdgeKidneyError("--batch-size must be at least 2 (BatchNorm needs two images to train)")
     cfg.augmentations()  # an unknown augmentation name fails before any data work
+    stages = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+    unknown = [t for t in cfg.tune_layers if t not in stages]
+    if unknown:
+        raise EdgeKidneyError(f"--tune-layers: unknown stage {', '.join(unknown)} (choose from {', '.join(stages)})")
