@@ -6,8 +6,8 @@
 - :func:`dense_map_loss`: binary cross-entropy per cell, stones up-weighted (``pos_weight``: a stone
   covers a few of 1,024 cells), on the slices whose map is known: masked Stone slices, placed-calculus
   twins, and every slice of another class (no stone anywhere).
-- :func:`mil_map_loss`: the map's maximum must be high on a Stone slice and low on every other slice:
-  what teaches the map on Stone slices that nobody outlined.
+- :func:`mil_map_loss`: the map's maximum must be low on every slice without a stone (and high on a
+  Stone slice, where it is used: see its docstring for why training does not, from scratch).
 """
 
 from __future__ import annotations
@@ -38,9 +38,20 @@ def dense_map_loss(map_logits, targets, known, pos_weight: float = 10.0):
     return F.binary_cross_entropy_with_logits(z, t, pos_weight=torch.tensor(pos_weight, device=z.device))
 
 
-def mil_map_loss(map_logits, is_stone):
-    """BCE of the map's maximum against the slice label (stone or not)."""
+def mil_map_loss(map_logits, is_stone, only=None):
+    """BCE of the map's maximum against the slice label (stone or not), over the slices ``only`` selects.
+
+    On a slice without a stone it is hard-negative mining: the highest cell, wherever it is, is pushed
+    down. On a Stone slice nobody outlined it pushes up whatever cell is highest, which teaches the
+    right place only once the map already finds it (trained from scratch it taught the spine), so the
+    training loop uses it on the slices without a stone.
+    """
     import torch.nn.functional as F
 
     peak = map_logits.flatten(1).amax(dim=1).float()
-    return F.binary_cross_entropy_with_logits(peak, is_stone.float())
+    target = is_stone.float()
+    if only is not None:
+        if not bool(only.any()):
+            return map_logits.sum() * 0.0
+        peak, target = peak[only], target[only]
+    return F.binary_cross_entropy_with_logits(peak, target)

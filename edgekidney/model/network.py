@@ -89,7 +89,9 @@ def make_stone_net(resnet, positive: int):
             a = m.layer4(f3)
             pooled = a.mean(dim=(2, 3))
             map_logits = self.stone_map(f2, f3)
-            peak = map_logits.flatten(1).amax(dim=1)
+            # the link reads the peak but does not train the map: the cross-entropy of every Stone slice
+            # would push up whatever cell is highest, right or wrong (it made the spine the "stone")
+            peak = map_logits.flatten(1).amax(dim=1).detach()
             logits = m.fc(pooled) + self.positive_onehot * (self.map_weight * peak).unsqueeze(1)
             return a, pooled, logits, map_logits
 

@@ -83,7 +83,7 @@ class TrainConfig:
     stone_map: bool = True
     stone_masks: Path | None = None  # DIR of masks (same relative paths, .png); None: <DATA>-stones if present
     map_loss_weight: float = 1.0  # weight of the map's losses beside the slice's cross-entropy
-    map_pos_weight: float = 10.0  # stone cells' weight in the dense loss
+    map_pos_weight: float = 20.0  # stone cells' weight in the dense loss
     mil_weight: float = 0.5  # weight of the multiple-instance loss within the map's losses
     autocast: str = "auto"  # auto (bfloat16 where the CPU has AMX/AVX-512 BF16, or on CUDA) | bf16 | off
     # ResNet50 stages that also learn while the backbone is frozen (e.g. ("layer2", "layer3"): the stages
@@ -338,7 +338,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         ce = loss_fn(out.float(), yb)
         targets = map_targets(mb, cells, MAP_STRIDE)
         dense = dense_map_loss(map_logits, targets, kb, cfg.map_pos_weight)
-        mil = mil_map_loss(map_logits, yb == positive)
+        mil = mil_map_loss(map_logits, yb == positive, only=yb != positive)  # hard negatives: the highest cell
         return ce + cfg.map_loss_weight * (dense + cfg.mil_weight * mil), out, {"dense": dense.item(), "mil": mil.item()}
 
     history: list[dict] = []
