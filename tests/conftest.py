@@ -38,11 +38,31 @@ def copy_slices(src: Path, dst: Path, classes=("Normal", "Stone"), numbers=()) -
     return dst
 
 
+# Mutation runs (docs/mutation.md) start a pytest session per mutant: with EDGEKIDNEY_TINY_CACHE=DIR the
+# tiny run below is trained once into DIR and reused by later sessions (never set in CI).
+TINY_CACHE = Path(os.environ["EDGEKIDNEY_TINY_CACHE"]) if os.environ.get("EDGEKIDNEY_TINY_CACHE") else None
+
+
+def _cached(name: str, tmp_path_factory, make) -> Path:
+    """``make(folder)`` into a fresh temporary folder, or once into the cache folder."""
+    if TINY_CACHE is None:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    folder, done = TINY_CACHE / name, TINY_CACHE / f"{name}.done"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        make(folder)
+        done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_real(tmp_path_factory, real_data) -> Path:
     """24 real slices per class: numbers 1-16 (train blocks) and 381-388 (validation block)."""
     numbers = list(range(1, 17)) + list(range(381, 389))
-    return copy_slices(real_data, tmp_path_factory.mktemp("small_real"), numbers=numbers)
+    return _cached("small_real", tmp_path_factory, lambda d: copy_slices(real_data, d, numbers=numbers))
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +71,21 @@ def tiny_run(tmp_path_factory, small_real) -> Path:
     from edgekidney.data.dataset import SplitConfig
     from edgekidney.model.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(data=small_real, out=out, weights="none", image_size=64, epochs=2, batch_size=8,
-                      split=SplitConfig(val_fraction=0.34, block_size=8)), log=lambda s: None)
-    return out
+    def make(out):
+        train(TrainConfig(data=small_real, out=out, weights="none", image_size=64, epochs=2, batch_size=8,
+                          split=SplitConfig(val_fraction=0.34, block_size=8)), log=lambda s: None)
+
+    return _cached("run", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_run) -> Path:
     from edgekidney.model.export import export_onnx
 
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(tiny_run, out, parity_images=4)
+    folder = _cached("onnx", tmp_path_factory, lambda d: export_onnx(tiny_run, d / "model.onnx", parity_images=4))
+    if TINY_CACHE is None:
+        return folder / "model.onnx"
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"  # a copy per session: tests may edit its sidecar
+    shutil.copyfile(folder / "model.onnx", out)
+    shutil.copyfile(folder / "model.json", out.with_suffix(".json"))
     return out

@@ -26,16 +26,33 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_infer_prints_json_for_files_and_folders(tiny_onnx, small_real, tmp_path):
+    from phantoms import write_head_ct
+    from edgekidney.sidecar import load_card
+
+    head = write_head_ct(tmp_path / "head.dcm")
     out = tmp_path / "pred.json"
-    r = run("infer", tiny_onnx, small_real / "Stone", small_real / "Normal" / "Normal- (1).jpg", "--json", out)
+    r = run("infer", tiny_onnx, small_real / "Stone", small_real / "Normal" / "Normal- (1).jpg", head, "--json", out)
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
-    assert len(data["predictions"]) == 25 and data["failures"] == []
+    assert len(data["predictions"]) == 26 and data["failures"] == []
     first = data["predictions"][0]
     assert set(first) == {"path", "probability", "label", "threshold", "in_scope", "scope_distance",
                           "scope_threshold", "scope_reason", "cam_peak"}
-    assert first["in_scope"] in (True, False) and first["scope_threshold"] > 0
+    thr = load_card(tiny_onnx).scope_threshold
+    by_name = {p["path"].rsplit("/", 1)[-1]: p for p in data["predictions"]}
+    for p in data["predictions"]:  # the sidecar's threshold on the graph's distance decides, slice by slice
+        assert p["scope_threshold"] == thr and p["in_scope"] == (p["scope_distance"] <= thr), p
+        assert (p["label"] == "out_of_scope") == (not p["in_scope"]), p
+    # slices the model was trained on (numbers 1-16) are within its scope and get a class
+    trained = [p for n, p in by_name.items() if n.endswith(tuple(f"({i}).jpg" for i in range(1, 17)))]
+    assert len(trained) == 17 and all(p["in_scope"] and p["label"] in ("Normal", "Stone") for p in trained)
+    # a head CT has a patient outline but is far from every kidney slice: out of scope by its distance
+    h = by_name["head.dcm"]
+    assert h["scope_distance"] > thr, f"precondition: the head slice must lie beyond {thr} ({h})"
+    assert h["label"] == "out_of_scope" and h["in_scope"] is False
+    assert h["scope_reason"].startswith("unlike the training slices (feature distance")
     assert "Stone" in r.stdout and "p(Stone)" in r.stdout
+    assert any(line.split()[-2:] == ["NO", "out_of_scope"] for line in r.stdout.splitlines() if "head.dcm" in line)
 
 
 def test_infer_csv_to_stdout(tiny_onnx, small_real):

@@ -162,30 +162,81 @@ def test_missing_and_empty_files(tmp_path):
 
 
 # -- limits before allocation (issue 8) ---------------------------------------------------------------
-import resource  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from edgekidney.data.decode import DecodeLimits  # noqa: E402
 from edgekidney.errors import ImageTooLargeError  # noqa: E402
 
 from hostile import dicom_declaring, png_declaring, thin_png  # noqa: E402
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+THIN = [(20000, 32), (40000, 32), (60000, 60)]
 
 
-@pytest.mark.parametrize("width,height", [(20000, 32), (40000, 32), (60000, 60)])
+@pytest.mark.parametrize("width,height", THIN)
 def test_thin_pngs_from_the_issue_are_refused_from_the_header(width, height):
     data = thin_png(width, height)
     assert len(data) < 8000  # the issue's files: 790 B, 1.4 KB, 3.7 KB
-    before = peak_rss_mb()
     t0 = time.perf_counter()
     with pytest.raises(InputError) as info:  # ImageTooLargeError (413) or an aspect-ratio InputError (422)
         decode_slice(data, "thin.png", CFG)
     assert time.perf_counter() - t0 < 1.0
-    assert peak_rss_mb() - before < 100  # nothing the size of the declared image was allocated
     assert f"{width}x{height}" in str(info.value) and str(info.value).startswith("thin.png: ")
+
+
+PEAK_RSS = """
+import json, sys
+import numpy as np
+from edgekidney.data.decode import decode_slice
+from edgekidney.data.preprocess import Preprocessing
+from edgekidney.errors import InputError
+sys.path.insert(0, sys.argv[1])
+from hostile import thin_png
+
+def mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+
+def peak_of(step):
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident size, to now
+    before = mb("VmRSS")
+    step()
+    return mb("VmHWM") - before
+
+cfg, out = Preprocessing(image_size=64), {}
+datas = {f"{w}x{h}": thin_png(w, h) for w, h in json.loads(sys.argv[2])}
+decode_slice(thin_png(64, 64), "warm.png", cfg)  # imports and first-call allocations before measuring
+
+def refuse(data):
+    try:
+        decode_slice(data, "thin.png", cfg)
+    except InputError:
+        return
+    raise AssertionError("decoded")
+
+for name, data in datas.items():
+    out[name] = peak_of(lambda: refuse(data))
+out["probe"] = peak_of(lambda: np.ones((200, 1024, 1024), np.uint8))  # 200 MB: the measurement must see it
+print(json.dumps(out))
+"""
+
+
+def test_refusing_thin_pngs_allocates_nothing_measured_in_a_fresh_process():
+    """The peak resident size of a fresh interpreter, reset before each decode (/proc/self/clear_refs): in
+    the test process, after a training, ru_maxrss is a high-water mark far above anything a decode could
+    add, so it would see nothing. A 200 MB probe shows that the measurement sees an allocation."""
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(Path(__file__).parent), json.dumps(THIN)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    deltas = json.loads(r.stdout)
+    assert 190 < deltas.pop("probe") < 260
+    assert set(deltas) == {f"{w}x{h}" for w, h in THIN}
+    for name, mb in deltas.items():  # the padded square of 20000 px alone would be 1.6 GB
+        assert mb < 20, (name, mb)
 
 
 @pytest.mark.parametrize("width,height,error,fragment", [

@@ -164,6 +164,49 @@ def test_out_of_scope_from_a_blank_image_is_a_label(client, local):
     assert res.as_numpy("label")[0] == b"out_of_scope"
 
 
+@pytest.fixture(scope="module")
+def head_ct(tmp_path_factory) -> Path:
+    from phantoms import write_head_ct
+
+    return write_head_ct(tmp_path_factory.mktemp("head") / "head.dcm")
+
+
+def test_a_head_ct_slice_is_out_of_scope_by_feature_distance_on_v1_and_v2(server, client, local, head_ct, small_real):
+    """A slice with a patient outline (so not the no-body rule) but far from the kidney slices the model was
+    trained on: /v1 and /v2 both answer out_of_scope, because its feature distance is over the sidecar's
+    threshold; a training slice in the same request stays in scope with its class label."""
+    thr = local["card"].scope_threshold
+    train_slice = small_real / "Stone" / "Stone- (3).jpg"  # a training slice of the tiny run
+    files = [("head.dcm", head_ct.read_bytes(), "application/dicom"),
+             ("train.jpg", train_slice.read_bytes(), "image/jpeg")]
+    r = httpx.post(server.url + "/v1/predict", headers=AUTH, timeout=60,
+                   files=[("file", f) for f in files])
+    assert r.status_code == 200, r.text
+    head, train = r.json()
+    assert head["scope_distance"] > thr, f"precondition: the head slice must lie beyond {thr} ({head})"
+    assert head["label"] == "out_of_scope" and head["in_scope"] is False and head["scope_threshold"] == thr
+    assert head["scope_reason"].startswith("unlike the training slices (feature distance")
+    assert train["in_scope"] is True and train["scope_distance"] < thr and train["scope_reason"] is None
+    assert train["label"] in ("Normal", "Stone")
+
+    inp = httpclient.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([head_ct.read_bytes(), train_slice.read_bytes()], dtype=np.object_))
+    res = client.infer("edgekidney", [inp], headers=auth())
+    assert [v.decode() for v in res.as_numpy("label")] == ["out_of_scope", train["label"]]
+    np.testing.assert_allclose(res.as_numpy("scope_distance"), [head["scope_distance"], train["scope_distance"]],
+                               rtol=1e-4)
+    # raw tensors: no slice to look for a patient in, the distance alone decides
+    from edgekidney.data.decode import load_slice
+
+    card = local["card"]
+    x, geo = preprocess_batch_with_geometry([load_slice(head_ct, card.preprocessing)], card.preprocessing)
+    assert geo[0].body_found  # the head has an outline: only the distance can refuse it
+    t = httpclient.InferInput("input", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    res = client.infer("edgekidney", [t], headers=auth())
+    assert res.as_numpy("label")[0] == b"out_of_scope" and res.as_numpy("scope_distance")[0] > thr
+
+
 # -- bad requests: 4xx with {"error": ...}, the server keeps serving -----------------------------------
 def bad_requests(x: np.ndarray):
     hdr = lambda d: json.dumps(d).encode()  # noqa: E731

@@ -145,6 +145,72 @@ def test_cam_is_the_logit_margin_spread_over_the_image(tiny_onnx, tiny_run, smal
     np.testing.assert_allclose(cells.mean(axis=(1, 2)), margin - bias_margin, rtol=1e-4, atol=1e-5)
 
 
+def test_the_graphs_distance_is_scope_py_numpy_distance_that_set_the_threshold(tiny_onnx, tiny_run, small_real,
+                                                                              tmp_path):
+    """The threshold in the sidecar was chosen on :meth:`ScopeModel.distance` (numpy, float64) of the
+    checkpoint's pooled features; the product compares it with the ONNX graph's ``scope_distance``
+    (float32). The two must be one distance: on training, validation and out-of-distribution slices."""
+    import torch
+
+    from phantoms import write_head_ct
+    from edgekidney.data.preprocess import preprocess_batch
+    from edgekidney.model.network import forward_parts
+    from edgekidney.model.train import load_checkpoint
+    from edgekidney.runtime.predict import Classifier
+    from edgekidney.scope import ScopeModel
+    from edgekidney.sidecar import load_card
+
+    ck = torch.load(tiny_run / "model.pt", map_location="cpu", weights_only=True)
+    arrays = {k: np.asarray(ck["scope"][k], dtype=np.float64) for k in ("means", "basis", "inv_var", "res_inv_var")}
+    detector = ScopeModel(arrays["means"], arrays["basis"], arrays["inv_var"], float(arrays["res_inv_var"][0]),
+                          ck["scope"]["shrinkage"])
+    model, card = load_checkpoint(tiny_run)
+    pre = card.preprocessing
+    files = [small_real / "Stone" / "Stone- (2).jpg", small_real / "Normal" / "Normal- (5).jpg",  # training
+             small_real / "Stone" / "Stone- (383).jpg", small_real / "Normal" / "Normal- (384).jpg",  # validation
+             write_head_ct(tmp_path / "head.dcm")]  # far from both
+    x = preprocess_batch([load_slice(f, pre) for f in files], pre)
+    with torch.no_grad():
+        pooled = forward_parts(model, torch.from_numpy(x))[1].double().numpy()
+    expected = detector.distance(pooled)
+    with Classifier(tiny_onnx) as clf:
+        graph = clf.infer_outputs(x)["scope_distance"]
+    thr = load_card(tiny_onnx).scope_threshold
+    assert thr == pytest.approx(ck["scope"]["threshold"])  # the sidecar carries the checkpoint's threshold
+    np.testing.assert_allclose(graph, expected, rtol=2e-3, atol=1e-3 * thr)
+    assert np.array_equal(graph <= thr, expected <= thr)  # the same decisions
+    assert expected[0] < 0.01 * thr and expected[-1] > thr  # and both kinds of decision occur
+
+
+def test_scope_of_lets_the_distance_decide_and_the_missing_body_refuse():
+    """The decision itself, on chosen distances: at the threshold in scope, above it out, NaN out, no
+    detector (no threshold or no distances) gives None; a slice without a body is out whatever its distance."""
+    from types import SimpleNamespace
+
+    from edgekidney.runtime.predict import decide_outputs, scope_of
+
+    card = SimpleNamespace(scope_threshold=2.0, preprocessing=SimpleNamespace(body_crop=True),
+                           classes=["Normal", "Stone"], positive_index=1)
+    body, none = SimpleNamespace(body_found=True), SimpleNamespace(body_found=False)
+    d = np.array([0.5, 2.0, 2.0000001, np.nan, np.inf, 0.1])
+    inside, reasons = scope_of(card, d, [body] * 5 + [none])
+    assert inside.tolist() == [True, True, False, False, False, False]
+    assert reasons[:2] == [None, None]
+    assert reasons[2] == "unlike the training slices (feature distance 2 > 2)"
+    assert reasons[3].startswith("unlike the training slices (feature distance nan")
+    assert reasons[5] == "no patient outline (or no anatomy, one flat value) found in the image"
+    assert scope_of(SimpleNamespace(scope_threshold=None), d, [body] * 6) == (None, [None] * 6)
+    assert scope_of(card, None, [body] * 6) == (None, [None] * 6)
+    no_crop = SimpleNamespace(**{**vars(card), "preprocessing": SimpleNamespace(body_crop=False)})
+    assert scope_of(no_crop, np.array([0.5]), [none])[0].tolist() == [True]  # no body crop: no outline rule
+    logits = np.array([[0.0, 3.0]] * 3, np.float32)  # every slice a confident stone ...
+    r = decide_outputs(card, 0.5, {"logits": logits, "scope_distance": np.array([1.0, 3.0, 1.0])}, [body, body, none])
+    assert r.labels == ["Stone", "out_of_scope", "out_of_scope"]  # ... but only the first is judged
+    assert r.in_scope.tolist() == [True, False, False] and r.distances.tolist() == [1.0, 3.0, 1.0]
+    plain = decide_outputs(card, 0.5, {"logits": logits}, [body, body, none])  # a model without the head
+    assert plain.labels == ["Stone"] * 3 and plain.in_scope is None and plain.reasons == [None] * 3
+
+
 def test_blank_and_out_of_scope_slices_are_never_called_stone(tiny_onnx, small_real):
     from edgekidney.runtime.predict import Classifier
 

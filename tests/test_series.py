@@ -331,3 +331,27 @@ def test_a_nifti_header_declaring_too_much_is_refused_before_any_voxel_is_read(t
     assert m.seconds < 1.0 and m.peak_mb < 10, (m.seconds, m.peak_mb)
     with pytest.raises(InputError, match=f"^no CT series found in 1 file\\(s\\): {name}: "):
         read_series([path])  # skipped with that reason, and nothing else was found
+
+
+def test_slices_of_different_sizes_are_refused_and_the_study_says_not_assessable(tmp_path, small_series):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgekidney.cli import app
+    from listener_fixtures import tiny_model
+
+    files = copy_series(small_series[0], tmp_path / "s")
+    ds = pydicom.dcmread(files[3])
+    ds.PixelData = ds.pixel_array[:48, :40].copy().tobytes()  # one slice cropped: 48 rows, 40 columns
+    ds.Rows, ds.Columns = 48, 40
+    ds.save_as(files[3])
+    (s,), skipped = read_series([tmp_path / "s"])
+    assert skipped == [] and s.refusal == "slices of different sizes in one series: [(48, 40), (64, 64)]"
+    r = CliRunner().invoke(app, ["study", str(tiny_model(tmp_path / "m")), str(tmp_path / "s"),
+                                 "--json", str(tmp_path / "study.json")])
+    assert r.exit_code == 0, r.output
+    (entry,) = json.loads((tmp_path / "study.json").read_text())["series"]
+    assert entry["decision"] == "not_assessable" and entry["reason"] == s.refusal
+    assert entry["n_slices"] == 8 and entry["slices"] == [] and entry["probability"] is None  # nothing judged
+    assert "not_assessable" in r.stdout

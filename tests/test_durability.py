@@ -1,0 +1,497 @@
+"""Nothing acknowledged is lost: the listener's store, its recovery after a crash and its job table.
+
+A kill -9 cannot show a missing fsync (the page cache survives the process), so the order of the calls
+is recorded instead: for every instance the scanner is told Success for, the file was written to a
+temporary name, fsync'd, renamed into place, its folder fsync'd and its row committed, all before the
+C-STORE handler returned the status. ``Listener.recover()`` is driven directly on a store left as a crash
+leaves one. The job table's transitions are checked one by one (they are what a restart resumes from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+pytest.importorskip("prometheus_client")
+
+from listener_fixtures import send, write_series  # noqa: E402
+
+from edgekidney.dicomnet import Listener, ListenerConfig, ProcessResult  # noqa: E402
+from edgekidney.dicomnet import store as store_mod  # noqa: E402
+from edgekidney.dicomnet.jobs import JobTable  # noqa: E402
+from edgekidney.dicomnet.scp import StorageSCP  # noqa: E402
+from edgekidney.dicomnet.store import TMP_PREFIX, InstanceStore, uid_key, write_durably  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """(study, series, files): six slices of one synthetic series."""
+    return write_series(tmp_path_factory.mktemp("durable"), 6, seed=11)
+
+
+def summary_processor(paths):
+    return ProcessResult({"slices": len(paths), "decision": "Normal"})
+
+
+def make(tmp_path, clock=None, **kw) -> Listener:
+    kw.setdefault("series_timeout_s", 60.0)
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, min_free_mb=0.0, poll_s=0.05, **kw)
+    return Listener(cfg, summary_processor, **({"clock": clock} if clock else {}))
+
+
+def sop_of(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def rows(store: Path) -> dict[str, tuple]:
+    """What a second reader of the job table sees: committed rows only."""
+    db = sqlite3.connect(store / "jobs.sqlite")
+    try:
+        return {r[0]: r[1:] for r in db.execute("SELECT sop_uid, series_uid, path FROM instances")}
+    finally:
+        db.close()
+
+
+# -- acknowledged only once durable ---------------------------------------------------------------
+def test_each_instance_is_fsynced_renamed_and_committed_before_the_c_store_is_answered(tmp_path, series,
+                                                                                      monkeypatch):
+    _, series_uid, files = series
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+
+    real_add = JobTable.add_instance
+
+    def add_instance(self, sop_uid, *a, **k):
+        out = real_add(self, sop_uid, *a, **k)
+        events.append(("row", sop_uid))
+        return out
+
+    real_handle = StorageSCP.handle_store
+
+    def handle_store(self, event):
+        status = real_handle(self, event)
+        events.append(("answer", str(event.request.AffectedSOPInstanceUID)))
+        return status
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod.os, "replace", replace)
+    monkeypatch.setattr(JobTable, "add_instance", add_instance)
+    monkeypatch.setattr(StorageSCP, "handle_store", handle_store)
+    lst = make(tmp_path).start()
+    try:
+        assert send(lst.port, files[:3]) == [0, 0, 0]
+        committed = rows(tmp_path / "store")  # read by another connection right after the acks
+    finally:
+        lst.stop()
+    for f in files[:3]:
+        sop = sop_of(f)
+        final = lst.store.instance_path(series_uid, sop)
+        assert committed[sop] == (series_uid, str(final))
+        tmp_fsync = [i for i, (k, v) in enumerate(events) if k == "fsync" and
+                     Path(v).name.startswith(f"{TMP_PREFIX}{final.name}.")]
+        rename = events.index(("rename", str(final)))
+        dir_fsync = [i for i, e in enumerate(events) if e == ("fsync", str(final.parent)) and i > rename]
+        row, answer = events.index(("row", sop)), events.index(("answer", sop))
+        assert tmp_fsync and dir_fsync, events
+        assert tmp_fsync[-1] < rename < dir_fsync[0] < row < answer, events
+        assert final.read_bytes().endswith(open(f, "rb").read()[-4096:])  # what the scanner sent, on disk
+
+
+def test_a_write_that_fails_is_answered_out_of_resources_and_leaves_no_row(tmp_path, series, monkeypatch):
+    _, _, files = series
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod.os, "fsync", no_space)
+    lst = make(tmp_path).start()
+    try:
+        assert send(lst.port, files[:1]) == [0xA700]  # Out of Resources: the scanner keeps it and retries
+        text = lst.metrics.text()
+    finally:
+        lst.stop()
+    assert rows(tmp_path / "store") == {} and not list((tmp_path / "store" / "instances").glob("*/*.dcm"))
+    assert 'edgekidney_listener_failures_total{stage="store"} 1.0' in text
+    assert 'edgekidney_listener_instances_received_total 0.0' in text
+
+
+# -- recover(): what a crash leaves behind ----------------------------------------------------------
+def test_recover_drops_temporaries_refiles_orphans_and_sets_unreadable_files_aside(tmp_path, series, caplog):
+    study_uid, series_uid, files = series
+    lst = make(tmp_path, clock=lambda: 5000.0)
+    st = lst.store
+    data = [f.read_bytes() for f in files]
+    sops = [sop_of(f) for f in files]
+    # acknowledged before the crash: on disk and in the table
+    known = st.put_instance(series_uid, sops[0], data[0])
+    lst.jobs.add_instance(sops[0], series_uid, study_uid, known, 1000.0)
+    # on disk, not in the table (killed between the rename and the commit: never acknowledged)
+    orphans = [st.put_instance(series_uid, sops[i], data[i]) for i in (1, 2, 3)]
+    # half-written temporaries, in instances/ and results/
+    temps = [st.instance_path(series_uid, sops[4]).with_name(f"{TMP_PREFIX}x.dcm.1.2"),
+             st.results / uid_key(series_uid) / f"{TMP_PREFIX}sr.dcm.3.4"]
+    for t in temps:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_bytes(data[4][:300])
+    # an orphan of a series (and study) the table has never seen
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    other = dcmread(files[5])
+    other.StudyInstanceUID, other.SeriesInstanceUID = "1.2.826.0.1.3680043.10.511.7", "1.2.826.0.1.3680043.10.511.8"
+    buf = DicomBytesIO()
+    other.save_as(buf, enforce_file_format=True)
+    st.put_instance(other.SeriesInstanceUID, str(other.SOPInstanceUID), buf.getvalue())
+    # a file that is no DICOM at all (a disk error, a stray copy)
+    junk = st.instances / uid_key(series_uid) / "junk.dcm"
+    junk.write_bytes(b"not a dicom file")
+    with caplog.at_level(logging.INFO, logger="edgekidney.listener"):
+        counts = lst.recover()
+    lst.jobs.close()
+    assert counts == {"receiving": 2}
+    assert not any(t.exists() for t in temps)
+    assert not junk.exists() and junk.with_suffix(".unreadable").exists()
+    table = rows(tmp_path / "store")
+    assert set(table) == set(sops[:4]) | {str(other.SOPInstanceUID)}  # orphans filed under their UIDs, junk not
+    assert all(table[sops[i]] == (series_uid, str(orphans[i - 1])) for i in (1, 2, 3))
+    jobs = JobTable(tmp_path / "store" / "jobs.sqlite")
+    try:
+        assert jobs.instance_paths(series_uid) == [known, *sorted(orphans, key=str)]  # in the order re-filed
+        assert jobs.counts() == {"receiving": 2}
+        n, last_at = jobs._db.execute("SELECT n_instances, last_at FROM series WHERE series_uid=?",
+                                      (series_uid,)).fetchone()
+        assert n == 4 and last_at == 5000.0  # a fresh completion wait from the restart's clock
+        assert jobs._db.execute("SELECT study_uid FROM series WHERE series_uid=?",
+                                (other.SeriesInstanceUID,)).fetchone() == (other.StudyInstanceUID,)
+    finally:
+        jobs.close()
+    assert messages(caplog) == ["unreadable file in store set aside: junk.dcm (InvalidDicomError)",
+                                "resumed: {'receiving': 2}; 2 temp files removed, 4 instances re-filed"]
+
+
+def test_recover_on_a_clean_store_changes_nothing(tmp_path, series, caplog):
+    study_uid, series_uid, files = series
+    lst = make(tmp_path, clock=lambda: 10.0)
+    with caplog.at_level(logging.INFO, logger="edgekidney.listener"):
+        assert lst.recover() == {}
+        assert not [r for r in caplog.records if r.name == "edgekidney.listener"]  # nothing to say
+        (lst.store.instances / f"{TMP_PREFIX}x").write_bytes(b"half")
+        assert lst.recover() == {}
+        assert messages(caplog) == ["resumed: {}; 1 temp files removed, 0 instances re-filed"]
+        caplog.clear()
+        sop = sop_of(files[0])
+        p = lst.store.put_instance(series_uid, sop, files[0].read_bytes())
+        lst.jobs.add_instance(sop, series_uid, study_uid, p, 1.0)
+        lst.jobs.complete_quiet(100.0, 5.0)
+        assert lst.recover() == {"complete": 1}
+    assert lst.jobs.known_paths() == {str(p)} and p.exists()
+    assert [r.getMessage() for r in caplog.records if r.name == "edgekidney.listener"] == [
+        "resumed: {'complete': 1}; 0 temp files removed, 0 instances re-filed"]
+    lst.jobs.close()
+
+
+def test_an_orphan_from_before_the_crash_is_classified_with_its_series(tmp_path, series):
+    """The instance on disk but not in the table is part of the series' result after the restart."""
+    study_uid, series_uid, files = series
+    now = [1000.0]
+    results = tmp_path / "out" / "deep" / "results.jsonl"  # its folders are made
+    lst = make(tmp_path, clock=lambda: now[0], series_timeout_s=5.0, results_file=results)
+    sops = [sop_of(f) for f in files]
+    for i, f in enumerate(files[:4]):
+        p = lst.store.put_instance(series_uid, sops[i], f.read_bytes())
+        if i != 2:  # the third never reached the table
+            lst.jobs.add_instance(sops[i], series_uid, study_uid, p, 999.0)
+    lst.recover()
+    assert not lst.pipeline_step()  # quiet for 0 s: not complete yet
+    now[0] = 1006.0
+    assert lst.pipeline_step()
+    text = results.read_text()
+    line = json.loads(text)
+    assert line["study_uid"] == study_uid and line["series"][0]["slices"] == 4
+    assert text == json.dumps(line, sort_keys=True) + "\n"  # one line, keys sorted: diffable records
+    assert results.stat().st_mode & 0o777 == 0o640
+    assert lst.jobs.series_state(series_uid) == "done"
+    lst.jobs.close()
+
+
+# -- the store -------------------------------------------------------------------------------------
+def test_write_durably_leaves_the_file_and_no_temporary(tmp_path):
+    target = tmp_path / "a.dcm"
+    write_durably(target, b"x" * 100_000)
+    write_durably(target, b"second")  # replaces atomically
+    assert target.read_bytes() == b"second" and os.listdir(tmp_path) == ["a.dcm"]
+
+
+def test_store_layout_keys_and_retention(tmp_path):
+    st = InstanceStore(tmp_path / "s")
+    assert (st.instances, st.results) == (tmp_path / "s" / "instances", tmp_path / "s" / "results")
+    assert uid_key("1.2.3") == uid_key("1.2.3") != uid_key("1.2.4") and len(uid_key("1.2.3")) == 20
+    assert uid_key("1.2.\u00e9") == uid_key("1.2.?")  # a peer's non-ASCII bytes cannot break the filing
+    assert all(c in "0123456789abcdef" for c in uid_key("1.2.3"))
+    p = st.put_instance("9.9", "1.1", b"a")
+    assert p.stat().st_mode & 0o777 == 0o640  # what a peer sent is not for every user of the device
+    q = st.put_instance("9.9", "1.2", b"b")
+    r = st.put_result("9.9", "5.5", b"sr")
+    other = st.put_instance("9.8", "1.3", b"c")
+    assert p == st.instance_path("9.9", "1.1") == st.instances / uid_key("9.9") / f"{uid_key('1.1')}.dcm"
+    assert r == st.results / uid_key("9.9") / f"{uid_key('5.5')}.dcm" and r.read_bytes() == b"sr"
+    assert "1.1" not in str(p) and "9.9" not in str(p)  # no UID becomes a path
+    assert st.remove_series("9.9") == 2
+    assert not p.exists() and not q.exists() and not r.exists() and other.exists()
+    assert st.remove_series("9.9") == 0
+    assert st.put_instance("9.9", "1.1", b"again").read_bytes() == b"again"  # its folder is made again
+    (st.instances / uid_key("9.8") / f"{TMP_PREFIX}half").write_bytes(b"h")
+    (st.results / f"{TMP_PREFIX}r").write_bytes(b"h")
+    assert st.clean_temporaries() == 2 and st.clean_temporaries() == 0
+    assert other.exists() and st.free_mb() > 0
+    lone = st.put_result("7.7", "5.6", b"sr")  # results of a series whose images are gone already
+    assert st.remove_series("7.7") == 0 and not lone.exists() and not lone.parent.exists()
+
+
+# -- the job table ----------------------------------------------------------------------------------
+def test_job_table_transitions(tmp_path):
+    j = JobTable(tmp_path / "j.sqlite")
+    try:
+        assert j.add_instance("1", "S1", "T1", tmp_path / "1", 10.0) == "new"
+        assert j.add_instance("2", "S1", "T1", tmp_path / "2", 11.0) == "new"
+        assert j.add_instance("3", "S2", "T1", tmp_path / "3", 14.0) == "new"  # same study, second series
+        assert j.add_instance("4", "S3", "T2", tmp_path / "4", 12.0) == "new"
+        assert j.series_state("S1") == "receiving" and j.series_state("nope") is None
+        assert j.new_instances(0) == [(k, tmp_path / str(k)) for k in (1, 2, 3, 4)]  # (rowid, path)
+        assert [p for _, p in j.new_instances(2, limit=1)] == [tmp_path / "3"]
+        assert j.known_paths() == {str(tmp_path / n) for n in "1234"}
+        # the study is the unit of quiet: S1 waits for S2, its study's last instance
+        assert j.complete_quiet(17.5, 5.0) == ["S3"]
+        assert j.complete_quiet(18.9, 5.0) == []
+        assert sorted(j.complete_quiet(19.0, 5.0)) == ["S1", "S2"]
+        assert j.new_instances(0) == []  # nothing is receiving now
+        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 20.0) == "late"
+        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 21.0) == "duplicate"
+        assert j.instance_paths("S1") == [tmp_path / "1", tmp_path / "2", tmp_path / "5"]
+        assert j.next_complete_study() == ("T2", ["S3"])  # completed first
+        j.set_classified("S3", {"d": 1}, [tmp_path / "sr3"], 30.0, has_destination=True)
+        assert j.next_complete_study() == ("T1", ["S1", "S2"])
+        j.set_classified("S1", {"d": 2}, [], 31.0, has_destination=True)  # nothing to send: done
+        j.set_failed("S2", "bad", 31.0)
+        assert j.next_complete_study() is None
+        assert (j.series_state("S1"), j.series_state("S2"), j.series_state("S3")) == ("done", "failed", "classified")
+        assert j.queue_depth() == 1 and j.counts() == {"done": 1, "failed": 1, "classified": 1}
+        due = j.due_for_sending(32.0)
+        assert [(r.series_uid, r.state, r.result_paths, r.result_json, r.attempts) for r in due] == \
+            [("S3", "classified", [str(tmp_path / "sr3")], {"d": 1}, 0)]
+        assert (due[0].study_uid, due[0].n_instances, due[0].last_at) == ("T2", 1, 12.0)
+        assert j.send_failed("S3", "down", 40.0) == 1 and j.send_failed("S3", "down", 50.0) == 2
+        assert j.due_for_sending(49.9) == [] and [r.attempts for r in j.due_for_sending(50.0)] == [2]
+        j.mark_sending("S3")
+        j.mark_sending("S1")  # only a classified series starts sending
+        assert j.series_state("S3") == "sending" and j.series_state("S1") == "done"
+        j.resume(60.0)  # after a restart a series that was sending is due at once
+        assert [r.state for r in j.due_for_sending(0.0)] == ["sending"]
+        j.mark_sent("S3", 70.0)
+        assert j.series_state("S3") == "sent" and j.due_for_sending(1e9) == [] and j.queue_depth() == 0
+        # retention: sent (or done) series whose results are older than the retention
+        assert j.due_for_purge(79.9, 10.0) == ["S1"]  # classified (done) at 31
+        assert sorted(j.due_for_purge(80.0, 10.0)) == ["S1", "S3"]  # sent at 70
+        j.mark_purged("S1", 90.0)
+        assert j.instance_paths("S1") == [] and j.due_for_purge(1e9, 0.0) == ["S3"]
+    finally:
+        j.close()
+
+
+def test_job_table_hands_out_bounded_batches(tmp_path):
+    j = JobTable(tmp_path / "j.sqlite")
+    try:
+        for i in range(40):
+            j.add_instance(f"1.{i}", "S", "T", tmp_path / str(i), float(i))
+        batch = j.new_instances(0)
+        assert len(batch) == 32 and batch[-1][0] == 32 and [r for r, _ in j.new_instances(32)] == list(range(33, 41))
+        for k in range(20):
+            j.add_instance(f"2.{k}", f"S{k}", "T2", tmp_path / f"x{k}", 0.0)
+        j.complete_quiet(1e9, 1.0)
+        for k in range(20):
+            j.set_classified(f"S{k}", {}, [tmp_path / "r"], 100.0 - k, has_destination=True)
+        due = j.due_for_sending(1e9)
+        assert [r.series_uid for r in due] == [f"S{k}" for k in range(19, 3, -1)]  # 16, oldest result first
+    finally:
+        j.close()
+
+
+def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
+    j = JobTable(tmp_path / "j.sqlite")
+    try:
+        j.add_instance("1", "S", "T", tmp_path / "1", 100.0)
+        assert j.seen_again("1", 104.0) and not j.seen_again("2", 104.0)
+        assert j.complete_quiet(108.0, 5.0) == []  # the resend at 104 counts as activity
+        j.resume(200.0)
+        assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
+        assert j.seen_again("1", 300.0)  # a resend after completion changes nothing
+        assert j.series_state("S") == "complete"
+        assert j.resume(0.0) == {"complete": 1}
+    finally:
+        j.close()
+
+
+# -- the C-STORE handler, called directly -------------------------------------------------------------
+class FakeEvent:
+    """What StorageSCP.handle_store reads from pynetdicom's event: the SOP Instance UID and the dataset."""
+
+    def __init__(self, path: Path, **edits) -> None:
+        from pydicom import dcmread
+        from pydicom.filebase import DicomBytesIO
+
+        ds = dcmread(path)
+        for k, v in edits.items():
+            setattr(ds, k, v)
+        self.request = type("Req", (), {"AffectedSOPInstanceUID": ds.SOPInstanceUID})()
+        buf = DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        self._data = buf.getvalue()
+
+    def encoded_dataset(self, include_meta: bool = True) -> bytes:
+        assert include_meta
+        return self._data
+
+
+def scp_for(tmp_path, **kw):
+    from edgekidney.dicomnet.metrics import ListenerMetrics
+
+    kw.setdefault("min_free_mb", 0.0)
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, **kw)
+    st, jobs, metrics = InstanceStore(cfg.store), JobTable(cfg.store / "jobs.sqlite"), ListenerMetrics()
+    return StorageSCP(cfg, st, jobs, metrics), jobs, metrics
+
+
+def metric_value(metrics, name: str) -> float:
+    for line in metrics.text().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "edgekidney.listener"]
+
+
+def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, series, caplog, monkeypatch):
+    from edgekidney.dicomnet.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+
+    study_uid, series_uid, files = series
+    scp, jobs, metrics = scp_for(tmp_path)
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+    try:
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS  # resent: stored once
+        assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1
+        assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 1
+        # the same instance from two associations at once: the table's INSERT OR IGNORE decides
+        monkeypatch.setattr(jobs, "seen_again", lambda sop, now: False)
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS
+        assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 2
+        assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1
+        assert messages(caplog) == []  # nothing to say about any of that
+        # an instance of a series already complete: kept, counted late, said once per instance
+        jobs.complete_quiet(1e12, 1.0)
+        assert scp.handle_store(FakeEvent(files[1])) == SUCCESS
+        assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
+        assert messages(caplog) == [f"series {uid_key(series_uid)}: instance arrived after the series was complete; "
+                                    "stored, not in its result"]
+        caplog.clear()
+        # without Study/Series Instance UID: filed under a substitute key, said once per series
+        for f in files[2:5]:
+            assert scp.handle_store(FakeEvent(f, StudyInstanceUID="", SeriesInstanceUID="")) == SUCCESS
+        (substitute,) = [r[0] for r in jobs._db.execute("SELECT series_uid FROM series") if r[0] != series_uid]
+        assert messages(caplog) == [f"series {uid_key(substitute)}: instances without Study/Series Instance UID, "
+                                    "filed under a substitute key (classified, no SR)"]
+        caplog.clear()
+        # the disk below its floor
+        scp.cfg.min_free_mb = 1e12
+        assert scp.handle_store(FakeEvent(files[5])) == OUT_OF_RESOURCES
+        assert messages(caplog) == ["C-STORE refused: store below 1000000000000 MB free"]
+        assert 'edgekidney_listener_refused_total{reason="disk"} 1.0' in metrics.text()
+        scp.cfg.min_free_mb = 0.0
+        caplog.clear()
+        # a write that fails, and a bug: 0xA700 and 0xC000, each counted and said in one line
+        monkeypatch.setattr(scp.store, "put_instance", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+        assert scp.handle_store(FakeEvent(files[5])) == OUT_OF_RESOURCES
+        monkeypatch.setattr(scp.store, "put_instance", lambda *a: (_ for _ in ()).throw(PermissionError()))
+        assert scp.handle_store(FakeEvent(files[5])) == OUT_OF_RESOURCES  # no strerror: the type is said
+        monkeypatch.setattr(scp.store, "put_instance", lambda *a: (_ for _ in ()).throw(KeyError("bug")))
+        assert scp.handle_store(FakeEvent(files[5])) == CANNOT_UNDERSTAND
+        assert messages(caplog) == ["store failed: No space (answered Out of Resources)",
+                                    "store failed: PermissionError (answered Out of Resources)",
+                                    "store failed: KeyError (answered 0xC000)"]
+        assert 'edgekidney_listener_failures_total{stage="store"} 3.0' in metrics.text()
+        assert sop_of(files[5]) not in rows(tmp_path / "store")
+    finally:
+        jobs.close()
+
+
+def test_handle_store_refuses_what_the_configured_limits_refuse(tmp_path, series, caplog):
+    from edgekidney.data.limits import DecodeLimits
+    from edgekidney.dicomnet.scp import CANNOT_UNDERSTAND
+
+    _, _, files = series  # 64 x 64 slices
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+    scp, jobs, metrics = scp_for(tmp_path, limits=DecodeLimits(max_side=48))
+    try:
+        status = scp.handle_store(FakeEvent(files[0]))
+        assert status.Status == CANNOT_UNDERSTAND
+        assert status.ErrorComment == "image declares 64x64 px; the largest side allowed is 48 px"
+        sop = sop_of(files[0])
+        assert messages(caplog) == [f"C-STORE refused (0xC000): instance {uid_key(sop)}: image declares 64x64 px; "
+                                    "the largest side allowed is 48 px"]
+        assert 'edgekidney_listener_refused_total{reason="limits"} 1.0' in metrics.text()
+        assert rows(tmp_path / "store") == {} and not list((tmp_path / "store" / "instances").rglob("*.dcm"))
+    finally:
+        jobs.close()
+    scp, jobs, _ = scp_for(tmp_path / "default")  # the default limits: a 10000 px side is refused
+    try:
+        status = scp.handle_store(FakeEvent(files[0], Rows=10000, Columns=10000))
+        # an Error Comment is LO, at most 64 characters: cut there, without the space the cut left
+        assert status.ErrorComment == "image declares 10000x10000 px; the largest side allowed is 2048"
+    finally:
+        jobs.close()
+
+
+def test_free_space_and_its_floor(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**10, 0, 5 * 10**9))
+    scp, jobs, _ = scp_for(tmp_path, min_free_mb=5000.0)
+    try:
+        assert scp.store.free_mb() == 5000.0 and not scp.disk_low()  # at the floor is still enough
+        scp.cfg.min_free_mb = 5000.001
+        assert scp.disk_low()
+    finally:
+        jobs.close()
+
+
+def test_a_failed_insert_rolls_back_and_the_table_stays_usable(tmp_path):
+    import sqlite3
+
+    j = JobTable(tmp_path / "j.sqlite")
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            j.add_instance("9", "S9", None, tmp_path / "9", 1.0)  # a series needs its study
+        assert j.known_paths() == set() and j.counts() == {}
+        assert j.add_instance("10", "S10", "T", tmp_path / "10", 2.0) == "new"
+    finally:
+        j.close()

@@ -1,0 +1,130 @@
+"""The study rule on its own (edgekidney.study.rule): each condition at its boundary, the exact reasons a
+report prints, and how the rule is chosen on validation series."""
+
+import pytest
+
+from edgekidney.study.rule import Decision, Run, StudyRule, choose_rule, decide, run_score, runs_above
+
+
+def test_rule_parameters_are_checked():
+    for bad, message in (({"min_run": 0}, "min_run must be at least 1, got 0"),
+                         ({"threshold": -0.01}, "threshold must be in \\[0, 1\\], got -0.01"),
+                         ({"threshold": 1.01}, "threshold must be in \\[0, 1\\], got 1.01"),
+                         ({"max_out_of_scope_fraction": -0.1}, "max_out_of_scope_fraction must be in \\[0, 1\\]"),
+                         ({"max_out_of_scope_fraction": 1.1}, "max_out_of_scope_fraction must be in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            StudyRule(**bad)
+    StudyRule(min_run=1, threshold=0.0, max_out_of_scope_fraction=0.0)
+    StudyRule(threshold=1.0, max_out_of_scope_fraction=1.0)
+    assert StudyRule().to_dict() == {"min_run": 2, "threshold": None, "max_out_of_scope_fraction": 0.5,
+                                     "source": "default"}
+
+
+def test_rule_from_a_card():
+    class Card:
+        extra = None
+
+    assert StudyRule.from_card(Card()) == StudyRule() and StudyRule.from_card(object()) == StudyRule()
+    Card.extra = {"study_rule": {}}
+    assert StudyRule.from_card(Card()) == StudyRule()
+    Card.extra = {"study_rule": {"max_out_of_scope_fraction": 0.2, "source": "forged"}}
+    assert StudyRule.from_card(Card()) == StudyRule(max_out_of_scope_fraction=0.2, source="sidecar")
+
+
+def test_runs_include_the_threshold_and_close_at_the_end():
+    p = [0.5, 0.49, 0.7, 0.9, 0.6]
+    runs = runs_above(p, [True] * 5, 0.5)
+    assert runs == [Run(0, 0, 0.5), Run(2, 4, 0.9)] and [r.length for r in runs] == [1, 3]
+    assert runs_above(p, [True, True, True, False, True], 0.5) == [Run(0, 0, 0.5), Run(2, 2, 0.7), Run(4, 4, 0.6)]
+    assert runs_above([], [], 0.5) == [] and runs_above([0.1], [True], 0.5) == []
+
+
+def test_stone_needs_min_run_consecutive_in_scope_slices_at_or_above_the_threshold():
+    p = [0.1, 0.6, 0.6, 0.2, 0.9, 0.1]
+    d = decide(p, [True] * 6, StudyRule(), 0.6)
+    assert d == Decision("stone", "1 run(s) of >= 2 consecutive slices with p >= 0.6 (best: slices 1-2)", 0.6,
+                         [Run(1, 2, 0.6)], 4)
+    d = decide(p, [True] * 6, StudyRule(min_run=1), 0.6)
+    assert d.decision == "stone" and d.supporting == [Run(1, 2, 0.6), Run(4, 4, 0.9)]
+    assert d.reason.endswith("2 run(s) of >= 1 consecutive slices with p >= 0.6 (best: slices 4-4)")
+    d = decide(p, [True] * 6, StudyRule(), 0.61)  # the model's threshold when the rule has none
+    assert d == Decision("no_stone", "no 2 consecutive slices with p >= 0.61", 0.61, [], 4)
+    d = decide(p, [True] * 6, StudyRule(threshold=0.55), 0.99)  # the rule's own threshold wins
+    assert d.decision == "stone" and d.threshold == 0.55
+    d = decide(p, [True, True, True, True, False, True], StudyRule(min_run=3), 0.5)
+    assert d.decision == "no_stone" and d.peak == 1  # the 0.9 slice is out of scope: not the peak
+
+
+def test_not_assessable_conditions_and_their_reasons():
+    assert decide([], [], StudyRule(), 0.5) == Decision("not_assessable", "no slices", 0.5, [], None)
+    assert decide([0.9, 0.9], [False, False], StudyRule(), 0.5) == \
+        Decision("not_assessable", "none of the 2 slices is within the model's scope", 0.5, [], None)
+    # out of scope outside the first..last in-scope range does not count
+    assert decide([0.9] * 6, [False, False, True, True, False, False], StudyRule(), 0.5).decision == "stone"
+    # inside it: 2 of 4 out is exactly the 0.5 allowed, 3 of 5 is over
+    d = decide([0.9, 0.1, 0.1, 0.9], [True, False, False, True], StudyRule(), 0.5)
+    assert d.decision == "no_stone" and d.peak == 0
+    d = decide([0.9, 0.1, 0.1, 0.1, 0.95], [True, False, False, False, True], StudyRule(), 0.5)
+    assert d == Decision("not_assessable", "3 of the 5 slices between the first and last in-scope slice are out of "
+                                           "the model's scope", 0.5, [], 4)
+    strict = StudyRule(max_out_of_scope_fraction=0.0)
+    assert decide([0.9, 0.9, 0.9], [True, False, True], strict, 0.5).decision == "not_assessable"
+    assert decide([0.9, 0.9, 0.9], [True, True, True], strict, 0.5).decision == "stone"
+
+
+def test_run_score_is_the_best_windows_minimum():
+    assert run_score([0.1, 0.8, 0.85, 0.2], 2) == 0.8
+    assert run_score([0.1, 0.8, 0.85, 0.2], 1) == 0.85
+    assert run_score([0.3, 0.9, 0.4, 0.5, 0.6], 3) == 0.4
+    assert run_score([0.3, 0.4], 2) == 0.3 and run_score([0.3], 2) == -1.0
+
+
+def test_choose_rule_prefers_specificity_at_the_target_then_the_higher_threshold_then_the_shorter_run():
+    stone = [[0.1, 0.8, 0.85, 0.2], [0.2, 0.7, 0.75, 0.1]]
+    normal = [[0.1, 0.9, 0.2, 0.1], [0.3, 0.3, 0.2, 0.1]]  # one single-slice alarm
+    rule, stats = choose_rule(stone + normal, [True, True, False, False], min_runs=(1, 2), target_sensitivity=1.0)
+    assert rule == StudyRule(min_run=2, threshold=0.7, source="chosen")
+    assert stats == {"sensitivity": 1.0, "specificity": 1.0, "n_series": 4}
+    # a tie in specificity goes to the higher threshold: min_run 1 at 0.75 beats min_run 2 at 0.7
+    rule, stats = choose_rule([[0.8, 0.1], [0.75, 0.1], [0.1, 0.1]], [True, True, False], min_runs=(1, 2),
+                              target_sensitivity=1.0)
+    assert (rule.min_run, rule.threshold) == (1, 0.75) and stats["specificity"] == 1.0
+    # equal thresholds too: the shorter run
+    rule, _ = choose_rule([[0.8, 0.8], [0.1, 0.1]], [True, False], min_runs=(2, 1), target_sensitivity=1.0)
+    assert (rule.min_run, rule.threshold) == (1, 0.8)
+    # reaching the target costs specificity
+    rule, stats = choose_rule([[0.9, 0.9], [0.1, 0.1], [0.2, 0.2]], [True, True, False], min_runs=(1,),
+                              target_sensitivity=1.0)
+    assert rule.threshold == 0.1 and stats["sensitivity"] == 1.0 and stats["specificity"] == 0.0
+    # a target no rule reaches (a stone series shorter than the run): the best sensitivity, then threshold
+    rule, stats = choose_rule([[0.9], [0.8, 0.8], [0.1, 0.1]], [True, True, False], min_runs=(2,),
+                              target_sensitivity=1.0)
+    assert rule.threshold == 0.8 and stats == {"sensitivity": 0.5, "specificity": 1.0, "n_series": 3}
+    rule, stats = choose_rule([[0.9, 0.9], [0.1, 0.1], [0.2, 0.2]], [True, True, False], min_runs=(1,),
+                              target_sensitivity=0.5)
+    assert rule.threshold == 0.9 and stats == {"sensitivity": 0.5, "specificity": 1.0, "n_series": 3}
+
+
+def test_choose_rule_needs_labelled_series_of_both_kinds():
+    for probs, labels in (([[0.1]], [True, False]), ([[0.1], [0.2]], [True, True]), ([[0.1], [0.2]], [False, False])):
+        with pytest.raises(ValueError, match="^choose_rule needs labelled series of both kinds$"):
+            choose_rule(probs, labels)
+
+
+def test_choose_rule_by_default_aims_at_95_percent_and_takes_labels_as_numbers_too():
+    stone = [[0.1, 0.7, 0.75, 0.1], [0.6, 0.65, 0.1, 0.1]]
+    normal = [[0.1, 0.9, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]]  # one single-slice alarm at 0.9
+    rule, stats = choose_rule(stone + normal, [True, True, False, False])
+    assert (rule.min_run, rule.threshold) == (2, 0.6) and stats["specificity"] == 1.0  # not min_run 1 at 0.65
+    interleaved = [stone[0], normal[0], stone[1], normal[1]]
+    assert choose_rule(interleaved, [1, 0, 1, 0]) == (rule, stats)  # labels as numbers, in any order
+
+
+def test_choose_rule_can_choose_a_threshold_of_zero_and_trades_specificity_only_at_the_target():
+    rule, stats = choose_rule([[0.0, 0.0], [0.5, 0.5], [0.2, 0.2]], [True, True, False], min_runs=(1,),
+                              target_sensitivity=1.0)
+    assert rule.threshold == 0.0 and stats["sensitivity"] == 1.0
+    # the target is out of reach (the first stone series is shorter than the run): sensitivity first
+    rule, stats = choose_rule([[0.9], [0.3, 0.3], [0.6, 0.6], [0.5, 0.5]], [True, True, True, False], min_runs=(2,),
+                              target_sensitivity=1.0)
+    assert rule.threshold == 0.3 and stats["sensitivity"] == pytest.approx(2 / 3) and stats["specificity"] == 0.0
