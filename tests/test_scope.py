@@ -131,6 +131,27 @@ def test_cam_is_the_logit_margin_spread_over_the_image(tiny_onnx, tiny_run, smal
     from edgekidney.model.train import load_checkpoint
 
     model, card = load_checkpoint(tiny_run)
+    if card.extra.get("arch") == "resnet50-stonemap":  # the product's default: its map is the stone map
+        import torch
+
+        from edgekidney.model.network import MAP_STRIDE, forward_parts
+
+        pre = card.preprocessing
+        x = preprocess_batch([load_slice(p, pre) for p in sorted((small_real / "Stone").iterdir())[:4]], pre)
+        with Classifier(tiny_onnx) as clf:
+            cam = clf.infer_outputs(x)["cam"]
+        with torch.inference_mode():
+            _, _, logits, map_logits = forward_parts(model, torch.from_numpy(x))
+        # on the cells' centres (every 8th input pixel from 0) the output is P(stone) of that cell
+        np.testing.assert_allclose(cam[:, ::MAP_STRIDE, ::MAP_STRIDE], torch.sigmoid(map_logits).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        # and the stone logit is the classifier's plus w times the map's peak logit
+        plain = model.net.fc(forward_parts(model, torch.from_numpy(x))[1]).detach().numpy()
+        pos = card.positive_index
+        peak = map_logits.flatten(1).amax(1).numpy()
+        np.testing.assert_allclose(logits.numpy()[:, pos], plain[:, pos] + float(model.map_weight) * peak,
+                                   rtol=1e-4, atol=1e-4)
+        return
     w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
     pos = card.positive_index
     bias_margin = b[pos] - np.delete(b, pos).mean()
