@@ -494,6 +494,8 @@ def bench_accuracy_cmd(
     typer.echo(format_table(result))
     echo_json(result, json_out)
     if not result["passed"]:
+        failed = result.get("failed") or []
+        typer.echo(f"error: accuracy gate failed: {', '.join(map(str, failed)) or 'see the table'}", err=True)
         raise typer.Exit(1)
 
 

@@ -126,6 +126,7 @@ def test_default_gates_fail_a_child_that_misses_stones_exit_1(family, tmp_path):
     assert r.exit_code == 1, r.output
     row, last = verdict(r)
     assert row == "FAIL accuracy,sensitivity,agreement" and last.endswith("->  FAILED")
+    assert r.stderr.strip().splitlines()[-1] == f"error: accuracy gate failed: {family['misses']}"
     res = json.loads((tmp_path / "m.json").read_text())
     child = res["rows"][0]
     assert res["passed"] is False and res["failed"] == [str(family["misses"])]
