@@ -25,6 +25,22 @@ def wait_for(cond, timeout: float = 15.0, step: float = 0.05):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def echo_ok(port: int) -> bool:
+    """A C-ECHO to the listener on ``port`` (AE EDGEKIDNEY) succeeds."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = 1
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGEKIDNEY")
+    if not assoc.is_established:
+        return False
+    ok = assoc.send_c_echo().Status == 0
+    assoc.release()
+    return ok
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
-from listener_fixtures import REPO, Pacs, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
+from listener_fixtures import REPO, echo_ok, Pacs, free_port, jpeg2000_series, tiny_model, write_series  # noqa: E402
 from listener_fixtures import wait_for as fixtures_wait_for  # noqa: E402
 
 from edgekidney.dicomnet.sr import result_uids  # noqa: E402
@@ -33,21 +33,6 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
     return fixtures_wait_for(cond, timeout, step)  # subprocesses start slower: a longer default
-
-
-def echo_ok(port: int) -> bool:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    ae.connection_timeout = 1
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGEKIDNEY")
-    if not assoc.is_established:
-        return False
-    ok = assoc.send_c_echo().Status == 0
-    assoc.release()
-    return ok
 
 
 STARTED: list["Proc"] = []

@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("pynetdicom")
 
-from listener_fixtures import REPO, free_port, jpeg2000_series, tiny_model, wait_for, write_series  # noqa: E402
+from listener_fixtures import REPO, echo_ok, free_port, jpeg2000_series, tiny_model, wait_for, write_series  # noqa: E402
 
 from edgekidney.dicomnet.sr import result_uids  # noqa: E402
 
@@ -158,21 +158,6 @@ class Listener:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait(10)
-
-
-def echo_ok(port: int) -> bool:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    ae.connection_timeout = 1
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGEKIDNEY")
-    if not assoc.is_established:
-        return False
-    ok = assoc.send_c_echo().Status == 0
-    assoc.release()
-    return ok
 
 
 def dciodvfy(path: Path) -> list[str]:
