@@ -1,10 +1,12 @@
 """The models the project ships, found by name or by folder (numpy-free, torch-free).
 
-A released model is a folder (``models/kidney-stone-ct-v1/`` in the repository) holding the on-device
-CPU form ``model-int8cpu.onnx``, the GPU-ready form ``model-int8trt.onnx`` for ``build-engine``, their
-sidecars, ``MODEL_CARD.md`` and ``SHA256SUMS``. Wherever a command takes a model it also takes:
+A released model is a folder (``models/kidney-stone-ct-v1/`` in the repository) holding its ONNX
+forms with their sidecars, ``MODEL_CARD.md`` and ``SHA256SUMS``: an INT8 form per target when it holds
+the accuracy gates (``model-int8cpu.onnx`` for ONNX Runtime, ``model-int8trt.onnx`` for
+``build-engine``), else the FP16 form ``model-fp16.onnx`` for both. Wherever a command takes a model it
+also takes:
 
-- the folder itself (its CPU form is used, or ``--backend trt``'s GPU form where that applies);
+- the folder itself (its CPU form, or for ``build-engine`` its GPU form);
 - the release's name, looked up in ``$EDGEKIDNEY_MODELS``, the repository's ``models/`` (a source
   checkout or an editable install) and ``<prefix>/share/edgekidney/models`` (where the wheel puts it).
 """
@@ -18,8 +20,12 @@ from pathlib import Path
 from edgekidney.errors import InputError
 
 RELEASED = "kidney-stone-ct-v1"
-CPU_FILE = "model-int8cpu.onnx"
-GPU_FILE = "model-int8trt.onnx"
+FORMS = {"cpu": ("model-int8cpu.onnx", "model-fp16.onnx"), "gpu": ("model-int8trt.onnx", "model-fp16.onnx")}
+
+
+def form_file(folder: Path, form: str = "cpu") -> Path | None:
+    """The file a release folder offers for ``form`` (cpu | gpu), or None."""
+    return next((folder / name for name in FORMS[form] if (folder / name).is_file()), None)
 
 
 def search_path() -> list[Path]:
@@ -33,7 +39,7 @@ def search_path() -> list[Path]:
 def find_release(name: str) -> Path | None:
     for folder in search_path():
         candidate = folder / name
-        if (candidate / CPU_FILE).is_file():
+        if form_file(candidate) is not None:
             return candidate
     return None
 
@@ -49,7 +55,7 @@ def resolve_model(model: str | Path, form: str = "cpu") -> Path:
             raise InputError(f"{model}: no such model file")
         where = ", ".join(str(p) for p in search_path())
         raise InputError(f"{model}: no such model file, and no released model of that name (searched {where})")
-    chosen = folder / (GPU_FILE if form == "gpu" else CPU_FILE)
-    if not chosen.is_file():
-        raise InputError(f"{folder}: holds no {chosen.name}; pass the model file itself")
+    chosen = form_file(folder, "gpu" if form == "gpu" else "cpu")
+    if chosen is None:
+        raise InputError(f"{folder}: holds no {' or '.join(FORMS[form])}; pass the model file itself")
     return chosen

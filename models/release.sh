@@ -7,8 +7,12 @@
 #   MASKS    the stone-mask folder (same relative paths, .png)
 #   VOLUMES  a folder of real CT volumes for the out-of-scope table and the calculus pairs (see docs/scope.md)
 #   OUT      the release folder to write (e.g. models/kidney-stone-ct-v1)
+# then: python models/card.py OUT --command "..." --where "..."
 set -euo pipefail
 RUN=$1 DATA=$2 MASKS=$3 VOLUMES=$4 OUT=$5
+# the forms to ship (the first is the CPU form the card's scope table measures): INT8 only where
+# bench accuracy passed its gates, e.g. SHIP="model-int8cpu model-int8trt"
+SHIP="${SHIP:-model-fp16}"
 WORK="$RUN/release"
 mkdir -p "$WORK" "$OUT/results"
 T="--threads 2"
@@ -19,29 +23,31 @@ edgekidney quantize "$WORK/model.onnx" --precision int8 --target cpu --calibrati
     --out "$WORK/model-int8cpu.onnx"
 edgekidney quantize "$WORK/model.onnx" --precision int8 --target trt --calibration "$WORK/calibration" \
     --out "$WORK/model-int8trt.onnx"
+edgekidney quantize "$WORK/model.onnx" --precision fp16 --out "$WORK/model-fp16.onnx"
 
 # accuracy of the children against their parent on the validation blocks (exit 1 if a gate fails)
-edgekidney bench accuracy "$WORK/model.onnx" "$WORK/model-int8cpu.onnx" "$WORK/model-int8trt.onnx" \
+edgekidney bench accuracy "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" "$WORK/model-int8trt.onnx" \
     --data "$RUN/split.csv" --split val --json "$OUT/results/accuracy.json" || echo "ACCURACY GATE FAILED" >&2
 # clinical metrics with 95 % bootstrap intervals, FP32 and the shipped CPU form
 edgekidney evaluate "$WORK/model.onnx" "$RUN/split.csv" --split val $T --json "$OUT/results/evaluate-fp32.json" \
     --plots "$OUT/results/plots-fp32"
-edgekidney evaluate "$WORK/model-int8cpu.onnx" "$RUN/split.csv" --split val $T --json "$OUT/results/evaluate-int8cpu.json"
-edgekidney evaluate "$WORK/model-int8trt.onnx" "$RUN/split.csv" --split val $T --json "$OUT/results/evaluate-int8trt.json"
+for f in $SHIP; do
+    edgekidney evaluate "$WORK/$f.onnx" "$RUN/split.csv" --split val $T --json "$OUT/results/evaluate-${f#model-}.json"
+done
 # where it points, on the masked validation Stone slices
-python benchmarks/located.py "$WORK/model.onnx" "$WORK/model-int8cpu.onnx" "$WORK/model-int8trt.onnx" \
+python benchmarks/located.py "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" "$WORK/model-int8trt.onnx" \
     --manifest "$RUN/split.csv" --data "$DATA" --masks "$MASKS" --json "$OUT/results/located.json"
 # out of scope on real CT of other hospitals, and calculus pairs in their kidneys
-python benchmarks/scope.py "$WORK/model-int8cpu.onnx" --val "$RUN/split.csv" --volumes "$VOLUMES" \
+python benchmarks/scope.py "$WORK/${SHIP%% *}.onnx" --val "$RUN/split.csv" --volumes "$VOLUMES" \
     --json "$OUT/results/scope.json"
 # latency, batch 1, ONNX Runtime CPU, 2 threads
-edgekidney bench latency "$WORK/model.onnx" "$WORK/model-int8cpu.onnx" --batch-sizes 1 --threads 2 --seconds 10 \
+edgekidney bench latency "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" --batch-sizes 1 --threads 2 --seconds 10 \
     --torch none --json "$OUT/results/latency.json" || true
 
-for f in model-int8cpu model-int8trt; do
+for f in $SHIP; do
     cp "$WORK/$f.onnx" "$WORK/$f.json" "$OUT/"
 done
 cp "$RUN/metrics.json" "$OUT/results/training-metrics.json"
 cp "$RUN/history.csv" "$OUT/results/history.csv"
-(cd "$OUT" && sha256sum model-int8cpu.onnx model-int8trt.onnx > SHA256SUMS)
+(cd "$OUT" && for f in $SHIP; do sha256sum "$f.onnx"; done > SHA256SUMS)
 du -sh "$OUT"/*.onnx

@@ -1,0 +1,96 @@
+"""The released model: its files are the ones its card names, and it answers as measured.
+
+Runs on the shipped INT8 CPU form through the CLI, as a user would: the checksums against
+``SHA256SUMS`` and the model card, the sidecars' lineage, a whole example series, and (where the
+public slices it was validated on are present) a few validation slices whose answers the card reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekidney.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE = REPO / "models" / "kidney-stone-ct-v1"
+SHARED = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("EDGEKIDNEY_DATA") or SHARED / "ct-kidney-axial")
+runner = CliRunner()
+
+pytestmark = pytest.mark.skipif(not (RELEASE / "SHA256SUMS").exists(), reason="no released model in this checkout")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_checksums_match_the_files_and_the_card():
+    sums = dict(reversed(line.split()) for line in (RELEASE / "SHA256SUMS").read_text().splitlines() if line.strip())
+    assert set(sums) == {"model-fp16.onnx"}  # INT8 failed its agreement gates: the card says so
+    card = (RELEASE / "MODEL_CARD.md").read_text()
+    total = 0
+    for name, digest in sums.items():
+        assert sha256(RELEASE / name) == digest, name
+        assert f"`{digest}`" in card, f"the card does not name {name}'s sha256"
+        side = json.loads((RELEASE / name).with_suffix(".json").read_text())
+        assert side["sha256"] == digest  # the sidecar describes this very file
+        total += (RELEASE / name).stat().st_size
+    cpu = json.loads((RELEASE / "model-fp16.json").read_text())
+    assert cpu["precision"] == "fp16" and cpu["parent_sha256"] != ""  # made from its FP32 parent
+    assert cpu["parent_sha256"] in card
+    assert cpu["extra"]["map"]["kind"] == "stone_map" and set(cpu["extra"]["planes"]) == {"axial", "coronal"}
+    assert cpu["outputs"] == ["logits", "scope_distance", "cam"]
+    assert total <= 80e6
+    assert "not a medical device" in card.lower()
+
+
+def test_the_release_is_found_by_name_and_by_folder():
+    from edgekidney.released import resolve_model
+
+    assert resolve_model("kidney-stone-ct-v1") == RELEASE / "model-fp16.onnx"
+    assert resolve_model(RELEASE) == RELEASE / "model-fp16.onnx"
+    assert resolve_model(RELEASE, form="gpu") == RELEASE / "model-fp16.onnx"
+
+
+def test_the_first_command_answers_every_example_series(tmp_path):
+    if not (REPO / "examples").is_dir():
+        pytest.skip("no examples/ in this checkout")
+    pytest.importorskip("nibabel")
+    pytest.importorskip("highdicom")
+    out = tmp_path / "first"
+    r = runner.invoke(app, ["study", "kidney-stone-ct-v1", str(REPO / "examples"), "--json", str(out / "study.json"),
+                            "--sr-out", str(out / "sr"), "--sc-out", str(out / "sc")])
+    assert r.exit_code == 0, r.output
+    study = json.loads((out / "study.json").read_text())
+    series = study["series"]
+    assert len(series) == 2 and all(s["decision"] in ("stone", "no_stone", "not_assessable") for s in series)
+    assert all(s["model"]["sha256"] == sha256(RELEASE / "model-fp16.onnx") for s in series)
+    assert all(sl["cam_peak"] is not None for s in series for sl in s["slices"])
+    assert len(list((out / "sr").glob("*.dcm"))) == 1  # the one DICOM series gets its SR
+
+
+def test_validation_slices_answer_as_the_card_says():
+    """Slices of the validation blocks (numbers above 320) of the public dataset, when present."""
+    stones = [DATA / "Stone" / f"Stone- ({n}).jpg" for n in (330, 345, 360, 375, 390)]
+    normals = [DATA / "Normal" / f"Normal- ({n}).jpg" for n in (330, 345, 360, 375, 390)]
+    if not all(p.exists() for p in stones + normals):
+        pytest.skip("the public CT kidney slices are not here (set EDGEKIDNEY_DATA)")
+    from edgekidney.runtime.predict import Classifier
+
+    with Classifier(RELEASE / "model-fp16.onnx") as clf:
+        preds, failures = clf.predict_files(stones + normals)
+    assert not failures
+    called = [p.label == "Stone" for p in preds]
+    assert sum(called[:5]) >= 4 and sum(called[5:]) <= 1, [(Path(p.path).name, p.label, round(p.probability, 3))
+                                                            for p in preds]
+    assert all(p.in_scope for p in preds)
