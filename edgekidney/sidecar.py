@@ -35,6 +35,15 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# What a model is, as opposed to how one file of it was made: every child (quantized, engine) keeps these
+CARRIED = ("arch", "planes", "map", "study_rule", "weights")
+
+
+def carried(extra: dict) -> dict:
+    """The parts of a parent's ``extra`` that describe the model itself (see :data:`CARRIED`)."""
+    return {k: extra[k] for k in CARRIED if k in extra}
+
+
 @dataclass
 class ModelCard:
     classes: list[str]

@@ -26,7 +26,7 @@ from edgekidney.runtime.engine_compat import (HARDWARE_COMPATIBILITY, BatchProfi
 from edgekidney.errors import InputError, ModelError
 from edgekidney.optimize.graph import graph_precision
 from edgekidney.lineage import threshold_record
-from edgekidney.sidecar import ModelCard, load_card, sidecar_path
+from edgekidney.sidecar import ModelCard, carried, load_card, sidecar_path
 
 
 @dataclass
@@ -245,7 +245,8 @@ def build_engine(onnx_path: str | Path, out: str | Path, cfg: EngineBuildConfig 
                             scope=card.scope, parent_sha256=card.sha256, metrics=card.metrics,
                             extra={"engine": info, "data": card.extra.get("data"),
                                    "threshold_from": threshold_record(card),
-                                   "split_manifest_sha256": card.extra.get("split_manifest_sha256")})
+                                   "split_manifest_sha256": card.extra.get("split_manifest_sha256"),
+                                   **carried(card.extra)})
     engine_card.save(out)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {build_seconds:.1f} s) and {sidecar_path(out).name}")
     return out, engine_card

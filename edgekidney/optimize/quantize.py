@@ -26,7 +26,7 @@ from edgekidney.optimize.calibrate import CalibrationSet, check_against_model, l
 from edgekidney.errors import InputError, ModelError
 from edgekidney.optimize.graph import graph_precision, head_nodes, heads_read_float
 from edgekidney.lineage import threshold_record
-from edgekidney.sidecar import ModelCard, load_card, sha256_of
+from edgekidney.sidecar import ModelCard, carried, load_card, sha256_of
 
 
 
@@ -146,7 +146,8 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
                        extra={"quantization": info, "parent": str(model_path.resolve()),
                               "threshold_from": threshold_record(card),
                               "split_manifest_sha256": card.extra.get("split_manifest_sha256"),
-                              "source_checkpoint": card.extra.get("source_checkpoint"), "data": card.extra.get("data")})
+                              "source_checkpoint": card.extra.get("source_checkpoint"), "data": card.extra.get("data"),
+                              **carried(card.extra)})
     q_card.save(out)
     return q_card
 
