@@ -2,6 +2,7 @@
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -410,3 +411,23 @@ def test_study_command_on_hostile_files_is_one_line_and_quick(tmp_path):
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert lines == [f"error: no CT series found in 1 file(s): {reason}"], r.output
+
+
+def test_sr_of_a_series_without_series_uid_is_valid_dicom(tmp_path):
+    """The example JPEG 2000 series carries an empty SeriesInstanceUID: the SR's evidence gets a valid
+    derived UID instead of the reader's internal 'no-series-uid:<folder>' key (not a UI value)."""
+    import warnings
+
+    pytest.importorskip("highdicom")
+    pytest.importorskip("openjpeg")
+    folder = Path(__file__).resolve().parents[1] / "examples" / "abdomen-jpeg2000-series"
+    if not folder.is_dir():
+        pytest.skip("no examples/ in this checkout")
+    (series,), _ = read_series([folder])
+    assert series.uid.startswith("no-series-uid:")
+    res = analyze_series(Oracle([(0, 10, 0, 10)]), series)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns on an invalid UI value
+        ds = pydicom.dcmread(write_sr(res, series, tmp_path))
+    uids = {se.SeriesInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence for se in s.ReferencedSeriesSequence}
+    assert len(uids) == 1 and all(c in "0123456789." for c in uids.pop())

@@ -59,6 +59,17 @@ def study_header(series) -> "object":
     return ds
 
 
+def series_uid(series) -> str:
+    """The input series' SeriesInstanceUID, or (for files that carry none) a valid UID derived from where
+    they were read, so that the evidence the SR lists is still well-formed DICOM."""
+    from pydicom.uid import generate_uid
+
+    from edgekidney.data.series import NO_SERIES_UID
+
+    uid = str(series.uid)
+    return generate_uid(entropy_srcs=["edgekidney-series", uid]) if uid.startswith(NO_SERIES_UID) else uid
+
+
 def _evidence(series, refs, study) -> list:
     from pydicom.dataset import Dataset
 
@@ -71,7 +82,7 @@ def _evidence(series, refs, study) -> list:
         for attr in PATIENT_STUDY_ATTRIBUTES:
             if attr in study:
                 setattr(ds, attr, study[attr].value)
-        ds.SeriesInstanceUID = series.uid
+        ds.SeriesInstanceUID = series_uid(series)
         ds.SOPClassUID, ds.SOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
         out.append(ds)
     return out
