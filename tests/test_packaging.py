@@ -38,7 +38,9 @@ def test_the_wheel_installs_the_release_where_a_name_finds_it():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     data_files = config["tool"]["setuptools"]["data-files"]
     target = f"share/edgekidney/models/{released.RELEASED}"
-    assert data_files == {target: [f"models/{released.RELEASED}/*"]}  # the release, and nothing else (no examples)
+    folder = f"models/{released.RELEASED}"
+    assert data_files == {target: [f"{folder}/*.onnx", f"{folder}/*.json", f"{folder}/MODEL_CARD.md",
+                                   f"{folder}/SHA256SUMS"]}  # the release's files, and nothing else (no examples)
     # released.py looks in <prefix>/share/edgekidney/models, where pip puts the wheel's data files
     assert Path(sys.prefix) / "share" / "edgekidney" / "models" in released.search_path()
 
