@@ -101,7 +101,7 @@ def _failing_training(monkeypatch, small_real, out):
     def boom(*a, **k):
         raise InputError("decoding failed on purpose")
 
-    monkeypatch.setattr(tr, "load_arrays", boom)
+    monkeypatch.setattr(tr, "load_arrays_with_geometry", boom)
     with pytest.raises(InputError, match="on purpose"):
         tr.train(tr.TrainConfig(data=small_real, out=out, weights="none", image_size=32, epochs=1,
                                 split=SplitConfig(val_fraction=0.34, block_size=8)), log=lambda s: None)
@@ -198,6 +198,7 @@ def test_infer_table_shows_the_threshold_in_use(tiny_onnx, small_real):
 
 def test_help_reads_cleanly():
     top = cli("--help")
-    assert top.exit_code == 0 and "<bool>" not in top.output and "--help  Show this message and exit." in top.output
+    assert top.exit_code == 0 and "<bool>" not in top.output
+    assert re.search(r"--help +Show this message and exit\.", top.output) and "--version" in top.output
     infer = cli("infer", "--help").output
     assert "--threads N " in infer and "--json PATH" in infer and "<int range>" not in infer and "<str>" not in infer

@@ -86,8 +86,13 @@ def test_int8_trt_graph_is_symmetric_per_channel_qdq(quantized):
         assert z.dtype == np.int8, (name, z.dtype)
         assert not np.any(z != 0), f"non-zero zero point {name}"
     produced_by_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert all(n.input[0] in produced_by_dq and n.input[1] in produced_by_dq for n in convs)
+    from edgekidney.optimize.graph import head_nodes
+
+    heads = set(head_nodes(model))
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in heads]  # the trunk's
+    assert len(convs) == 53 and all(n.input[0] in produced_by_dq and n.input[1] in produced_by_dq for n in convs)
+    map_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name in heads]  # the stone map: FP32
+    assert all(n.input[1] not in produced_by_dq and n.input[0] not in produced_by_dq for n in map_convs)
     weight_scale = inits[produced_by_dq[convs[1].input[1]].input[1]]
     assert weight_scale.ndim == 1 and weight_scale.size > 1  # per-channel
     card = load_card(quantized["int8-trt"])

@@ -161,6 +161,7 @@ def assert_matches(item: dict, ref) -> None:
     assert item["label"] == ref.label
     assert item["probability"] == pytest.approx(ref.probability, abs=1e-4)
     assert item["threshold"] == ref.threshold
+    assert item.get("cam_peak") == (None if ref.cam_peak is None else list(ref.cam_peak))
 
 
 # -- probes, auth ----------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_single_image_matches_in_process_prediction(client, images, reference, n
     assert_matches(item, reference(images[name]))
     assert set(item) == {"label", "probability", "positive_class", "threshold", "model_sha256", "precision",
                          "backend", "batch_size", "latency_ms", "in_scope", "scope_distance", "scope_threshold",
-                         "scope_reason"}
+                         "scope_reason", "cam_peak"}  # where the model's map peaks within the body: always
     assert item["precision"] == "fp32" and item["backend"] == "ort" and item["positive_class"] == "Stone"
     assert len(item["model_sha256"]) == 64 and item["latency_ms"] > 0
 
@@ -750,7 +751,7 @@ def test_cam_is_returned_when_asked_as_a_png_of_the_uploaded_image(client, image
     from PIL import Image
 
     plain = post(client, images["jpeg1"], "image/jpeg").json()
-    assert "cam_png" not in plain and "cam_peak" not in plain
+    assert "cam_png" not in plain and plain["cam_peak"] == list(reference(images["jpeg1"]).cam_peak)  # peak always
     r = post(client, images["jpeg1"], "image/jpeg", params={"cam": "1"})
     assert r.status_code == 200, r.text
     item = r.json()
