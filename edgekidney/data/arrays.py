@@ -6,19 +6,14 @@ from typing import Callable
 
 import numpy as np
 
-from edgekidney.data.preprocess import Geometry, Preprocessing, preprocess, preprocess_with_geometry
+from edgekidney.data.preprocess import Geometry, Preprocessing, preprocess_with_geometry
 from edgekidney.data.dataset import Sample
 from edgekidney.data.decode import load_slice
 
 
 def load_arrays(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Decode + preprocess (the shared numpy implementation) every sample once -> (N, 3, S, S) float32."""
-    out = np.empty((len(samples), 3, pre.image_size, pre.image_size), dtype=np.float32)
-    for i, s in enumerate(samples):
-        out[i] = preprocess(load_slice(s.path, pre), pre)
-        if progress:
-            progress(1)
-    return out
+    return load_arrays_with_geometry(samples, pre, progress)[0]
 
 
 def load_arrays_with_geometry(samples: list[Sample], pre: Preprocessing, progress: Callable[[int], None] | None = None
