@@ -208,6 +208,46 @@ def test_quantized_children_keep_the_map_in_fp32(phantom_map_model, tmp_path):
     assert logits_node.name in heads  # the link that adds the map's peak to the stone logit stays FP32
 
 
+def test_an_int8_cpu_child_sums_what_the_heads_read_in_fp32(phantom_map_model, tmp_path):
+    """The map reads layer2 and layer3, the scope distance layer4: each is a residual Add. Rounded to
+    8 bits (ONNX Runtime's QLinearAdd), they moved the released model's map peak and scope distance
+    enough to change most decisions; the child keeps them FP32 and reads them un-rounded."""
+    root, _, _ = phantom_map_model
+    import onnx
+
+    from edgekidney.optimize.calibrate import make_calibration_set
+    from edgekidney.optimize.graph import head_taps
+    from edgekidney.optimize.quantize import Precision, QuantizeConfig, Target, quantize
+    from edgekidney.sidecar import load_card
+
+    parent = onnx.load(str(root / "model.onnx"))
+    taps = head_taps(parent)
+    by_name = {n.name: n for n in parent.graph.node}
+    adds = [t for t in taps if by_name[t].op_type == "Add"]
+    assert len(adds) == 3  # the outputs of layer2, layer3 (the map) and layer4 (the scope distance)
+    assert sorted(by_name[t].op_type for t in taps if t not in adds) == ["ReduceMean", "Relu", "Relu", "Relu"]
+
+    cal = make_calibration_set(root / "data", root / "model.onnx", tmp_path / "cal", n=8, seed=0)
+    out = tmp_path / "int8.onnx"
+    quantize(root / "model.onnx", out, QuantizeConfig(precision=Precision.int8, target=Target.cpu,
+                                                      calibration=cal.folder), log=lambda s: None)
+    child = onnx.load(str(out))
+    readers = {}
+    for n in child.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    kept = load_card(out).extra["quantization"]["head_taps_kept_fp32"]
+    child_nodes = {n.name: n for n in child.graph.node}
+    kept_adds = [child_nodes[k] for k in kept if child_nodes[k].op_type == "Add"]
+    assert len(kept_adds) == 3
+    for node in kept_adds:  # the sum stays FP32: no QuantizeLinear rounds it before the Relu the heads read
+        assert readers[node.output[0]] == ["Relu"], node.name
+    producer = {o: n for n in child.graph.node for o in n.output}
+    int8_convs = [n for n in child.graph.node if n.op_type == "Conv" and producer.get(n.input[0]) is not None
+                  and producer[n.input[0]].op_type == "DequantizeLinear"]
+    assert len(int8_convs) == 53  # ResNet50's convolutions are still INT8; the map's four are not
+
+
 # -- the SR says where: a circle around the map's peak on the peak slice ------------------------------
 def test_sr_marks_the_stone_map_peak_on_the_peak_slice(tmp_path):
     pytest.importorskip("highdicom")

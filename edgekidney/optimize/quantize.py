@@ -24,7 +24,7 @@ import numpy as np
 
 from edgekidney.optimize.calibrate import CalibrationSet, check_against_model, load_calibration_set
 from edgekidney.errors import InputError, ModelError
-from edgekidney.optimize.graph import graph_precision, head_nodes, heads_read_float
+from edgekidney.optimize.graph import graph_precision, head_nodes, head_taps, heads_read_float
 from edgekidney.lineage import threshold_record
 from edgekidney.sidecar import ModelCard, carried, load_card, sha256_of
 
@@ -202,6 +202,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
         prepared_model = onnx.load(str(prepared))
         keep = resolve_keep(prepared_model, cfg.keep)
         heads = head_nodes(prepared_model)
+        taps = head_taps(prepared_model, heads)  # what the heads read is summed in FP32, not rounded to 8 bits
         log(f"calibrating on {len(tensors)} slices ({cfg.method.value}), target {cfg.target.value}"
             + (f", keeping {keep} in FP32" if keep else ""))
         reader = _Reader(np.asarray(tensors), card.input_name)
@@ -217,7 +218,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
             per_channel=cfg.per_channel,
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=(keep + heads) or None,
+            nodes_to_exclude=(keep + heads + taps) or None,
             calibrate_method=method,
             calibration_providers=["CPUExecutionProvider"],
             calibration_cache_path=cache,
@@ -232,7 +233,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
     return {"precision": "int8", "target": cfg.target.value, "method": cfg.method.value,
             "activations": "int8 symmetric" if trt else "uint8 asymmetric",
             "weights": "int8 symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
-            "kept_fp32": keep, "heads_kept_fp32": len(heads), "heads_inputs_float": rewired, "opset": opset,
+            "kept_fp32": keep, "heads_kept_fp32": len(heads), "head_taps_kept_fp32": taps, "heads_inputs_float": rewired, "opset": opset,
             "quantizer": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in q.graph.node)}
 
