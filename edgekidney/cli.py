@@ -119,6 +119,8 @@ def train_cmd(
     freeze_epochs: int = typer.Option(2, min=0, help="Epochs with the backbone frozen before fine-tuning all layers."),
     batch_size: int = typer.Option(16, min=2),
     lr: float = typer.Option(1e-3),
+    backbone_lr_scale: float = typer.Option(0.1, min=0.0, max=1.0,
+                                            help="Learning rate of transferred layers = --lr times this."),
     patience: int = typer.Option(4, min=1, help="Early stopping: epochs without a better validation AUC."),
     label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5),
     target_sensitivity: float = typer.Option(0.95, min=0.01, max=1.0),
@@ -160,7 +162,8 @@ def train_cmd(
                         png16_hu_offset=png16_hu_offset, body_crop=body_crop, body_level=body_level or None)
     cfg = TrainConfig(data=data, out=out, classes=parse_classes(classes), positive_class=positive, weights=weights,
                       weights_sha256=weights_sha256, image_size=image_size, epochs=epochs, freeze_epochs=freeze_epochs,
-                      batch_size=batch_size, lr=lr, patience=patience, label_smoothing=label_smoothing,
+                      batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, patience=patience,
+                      label_smoothing=label_smoothing,
                       target_sensitivity=target_sensitivity, seed=seed, device=device, threads=threads, augment=augment,
                       balanced=balanced, calculus_fraction=calculus_fraction, scope_quantile=scope_quantile,
                       scope_margin=scope_margin, stone_map=stone_map, stone_masks=stone_masks,

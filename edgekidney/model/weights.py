@@ -41,7 +41,36 @@ def build_model(num_classes: int, weights: str = "none", weights_sha256: str | N
         model, source = _resnet50(n, weights, weights_sha256)
         return model
 
-    return build_network(num_classes, positive, arch, resnet), source
+    network = build_network(num_classes, positive, arch, resnet)
+    if arch != ARCH_PLAIN and weights not in ("imagenet", "none"):
+        carried = carry_heads(network, Path(weights))
+        if carried:
+            source += f", with its {' and '.join(carried)}"
+    return network, source
+
+
+def carry_heads(network, path: Path) -> list[str]:
+    """Load what an edgekidney stone-map checkpoint adds to ResNet50 (the map and its link, and the
+    classifier when the classes match) into ``network``; returns what was loaded.
+
+    Fine-tuning a stone-map run again (``--weights RUN/model.pt``) then continues where that run stopped
+    instead of teaching a new map from random weights. A plain ResNet50 state dict carries nothing here.
+    """
+    torch = require_torch()
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    own = network.state_dict()
+    fits = {k: v for k, v in state.items()
+            if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith("net.")}
+    fc = {k: v for k, v in state.items() if k.startswith("net.fc.") and k in own and v.shape == own[k].shape}
+    carried = []
+    if any(k.startswith("stone_map.") for k in fits):
+        network.load_state_dict(fits, strict=False)
+        carried.append("stone map")
+        if len(fc) == 2:
+            network.load_state_dict(fc, strict=False)
+            carried.append("classifier")
+    return carried
 
 
 def _resnet50(num_classes: int, weights: str, weights_sha256: str | None):
