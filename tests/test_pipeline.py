@@ -122,6 +122,38 @@ def test_local_weights_file_with_checksum_and_frozen_backbone(tmp_path, small_re
     assert metrics["weights"] == source
 
 
+def test_a_stone_map_run_as_weights_carries_its_map_and_classifier(tmp_path):
+    """Fine-tuning a stone-map run again continues it: the map, its link and (same classes) the classifier
+    come along with the backbone, instead of a new map from random weights."""
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.network import ARCH_STONE_MAP
+    from edgekidney.model.train import build_model
+
+    torch.manual_seed(5)
+    first, _ = build_model(4, "none", arch=ARCH_STONE_MAP, positive=2)
+    with torch.no_grad():
+        first.map_weight.fill_(0.37)
+    saved = tmp_path / "model.pt"
+    torch.save({"format": 1, "arch": ARCH_STONE_MAP, "state_dict": first.state_dict()}, saved)
+
+    again, source = build_model(4, str(saved), arch=ARCH_STONE_MAP, positive=2)
+    assert source.endswith("with its stone map and classifier")
+    mine, theirs = again.state_dict(), first.state_dict()
+    for key in ("stone_map.fuse.0.weight", "stone_map.out.bias", "map_weight", "net.fc.weight", "net.layer2.0.conv1.weight"):
+        assert torch.equal(mine[key], theirs[key]), key
+
+    other, source = build_model(3, str(saved), arch=ARCH_STONE_MAP, positive=1)  # other classes: a new classifier
+    assert source.endswith("with its stone map")
+    assert torch.equal(other.state_dict()["stone_map.out.weight"], theirs["stone_map.out.weight"])
+    assert other.state_dict()["net.fc.weight"].shape[0] == 3
+
+    plain = tmp_path / "resnet50.pth"  # a plain ResNet50 state dict carries the backbone only
+    torch.save(first.net.state_dict(), plain)
+    fresh, source = build_model(4, str(plain), arch=ARCH_STONE_MAP, positive=2)
+    assert "with its" not in source
+    assert not torch.equal(fresh.state_dict()["stone_map.out.weight"], theirs["stone_map.out.weight"])
+
+
 def test_weights_file_that_is_not_resnet50_is_refused(tmp_path):
     torch = pytest.importorskip("torch")
     from edgekidney.model.train import build_model
