@@ -74,3 +74,14 @@ def test_regressions_are_judged_on_ratios_within_a_run():
     sp = {s["label"]: s for s in latency.speedups(_report(60.0, 30.0)["rows"])}
     assert sp["ort-int8-cpu"]["vs_ort_fp32"] == pytest.approx(2.0)
     assert sp["ort-int8-cpu"]["vs_pytorch_fp32"] == pytest.approx(4.0)
+
+
+def test_peak_agreement_uses_each_slices_own_reach():
+    """Two peaks 20 px apart agree on a 512-px slice (reach 25.6 px) and not on a 256-px one (12.8 px)."""
+    from edgekidney.bench.located import peak_agreement
+
+    big = {"cam_peak": [100, 100], "reach_px": 0.05 * 512}
+    small = {"cam_peak": [100, 100], "reach_px": 0.05 * 256}
+    a = {"slices": [big, small, {"cam_peak": None, "reach_px": 12.8}]}
+    b = {"slices": [{"cam_peak": [100, 120]}, {"cam_peak": [100, 120]}, {"cam_peak": [5, 5]}]}
+    assert peak_agreement(a, b) == 1 / 3

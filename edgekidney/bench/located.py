@@ -55,7 +55,7 @@ def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None)
         d = distance_to_mask(pred.cam_peak, mask) if pred.cam_peak is not None else float("inf")
         rows.append({"path": str(img_path), "called_stone": pred.label == positive, "probability": pred.probability,
                      "cam_peak": None if pred.cam_peak is None else list(pred.cam_peak), "distance_px": d,
-                     "located": bool(d <= reach)})
+                     "reach_px": reach, "located": bool(d <= reach)})
         body = img > pre.body_threshold
         near = ndimage.distance_transform_edt(~mask) <= reach
         chance.append(float((near & body).sum() / max(1, body.sum())))
@@ -75,8 +75,9 @@ def peak_agreement(a: dict, b: dict) -> float:
         if ra["cam_peak"] is None or rb["cam_peak"] is None:
             same.append(False)
             continue
+        reach = max(1.0, ra["reach_px"])  # the slice's own reach: 5 % of its longer side
         same.append(float(np.hypot(ra["cam_peak"][0] - rb["cam_peak"][0], ra["cam_peak"][1] - rb["cam_peak"][1]))
-                    <= max(1.0, REACH * 256))
+                    <= reach)
     return float(np.mean(same)) if same else float("nan")
 
 
