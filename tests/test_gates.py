@@ -437,3 +437,12 @@ def test_the_quantizers_check_reads_at_most_64_calibration_slices(family):
     out = _compare(family["ref"], family["overcalls"], load_card(family["ref"]), SimpleNamespace(tensors=x))
     assert out["check_inputs"] == "calibration slices" and out["check_n"] == 64
     assert 0 < out["top1_agreement"] < 1  # the first 64 grays include the ones the child calls otherwise
+
+
+def test_a_child_is_judged_in_scope_at_its_own_threshold():
+    from edgekidney.optimize.quantize import head_agreement
+
+    ref = {"scope_distance": np.array([0.20, 0.26, 0.30])}
+    got = {"scope_distance": np.array([0.35, 0.41, 0.45])}  # INT8 adds ~0.15 to every distance
+    assert head_agreement(ref, got, 0.27)["scope_agreement"] == pytest.approx(1 / 3)
+    assert head_agreement(ref, got, 0.27, 0.27 + 0.15)["scope_agreement"] == 1.0

@@ -127,7 +127,12 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
         info = _to_int8(model_path, out, cfg, card, cal, log)
     seconds = time.perf_counter() - t0
 
-    check = _compare(model_path, out, card, cal)
+    scope = card.scope
+    shift = _scope_shift(model_path, out, card, cal) if cfg.precision == Precision.int8 else None
+    if shift is not None:
+        scope = {**card.scope, "threshold": card.scope_threshold + shift["shift"], "parent_threshold":
+                 card.scope_threshold, "quantization_shift": shift}
+    check = _compare(model_path, out, card, cal, child_scope_threshold=scope.get("threshold"))
     if cfg.precision == Precision.fp16 and check["max_abs_logit_diff"] > cfg.fp16_tolerance:
         out.unlink(missing_ok=True)
         raise ModelError(f"FP16 model differs from FP32 by {check['max_abs_logit_diff']:.3g} logits "
@@ -143,7 +148,7 @@ def quantize(model_path: str | Path, out: str | Path, cfg: QuantizeConfig, log=p
     q_card = ModelCard(classes=card.classes, positive_class=card.positive_class, preprocessing=card.preprocessing,
                        threshold=card.threshold, precision=cfg.precision.value, kind="onnx",
                        input_name=card.input_name, output_name=card.output_name, outputs=card.outputs,
-                       scope=card.scope, parent_sha256=card.sha256, metrics={},
+                       scope=scope, parent_sha256=card.sha256, metrics={},
                        extra={"quantization": info, "parent": str(model_path.resolve()),
                               "threshold_from": threshold_record(card),
                               "split_manifest_sha256": card.extra.get("split_manifest_sha256"),
@@ -261,7 +266,29 @@ def _entropy_ranges(prepared: Path, reader: _Reader, op_types: list[str] | None,
     return cache
 
 
-def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 64) -> dict:
+def _scope_shift(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 128) -> dict | None:
+    """How far INT8 moves the scope distance, measured on calibration slices: the child's threshold moves with it.
+
+    The distance is a sum of squared, variance-scaled feature deviations, so the rounding noise of an
+    INT8 trunk adds a nearly constant term to it: for the released model +0.154 on 128 calibration
+    slices (standard deviation 0.016) and +0.152 on the 320 validation slices, against a threshold of
+    0.27; with the parent's threshold 300 of 320 validation slices came out of scope. Measured on the
+    training split's calibration slices, never on the validation slices the gates are judged on.
+    """
+    if cal is None or card.scope_threshold is None:
+        return None
+    from edgekidney.runtime.ort import OrtBackend
+
+    x = np.ascontiguousarray(cal.tensors[:n], dtype=np.float32)
+    size = card.preprocessing.image_size
+    with OrtBackend(fp32, size) as a, OrtBackend(quantized, size) as b:
+        da, db = a.infer_outputs(x)["scope_distance"], b.infer_outputs(x)["scope_distance"]
+    d = np.asarray(db, np.float64) - np.asarray(da, np.float64)
+    return {"shift": float(d.mean()), "std": float(d.std()), "n": int(len(x)), "from": "calibration slices"}
+
+
+def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 64,
+             child_scope_threshold: float | None = None) -> dict:
     """Quick numerical check on calibration slices (the accuracy benchmark is the real judge)."""
     from edgekidney.metrics import softmax
     from edgekidney.runtime.ort import OrtBackend
@@ -283,19 +310,21 @@ def _compare(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet |
            "max_abs_logit_diff": float(np.max(np.abs(la - lb))),
            "max_abs_prob_diff": float(np.max(np.abs(pa - pb))),
            "top1_agreement": float(np.mean(pa.argmax(1) == pb.argmax(1)))}
-    out.update(head_agreement(oa, ob, card.scope_threshold))
+    out.update(head_agreement(oa, ob, card.scope_threshold, child_scope_threshold))
     return out
 
 
-def head_agreement(ref: dict, got: dict, scope_threshold: float | None) -> dict:
-    """How closely a quantized model's extra heads follow FP32: scope decisions, distances, maps."""
+def head_agreement(ref: dict, got: dict, scope_threshold: float | None, got_threshold: float | None = None) -> dict:
+    """How closely a quantized model's extra heads follow FP32: scope decisions (each model at its own
+    threshold: an INT8 child's is moved by its measured shift), distances, maps."""
     out = {}
     if "scope_distance" in ref and "scope_distance" in got:
         da, db = ref["scope_distance"], got["scope_distance"]
         if scope_threshold is not None:  # in units of the threshold: in-sample distances are tiny, so a
             # ratio to them would call harmless noise a 60-fold error
+            tb = scope_threshold if got_threshold is None else got_threshold
             out["max_scope_distance_diff_over_threshold"] = float(np.max(np.abs(da - db)) / scope_threshold)
-            out["scope_agreement"] = float(np.mean((da <= scope_threshold) == (db <= scope_threshold)))
+            out["scope_agreement"] = float(np.mean((da <= scope_threshold) == (db <= tb)))
     if "cam" in ref and "cam" in got:
         a = ref["cam"].reshape(len(ref["cam"]), -1)
         b = got["cam"].reshape(len(got["cam"]), -1)
