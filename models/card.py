@@ -44,6 +44,24 @@ def evaluation_rows(ev: dict) -> list[str]:
     return rows
 
 
+def int8_note(sums: list[str], acc: dict | None) -> list[str]:
+    """Why the release holds the forms it holds: INT8 only where it kept the FP32 parent's decisions."""
+    shipped = {line.split()[1] for line in sums if line.strip()}
+    failed = [Path(r["model"]).name for r in (acc or {}).get("rows", []) if not r["passed"]]
+    lines = []
+    if "model-int8cpu.onnx" in shipped:
+        lines += ["**INT8 on the CPU.** The convolutions of the trunk are INT8; the stone map, its link to the stone",
+                  "logit, the scope distance and the residual sums they read (the outputs of layer2, layer3 and",
+                  "layer4) stay FP32, so the heads see the dequantized convolutions' sum and not an 8-bit rounding of",
+                  "it (which moved half the decisions of the first release's INT8 form)."]
+    if failed:
+        lines += [f"**Not shipped:** {', '.join(f'`{f}`' for f in failed)}: below the agreement gate (≥ 99 % of the",
+                  "validation decisions of the FP32 parent; table below)."]
+    if "model-int8trt.onnx" not in shipped and "model-fp16.onnx" in shipped:
+        lines += ["The GPU-ready form is FP16 (for `build-engine`), which keeps every decision of the FP32 parent."]
+    return lines + [""] if lines else []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -81,15 +99,10 @@ def main() -> int:
               f"planes it was trained on, sha256 of itself and of its FP32 parent `{side_cpu['parent_sha256']}`). The",
               "stone map, the scope distance and the link from the map to the stone logit stay FP32.",
               "`tests/test_released_model.py` checks these checksums and a few predictions.", "",
-              "**Why no INT8 form.** Both INT8 children of this model fail the agreement gate (≥ 99 % of the",
-              "validation decisions of the FP32 parent; table below): in the cpu form the quantized layer2-3",
-              "activations move the stone map's peak and with it the stone logit; in both, the pooled features",
-              "move the scope distance past its threshold (0.46: a tight cluster). FP16 keeps every decision.",
-              "INT8 for this network needs",
-              "layers kept in FP32, quantization-aware training or ModelOpt PTQ: not done for this release.", "",
-              "Use it by name anywhere a command takes a model: `edgekidney study kidney-stone-ct-v1 SERIES/`,",
-              "`edgekidney infer kidney-stone-ct-v1 SLICE.png`, `edgekidney serve kidney-stone-ct-v1`,",
-              "`edgekidney listen kidney-stone-ct-v1 ...`; `edgekidney build-engine kidney-stone-ct-v1` takes the GPU form.", "",
+              *int8_note(sums, acc),
+              f"Use it by name anywhere a command takes a model: `edgekidney study {out.name} SERIES/`,",
+              f"`edgekidney infer {out.name} SLICE.png`, `edgekidney serve {out.name}`,",
+              f"`edgekidney listen {out.name} ...`; `edgekidney build-engine {out.name}` takes the GPU form.", "",
               "## Data", "",
               "- **Slices**: 1,600 CT slices (256×256 JPEG, 400 each Normal, Stone, Cyst, Tumor; images 1-400 of each",
               "  class) of the public \"CT KIDNEY DATASET: Normal-Cyst-Tumor and Stone\" (Islam et al., *Scientific",
@@ -105,7 +118,8 @@ def main() -> int:
               "## Recipe", "",
               "ResNet50 from random initialisation (no ImageNet weights could be fetched where it was trained) at",
               "256 px after the body crop and body level; stone map on layer2+layer3 (docs/architecture.md, \"The",
-              "stone map\"); cross-entropy with label smoothing 0.1 on four classes plus the map's losses (dense BCE",
+              "stone map\"); cross-entropy (label smoothing as in the commands) on four classes plus the map's",
+              "losses (dense BCE",
               "with stones weighted 20× where the map is known: masks, placed calculi, all non-stone slices; BCE",
               "of the map's maximum on the slices without a stone); the stone logit adds the map's peak (detached);",
               "class-balanced sampling; augmentation:",

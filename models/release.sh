@@ -6,13 +6,12 @@
 #   DATA     the dataset folder it was trained on (class folders)
 #   MASKS    the stone-mask folder (same relative paths, .png)
 #   VOLUMES  a folder of real CT volumes for the out-of-scope table and the calculus pairs (see docs/scope.md)
-#   OUT      the release folder to write (e.g. models/kidney-stone-ct-v1)
+#   OUT      the release folder to write (e.g. models/kidney-stone-ct-v2)
 # then: python models/card.py OUT --command "..." --where "..."
 set -euo pipefail
 RUN=$1 DATA=$2 MASKS=$3 VOLUMES=$4 OUT=$5
 # the forms to ship (the first is the CPU form the card's scope table measures): INT8 only where
-# bench accuracy passed its gates, e.g. SHIP="model-int8cpu model-int8trt"
-SHIP="${SHIP:-model-fp16}"
+# bench accuracy passed its gates, else FP16 (chosen below; SHIP="..." to name them yourself)
 WORK="$RUN/release"
 mkdir -p "$WORK" "$OUT/results"
 T="--threads 2"
@@ -27,7 +26,19 @@ edgekidney quantize "$WORK/model.onnx" --precision fp16 --out "$WORK/model-fp16.
 
 # accuracy of the children against their parent on the validation blocks (exit 1 if a gate fails)
 edgekidney bench accuracy "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" "$WORK/model-int8trt.onnx" \
-    --data "$RUN/split.csv" --split val --json "$OUT/results/accuracy.json" || echo "ACCURACY GATE FAILED" >&2
+    --data "$RUN/split.csv" --split val --json "$OUT/results/accuracy.json" || echo "an INT8 form failed its gates" >&2
+if [ -z "${SHIP:-}" ]; then
+    SHIP=$(python - "$OUT/results/accuracy.json" <<'PY'
+import json, sys
+from pathlib import Path
+passed = {Path(r["model"]).stem for r in json.load(open(sys.argv[1]))["rows"] if r["passed"]}
+forms = ["model-int8cpu" if "model-int8cpu" in passed else "model-fp16",
+         "model-int8trt" if "model-int8trt" in passed else "model-fp16"]
+print(" ".join(dict.fromkeys(forms)))
+PY
+)
+fi
+echo "shipping: $SHIP"
 # clinical metrics with 95 % bootstrap intervals, FP32 and the shipped CPU form
 edgekidney evaluate "$WORK/model.onnx" "$RUN/split.csv" --split val $T --json "$OUT/results/evaluate-fp32.json" \
     --plots "$OUT/results/plots-fp32"

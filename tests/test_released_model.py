@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from edgekidney.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASE = REPO / "models" / "kidney-stone-ct-v1"
+RELEASE = REPO / "models" / "kidney-stone-ct-v2"
 SHARED = REPO.parent / "shared" / "data"
 DATA = Path(os.environ.get("EDGEKIDNEY_DATA") or SHARED / "ct-kidney-axial")
 runner = CliRunner()
@@ -57,7 +57,7 @@ def test_checksums_match_the_files_and_the_card():
 def test_the_release_is_found_by_name_and_by_folder():
     from edgekidney.released import resolve_model
 
-    assert resolve_model("kidney-stone-ct-v1") == RELEASE / "model-fp16.onnx"
+    assert resolve_model("kidney-stone-ct-v2") == RELEASE / "model-fp16.onnx"
     assert resolve_model(RELEASE) == RELEASE / "model-fp16.onnx"
     assert resolve_model(RELEASE, form="gpu") == RELEASE / "model-fp16.onnx"
 
@@ -68,7 +68,7 @@ def test_the_first_command_answers_every_example_series(tmp_path):
     pytest.importorskip("nibabel")
     pytest.importorskip("highdicom")
     out = tmp_path / "first"
-    r = runner.invoke(app, ["study", "kidney-stone-ct-v1", str(REPO / "examples"), "--json", str(out / "study.json"),
+    r = runner.invoke(app, ["study", "kidney-stone-ct-v2", str(REPO / "examples"), "--json", str(out / "study.json"),
                             "--sr-out", str(out / "sr"), "--sc-out", str(out / "sc")])
     assert r.exit_code == 0, r.output
     study = json.loads((out / "study.json").read_text())
