@@ -139,7 +139,8 @@ def test_a_stone_map_run_as_weights_carries_its_map_and_classifier(tmp_path):
     again, source = build_model(4, str(saved), arch=ARCH_STONE_MAP, positive=2)
     assert source.endswith("with its stone map and classifier")
     mine, theirs = again.state_dict(), first.state_dict()
-    for key in ("stone_map.fuse.0.weight", "stone_map.out.bias", "map_weight", "net.fc.weight", "net.layer2.0.conv1.weight"):
+    for key in ("stone_map.fuse.0.weight", "stone_map.out.bias", "map_weight", "net.fc.weight",
+                "net.layer2.0.conv1.weight"):
         assert torch.equal(mine[key], theirs[key]), key
 
     other, source = build_model(3, str(saved), arch=ARCH_STONE_MAP, positive=1)  # other classes: a new classifier

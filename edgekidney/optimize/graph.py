@@ -128,7 +128,7 @@ def _nearest_gemm(producer: dict, tensor: str):
 # nodes that pass a tensor on without computing features of their own: a head reading their output reads
 # what the node before them made
 _PASS_THROUGH = {"Relu", "ReduceMean", "GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
-                 "Identity", "MaxPool"}
+                 "Identity"}
 
 
 def head_taps(model, heads: list[str] | None = None) -> list[str]:

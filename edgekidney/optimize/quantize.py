@@ -54,7 +54,6 @@ class QuantizeConfig:
     calibration: Path | None = None
     keep: list[str] = field(default_factory=list)  # node names or aliases kept in FP32
     per_channel: bool = True
-    weight_symmetric: bool = True  # --target trt needs symmetric weights; cpu takes either
     percentile: float = 99.999
     max_calibration: int | None = None  # use only the first N calibration tensors
     fp16_tolerance: float = 0.05  # max |Δlogit| FP16 vs FP32 on the calibration slices
@@ -194,7 +193,7 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
               Method.percentile: CalibrationMethod.Percentile}[cfg.method]
     extra = {
         "ActivationSymmetric": trt,  # TensorRT's parser takes zero point 0 only
-        "WeightSymmetric": trt or cfg.weight_symmetric,
+        "WeightSymmetric": True,
         "CalibMovingAverage": False,
     }
     if cfg.method == Method.percentile:
@@ -238,9 +237,9 @@ def _to_int8(model_path: Path, out: Path, cfg: QuantizeConfig, card: ModelCard, 
     opset = max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
     return {"precision": "int8", "target": cfg.target.value, "method": cfg.method.value,
             "activations": "int8 symmetric" if trt else "uint8 asymmetric",
-            "weights": ("int8 symmetric " if trt or cfg.weight_symmetric else "int8 asymmetric ")
-                       + ("per-channel" if cfg.per_channel else "per-tensor"),
-            "kept_fp32": keep, "heads_kept_fp32": len(heads), "head_taps_kept_fp32": taps, "heads_inputs_float": rewired, "opset": opset,
+            "weights": "int8 symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
+            "kept_fp32": keep, "heads_kept_fp32": len(heads), "head_taps_kept_fp32": taps,
+            "heads_inputs_float": rewired, "opset": opset,
             "quantizer": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in q.graph.node)}
 
@@ -266,7 +265,8 @@ def _entropy_ranges(prepared: Path, reader: _Reader, op_types: list[str] | None,
     return cache
 
 
-def _scope_shift(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None, n: int = 128) -> dict | None:
+def _scope_shift(fp32: Path, quantized: Path, card: ModelCard, cal: CalibrationSet | None,
+                 n: int = 128) -> dict | None:
     """How far INT8 moves the scope distance, measured on calibration slices: the child's threshold moves with it.
 
     The distance is a sum of squared, variance-scaled feature deviations, so the rounding noise of an
