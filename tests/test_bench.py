@@ -18,12 +18,34 @@ def fp16_model(tmp_path_factory, tiny_onnx):
     return out
 
 
+def decisions(model, tiny_run):
+    """(stone probability, answer) per validation slice of the tiny run, computed apart from the benchmark."""
+    import numpy as np
+
+    from edgekidney.data.dataset import read_manifest
+    from edgekidney.runtime.predict import Classifier
+
+    files = [s.path for s in read_manifest(tiny_run / "split.csv") if s.split == "val"]
+    with Classifier(model) as clf:
+        preds, failures = clf.predict_files(files)
+    assert not failures
+    return np.array([p.probability for p in preds]), np.array([p.label for p in preds])
+
+
 def test_accuracy_report_against_fp32_reference(tiny_onnx, fp16_model, tiny_run):
+    import numpy as np
+
     res = run_accuracy([fp16_model, tiny_onnx], tiny_run / "split.csv", split="val", log=lambda s: None)
     ref, child = res["rows"][1], res["rows"][0]
     assert ref["reference"] and ref["agreement"] == 1.0 and ref["max_abs_dprob"] == 0.0
     assert child["child_of_reference"] and child["precision"] == "fp16"
-    assert res["n"] == 16 and child["agreement"] >= 0.9 and child["max_abs_dprob"] < 0.05
+    # the 2-epoch model's probabilities crowd its threshold, so FP16's 1e-4 may flip a call or two:
+    # the report must say exactly what the two models answer, and FP16 must move p(stone) by little
+    p_ref, c_ref = decisions(tiny_onnx, tiny_run)
+    p16, c16 = decisions(fp16_model, tiny_run)
+    assert res["n"] == 16 and child["agreement"] == pytest.approx(float(np.mean(c16 == c_ref)))
+    assert child["max_abs_dprob"] == pytest.approx(float(np.max(np.abs(p16 - p_ref))), abs=1e-6)
+    assert child["max_abs_dprob"] < 1e-3
     for key in ("accuracy", "sensitivity", "specificity", "auc"):
         assert 0.0 <= child[key] <= 1.0
 
@@ -31,10 +53,11 @@ def test_accuracy_report_against_fp32_reference(tiny_onnx, fp16_model, tiny_run)
 def test_accuracy_gate_failure_exits_1_and_writes_json(tiny_onnx, fp16_model, tiny_run, tmp_path):
     out = tmp_path / "acc.json"
     args = [str(fp16_model), str(tiny_onnx), "--data", str(tiny_run / "split.csv"), "--split", "val", "--json", str(out)]
-    assert accuracy_main(args + ["--min-agreement", "0.5"]) == 0
+    loose = ["--max-accuracy-drop", "100", "--max-sensitivity-drop", "100"]  # only the agreement gate judges here
+    assert accuracy_main(args + loose + ["--min-agreement", "0.5"]) == 0
     assert json.loads(out.read_text())["passed"] is True
     # an impossible gate must fail loudly
-    assert accuracy_main(args + ["--min-agreement", "1.01"]) == 1
+    assert accuracy_main(args + loose + ["--min-agreement", "1.01"]) == 1
     assert json.loads(out.read_text())["failed"] == [str(fp16_model)]
 
 
