@@ -35,30 +35,30 @@ def build_model(num_classes: int, weights: str = "none", weights_sha256: str | N
     Returns (model, description of the weights).
     """
     source = ""
+    # a local file is read (and its sha256 checked) once: its ResNet50 goes into the backbone, and from a
+    # stone-map checkpoint the map, the link and the classifier come along
+    state, digest = (None, "") if weights in ("imagenet", "none") else read_weights_file(Path(weights), weights_sha256)
 
     def resnet(n: int):
         nonlocal source
-        model, source = _resnet50(n, weights, weights_sha256)
+        model, source = _resnet50(n, weights, state, digest)
         return model
 
     network = build_network(num_classes, positive, arch, resnet)
-    if arch != ARCH_PLAIN and weights not in ("imagenet", "none"):
-        carried = carry_heads(network, Path(weights))
+    if arch != ARCH_PLAIN and state is not None:
+        carried = carry_heads(network, state)
         if carried:
             source += f", with its {' and '.join(carried)}"
     return network, source
 
 
-def carry_heads(network, path: Path) -> list[str]:
-    """Load what an edgekidney stone-map checkpoint adds to ResNet50 (the map and its link, and the
-    classifier when the classes match) into ``network``; returns what was loaded.
+def carry_heads(network, state: dict) -> list[str]:
+    """Load what an edgekidney stone-map checkpoint's ``state`` adds to ResNet50 (the map and its link, and
+    the classifier when the classes match) into ``network``; returns what was loaded.
 
     Fine-tuning a stone-map run again (``--weights RUN/model.pt``) then continues where that run stopped
     instead of teaching a new map from random weights. A plain ResNet50 state dict carries nothing here.
     """
-    torch = require_torch()
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
     own = network.state_dict()
     fits = {k: v for k, v in state.items()
             if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith("net.")}
@@ -73,20 +73,19 @@ def carry_heads(network, path: Path) -> list[str]:
     return carried
 
 
-def _resnet50(num_classes: int, weights: str, weights_sha256: str | None):
+def _resnet50(num_classes: int, weights: str, state: dict | None, digest: str):
+    """``state``: the state dict of the local file ``weights`` (read by :func:`read_weights_file`), else None."""
     torch = require_torch()
     from torchvision.models import ResNet50_Weights, resnet50
 
     model = resnet50(weights=None)
     if weights == "imagenet":
-        state = _imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2)
-        model.load_state_dict(state)
+        model.load_state_dict(_imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2))
         source = "torchvision ResNet50_Weights.IMAGENET1K_V2"
     elif weights == "none":
         source = "none (random initialisation)"
     else:
-        state, digest = load_weights_file(Path(weights), weights_sha256)
-        _load_backbone(model, state, weights)
+        _load_backbone(model, backbone_of(state), weights)
         source = f"{weights} (sha256 {digest})"
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model, source
@@ -102,7 +101,14 @@ def _imagenet_state_dict(enum):
 
 
 def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[dict, str]:
-    """A local state dict (or a checkpoint holding one), its sha256 verified when one is given."""
+    """The ResNet50 state dict of a local file (a state dict, or a checkpoint holding one), its sha256
+    verified when one is given."""
+    state, digest = read_weights_file(path, expected_sha256)
+    return backbone_of(state), digest
+
+
+def read_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """The whole state dict of a local file (DDP's ``module.`` prefix removed) and the file's sha256."""
     torch = require_torch()
     if not path.exists():
         raise InputError(f"{path}: no such weights file; {IMAGENET_HINT}")
@@ -117,10 +123,14 @@ def load_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[d
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise InputError(f"{path}: does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
-    if any(k.startswith("net.") for k in state):  # an edgekidney stone-map checkpoint: its ResNet50 inside
-        state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    return state, digest
+    return {k.removeprefix("module."): v for k, v in obj.items()}, digest
+
+
+def backbone_of(state: dict) -> dict:
+    """The ResNet50 in a state dict: all of a plain one, the ``net.`` part of an edgekidney stone-map checkpoint."""
+    if any(k.startswith("net.") for k in state):
+        return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    return state
 
 
 def _load_backbone(model, state: dict, where: str) -> None:
