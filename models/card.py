@@ -139,13 +139,16 @@ def main() -> int:
         lines += ["## Where it points", "",
                   "Of the masked validation Stone slices called stone, the share whose `cam_peak` lies within 5 % of",
                   "the slice's longer side (12.8 px of 256) of a stone pixel; chance is the share of body pixels that",
-                  "close to a stone.", "",
-                  "| model | masked | called stone | located | share | median distance | chance | peak agrees with FP32 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "close to a stone. *Erased*: the same slices with the stone painted over in the tissue around it,",
+                  "called stone; a model that reads the stone and not the look of its scanner calls few of them stone.", "",
+                  "| model | masked | called stone | located | share | median distance | chance | peak agrees with FP32 "
+                  "| erased, called stone |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in loc["results"]:
+            erased = f"{r['erased_called_stone']}/{r['n_erased']}" if "n_erased" in r else "not measured"
             lines.append(f"| `{Path(r['model']).name}` | {r['n_masked']} | {r['n_called_stone']} | {r['n_located']} | "
                          f"{pct(r['located_share'])} | {r['median_distance_px'] or float('nan'):.1f} px | {pct(r['chance'])} | "
-                         f"{pct(r.get('peak_agreement_with_first'))} |")
+                         f"{pct(r.get('peak_agreement_with_first'))} | {erased} |")
         lines.append("")
     if acc:
         lines += ["## Quantized forms against their FP32 parent (validation blocks)", "",
@@ -197,7 +200,13 @@ def main() -> int:
               "- Slices, not volumes: it never sees neighbouring slices; `study` combines slice calls with a rule.",
               "- Stones under about 2 mm, stones in the ureter or bladder, and phleboliths: not specifically taught.",
               "- The located share is measured on the dataset's own masks; a peak near a stone is not a segmentation.",
-              "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones.", ""]
+              "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones."]
+    erased = next((r for r in (loc or {}).get("results", []) if r.get("n_erased")), None)
+    if erased:
+        lines += [f"- It reads the look of its training data's scanners as well as the stone: with each outlined validation",
+                  f"  stone painted over, {Path(erased['model']).name} still calls {erased['erased_called_stone']} of "
+                  f"{erased['n_erased']} stone (docs/scope.md, erased-stone twins)."]
+    lines.append("")
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
     print(f"wrote {out / 'MODEL_CARD.md'}")
     return 0

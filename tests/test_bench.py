@@ -108,3 +108,28 @@ def test_peak_agreement_uses_each_slices_own_reach():
     a = {"slices": [big, small, {"cam_peak": None, "reach_px": 12.8}]}
     b = {"slices": [{"cam_peak": [100, 120]}, {"cam_peak": [100, 120]}, {"cam_peak": [5, 5]}]}
     assert peak_agreement(a, b) == 1 / 3
+
+
+def test_located_erases_each_outlined_stone_and_nothing_else(tmp_path):
+    """The erased slice of the located benchmark: the stone is tissue again, the rest of the slice is untouched."""
+    import numpy as np
+    from PIL import Image
+
+    from edgekidney.bench.located import erased_slices
+    from edgekidney.data.decode import load_slice
+    from edgekidney.data.preprocess import Preprocessing
+
+    yy, xx = np.mgrid[0:200, 0:200]
+    img = np.where(((yy - 100) / 80) ** 2 + ((xx - 100) / 90) ** 2 <= 1, 120, 0).astype(np.uint8)
+    img[90:96, 60:66] = 255
+    mask = np.zeros_like(img)
+    mask[90:96, 60:66] = 255
+    Image.fromarray(img).save(tmp_path / "s.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    pre = Preprocessing(image_size=128)
+    orig = load_slice(tmp_path / "s.png", pre)
+    (erased,) = erased_slices([(tmp_path / "s.png", tmp_path / "m.png")], pre)
+    assert orig[90:96, 60:66].min() > 0.95 and erased[90:96, 60:66].max() < 0.7
+    far = np.ones(img.shape, bool)
+    far[80:106, 50:76] = False
+    assert np.array_equal(erased[far], orig[far])

@@ -6,6 +6,10 @@ longer side of a stone pixel. The chance level is the share of body pixels that 
 stone: where a peak put at random in the body would count as located. Per model, so a quantized child
 can be compared with its parent (peak agreement: the share of slices whose two peaks lie within the
 same reach of each other).
+
+Each outlined slice is also scored with its stone painted over in the tissue around it
+(:func:`edgekidney.data.calculus.paint_over`): a model that calls the stone and not the look of the
+scanner it came from calls few of those erased slices stone (``erased_called_stone``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ def masked_stones(manifest: Path, masks: Path, data: Path, split: str = "val", p
     return out
 
 
+def erased_slices(pairs, pre, seed: int = 0) -> list[np.ndarray | None]:
+    """Each outlined slice with its stone painted over (None where no tissue surrounds the stone)."""
+    from edgekidney.data.calculus import paint_over
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for img_path, m_path in pairs:
+        img = load_slice(img_path, pre)
+        out.append(paint_over(img, read_mask(m_path, img.shape), rng))
+    return out
+
+
 def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None) -> dict:
     from scipy import ndimage
 
@@ -47,25 +63,34 @@ def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None)
         pre = clf.preprocessing
         preds, _ = clf.predict_files([p for p, _ in pairs], batch_size=batch_size)
         positive = clf.card.positive_class
+        erased = erased_slices(pairs, pre)
+        kept = [e for e in erased if e is not None]
+        erased_preds = iter(clf.predict_slices(kept, [f"erased{i}" for i in range(len(kept))]) if kept else [])
     rows, chance = [], []
-    for (img_path, m_path), pred in zip(pairs, preds):
+    for (img_path, m_path), pred, painted in zip(pairs, preds, erased):
         img = load_slice(img_path, pre)
         mask = read_mask(m_path, img.shape)
+        ep = next(erased_preds) if painted is not None else None
         reach = REACH * max(img.shape)
         d = distance_to_mask(pred.cam_peak, mask) if pred.cam_peak is not None else float("inf")
         rows.append({"path": str(img_path), "called_stone": pred.label == positive, "probability": pred.probability,
                      "cam_peak": None if pred.cam_peak is None else list(pred.cam_peak), "distance_px": d,
-                     "reach_px": reach, "located": bool(d <= reach)})
+                     "reach_px": reach, "located": bool(d <= reach),
+                     "erased_called_stone": None if ep is None else ep.label == positive,
+                     "erased_probability": None if ep is None else ep.probability})
         body = img > pre.body_threshold
         near = ndimage.distance_transform_edt(~mask) <= reach
         chance.append(float((near & body).sum() / max(1, body.sum())))
     called = [r for r in rows if r["called_stone"]]
     hits = sum(r["located"] for r in called)
+    erased_rows = [r for r in rows if r["erased_called_stone"] is not None]
     return {"model": str(model), "n_masked": len(rows), "n_called_stone": len(called), "n_located": hits,
             "located_share": hits / len(called) if called else None,
             "located_share_all_masked": sum(r["located"] for r in rows) / len(rows),
             "median_distance_px": float(np.median([r["distance_px"] for r in called])) if called else None,
-            "chance": float(np.mean(chance)), "reach": f"{REACH:.0%} of the slice's longer side", "slices": rows}
+            "chance": float(np.mean(chance)), "reach": f"{REACH:.0%} of the slice's longer side",
+            "n_erased": len(erased_rows), "erased_called_stone": sum(r["erased_called_stone"] for r in erased_rows),
+            "slices": rows}
 
 
 def peak_agreement(a: dict, b: dict) -> float:
@@ -96,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs = masked_stones(a.manifest, a.masks, a.data, a.split)
     results = [located(m, pairs) for m in a.models]
     ok = True
-    print(f"{'model':<40} {'masked':>6} {'called':>6} {'located':>8} {'share':>6} {'median px':>9} {'chance':>6} {'peaks = parent':>14}")
+    print(f"{'model':<40} {'masked':>6} {'called':>6} {'located':>8} {'share':>6} {'median px':>9} {'chance':>6} "
+          f"{'peaks = parent':>14} {'erased: stone':>13}")
     for r in results:
         agree = peak_agreement(results[0], r)
         r["peak_agreement_with_first"] = agree
         share = r["located_share"]
         print(f"{Path(r['model']).name:<40} {r['n_masked']:>6} {r['n_called_stone']:>6} {r['n_located']:>8} "
               f"{(share if share is not None else float('nan')):>6.3f} {(r['median_distance_px'] or float('nan')):>9.1f} "
-              f"{r['chance']:>6.3f} {agree:>14.3f}")
+              f"{r['chance']:>6.3f} {agree:>14.3f} {r['erased_called_stone']:>6}/{r['n_erased']:<6}")
         if a.min_located is not None and (share is None or share < a.min_located):
             ok = False
     if a.json:

@@ -3,7 +3,8 @@
 Training (see :mod:`edgekidney.model.train`, augmentation ``calculus``) takes slices labelled without a stone,
 places a calculus where a kidney lies and adds the result as an extra *positive* beside its untouched
 twin, a negative. The same functions build the paired test on real CT of other hospitals
-(``benchmarks/calculus_pairs.py``).
+(``benchmarks/scope.py``). :func:`paint_over` is the mirror: an outlined stone painted over in the
+tissue around it (erased-stone twins in training, and ``benchmarks/located.py``).
 
 Where a kidney lies, without a segmentation: the kidneys sit in the retroperitoneum on both sides of the
 spine at the level of the vertebral body (L1-L2 on axial slices; beside the lumbar spine on coronal
@@ -99,3 +100,36 @@ def draw_calculus(img: np.ndarray, spec: CalculusSpec) -> np.ndarray:
     patch = out[r0:r1, c0:c1]
     out[r0:r1, c0:c1] = np.maximum(patch, patch * (1 - alpha) + spec.value * alpha)
     return out
+
+
+def _ring_stats(img: np.ndarray, ring: np.ndarray) -> tuple[float, float] | None:
+    """The tissue level (median) and grain (high-frequency sd, capped) of ``ring``; None where it holds no body."""
+    from scipy.ndimage import uniform_filter
+
+    vals = img[ring & (img > 0.05)]
+    if vals.size < 8:
+        return None
+    grain = (img - uniform_filter(img, 3))[ring]
+    return float(np.median(vals)), float(min(np.std(grain) * 1.2, 0.08))
+
+
+def paint_over(img: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A copy of ``img`` (0..1) with ``region`` (bool) painted in the tissue around it: the mirror of
+    :func:`draw_calculus`, for erasing an outlined stone. The ring 2-6 px outside the region gives the
+    level and the grain; the region grown by 2 px is filled, its outer pixel blended at least half-way.
+    None where no body surrounds the region."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    grown = binary_dilation(region, iterations=1)
+    inner = binary_dilation(region, iterations=2)
+    ring = binary_dilation(region, iterations=6) & ~inner
+    stats = _ring_stats(img, ring)
+    if stats is None:
+        return None
+    level, grain = stats
+    fill = level + grain * rng.standard_normal(img.shape).astype(np.float32)
+    alpha = np.clip(gaussian_filter(inner.astype(np.float32), 1.0) * 1.5, 0, 1)
+    edge = inner & ~grown
+    alpha[edge] = np.maximum(alpha[edge], 0.5)
+    alpha[region] = 1.0
+    return np.clip(img * (1 - alpha) + fill * alpha, 0, 1).astype(np.float32)
