@@ -123,6 +123,59 @@ def test_geometric_augmentation_moves_the_mask_with_its_slice():
     assert moved >= 3  # the augmentation did move them
 
 
+def stone_body(size: int = 128, stone=(78, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """A body with a vertebra (so kidney sites exist), grainy tissue and a 4x4 stone; and the stone's mask."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    rng = np.random.default_rng(5)
+    body = ((yy - 64) / 40) ** 2 + ((xx - 64) / 55) ** 2 <= 1
+    img = np.where(body, 0.5 + 0.02 * rng.standard_normal((size, size)), 0.0).astype(np.float32)
+    img[80:92, 58:70] = 1.0  # vertebra
+    mask = np.zeros((size, size), np.float32)
+    mask[stone[0] : stone[0] + 4, stone[1] : stone[1] + 4] = 1.0
+    img[mask > 0] = 1.0
+    return img, mask
+
+
+def test_an_erased_twin_loses_its_stone_and_nothing_else_and_the_stone_slice_gets_a_sham():
+    from edgekidney.model.feed import erased_twins
+
+    pre = Preprocessing(image_size=128)
+    img, mask = stone_body()
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    x = (np.stack([img, img])[:, None] - mean) / std
+    y = np.array([2, 0])  # a Stone slice (outlined) and a slice of another class
+    masks = np.stack([mask, np.zeros_like(mask)])
+    known = np.array([True, True])
+    x2, y2, m2, k2 = erased_twins(x, y, masks, known, positive=2, negative=1, fraction=1.0, pre=pre,
+                                  rng=np.random.default_rng(0))
+    assert len(x2) == 3 and y2.tolist() == [2, 0, 1] and k2.tolist() == [True, True, True]
+    assert not m2[2].any() and m2[0].any()  # the twin's map target is empty, the stone's is kept
+    twin = x2[2, 0] * pre.std[0] + pre.mean[0]
+    assert twin[mask > 0].max() < 0.65  # the stone is painted in tissue (0.5 +- grain)
+    changed = np.abs(twin - img) > 1e-4
+    assert changed[mask == 0].sum() <= 12 * 12 - 16  # only around the stone (grown by 2 px, edge blended over 2)
+    near = np.zeros_like(changed)
+    near[72:90, 34:52] = True
+    assert not (changed & ~near).any()
+    stone_slice = x2[0, 0] * pre.std[0] + pre.mean[0]
+    sham = np.abs(stone_slice - img) > 1e-4
+    around_stone = np.zeros_like(sham)
+    around_stone[74:86, 36:48] = True
+    assert sham.any() and not (sham & around_stone).any()  # painted elsewhere, the stone itself untouched
+    assert np.allclose(stone_slice[mask > 0], 1.0, atol=1e-5)
+    assert np.array_equal(x2[1], x[1])  # other classes are left alone
+
+
+def test_erased_twins_are_labelled_normal_or_the_other_of_two_classes_or_not_made():
+    from edgekidney.model.train import erase_class_index
+
+    assert erase_class_index(["Cyst", "Normal", "Stone", "Tumor"], 2, "Normal") == 1
+    assert erase_class_index(["cyst", "normal", "stone"], 2, "Normal") == 1
+    assert erase_class_index(["no_stone", "stone"], 1, "Normal") == 0
+    assert erase_class_index(["Cyst", "Stone", "Tumor"], 1, "Normal") is None  # which finding? unknown
+
+
 def test_the_stone_logit_reads_the_map_peak():
     torch = pytest.importorskip("torch")
     from edgekidney.model.network import ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
@@ -153,7 +206,7 @@ def phantom_map_model(tmp_path_factory):
     generate(root / "data", SynthConfig(patients=8, slices_per_class=3, size=96, seed=0), masks=True)
     logs: list[str] = []
     metrics = train(TrainConfig(data=root / "data", out=root / "run", weights="none", epochs=1, freeze_epochs=0,
-                                image_size=64, batch_size=8, seed=0, augment="geometry", threads=1,
+                                image_size=64, batch_size=8, seed=0, augment="geometry", threads=1, erase_fraction=0.5,
                                 preprocessing=Preprocessing(image_size=64)), log=logs.append)
     export_onnx(root / "run", root / "model.onnx")
     return root, metrics, logs
@@ -166,6 +219,9 @@ def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_ma
     assert metrics["arch"] == "resnet50-stonemap"
     history = (root / "run" / "history.csv").read_text().splitlines()
     assert "val_located" in history[0] and "train_map_dense" in history[0]
+    # the phantoms' outlined stones get erased twins, and validation scores them as negatives
+    assert any("painted over, labelled" in line for line in logs), logs
+    assert "val_erased_called_stone" in history[0] and "val_auc_with_erased" in history[0]
     side = json.loads((root / "model.json").read_text())
     assert side["extra"]["map"] == {"kind": "stone_map", "stride": 8, "output": "cam", "values": "P(stone) per cell"}
     assert side["extra"]["arch"] == "resnet50-stonemap" and side["extra"]["planes"] == ["axial"]

@@ -1,4 +1,4 @@
-"""What feeds the training loop: augmentation, placed-calculus twins, class-balanced order (needs torch).
+"""What feeds the training loop: augmentation, placed-calculus and erased-stone twins, class-balanced order.
 
 Each function takes a batch and returns a batch; none knows about the model or the loss. Where a batch
 carries stone masks (on the network's input grid, see :mod:`edgekidney.data.masks`), the geometric
@@ -130,6 +130,57 @@ def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float,
     if not with_masks:
         return x2, y2
     return x2, y2, np.concatenate([masks, np.stack(outlines)]), np.concatenate([known, np.ones(len(twins), bool)])
+
+
+def erased_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndarray, positive: int,
+                 negative: int, fraction: float, pre: Preprocessing, rng: np.random.Generator):
+    """Counterfactual negatives: ``fraction`` of the outlined Stone slices get a twin with the stone painted
+    over in the tissue around it, labelled ``negative`` (no stone; its map target is empty).
+
+    The stone slices of a public dataset and its other classes often come from other scanners and
+    protocols (non-contrast against contrast CT), so the look of the whole slice predicts the label.
+    A twin that differs from its stone slice only where the stone was leaves the stone itself as the one
+    thing that tells them apart. So that the painting tells nothing, the stone slice itself gets the same
+    painting (a sham) over a patch of the stone's shape at a kidney site away from the stone.
+    Returns ``(x, y, masks, known)`` with the twins appended (the stone slices' shams in place).
+    """
+    from scipy.ndimage import binary_dilation
+
+    from edgekidney.data.calculus import kidney_sites, paint_over
+
+    mean0, std0 = pre.mean[0], pre.std[0]
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    x = x.copy()
+    extra = []
+    for i in np.flatnonzero((y == positive) & known):
+        stone = masks[i] > 0.5
+        if not stone.any() or rng.random() >= fraction:
+            continue
+        img = x[i, 0] * std0 + mean0
+        erased = paint_over(img, stone, rng)
+        if erased is None:
+            continue
+        extra.append(erased)
+        rows, cols = np.nonzero(stone)
+        keep_out = binary_dilation(stone, iterations=12)  # the sham and its blended edge stay off the stone
+        for site in kidney_sites(img, rng, 4):
+            dr, dc = site[0] - int(rows.mean()), site[1] - int(cols.mean())
+            r2, c2 = rows + dr, cols + dc
+            inside = (r2 >= 0) & (r2 < img.shape[0]) & (c2 >= 0) & (c2 < img.shape[1])
+            sham = np.zeros_like(stone)
+            sham[r2[inside], c2[inside]] = True
+            if sham.any() and not (sham & keep_out).any():
+                painted = paint_over(img, sham, rng)
+                if painted is not None:
+                    x[i] = (painted[None] - mean[0]) / std[0]
+                break
+    if not extra:
+        return x, y, masks, known
+    twins = ((np.stack(extra)[:, None] - mean) / std).astype(np.float32)
+    return (np.concatenate([x, twins]), np.concatenate([y, np.full(len(twins), negative, dtype=y.dtype)]),
+            np.concatenate([masks, np.zeros((len(twins),) + masks.shape[1:], masks.dtype)]),
+            np.concatenate([known, np.ones(len(twins), bool)]))
 
 
 def epoch_order(y: np.ndarray, balanced: bool, generator) -> np.ndarray:

@@ -34,11 +34,13 @@ from edgekidney.data.masks import default_mask_folder, distance_to_mask, mask_pa
 from edgekidney.data.preprocess import Preprocessing
 from edgekidney.data.provenance import data_provenance
 from edgekidney.errors import EdgeKidneyError, InputError
-from edgekidney.metrics import classification_report, softmax, threshold_for_sensitivity
+from edgekidney.metrics import classification_report, roc_auc, softmax, threshold_for_sensitivity
 from edgekidney.model.checkpoint import (CHECKPOINT_FORMAT, INCOMPLETE, TorchPredictor, load_checkpoint,  # noqa: F401
                                          load_checkpoint_card, save_checkpoint)
 from edgekidney.model.distributed import current as current_dist
-from edgekidney.model.feed import AUGMENTATIONS, augment, calculus_twins, epoch_order, parse_augmentations  # noqa: F401
+from edgekidney.data.calculus import paint_over
+from edgekidney.model.feed import (AUGMENTATIONS, augment, calculus_twins, epoch_order, erased_twins,  # noqa: F401
+                                   parse_augmentations)
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss
 from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
@@ -74,6 +76,11 @@ class TrainConfig:
     augment: str = "all"
     balanced: bool = True  # class-balanced sampling (then the loss is not class-weighted as well)
     calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
+    # share of outlined Stone slices that get a twin with the stone painted over, labelled erase_class
+    # (feed.erased_twins: the stone, not the look of its source, must make the call); off by default:
+    # measured once (docs/scope.md, run 5) it halved the calls on erased stones but cost Tumor specificity
+    erase_fraction: float = 0.0
+    erase_class: str = "Normal"  # the erased twins' class; in a two-class task the other class
     scope_quantile: float = 0.99  # out-of-scope threshold: this quantile of validation distances ...
     scope_margin: float = 1.0  # ... times this margin (1.5 let MR and head CT through: see README)
     scope_shrinkage: float = 0.1
@@ -164,6 +171,32 @@ def planes_of(geometries) -> dict[str, int]:
         if g.body_found:
             counts["coronal" if (bottom - top) > 1.15 * (right - left) else "axial"] += 1
     return {k: v for k, v in counts.items() if v}
+
+
+def _erased_validation(x_val: np.ndarray, m_val: np.ndarray, val_masked: np.ndarray, pre: Preprocessing,
+                       seed: int) -> np.ndarray | None:
+    """The outlined validation Stone slices with the stone painted over (no sham: nothing is learned from
+    them); None when no stone could be painted over."""
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(pre.mean, np.float32)[:, None, None]
+    std = np.asarray(pre.std, np.float32)[:, None, None]
+    out = []
+    for i in val_masked:
+        painted = paint_over(x_val[i, 0] * std[0, 0, 0] + mean[0, 0, 0], m_val[i] > 0.5, rng)
+        if painted is not None:
+            out.append((painted[None] - mean) / std)
+    return np.stack(out).astype(np.float32) if out else None
+
+
+def erase_class_index(classes: list[str], positive: int, name: str) -> int | None:
+    """The class an erased-stone twin is labelled: ``name`` when the classes have it (case-insensitive), the
+    other class of a two-class task, else None (no erased twins: which finding the slice would show is unknown)."""
+    for i, c in enumerate(classes):
+        if c.lower() == name.lower() and i != positive:
+            return i
+    if len(classes) == 2:
+        return 1 - positive
+    return None
 
 
 def _load_masks(cfg: TrainConfig, samples, geometries, positive: int, log) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +320,14 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         log(f"stone map: stride {MAP_STRIDE} ({map_cells(pre.image_size)}x{map_cells(pre.image_size)} cells); "
             f"{n_masked} of {int((y_train == positive).sum())} training stone slices have a mask "
             f"({len(val_masked)} in validation); the rest teach it through their label")
+    erase_to, x_val_erased = None, None  # erased-stone twins: their class; the validation stones erased
+    if stone_map and cfg.erase_fraction > 0:
+        erase_to = erase_class_index(ds.classes, positive, cfg.erase_class)
+    if erase_to is not None and n_masked:
+        log(f"stone map: {cfg.erase_fraction:.0%} of the outlined stone slices get a twin with the stone painted "
+            f"over, labelled {ds.classes[erase_to]!r} (--erase-fraction 0 to switch off)")
+    if erase_to is not None and len(val_masked):
+        x_val_erased = _erased_validation(x_val, m_val, val_masked, pre, cfg.seed)
     t_data = time.perf_counter() - t_start
 
     log(f"model: ResNet50{' + stone map' if stone_map else ''}, weights {weights_source}, device {device}, "
@@ -375,6 +416,8 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                             xn, yn, mn, kn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng, mn, kn)
                         else:
                             xn, yn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng)
+                    if erase_to is not None:
+                        xn, yn, mn, kn = erased_twins(xn, yn, mn, kn, positive, erase_to, cfg.erase_fraction, pre, rng)
                     xb = torch.from_numpy(xn)
                     mb = torch.from_numpy(mn) if stone_map else None
                     if which - {"calculus"}:
@@ -421,9 +464,20 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                                                pre.image_size)
                         row["val_located"] = hit / n
                         located = f" val_located {hit}/{n}"
+                auc = -1.0 if math.isnan(rep["auc"]) else rep["auc"]
+                if x_val_erased is not None:
+                    # the erased twins of the validation stone slices join the negatives: an epoch that
+                    # calls the scanner's look instead of the stone scores lower (see erased_twins)
+                    erased = dist.gather_logits(lambda x: _predict_logits_and_peaks(model, x, device), x_val_erased,
+                                                width)[:, : len(ds.classes)]
+                    p_val, p_erased = softmax(val_logits)[:, positive], softmax(erased)[:, positive]
+                    row["val_erased_called_stone"] = float(np.mean(p_erased >= 0.5))
+                    row["val_auc_with_erased"] = auc = roc_auc(
+                        np.concatenate([y_val == positive, np.zeros(len(p_erased), bool)]),
+                        np.concatenate([p_val, p_erased]))
+                    located += f" erased twins called stone {row['val_erased_called_stone']:.2f}"
                 history.append(row)
                 _write_history(history, hist_path)
-                auc = -1.0 if math.isnan(rep["auc"]) else rep["auc"]
                 improved = auc > best["auc"] + 1e-6 or (abs(auc - best["auc"]) <= 1e-6 and val_loss < best["loss"])
                 if improved:
                     best.update(auc=auc, loss=val_loss, epoch=epoch,
@@ -444,7 +498,8 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     stopped_early = True
                     break
                 if not frozen and stale >= cfg.patience and epoch >= cfg.epochs // 2:
-                    log(f"early stop: val AUC has not improved for {cfg.patience} epochs (best epoch {best['epoch']})")
+                    what = "val AUC (erased twins as negatives)" if x_val_erased is not None else "val AUC"
+                    log(f"early stop: {what} has not improved for {cfg.patience} epochs (best epoch {best['epoch']})")
                     stopped_early = True
                     break
 
