@@ -411,13 +411,14 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                         idx = order[i - 1 : i + 1]  # BatchNorm cannot train on a batch of one
                     xn, yn = x_train[idx], y_train[idx]
                     mn, kn = (m_train[idx].astype(np.float32), k_train[idx]) if stone_map else (None, None)
+                    if erase_to is not None:  # before the placed calculi: only real stones are erased (a
+                        # Cyst or Tumor slice's calculus twin, erased, would be that slice labelled Normal)
+                        xn, yn, mn, kn = erased_twins(xn, yn, mn, kn, positive, erase_to, cfg.erase_fraction, pre, rng)
                     if "calculus" in which and cfg.calculus_fraction > 0:
                         if stone_map:
                             xn, yn, mn, kn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng, mn, kn)
                         else:
                             xn, yn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng)
-                    if erase_to is not None:
-                        xn, yn, mn, kn = erased_twins(xn, yn, mn, kn, positive, erase_to, cfg.erase_fraction, pre, rng)
                     xb = torch.from_numpy(xn)
                     mb = torch.from_numpy(mn) if stone_map else None
                     if which - {"calculus"}:
