@@ -167,6 +167,27 @@ def test_an_erased_twin_loses_its_stone_and_nothing_else_and_the_stone_slice_get
     assert np.array_equal(x2[1], x[1])  # other classes are left alone
 
 
+def test_only_real_stones_are_erased_not_the_calculi_placed_in_the_same_batch():
+    """A Tumor slice's placed-calculus twin is a stone with an outline; erased, it would be a Tumor slice
+    labelled Normal. Twins are made in the order that never does that."""
+    from edgekidney.model.feed import add_twins
+
+    pre = Preprocessing(image_size=128)
+    img, mask = stone_body()
+    tumor, _ = stone_body()
+    tumor[mask > 0] = tumor[70:74, 90:94].mean()  # the same body without its stone
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    x = ((np.stack([img, tumor])[:, None] - mean) / std).astype(np.float32)
+    y = np.array([2, 3])  # Stone (outlined), Tumor
+    masks = np.stack([mask, np.zeros_like(mask)])
+    for seed in range(5):
+        _, y2, _, _ = add_twins(x, y, masks, np.array([True, True]), 2, pre, np.random.default_rng(seed),
+                                calculus_fraction=1.0, erase_to=1, erase_fraction=1.0)
+        assert y2[:2].tolist() == [2, 3] and (y2 == 1).sum() == 1  # one Normal: the erased real stone
+        assert (y2[2:] == 2).sum() >= 1  # and the Tumor slice's calculus twin, a stone
+
+
 def test_erased_twins_are_labelled_normal_or_the_other_of_two_classes_or_not_made():
     from edgekidney.model.train import erase_class_index
 

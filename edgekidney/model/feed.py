@@ -183,6 +183,22 @@ def erased_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndar
             np.concatenate([known, np.ones(len(twins), bool)]))
 
 
+def add_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray | None, known: np.ndarray | None, positive: int,
+              pre: Preprocessing, rng: np.random.Generator, calculus_fraction: float = 0.0,
+              erase_to: int | None = None, erase_fraction: float = 0.0):
+    """A batch with its twins appended: erased-stone twins first, from real stones only (made after the
+    placed calculi, a Cyst or Tumor slice's calculus twin would be erased back into that slice labelled
+    ``erase_to``), then placed-calculus twins. ``masks``/``known`` are None for a model without a map."""
+    if masks is not None and erase_to is not None and erase_fraction > 0:
+        x, y, masks, known = erased_twins(x, y, masks, known, positive, erase_to, erase_fraction, pre, rng)
+    if calculus_fraction > 0:
+        if masks is not None:
+            x, y, masks, known = calculus_twins(x, y, positive, calculus_fraction, pre, rng, masks, known)
+        else:
+            x, y = calculus_twins(x, y, positive, calculus_fraction, pre, rng)
+    return x, y, masks, known
+
+
 def epoch_order(y: np.ndarray, balanced: bool, generator) -> np.ndarray:
     """Indices of one epoch: a permutation, or with ``balanced`` each class drawn equally often."""
     import torch

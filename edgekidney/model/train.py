@@ -39,8 +39,8 @@ from edgekidney.model.checkpoint import (CHECKPOINT_FORMAT, INCOMPLETE, TorchPre
                                          load_checkpoint_card, save_checkpoint)
 from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over
-from edgekidney.model.feed import (AUGMENTATIONS, augment, calculus_twins, epoch_order, erased_twins,  # noqa: F401
-                                   parse_augmentations)
+from edgekidney.model.feed import (AUGMENTATIONS, add_twins, augment, calculus_twins, epoch_order,  # noqa: F401
+                                   erased_twins, parse_augmentations)
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss
 from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
@@ -411,14 +411,9 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                         idx = order[i - 1 : i + 1]  # BatchNorm cannot train on a batch of one
                     xn, yn = x_train[idx], y_train[idx]
                     mn, kn = (m_train[idx].astype(np.float32), k_train[idx]) if stone_map else (None, None)
-                    if erase_to is not None:  # before the placed calculi: only real stones are erased (a
-                        # Cyst or Tumor slice's calculus twin, erased, would be that slice labelled Normal)
-                        xn, yn, mn, kn = erased_twins(xn, yn, mn, kn, positive, erase_to, cfg.erase_fraction, pre, rng)
-                    if "calculus" in which and cfg.calculus_fraction > 0:
-                        if stone_map:
-                            xn, yn, mn, kn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng, mn, kn)
-                        else:
-                            xn, yn = calculus_twins(xn, yn, positive, cfg.calculus_fraction, pre, rng)
+                    xn, yn, mn, kn = add_twins(xn, yn, mn, kn, positive, pre, rng,
+                                               cfg.calculus_fraction if "calculus" in which else 0.0,
+                                               erase_to, cfg.erase_fraction)
                     xb = torch.from_numpy(xn)
                     mb = torch.from_numpy(mn) if stone_map else None
                     if which - {"calculus"}:
