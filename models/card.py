@@ -203,9 +203,10 @@ def main() -> int:
               "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones."]
     erased = next((r for r in (loc or {}).get("results", []) if r.get("n_erased")), None)
     if erased:
-        lines += [f"- It reads the look of its training data's scanners as well as the stone: with each outlined validation",
-                  f"  stone painted over, {Path(erased['model']).name} still calls {erased['erased_called_stone']} of "
-                  f"{erased['n_erased']} stone (docs/scope.md, erased-stone twins)."]
+        lines += ["- With each outlined validation stone painted over in the tissue around it, "
+                  f"{Path(erased['model']).name} still calls",
+                  f"  {erased['erased_called_stone']} of {erased['n_erased']} stone: each such call answers the look "
+                  "of its training data's scanners, not a stone (docs/scope.md, erased-stone twins)."]
     lines.append("")
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
     print(f"wrote {out / 'MODEL_CARD.md'}")
