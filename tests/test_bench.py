@@ -117,6 +117,7 @@ def test_located_erases_each_outlined_stone_and_nothing_else(tmp_path):
 
     from edgekidney.bench.located import erased_slices
     from edgekidney.data.decode import load_slice
+    from edgekidney.data.masks import read_mask
     from edgekidney.data.preprocess import Preprocessing
 
     yy, xx = np.mgrid[0:200, 0:200]
@@ -128,7 +129,7 @@ def test_located_erases_each_outlined_stone_and_nothing_else(tmp_path):
     Image.fromarray(mask).save(tmp_path / "m.png")
     pre = Preprocessing(image_size=128)
     orig = load_slice(tmp_path / "s.png", pre)
-    (erased,) = erased_slices([(tmp_path / "s.png", tmp_path / "m.png")], pre)
+    (erased,) = erased_slices([orig], [read_mask(tmp_path / "m.png", orig.shape)])
     assert orig[90:96, 60:66].min() > 0.95 and erased[90:96, 60:66].max() < 0.7
     far = np.ones(img.shape, bool)
     far[80:106, 50:76] = False

@@ -42,16 +42,12 @@ def masked_stones(manifest: Path, masks: Path, data: Path, split: str = "val", p
     return out
 
 
-def erased_slices(pairs, pre, seed: int = 0) -> list[np.ndarray | None]:
+def erased_slices(slices: list[np.ndarray], masks: list[np.ndarray], seed: int = 0) -> list[np.ndarray | None]:
     """Each outlined slice with its stone painted over (None where no tissue surrounds the stone)."""
     from edgekidney.data.calculus import paint_over
 
     rng = np.random.default_rng(seed)
-    out = []
-    for img_path, m_path in pairs:
-        img = load_slice(img_path, pre)
-        out.append(paint_over(img, read_mask(m_path, img.shape), rng))
-    return out
+    return [paint_over(img, mask, rng) for img, mask in zip(slices, masks)]
 
 
 def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None) -> dict:
@@ -63,13 +59,13 @@ def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None)
         pre = clf.preprocessing
         preds, _ = clf.predict_files([p for p, _ in pairs], batch_size=batch_size)
         positive = clf.card.positive_class
-        erased = erased_slices(pairs, pre)
+        slices = [load_slice(p, pre) for p, _ in pairs]
+        masks = [read_mask(m, img.shape) for (_, m), img in zip(pairs, slices)]
+        erased = erased_slices(slices, masks)
         kept = [e for e in erased if e is not None]
         erased_preds = iter(clf.predict_slices(kept, [f"erased{i}" for i in range(len(kept))]) if kept else [])
     rows, chance = [], []
-    for (img_path, m_path), pred, painted in zip(pairs, preds, erased):
-        img = load_slice(img_path, pre)
-        mask = read_mask(m_path, img.shape)
+    for (img_path, _), img, mask, pred, painted in zip(pairs, slices, masks, preds, erased):
         ep = next(erased_preds) if painted is not None else None
         reach = REACH * max(img.shape)
         d = distance_to_mask(pred.cam_peak, mask) if pred.cam_peak is not None else float("inf")

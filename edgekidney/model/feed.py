@@ -88,6 +88,13 @@ def augment(batch, pre: Preprocessing, generator, which: frozenset[str] = frozen
     return out if masks is None else (out, masks)
 
 
+def to_input(gray01: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """(N, S, S) slices in 0..1 on the network grid -> (N, 3, S, S) network input, normalised as the batch is."""
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    return ((np.asarray(gray01)[:, None] - mean) / std).astype(np.float32)
+
+
 def calculus_disk(shape: tuple[int, int], spec) -> np.ndarray:
     """The outline of a placed calculus (its nominal diameter) as a float32 mask."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
@@ -121,10 +128,7 @@ def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float,
     with_masks = masks is not None
     if not extra:
         return (x, y, masks, known) if with_masks else (x, y)
-    stack = np.stack(extra)
-    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
-    std = np.asarray(pre.std, np.float32)[None, :, None, None]
-    twins = ((stack[:, None] - mean) / std).astype(np.float32)
+    twins = to_input(np.stack(extra), pre)
     x2 = np.concatenate([x, twins])
     y2 = np.concatenate([y, np.full(len(twins), positive, dtype=y.dtype)])
     if not with_masks:
@@ -149,8 +153,6 @@ def erased_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndar
     from edgekidney.data.calculus import kidney_sites, paint_over
 
     mean0, std0 = pre.mean[0], pre.std[0]
-    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
-    std = np.asarray(pre.std, np.float32)[None, :, None, None]
     x = x.copy()
     extra = []
     for i in np.flatnonzero((y == positive) & known):
@@ -173,11 +175,11 @@ def erased_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndar
             if sham.any() and not (sham & keep_out).any():
                 painted = paint_over(img, sham, rng)
                 if painted is not None:
-                    x[i] = (painted[None] - mean[0]) / std[0]
+                    x[i] = to_input(painted[None], pre)[0]
                 break
     if not extra:
         return x, y, masks, known
-    twins = ((np.stack(extra)[:, None] - mean) / std).astype(np.float32)
+    twins = to_input(np.stack(extra), pre)
     return (np.concatenate([x, twins]), np.concatenate([y, np.full(len(twins), negative, dtype=y.dtype)]),
             np.concatenate([masks, np.zeros((len(twins),) + masks.shape[1:], masks.dtype)]),
             np.concatenate([known, np.ones(len(twins), bool)]))

@@ -39,8 +39,7 @@ from edgekidney.model.checkpoint import (CHECKPOINT_FORMAT, INCOMPLETE, TorchPre
                                          load_checkpoint_card, save_checkpoint)
 from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over
-from edgekidney.model.feed import (AUGMENTATIONS, add_twins, augment, calculus_twins, epoch_order,  # noqa: F401
-                                   erased_twins, parse_augmentations)
+from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss
 from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
@@ -178,14 +177,9 @@ def _erased_validation(x_val: np.ndarray, m_val: np.ndarray, val_masked: np.ndar
     """The outlined validation Stone slices with the stone painted over (no sham: nothing is learned from
     them); None when no stone could be painted over."""
     rng = np.random.default_rng(seed)
-    mean = np.asarray(pre.mean, np.float32)[:, None, None]
-    std = np.asarray(pre.std, np.float32)[:, None, None]
-    out = []
-    for i in val_masked:
-        painted = paint_over(x_val[i, 0] * std[0, 0, 0] + mean[0, 0, 0], m_val[i] > 0.5, rng)
-        if painted is not None:
-            out.append((painted[None] - mean) / std)
-    return np.stack(out).astype(np.float32) if out else None
+    painted = [paint_over(x_val[i, 0] * pre.std[0] + pre.mean[0], m_val[i] > 0.5, rng) for i in val_masked]
+    kept = [p for p in painted if p is not None]
+    return to_input(np.stack(kept), pre) if kept else None
 
 
 def erase_class_index(classes: list[str], positive: int, name: str) -> int | None:
