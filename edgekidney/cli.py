@@ -137,7 +137,8 @@ def train_cmd(
     erase_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                          help="Share of outlined stone slices given a twin with the stone painted "
                                               "over, labelled --erase-class (see docs/scope.md before using it)."),
-    erase_class: str = typer.Option("Normal", help="Class of the erased-stone twins (two classes: the other one)."),
+    erase_class: str = typer.Option("Normal", help="Class of the erased-stone twins (two classes: the other one; "
+                                                   "'not-stone': trained only away from the stone class)."),
     body_crop: bool = typer.Option(True, help="Crop each slice to the patient's outline before resizing."),
     body_level: float = typer.Option(0.5, min=0.0, max=1.0,
                                      help="Scale each slice so the body's median intensity is this (0: off)."),

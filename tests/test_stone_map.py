@@ -189,12 +189,30 @@ def test_only_real_stones_are_erased_not_the_calculi_placed_in_the_same_batch():
 
 
 def test_erased_twins_are_labelled_normal_or_the_other_of_two_classes_or_not_made():
-    from edgekidney.model.train import erase_class_index
+    from edgekidney.model.train import NOT_STONE, erase_class_index
 
     assert erase_class_index(["Cyst", "Normal", "Stone", "Tumor"], 2, "Normal") == 1
     assert erase_class_index(["cyst", "normal", "stone"], 2, "Normal") == 1
     assert erase_class_index(["no_stone", "stone"], 1, "Normal") == 0
     assert erase_class_index(["Cyst", "Stone", "Tumor"], 1, "Normal") is None  # which finding? unknown
+    assert erase_class_index(["Cyst", "Stone", "Tumor"], 1, "not-stone") == NOT_STONE < 0  # no class's index
+
+
+def test_a_not_stone_twin_is_taught_away_from_stone_and_to_no_other_class_in_particular():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.losses import not_class_loss
+
+    z = torch.tensor([[1.0, 2.0, 3.0, 0.5], [0.0, -1.0, 9.0, 0.0], [-30.0, 30.0, -30.0, -30.0]], requires_grad=True)
+    loss = not_class_loss(z, 2)
+    p = torch.softmax(z.detach().double(), 1)
+    torch.testing.assert_close(loss[:2].double(), -torch.log1p(-p[:2, 2]), rtol=1e-5, atol=0)
+    assert 0 <= loss[2] < 1e-20 and torch.isfinite(loss).all()  # clearly not stone: nothing to learn, no overflow
+    loss[:2].sum().backward()
+    g = z.grad[:2]
+    assert (g[:, 2] > 0).all() and (g[:, [0, 1, 3]] < 0).all()  # descent lowers stone, raises the others
+    # ... in proportion to what they already have: Normal is not preferred over Cyst or Tumor
+    torch.testing.assert_close((g[:, [0, 1, 3]] / g[:, [0, 1, 3]].sum(1, keepdim=True)).double(),
+                               p[:2][:, [0, 1, 3]] / p[:2][:, [0, 1, 3]].sum(1, keepdim=True), rtol=1e-4, atol=0)
 
 
 def test_the_stone_logit_reads_the_map_peak():
@@ -228,7 +246,7 @@ def phantom_map_model(tmp_path_factory):
     logs: list[str] = []
     metrics = train(TrainConfig(data=root / "data", out=root / "run", weights="none", epochs=1, freeze_epochs=0,
                                 image_size=64, batch_size=8, seed=0, augment="geometry", threads=1, erase_fraction=0.5,
-                                preprocessing=Preprocessing(image_size=64)), log=logs.append)
+                                erase_class="not-stone", preprocessing=Preprocessing(image_size=64)), log=logs.append)
     export_onnx(root / "run", root / "model.onnx")
     return root, metrics, logs
 
@@ -241,7 +259,7 @@ def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_ma
     history = (root / "run" / "history.csv").read_text().splitlines()
     assert "val_located" in history[0] and "train_map_dense" in history[0]
     # the phantoms' outlined stones get erased twins, and validation scores them as negatives
-    assert any("painted over, labelled" in line for line in logs), logs
+    assert any("painted over, labelled not stone" in line for line in logs), logs
     assert "val_erased_called_stone" in history[0] and "val_auc_with_erased" in history[0]
     side = json.loads((root / "model.json").read_text())
     assert side["extra"]["map"] == {"kind": "stone_map", "stride": 8, "output": "cam", "values": "P(stone) per cell"}

@@ -6,6 +6,8 @@
 - :func:`dense_map_loss`: binary cross-entropy per cell, stones up-weighted (``pos_weight``: a stone
   covers a few of 1,024 cells), on the slices whose map is known: masked Stone slices, placed-calculus
   twins, and every slice of another class (no stone anywhere).
+- :func:`not_class_loss`: -log(1 - p(class)) per slice, for a slice known only not to be that class (an
+  erased-stone twin: which of the other classes it would show is not known).
 - :func:`mil_map_loss`: the map's maximum must be low on every slice without a stone (and high on a
   Stone slice, where it is used: see its docstring for why training does not, from scratch).
 """
@@ -55,3 +57,11 @@ def mil_map_loss(map_logits, is_stone, only=None):
             return map_logits.sum() * 0.0
         peak, target = peak[only], target[only]
     return F.binary_cross_entropy_with_logits(peak, target)
+
+
+def not_class_loss(logits, cls: int):
+    """(N, C) logits -> (N,) ``-log(1 - softmax(logits)[:, cls])``, computed stably in log space."""
+    import torch
+
+    others = [c for c in range(logits.shape[1]) if c != cls]
+    return torch.logsumexp(logits, dim=1) - torch.logsumexp(logits[:, others], dim=1)

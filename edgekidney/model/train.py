@@ -40,7 +40,7 @@ from edgekidney.model.checkpoint import (CHECKPOINT_FORMAT, INCOMPLETE, TorchPre
 from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over
 from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
-from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss
+from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss, not_class_loss
 from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
 from edgekidney.progress import echo, stage
@@ -79,7 +79,9 @@ class TrainConfig:
     # (feed.erased_twins: the stone, not the look of its source, must make the call); off by default:
     # measured once (docs/scope.md, run 5) it halved the calls on erased stones but cost Tumor specificity
     erase_fraction: float = 0.0
-    erase_class: str = "Normal"  # the erased twins' class; in a two-class task the other class
+    # the erased twins' class; in a two-class task the other class; "not-stone" (NOT_STONE): trained
+    # only away from the positive class, -log(1 - p(stone)), leaving which other class to the network
+    erase_class: str = "Normal"
     scope_quantile: float = 0.99  # out-of-scope threshold: this quantile of validation distances ...
     scope_margin: float = 1.0  # ... times this margin (1.5 let MR and head CT through: see README)
     scope_shrinkage: float = 0.1
@@ -182,9 +184,15 @@ def _erased_validation(x_val: np.ndarray, m_val: np.ndarray, val_masked: np.ndar
     return to_input(np.stack(kept), pre) if kept else None
 
 
+NOT_STONE = -1  # the label of an erased twin that is only "not the positive class" (see step_loss)
+
+
 def erase_class_index(classes: list[str], positive: int, name: str) -> int | None:
     """The class an erased-stone twin is labelled: ``name`` when the classes have it (case-insensitive), the
-    other class of a two-class task, else None (no erased twins: which finding the slice would show is unknown)."""
+    other class of a two-class task, ``NOT_STONE`` for ``name == "not-stone"``, else None (no erased twins:
+    which finding the slice would show is unknown)."""
+    if name.lower() == "not-stone":
+        return NOT_STONE
     for i, c in enumerate(classes):
         if c.lower() == name.lower() and i != positive:
             return i
@@ -319,7 +327,8 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         erase_to = erase_class_index(ds.classes, positive, cfg.erase_class)
     if erase_to is not None and n_masked:
         log(f"stone map: {cfg.erase_fraction:.0%} of the outlined stone slices get a twin with the stone painted "
-            f"over, labelled {ds.classes[erase_to]!r} (--erase-fraction 0 to switch off)")
+            f"over, labelled {'not stone' if erase_to == NOT_STONE else repr(ds.classes[erase_to])} "
+            "(--erase-fraction 0 to switch off)")
     if erase_to is not None and len(val_masked):
         x_val_erased = _erased_validation(x_val, m_val, val_masked, pre, cfg.seed)
     t_data = time.perf_counter() - t_start
@@ -343,6 +352,16 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         f"{'class-balanced sampling' if cfg.balanced else 'class-weighted loss'}")
     rng = np.random.default_rng(cfg.seed + dist.rank)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
+
+    def class_loss(out, yb):
+        """Cross-entropy on the labelled slices; an erased twin labelled NOT_STONE adds -log(1 - p(stone))."""
+        unsure = yb == NOT_STONE
+        if not bool(unsure.any()):
+            return loss_fn(out, yb)
+        n_sure = int((~unsure).sum())
+        ce = loss_fn(out[~unsure], yb[~unsure]) * n_sure if n_sure else out.sum() * 0.0
+        return (ce + not_class_loss(out[unsure], positive).sum()) / len(yb)
+
     gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
     steps_per_epoch = dist.steps(len(x_train), cfg.batch_size)
     cells = map_cells(pre.image_size)
@@ -368,9 +387,9 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if not stone_map:
                 out = net(xb)
-                return loss_fn(out.float(), yb), out, {}
+                return class_loss(out.float(), yb), out, {}
             out, map_logits = net(xb, with_map=True)
-        ce = loss_fn(out.float(), yb)
+        ce = class_loss(out.float(), yb)
         targets = map_targets(mb, cells, MAP_STRIDE)
         dense = dense_map_loss(map_logits, targets, kb, cfg.map_pos_weight)
         mil = mil_map_loss(map_logits, yb == positive, only=yb != positive)  # hard negatives: the highest cell
@@ -429,7 +448,8 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     sched.step()
                     run_loss += loss.item() * len(yn)
                     run_n += len(yn)
-                    run_ok += int((out.argmax(1) == yb).sum())
+                    top = out.argmax(1)
+                    run_ok += int(torch.where(yb == NOT_STONE, top != positive, top == yb).sum())
                     for k, v in parts.items():
                         run_map[k] += v * len(yn)
                     bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
