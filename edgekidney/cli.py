@@ -149,6 +149,8 @@ def train_cmd(
     stone_masks: Optional[Path] = typer.Option(None, help="Folder of stone masks (same relative paths, .png); "
                                                           "default: DATA-stones beside DATA when it exists."),
     map_loss_weight: float = typer.Option(1.0, min=0.0, help="Weight of the stone map's losses."),
+    map_gate: bool = typer.Option(True, help="After training, fit the map gate: no stone call on a slice whose map "
+                                             "finds no stone (see docs/architecture.md)."),
     tune_layers: Optional[str] = typer.Option(None, help="ResNet50 stages that learn with the new layers while the "
                                                          "backbone is frozen, e.g. layer2,layer3."),
     autocast: str = typer.Option("auto", help="auto (bfloat16 where the CPU or GPU runs it natively) | bf16 | off"),
@@ -173,7 +175,7 @@ def train_cmd(
                       balanced=balanced, calculus_fraction=calculus_fraction,
                       erase_fraction=erase_fraction, erase_class=erase_class, scope_quantile=scope_quantile,
                       scope_margin=scope_margin, stone_map=stone_map, stone_masks=stone_masks,
-                      map_loss_weight=map_loss_weight, autocast=autocast,
+                      map_loss_weight=map_loss_weight, map_gate=map_gate, autocast=autocast,
                       tune_layers=tuple(t.strip() for t in (tune_layers or "").split(",") if t.strip()),
                       split=SplitConfig(val_fraction, test_fraction, block_size, seed), preprocessing=pre)
     from edgekidney.model.distributed import init_from_env, launch, rank_output
@@ -193,6 +195,20 @@ def train_cmd(
     typer.echo(format_report(metrics["val"], f"validation (best epoch {metrics['best_epoch']}, "
                                              f"threshold for sensitivity >= {target_sensitivity}):"))
     typer.echo(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}")
+
+
+@command("fit-gate")
+def fit_gate_cmd(
+    run: Path = typer.Argument(..., help="A finished stone-map training run (its folder)."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+):
+    """Fit (or refit) a run's map gate on its validation split, as training does at its end."""
+    from edgekidney.metrics import format_report
+    from edgekidney.model.train import refit_map_gate
+
+    metrics = refit_map_gate(run, threads=threads, log=echo)
+    typer.echo(format_report(metrics["val"], "validation with the map gate:"))
+    typer.echo(f"wrote {run / 'model.pt'}, {run / 'metrics.json'}")
 
 
 @command("export")

@@ -11,10 +11,15 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
+
+from edgekidney.cli import app
 
 from edgekidney.data.masks import default_mask_folder, distance_to_mask, mask_path, mask_to_network, read_mask
 from edgekidney.data.preprocess import Preprocessing, preprocess_with_geometry
 from edgekidney.errors import InputError
+
+runner = CliRunner()
 
 
 def body_slice(h: int = 200, w: int = 160, dot=(120, 50)) -> np.ndarray:
@@ -233,6 +238,65 @@ def test_the_stone_logit_reads_the_map_peak():
         torch.testing.assert_close(logits[:, [0, 2]], plain[:, [0, 2]])  # only the stone logit reads the map
 
 
+def test_the_map_gate_takes_the_stone_call_only_from_slices_whose_map_stays_below_it():
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.gate import map_gate_of, set_map_gate
+    from edgekidney.model.network import ARCH_STONE_MAP, GATE_SLOPE, forward_parts
+    from edgekidney.model.weights import build_model
+
+    torch.manual_seed(0)
+    net, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
+    net.eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        _, _, open_logits, map_logits = forward_parts(net, x)
+        assert map_gate_of(net) is None  # off until training fits it: nothing changes
+        peak = map_logits.flatten(1).amax(1)
+        level = float(peak.median())
+        set_map_gate(net, level)
+        _, _, gated, _ = forward_parts(net, x)
+    assert map_gate_of(net) == pytest.approx(level)
+    short = torch.clamp(level - peak, min=0.0)
+    torch.testing.assert_close(gated[:, 1], open_logits[:, 1] - GATE_SLOPE * short)
+    torch.testing.assert_close(gated[:, [0, 2]], open_logits[:, [0, 2]])  # the other classes are untouched
+    assert bool((short > 0).any()) and bool((short == 0).any())  # below the level: lowered; at or above: as it was
+
+
+def test_the_gate_is_fitted_below_the_weakest_called_stone_and_keeps_every_stone_called():
+    from edgekidney.model.gate import GATE_MARGIN, fit_map_gate
+    from edgekidney.model.network import GATE_OFF
+
+    p = np.array([0.9, 0.8, 0.3, 0.7, 0.9, 0.6])
+    peak = np.array([-1.0, -2.5, -9.0, -6.0, -5.0, 0.0])
+    is_stone = np.array([True, True, True, False, False, False])
+    level = fit_map_gate(p, peak, is_stone, threshold=0.5)
+    assert level == pytest.approx(-2.5 - GATE_MARGIN)  # the stone at p 0.3 is not called: it does not lower it
+    assert not ((p >= 0.5) & is_stone & (peak < level)).any()
+    assert ((p >= 0.5) & ~is_stone & (peak < level)).sum() == 2  # two look-alike calls the gate takes back
+    assert fit_map_gate(p, peak, is_stone, threshold=0.95) == GATE_OFF  # no called stone: nothing to fit on
+
+
+def test_a_checkpoint_from_before_the_gate_loads_with_it_off_and_a_run_carried_on_does_not_inherit_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgekidney.model.checkpoint import load_checkpoint, save_checkpoint
+    from edgekidney.model.gate import map_gate_of, set_map_gate
+    from edgekidney.model.network import ARCH_STONE_MAP, GATE_OFF
+    from edgekidney.model.weights import build_model, carry_heads
+
+    net, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
+    save_checkpoint(tmp_path / "model.pt", net, ["a", "stone", "c"], "stone", Preprocessing(image_size=64), 0.5,
+                    "none", {})
+    ck = torch.load(tmp_path / "model.pt", weights_only=True)
+    del ck["state_dict"]["map_gate"]  # as written before the gate existed
+    torch.save(ck, tmp_path / "model.pt")
+    model, _ = load_checkpoint(tmp_path)
+    assert map_gate_of(model) is None and float(model.map_gate) == GATE_OFF
+    set_map_gate(net, -3.0)
+    fresh, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
+    assert "stone map" in carry_heads(fresh, net.state_dict())
+    assert map_gate_of(fresh) is None  # training starts ungated; the gate is fitted again at its end
+
+
 # -- a small phantom model with masks: training, export, quantization ----------------------------------
 @pytest.fixture(scope="module")
 def phantom_map_model(tmp_path_factory):
@@ -261,9 +325,33 @@ def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_ma
     # the phantoms' outlined stones get erased twins, and validation scores them as negatives
     assert any("painted over, labelled not stone" in line for line in logs), logs
     assert "val_erased_called_stone" in history[0] and "val_auc_with_erased" in history[0]
+    # the map gate was fitted at the end, on validation: no called validation stone lies below it
+    gate = metrics["map_gate"]
+    assert any(line.startswith("map gate:") for line in logs), logs
+    assert gate["level"] is not None and gate["margin"] > 0 and 0 < gate["p"] < 1  # the phantoms' stones are called
+    assert set(gate["uncalled_at_threshold"]) == set(json.loads((root / "run" / "metrics.json").read_text())
+                                                         ["map_gate"]["uncalled_at_threshold"])
     side = json.loads((root / "model.json").read_text())
     assert side["extra"]["map"] == {"kind": "stone_map", "stride": 8, "output": "cam", "values": "P(stone) per cell"}
     assert side["extra"]["arch"] == "resnet50-stonemap" and side["extra"]["planes"] == ["axial"]
+
+
+def test_fit_gate_refits_a_finished_run_as_training_did(phantom_map_model, tmp_path):
+    import shutil
+
+    from edgekidney.model.train import refit_map_gate
+
+    root, metrics, _ = phantom_map_model
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    r = runner.invoke(app, ["fit-gate", str(run), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["map_gate"]["level"] == pytest.approx(metrics["map_gate"]["level"], abs=1e-3)
+    assert again["val"]["threshold"] == pytest.approx(metrics["val"]["threshold"], abs=1e-4)
+    with pytest.raises(InputError, match="no such manifest"):
+        (run / "split.csv").unlink()
+        refit_map_gate(run, threads=1, log=lambda s: None)
 
 
 def test_the_exported_map_is_a_probability_on_the_input_grid_and_its_peak_is_in_the_body(phantom_map_model, tmp_path):

@@ -76,7 +76,10 @@ def load_checkpoint(path: str | Path, heads: bool = False):
     """
     ck, card = _read_checkpoint(path)
     model, _ = build_model(len(ck["classes"]), "none", arch=ck.get("arch", ARCH_PLAIN), positive=card.positive_index)
-    model.load_state_dict(ck["state_dict"])
+    state = dict(ck["state_dict"])
+    if hasattr(model, "map_gate") and "map_gate" not in state:  # saved before the map gate: it is off
+        state["map_gate"] = model.map_gate.clone()
+    model.load_state_dict(state)
     model.eval()
     if heads:
         from edgekidney.model.heads import build_headed_model

@@ -8,7 +8,9 @@ centres output ``o`` on input ``2 o``), so on a 256 px input the map has 32 x 32
 3 mm calculus covers one cell instead of a fraction of a 32-pixel layer4 cell.
 
 The slice decision reads the map: the stone class's logit gets ``map_weight * max(map logits)`` added
-(a multiple-instance link: a slice holds a stone where some cell does). The classifier over the
+(a multiple-instance link: a slice holds a stone where some cell does), and, once training has fitted
+it (:mod:`edgekidney.model.gate`), a **map gate**: ``GATE_SLOPE * relu(map_gate - peak)`` taken off
+again, so that a slice whose map finds no stone cannot be called stone by its look alone. The classifier over the
 pooled layer4 features still sees the whole slice (and tells Cyst, Tumor and Normal apart); the
 pooled features also feed the out-of-scope distance. See docs/architecture.md rule 11 and "The stone map".
 
@@ -24,6 +26,8 @@ ARCH_PLAIN = "resnet50"
 ARCH_STONE_MAP = "resnet50-stonemap"
 MAP_STRIDE = 8
 MAP_PRIOR = 0.01  # initial probability of a cell being stone: the map starts quiet (focal-loss prior)
+GATE_OFF = -1.0e4  # the map gate's value while training and in checkpoints from before it: no effect
+GATE_SLOPE = 10.0  # stone logits taken off per map logit the peak falls short of the gate
 
 
 def _torch():
@@ -75,6 +79,7 @@ def make_stone_net(resnet, positive: int):
             onehot = torch.zeros(resnet.fc.out_features)
             onehot[positive] = 1.0
             self.register_buffer("positive_onehot", onehot)
+            self.register_buffer("map_gate", torch.tensor(GATE_OFF))  # a map-logit level (model/gate.py)
 
         @property
         def fc(self):
@@ -92,7 +97,8 @@ def make_stone_net(resnet, positive: int):
             # the link reads the peak but does not train the map: the cross-entropy of every Stone slice
             # would push up whatever cell is highest, right or wrong (it made the spine the "stone")
             peak = map_logits.flatten(1).amax(dim=1).detach()
-            logits = m.fc(pooled) + self.positive_onehot * (self.map_weight * peak).unsqueeze(1)
+            link = self.map_weight * peak - GATE_SLOPE * torch.relu(self.map_gate - peak)
+            logits = m.fc(pooled) + self.positive_onehot * link.unsqueeze(1)
             return a, pooled, logits, map_logits
 
         def forward(self, x, with_map: bool = False):

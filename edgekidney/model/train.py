@@ -41,7 +41,9 @@ from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over
 from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss, not_class_loss
-from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
+from edgekidney.model.gate import GATE_MARGIN, fit_map_gate, set_map_gate
+from edgekidney.model.network import (ARCH_PLAIN, ARCH_STONE_MAP, GATE_OFF, GATE_SLOPE, MAP_STRIDE, arch_of,
+                                      forward_parts, map_cells)
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
 from edgekidney.progress import echo, stage
 from edgekidney.threads import apply_torch_threads, contention_note
@@ -77,7 +79,8 @@ class TrainConfig:
     calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
     # share of outlined Stone slices that get a twin with the stone painted over, labelled erase_class
     # (feed.erased_twins: the stone, not the look of its source, must make the call); off by default:
-    # measured once (docs/scope.md, run 5) it halved the calls on erased stones but cost Tumor specificity
+    # in runs 5-7 (docs/scope.md) it cut the calls on erased stones and on another hospital's abdomen but
+    # cost Tumor specificity every time
     erase_fraction: float = 0.0
     # the erased twins' class; in a two-class task the other class; "not-stone" (NOT_STONE): trained
     # only away from the positive class, -log(1 - p(stone)), leaving which other class to the network
@@ -90,6 +93,7 @@ class TrainConfig:
     # the stone map (edgekidney.model.network): a stride-8 head on layer2+3, read by the slice decision
     stone_map: bool = True
     stone_masks: Path | None = None  # DIR of masks (same relative paths, .png); None: <DATA>-stones if present
+    map_gate: bool = True  # after training, fit the map gate (model/gate.py): no stone call where the map is quiet
     map_loss_weight: float = 1.0  # weight of the map's losses beside the slice's cross-entropy
     map_pos_weight: float = 20.0  # stone cells' weight in the dense loss
     mil_weight: float = 0.5  # weight of the multiple-instance loss within the map's losses
@@ -135,7 +139,7 @@ def _predict(model, x: np.ndarray, device, batch_size: int = 64) -> dict[str, np
     """Eval-mode outputs: pooled features (N, 2048), logits, and the map's peak cell (N, 2) when it has one."""
     torch = require_torch()
     model.eval()
-    feats, logits, peaks = [], [], []
+    feats, logits, peaks, tops = [], [], [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             _, f, z, m = forward_parts(model, torch.from_numpy(x[i : i + batch_size]).to(device))
@@ -144,9 +148,10 @@ def _predict(model, x: np.ndarray, device, batch_size: int = 64) -> dict[str, np
             if m is not None:
                 flat = m.flatten(1).argmax(dim=1).cpu().numpy()
                 peaks.append(np.stack([flat // m.shape[2], flat % m.shape[2]], axis=1).astype(np.float32))
+                tops.append(m.flatten(1).amax(dim=1).float().cpu().numpy())
     out = {"features": np.concatenate(feats), "logits": np.concatenate(logits)}
     if peaks:
-        out["peak_cell"] = np.concatenate(peaks)
+        out["peak_cell"], out["peak_logit"] = np.concatenate(peaks), np.concatenate(tops)
     return out
 
 
@@ -514,6 +519,9 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     break
 
     model.load_state_dict(best["state"])
+    gate = None
+    if stone_map and cfg.map_gate:
+        gate = fit_gate(model, x_val, y_val, positive, ds.classes, cfg.target_sensitivity, device, log)
     scope, val_logits = fit_scope_detector(model, x_train, y_train, x_val, device, cfg)
     log(f"scope: Mahalanobis distance on pooled features, threshold {scope['threshold']:.3f} "
         f"(validation q{cfg.scope_quantile:g} x {cfg.scope_margin:g}); {scope['val_out_of_scope']} of "
@@ -533,6 +541,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
         "arch": ARCH_STONE_MAP if stone_map else ARCH_PLAIN, "autocast": str(amp) if amp is not None else "off",
         "stone_masks": str(cfg.stone_masks) if cfg.stone_masks else None,
         "scope": {k: v for k, v in scope.items() if not isinstance(v, np.ndarray)},
+        "map_gate": gate,
         "val": report, "val_at_0.5": report_05,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
@@ -549,6 +558,62 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     _plot_history(history, cfg.out / "curves.png")
+    return metrics
+
+
+def fit_gate(model, x_val: np.ndarray, y_val: np.ndarray, positive: int, classes: list[str],
+             target_sensitivity: float, device, log=print) -> dict:
+    """Fit the map gate (:mod:`edgekidney.model.gate`) on the validation split and write it into ``model``;
+    returns what it is and which validation slices it takes off stone at the ungated threshold."""
+    set_map_gate(model, GATE_OFF)
+    out = _predict(model, x_val, device)
+    p = softmax(out["logits"])[:, positive]
+    is_stone = y_val == positive
+    threshold = threshold_for_sensitivity(is_stone, p, target_sensitivity)
+    level = fit_map_gate(p, out["peak_logit"], is_stone, threshold)
+    set_map_gate(model, level)
+    if level <= GATE_OFF:
+        log("map gate: off (no validation stone is called to fit it on)")
+        return {"level": None}
+    p_gated = softmax(_predict(model, x_val, device)["logits"])[:, positive]
+    uncalled = {c: int(((p >= threshold) & (p_gated < threshold) & (y_val == k)).sum())
+                for k, c in enumerate(classes)}
+    log(f"map gate: a slice is called stone only where its map reaches p={1 / (1 + math.exp(-level)):.3f} "
+        f"(the weakest called validation stone's map, less {GATE_MARGIN:g} logits); at the threshold it takes "
+        + (", ".join(f"{n} {c}" for c, n in uncalled.items() if n) or "no") + " validation slice(s) off stone")
+    return {"level": level, "p": 1 / (1 + math.exp(-level)), "margin": GATE_MARGIN, "slope": GATE_SLOPE,
+            "ungated_threshold": float(threshold), "uncalled_at_threshold": uncalled}
+
+
+def refit_map_gate(run: Path, threads: int | None = None, log=print) -> dict:
+    """Fit a finished stone-map run's map gate on its validation split (``RUN/split.csv``), as training does at
+    its end, and rewrite its checkpoint and metrics: the threshold and validation report with the gate."""
+    torch = require_torch()
+    from edgekidney.data.dataset import read_manifest
+
+    run = Path(run)
+    apply_torch_threads(threads)
+    model, card = load_checkpoint(run)
+    if arch_of(model) != ARCH_STONE_MAP:
+        raise InputError(f"{run}: a plain ResNet50 run has no stone map to gate on (train with --stone-map)")
+    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    val_s = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
+    if not val_s:
+        raise InputError(f"{run / 'split.csv'}: no validation slices to fit the gate on")
+    with stage("decoding + preprocessing", len(val_s), "slice") as bar:
+        x_val, _ = load_arrays_with_geometry(val_s, card.preprocessing, bar.advance)
+    y_val = np.array([s.label for s in val_s], dtype=np.int64)
+    device = torch.device("cpu")
+    positive, target = card.positive_index, float(ck["metrics"].get("target_sensitivity", 0.95))
+    gate = fit_gate(model, x_val, y_val, positive, card.classes, target, device, log)
+    probs = softmax(_predict(model, x_val, device)["logits"])
+    threshold = threshold_for_sensitivity(y_val == positive, probs[:, positive], target)
+    metrics = {**ck["metrics"], "map_gate": gate,
+               "val": classification_report(y_val, probs, card.classes, positive, threshold),
+               "val_at_0.5": classification_report(y_val, probs, card.classes, positive, 0.5)}
+    save_checkpoint(run / "model.pt", model, card.classes, card.positive_class, card.preprocessing, threshold,
+                    ck.get("weights", ""), metrics, ck.get("scope"), ck.get("extra"))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

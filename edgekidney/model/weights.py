@@ -60,8 +60,8 @@ def carry_heads(network, state: dict) -> list[str]:
     instead of teaching a new map from random weights. A plain ResNet50 state dict carries nothing here.
     """
     own = network.state_dict()
-    fits = {k: v for k, v in state.items()
-            if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith("net.")}
+    fits = {k: v for k, v in state.items()  # not the map gate: it is fitted after training (model/gate.py)
+            if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith("net.") and k != "map_gate"}
     fc = {k: v for k, v in state.items() if k.startswith("net.fc.") and k in own and v.shape == own[k].shape}
     carried = []
     if any(k.startswith("stone_map.") for k in fits):
