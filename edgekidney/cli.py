@@ -197,17 +197,22 @@ def train_cmd(
     typer.echo(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}")
 
 
-@command("fit-gate")
-def fit_gate_cmd(
+@command("refit")
+def refit_cmd(
     run: Path = typer.Argument(..., help="A finished stone-map training run (its folder)."),
+    map_gate: bool = typer.Option(True, help="Fit the map gate (--no-map-gate: switch it off)."),
+    scope_quantile: Optional[float] = typer.Option(None, min=0.5, max=1.0,
+                                                   help="Out of scope: validation distance quantile (default: the run's)."),
+    scope_margin: Optional[float] = typer.Option(None, min=1.0, help="... times this margin (default: the run's)."),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ):
-    """Fit (or refit) a run's map gate on its validation split, as training does at its end."""
+    """Refit what training fits on the validation split after its best epoch: map gate, thresholds."""
     from edgekidney.metrics import format_report
-    from edgekidney.model.train import refit_map_gate
+    from edgekidney.model.train import refit_run
 
-    metrics = refit_map_gate(run, threads=threads, log=echo)
-    typer.echo(format_report(metrics["val"], "validation with the map gate:"))
+    metrics = refit_run(run, map_gate=map_gate, scope_quantile=scope_quantile, scope_margin=scope_margin,
+                        threads=threads, log=echo)
+    typer.echo(format_report(metrics["val"], "validation after the refit:"))
     typer.echo(f"wrote {run / 'model.pt'}, {run / 'metrics.json'}")
 
 

@@ -336,22 +336,33 @@ def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_ma
     assert side["extra"]["arch"] == "resnet50-stonemap" and side["extra"]["planes"] == ["axial"]
 
 
-def test_fit_gate_refits_a_finished_run_as_training_did(phantom_map_model, tmp_path):
+def test_refit_fits_a_finished_runs_gate_as_training_did_and_moves_its_scope_threshold(phantom_map_model, tmp_path):
     import shutil
 
-    from edgekidney.model.train import refit_map_gate
+    from edgekidney.model.train import refit_run
 
     root, metrics, _ = phantom_map_model
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
-    r = runner.invoke(app, ["fit-gate", str(run), "--threads", "1"])
+    r = runner.invoke(app, ["refit", str(run), "--threads", "1"])
     assert r.exit_code == 0, r.output
     again = json.loads((run / "metrics.json").read_text())
     assert again["map_gate"]["level"] == pytest.approx(metrics["map_gate"]["level"], abs=1e-3)
     assert again["val"]["threshold"] == pytest.approx(metrics["val"]["threshold"], abs=1e-4)
+    assert again["scope"]["threshold"] == pytest.approx(metrics["scope"]["threshold"], rel=1e-4)
+    r = runner.invoke(app, ["refit", str(run), "--threads", "1", "--scope-margin", "1.5", "--no-map-gate"])
+    assert r.exit_code == 0, r.output
+    wider = json.loads((run / "metrics.json").read_text())
+    assert wider["scope"]["threshold"] == pytest.approx(1.5 * metrics["scope"]["threshold"], rel=1e-4)
+    assert wider["map_gate"] == {"level": None}
+    side = json.loads((root / "model.json").read_text())
+    from edgekidney.model.checkpoint import load_checkpoint_card
+
+    assert load_checkpoint_card(run).scope["threshold"] == pytest.approx(wider["scope"]["threshold"])
+    assert side["scope"]["threshold"] == pytest.approx(metrics["scope"]["threshold"])  # the original is untouched
     with pytest.raises(InputError, match="no such manifest"):
         (run / "split.csv").unlink()
-        refit_map_gate(run, threads=1, log=lambda s: None)
+        refit_run(run, threads=1, log=lambda s: None)
 
 
 def test_the_exported_map_is_a_probability_on_the_input_grid_and_its_peak_is_in_the_body(phantom_map_model, tmp_path):
