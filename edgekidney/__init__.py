@@ -1,3 +1,3 @@
 """edgekidney: a kidney-stone classifier for CT slices, from fine-tuning to a quantized edge engine."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -1,6 +1,6 @@
 """The models the project ships, found by name or by folder (numpy-free, torch-free).
 
-A released model is a folder (``models/kidney-stone-ct-v2/`` in the repository) holding its ONNX
+A released model is a folder (``models/kidney-stone-ct-v3/`` in the repository) holding its ONNX
 forms with their sidecars, ``MODEL_CARD.md`` and ``SHA256SUMS``: an INT8 form per target when it holds
 the accuracy gates (``model-int8cpu.onnx`` for ONNX Runtime, ``model-int8trt.onnx`` for
 ``build-engine``), else the FP16 form ``model-fp16.onnx`` for both. Wherever a command takes a model it
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgekidney.errors import InputError
 
-RELEASED = "kidney-stone-ct-v2"
+RELEASED = "kidney-stone-ct-v3"
 FORMS = {"cpu": ("model-int8cpu.onnx", "model-fp16.onnx"), "gpu": ("model-int8trt.onnx", "model-fp16.onnx")}
 
 

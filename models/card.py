@@ -62,6 +62,38 @@ def int8_note(sums: list[str], acc: dict | None) -> list[str]:
     return lines + [""] if lines else []
 
 
+def recipe_extras(config: dict, train: dict, gate: float | None) -> list[str]:
+    """The recipe's lines for erased-stone twins and the map gate, where the run used them."""
+    lines = []
+    if config.get("erase_fraction"):
+        target = ("taught only that it is not a stone, -log(1 - p(stone))" if config.get("erase_class") == "not-stone"
+                  else f"labelled {config.get('erase_class')}")
+        lines += [f"erased-stone twins: {config['erase_fraction']:.0%} of the outlined Stone slices of a batch get a twin "
+                  f"with the stone painted over, {target}, and a sham painting away from the stone;"]
+    if gate is not None:
+        g = train["map_gate"]
+        lines += [f"map gate: the stone logit loses {g['slope']:g} × relu(gate − map peak), gate at map p = {g['p']:.3f}, "
+                  f"{g['margin']:g} map logits below the weakest stone called on validation (`edgekidney refit`);"]
+    return lines
+
+
+def confusion_limits(ev: dict | None) -> list[str]:
+    """A known-limit line for each non-stone class the model mostly confuses with another non-stone class."""
+    if not ev:
+        return []
+    a = ev["at_model_threshold"]
+    out = []
+    for i, c in enumerate(a["classes"]):
+        row = a["confusion_matrix"][i]
+        n = sum(row)
+        if c == a["positive_class"] or not n or row[i] / n >= 0.7:
+            continue
+        worst = max((k for k in range(len(a["classes"])) if k != i), key=lambda k: row[k])
+        out += [f"- {c} slices: {row[i]} of {n} named {c}, {row[worst]} named {a['classes'][worst]}. The stone answer "
+                "is what is validated; the name of a non-stone finding is not to be relied on."]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -74,7 +106,12 @@ def main() -> int:
     shipped = form_file(out, "cpu")
     side_cpu = json.loads(shipped.with_suffix(".json").read_text())
     train = load(out, "training-metrics.json")
-    ev32, ev8 = load(out, "evaluate-fp32.json"), load(out, f"evaluate-{side_cpu['precision']}.json")
+    config = load(out, "training-config.json") or {}
+    gate = (train.get("map_gate") or {}).get("level")
+    sc = side_cpu.get("scope") or {}
+    # release.sh names it by the form (evaluate-int8cpu.json, evaluate-fp16.json)
+    ev32 = load(out, "evaluate-fp32.json")
+    ev8 = load(out, f"evaluate-{shipped.stem.removeprefix('model-')}.json") or load(out, f"evaluate-{side_cpu['precision']}.json")
     acc, loc, scope, lat = (load(out, n) for n in ("accuracy.json", "located.json", "scope.json", "latency.json"))
     sums = (out / "SHA256SUMS").read_text().split("\n")
     sizes = {f.name: f.stat().st_size for f in out.glob("*.onnx")}
@@ -91,6 +128,8 @@ def main() -> int:
     what = {"model-int8cpu.onnx": "on-device CPU form: INT8 Q/DQ (U8S8) for ONNX Runtime; the default",
             "model-int8trt.onnx": "GPU-ready form: symmetric INT8 Q/DQ for `edgekidney build-engine` (TensorRT 10.3+)",
             "model-fp16.onnx": "FP16 graph: the CPU form (ONNX Runtime) and the GPU-ready form for `build-engine`"}
+    if any(line.endswith("model-int8cpu.onnx") for line in sums):
+        what["model-fp16.onnx"] = "GPU-ready form: FP16 graph for `edgekidney build-engine` (ONNX Runtime runs it too)"
     for line in sums:
         if line.strip():
             digest, name = line.split()
@@ -125,8 +164,13 @@ def main() -> int:
               "class-balanced sampling; augmentation:",
               "rotation/shift, zoom, contrast, window, noise, coarser grids, placed calculi (30 % of non-stone",
               "slices get a twin with a 3-9 mm calculus and its disc as mask); AdamW, one-cycle, bfloat16 autocast;",
-              "best epoch by validation AUC; threshold for 95 % sensitivity on validation; out-of-scope threshold",
-              "at the 99th percentile of validation distances.", "",
+              *recipe_extras(config, train, gate),
+              "best epoch by validation AUC" + (" with the erased validation stones among the negatives"
+                                                if config.get("erase_fraction") else "") +
+              "; threshold for 95 % sensitivity on validation; out-of-scope threshold at",
+              f"{sc.get('quantile', 0.99) * 100:g} % of validation distances × {sc.get('margin', 1.0):g}"
+              + (f" (the parent's; INT8 forms move it by their measured shift)" if side_cpu['precision'] == 'int8' else "")
+              + ".", "",
               "```bash", a.command, "```", "",
               f"{a.where} Best epoch {train.get('best_epoch')} of {train.get('epochs_run')}.",
               "Then `bash models/release.sh RUN DATA MASKS VOLUMES models/" + out.name + "` (export, calibration on 256",
@@ -200,7 +244,8 @@ def main() -> int:
               "- Slices, not volumes: it never sees neighbouring slices; `study` combines slice calls with a rule.",
               "- Stones under about 2 mm, stones in the ureter or bladder, and phleboliths: not specifically taught.",
               "- The located share is measured on the dataset's own masks; a peak near a stone is not a segmentation.",
-              "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones."]
+              "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones.",
+              *confusion_limits(ev32)]
     erased = next((r for r in (loc or {}).get("results", []) if r.get("n_erased")), None)
     if erased:
         lines += ["- With each outlined validation stone painted over in the tissue around it, "

@@ -6,7 +6,7 @@
 #   DATA     the dataset folder it was trained on (class folders)
 #   MASKS    the stone-mask folder (same relative paths, .png)
 #   VOLUMES  a folder of real CT volumes for the out-of-scope table and the calculus pairs (see docs/scope.md)
-#   OUT      the release folder to write (e.g. models/kidney-stone-ct-v2)
+#   OUT      the release folder to write (e.g. models/kidney-stone-ct-v3)
 # then: python models/card.py OUT --command "..." --where "..."
 set -euo pipefail
 RUN=$1 DATA=$2 MASKS=$3 VOLUMES=$4 OUT=$5
@@ -60,5 +60,15 @@ for f in $SHIP; do
 done
 cp "$RUN/metrics.json" "$OUT/results/training-metrics.json"
 cp "$RUN/history.csv" "$OUT/results/history.csv"
+# the run's configuration, with its folders named by their last part only (they were this machine's)
+python - "$RUN/config.json" "$OUT/results/training-config.json" <<'PY'
+import json, sys
+from pathlib import Path
+c = json.load(open(sys.argv[1]))
+for k in ("data", "out", "weights", "stone_masks"):
+    if isinstance(c.get(k), str) and "/" in c[k]:
+        c[k] = "/".join(Path(c[k]).parts[-2:]) if k == "weights" else Path(c[k]).name
+Path(sys.argv[2]).write_text(json.dumps(c, indent=2) + "\n")
+PY
 (cd "$OUT" && for f in $SHIP; do sha256sum "$f.onnx"; done > SHA256SUMS)
 du -sh "$OUT"/*.onnx

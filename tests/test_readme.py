@@ -24,7 +24,7 @@ from conftest import REPO, SHARED_DATA, copy_slices, real_data_or_skip
 from terminal import env_for_subprocess
 
 README = REPO / "README.md"
-RELEASE = REPO / "models" / "kidney-stone-ct-v2"
+RELEASE = REPO / "models" / "kidney-stone-ct-v3"
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -101,7 +101,7 @@ def test_the_install_and_test_lines_name_real_extras_and_the_test_line_installs_
         for line in blocks[role]:
             assert extras_of(line) <= extras, line
     assert any(ci_readme.TORCH_LINE.match(line) for line in blocks["train"])  # CI replaces exactly that line
-    assert blocks["first"] == ["edgekidney study kidney-stone-ct-v2 examples/ --json runs/first/study.json "
+    assert blocks["first"] == ["edgekidney study kidney-stone-ct-v3 examples/ --json runs/first/study.json "
                                "--sr-out runs/first/sr --sc-out runs/first/sc"]
 
 

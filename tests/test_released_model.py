@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from edgekidney.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASE = REPO / "models" / "kidney-stone-ct-v2"
+RELEASE = REPO / "models" / "kidney-stone-ct-v3"
 SHARED = REPO.parent / "shared" / "data"
 DATA = Path(os.environ.get("EDGEKIDNEY_DATA") or SHARED / "ct-kidney-axial")
 runner = CliRunner()
@@ -36,7 +36,8 @@ def sha256(path: Path) -> str:
 
 def test_checksums_match_the_files_and_the_card():
     sums = dict(reversed(line.split()) for line in (RELEASE / "SHA256SUMS").read_text().splitlines() if line.strip())
-    assert set(sums) == {"model-fp16.onnx"}  # INT8 failed its agreement gates: the card says so
+    # INT8 cpu passed its agreement gates, INT8 trt did not: FP16 is the GPU-ready form (the card says so)
+    assert set(sums) == {"model-int8cpu.onnx", "model-fp16.onnx"}
     card = (RELEASE / "MODEL_CARD.md").read_text()
     total = 0
     for name, digest in sums.items():
@@ -45,9 +46,14 @@ def test_checksums_match_the_files_and_the_card():
         side = json.loads((RELEASE / name).with_suffix(".json").read_text())
         assert side["sha256"] == digest  # the sidecar describes this very file
         total += (RELEASE / name).stat().st_size
-    cpu = json.loads((RELEASE / "model-fp16.json").read_text())
-    assert cpu["precision"] == "fp16" and cpu["parent_sha256"] != ""  # made from its FP32 parent
+    cpu = json.loads((RELEASE / "model-int8cpu.json").read_text())
+    gpu = json.loads((RELEASE / "model-fp16.json").read_text())
+    assert cpu["precision"] == "int8" and gpu["precision"] == "fp16"
+    assert cpu["parent_sha256"] == gpu["parent_sha256"] != ""  # both made from the same FP32 parent
     assert cpu["parent_sha256"] in card
+    assert cpu["extra"]["quantization"]["target"] == "cpu"
+    # the INT8 form's scope threshold moved by the shift measured on calibration slices, not validation ones
+    assert cpu["scope"]["threshold"] > cpu["scope"]["parent_threshold"] == gpu["scope"]["threshold"]
     assert cpu["extra"]["map"]["kind"] == "stone_map" and set(cpu["extra"]["planes"]) == {"axial", "coronal"}
     assert cpu["outputs"] == ["logits", "scope_distance", "cam"]
     assert total <= 80e6
@@ -57,8 +63,8 @@ def test_checksums_match_the_files_and_the_card():
 def test_the_release_is_found_by_name_and_by_folder():
     from edgekidney.released import resolve_model
 
-    assert resolve_model("kidney-stone-ct-v2") == RELEASE / "model-fp16.onnx"
-    assert resolve_model(RELEASE) == RELEASE / "model-fp16.onnx"
+    assert resolve_model("kidney-stone-ct-v3") == RELEASE / "model-int8cpu.onnx"
+    assert resolve_model(RELEASE) == RELEASE / "model-int8cpu.onnx"
     assert resolve_model(RELEASE, form="gpu") == RELEASE / "model-fp16.onnx"
 
 
@@ -68,13 +74,13 @@ def test_the_first_command_answers_every_example_series(tmp_path):
     pytest.importorskip("nibabel")
     pytest.importorskip("highdicom")
     out = tmp_path / "first"
-    r = runner.invoke(app, ["study", "kidney-stone-ct-v2", str(REPO / "examples"), "--json", str(out / "study.json"),
+    r = runner.invoke(app, ["study", "kidney-stone-ct-v3", str(REPO / "examples"), "--json", str(out / "study.json"),
                             "--sr-out", str(out / "sr"), "--sc-out", str(out / "sc")])
     assert r.exit_code == 0, r.output
     study = json.loads((out / "study.json").read_text())
     series = study["series"]
     assert len(series) == 2 and all(s["decision"] in ("stone", "no_stone", "not_assessable") for s in series)
-    assert all(s["model"]["sha256"] == sha256(RELEASE / "model-fp16.onnx") for s in series)
+    assert all(s["model"]["sha256"] == sha256(RELEASE / "model-int8cpu.onnx") for s in series)
     assert all(sl["cam_peak"] is not None for s in series for sl in s["slices"])
     assert len(list((out / "sr").glob("*.dcm"))) == 1  # the one DICOM series gets its SR
 
@@ -87,7 +93,7 @@ def test_validation_slices_answer_as_the_card_says():
         pytest.skip("the public CT kidney slices are not here (set EDGEKIDNEY_DATA)")
     from edgekidney.runtime.predict import Classifier
 
-    with Classifier(RELEASE / "model-fp16.onnx") as clf:
+    with Classifier(RELEASE / "model-int8cpu.onnx") as clf:
         preds, failures = clf.predict_files(stones + normals)
     assert not failures
     called = [p.label == "Stone" for p in preds]
