@@ -208,7 +208,7 @@ def refit_cmd(
 ):
     """Refit what training fits on the validation split after its best epoch: map gate, thresholds."""
     from edgekidney.metrics import format_report
-    from edgekidney.model.train import refit_run
+    from edgekidney.model.refit import refit_run
 
     metrics = refit_run(run, map_gate=map_gate, scope_quantile=scope_quantile, scope_margin=scope_margin,
                         threads=threads, log=echo)

@@ -220,14 +220,21 @@ def test_a_not_stone_twin_is_taught_away_from_stone_and_to_no_other_class_in_par
                                p[:2][:, [0, 1, 3]] / p[:2][:, [0, 1, 3]].sum(1, keepdim=True), rtol=1e-4, atol=0)
 
 
-def test_the_stone_logit_reads_the_map_peak():
+def small_stone_net():
+    """(torch, a three-class stone-map network in eval mode, stone = class 1), seeded."""
     torch = pytest.importorskip("torch")
-    from edgekidney.model.network import ARCH_STONE_MAP, MAP_STRIDE, forward_parts, map_cells
+    from edgekidney.model.network import ARCH_STONE_MAP
     from edgekidney.model.weights import build_model
 
     torch.manual_seed(0)
     net, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
-    net.eval()
+    return torch, net.eval()
+
+
+def test_the_stone_logit_reads_the_map_peak():
+    from edgekidney.model.network import MAP_STRIDE, forward_parts, map_cells
+
+    torch, net = small_stone_net()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         _, pooled, logits, map_logits = forward_parts(net, x)
@@ -239,14 +246,10 @@ def test_the_stone_logit_reads_the_map_peak():
 
 
 def test_the_map_gate_takes_the_stone_call_only_from_slices_whose_map_stays_below_it():
-    torch = pytest.importorskip("torch")
     from edgekidney.model.gate import map_gate_of, set_map_gate
-    from edgekidney.model.network import ARCH_STONE_MAP, GATE_SLOPE, forward_parts
-    from edgekidney.model.weights import build_model
+    from edgekidney.model.network import GATE_SLOPE, forward_parts
 
-    torch.manual_seed(0)
-    net, _ = build_model(3, "none", arch=ARCH_STONE_MAP, positive=1)
-    net.eval()
+    torch, net = small_stone_net()
     x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         _, _, open_logits, map_logits = forward_parts(net, x)
@@ -339,7 +342,7 @@ def test_training_finds_the_masks_beside_the_data_and_records_the_map(phantom_ma
 def test_refit_fits_a_finished_runs_gate_as_training_did_and_moves_its_scope_threshold(phantom_map_model, tmp_path):
     import shutil
 
-    from edgekidney.model.train import refit_run
+    from edgekidney.model.refit import refit_run
 
     root, metrics, _ = phantom_map_model
     run = tmp_path / "run"

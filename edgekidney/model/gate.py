@@ -13,9 +13,11 @@ child and every backend apply it (docs/architecture.md, "The stone map").
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from edgekidney.model.network import GATE_OFF
+from edgekidney.model.network import GATE_OFF, GATE_SLOPE
 
 GATE_MARGIN = 0.5  # map logits below the weakest called validation stone (measured: docs/scope.md)
 
@@ -43,3 +45,30 @@ def map_gate_of(model) -> float | None:
     if gate is None or float(gate) <= GATE_OFF:
         return None
     return float(gate)
+
+
+def fit_gate(model, x_val: np.ndarray, y_val: np.ndarray, positive: int, classes: list[str],
+             target_sensitivity: float, device, log=print) -> dict:
+    """Fit the map gate (:mod:`edgekidney.model.gate`) on the validation split and write it into ``model``;
+    returns what it is and which validation slices it takes off stone at the ungated threshold."""
+    from edgekidney.metrics import softmax, threshold_for_sensitivity
+    from edgekidney.model.network import predict_outputs
+
+    set_map_gate(model, GATE_OFF)
+    out = predict_outputs(model, x_val, device)
+    p = softmax(out["logits"])[:, positive]
+    is_stone = y_val == positive
+    threshold = threshold_for_sensitivity(is_stone, p, target_sensitivity)
+    level = fit_map_gate(p, out["peak_logit"], is_stone, threshold)
+    set_map_gate(model, level)
+    if level <= GATE_OFF:
+        log("map gate: off (no validation stone is called to fit it on)")
+        return {"level": None}
+    p_gated = softmax(predict_outputs(model, x_val, device)["logits"])[:, positive]
+    uncalled = {c: int(((p >= threshold) & (p_gated < threshold) & (y_val == k)).sum())
+                for k, c in enumerate(classes)}
+    log(f"map gate: a slice is called stone only where its map reaches p={1 / (1 + math.exp(-level)):.3f} "
+        f"(the weakest called validation stone's map, less {GATE_MARGIN:g} logits); at the threshold it takes "
+        + (", ".join(f"{n} {c}" for c, n in uncalled.items() if n) or "no") + " validation slice(s) off stone")
+    return {"level": level, "p": 1 / (1 + math.exp(-level)), "margin": GATE_MARGIN, "slope": GATE_SLOPE,
+            "ungated_threshold": float(threshold), "uncalled_at_threshold": uncalled}

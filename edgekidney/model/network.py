@@ -123,6 +123,29 @@ def forward_parts(model, x):
     return a, pooled, m.fc(pooled), None
 
 
+def predict_outputs(model, x, device, batch_size: int = 64) -> dict:
+    """Eval-mode outputs of a batch of inputs: pooled features (N, 2048), logits, and with a stone map its
+    peak cell (N, 2) and peak logit (N,)."""
+    import numpy as np
+
+    torch = _torch()
+    model.eval()
+    feats, logits, peaks, tops = [], [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            _, f, z, m = forward_parts(model, torch.from_numpy(x[i : i + batch_size]).to(device))
+            feats.append(f.float().cpu().numpy())
+            logits.append(z.float().cpu().numpy())
+            if m is not None:
+                flat = m.flatten(1).argmax(dim=1).cpu().numpy()
+                peaks.append(np.stack([flat // m.shape[2], flat % m.shape[2]], axis=1).astype(np.float32))
+                tops.append(m.flatten(1).amax(dim=1).float().cpu().numpy())
+    out = {"features": np.concatenate(feats), "logits": np.concatenate(logits)}
+    if peaks:
+        out["peak_cell"], out["peak_logit"] = np.concatenate(peaks), np.concatenate(tops)
+    return out
+
+
 def map_cells(image_size: int, stride: int = MAP_STRIDE) -> int:
     """Side of the map's grid for a square input (each stride-2 stage rounds up)."""
     return -(-image_size // stride)

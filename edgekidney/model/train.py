@@ -41,9 +41,8 @@ from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over
 from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss, not_class_loss
-from edgekidney.model.gate import GATE_MARGIN, fit_map_gate, set_map_gate
-from edgekidney.model.network import (ARCH_PLAIN, ARCH_STONE_MAP, GATE_OFF, GATE_SLOPE, MAP_STRIDE, arch_of,
-                                      forward_parts, map_cells)
+from edgekidney.model.gate import fit_gate
+from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, map_cells, predict_outputs
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
 from edgekidney.progress import echo, stage
 from edgekidney.threads import apply_torch_threads, contention_note
@@ -135,29 +134,9 @@ def autocast_dtype(choice: str, device):
     return torch.bfloat16 if (" amx_bf16" in flags or " avx512_bf16" in flags) else None
 
 
-def _predict(model, x: np.ndarray, device, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Eval-mode outputs: pooled features (N, 2048), logits, and the map's peak cell (N, 2) when it has one."""
-    torch = require_torch()
-    model.eval()
-    feats, logits, peaks, tops = [], [], [], []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            _, f, z, m = forward_parts(model, torch.from_numpy(x[i : i + batch_size]).to(device))
-            feats.append(f.float().cpu().numpy())
-            logits.append(z.float().cpu().numpy())
-            if m is not None:
-                flat = m.flatten(1).argmax(dim=1).cpu().numpy()
-                peaks.append(np.stack([flat // m.shape[2], flat % m.shape[2]], axis=1).astype(np.float32))
-                tops.append(m.flatten(1).amax(dim=1).float().cpu().numpy())
-    out = {"features": np.concatenate(feats), "logits": np.concatenate(logits)}
-    if peaks:
-        out["peak_cell"], out["peak_logit"] = np.concatenate(peaks), np.concatenate(tops)
-    return out
-
-
 def _predict_logits_and_peaks(model, x: np.ndarray, device) -> np.ndarray:
     """(N, classes + 2): logits, then the map's peak (row, col) on the input grid (-1 without a map)."""
-    r = _predict(model, x, device)
+    r = predict_outputs(model, x, device)
     peaks = r["peak_cell"] * MAP_STRIDE if "peak_cell" in r else np.full((len(x), 2), -1.0, np.float32)
     return np.concatenate([r["logits"], peaks], axis=1)
 
@@ -561,84 +540,6 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
     return metrics
 
 
-def fit_gate(model, x_val: np.ndarray, y_val: np.ndarray, positive: int, classes: list[str],
-             target_sensitivity: float, device, log=print) -> dict:
-    """Fit the map gate (:mod:`edgekidney.model.gate`) on the validation split and write it into ``model``;
-    returns what it is and which validation slices it takes off stone at the ungated threshold."""
-    set_map_gate(model, GATE_OFF)
-    out = _predict(model, x_val, device)
-    p = softmax(out["logits"])[:, positive]
-    is_stone = y_val == positive
-    threshold = threshold_for_sensitivity(is_stone, p, target_sensitivity)
-    level = fit_map_gate(p, out["peak_logit"], is_stone, threshold)
-    set_map_gate(model, level)
-    if level <= GATE_OFF:
-        log("map gate: off (no validation stone is called to fit it on)")
-        return {"level": None}
-    p_gated = softmax(_predict(model, x_val, device)["logits"])[:, positive]
-    uncalled = {c: int(((p >= threshold) & (p_gated < threshold) & (y_val == k)).sum())
-                for k, c in enumerate(classes)}
-    log(f"map gate: a slice is called stone only where its map reaches p={1 / (1 + math.exp(-level)):.3f} "
-        f"(the weakest called validation stone's map, less {GATE_MARGIN:g} logits); at the threshold it takes "
-        + (", ".join(f"{n} {c}" for c, n in uncalled.items() if n) or "no") + " validation slice(s) off stone")
-    return {"level": level, "p": 1 / (1 + math.exp(-level)), "margin": GATE_MARGIN, "slope": GATE_SLOPE,
-            "ungated_threshold": float(threshold), "uncalled_at_threshold": uncalled}
-
-
-def refit_run(run: Path, map_gate: bool = True, scope_quantile: float | None = None,
-              scope_margin: float | None = None, threads: int | None = None, log=print) -> dict:
-    """Refit what training fits on a finished run's validation split (``RUN/split.csv``) after its best epoch:
-    the map gate (stone-map runs), the out-of-scope threshold (``scope_quantile`` x ``scope_margin``, by
-    default the run's own) and the decision threshold; rewrites the checkpoint and ``metrics.json``."""
-    torch = require_torch()
-    from edgekidney.data.dataset import read_manifest
-    from edgekidney.model.heads import build_headed_model
-    from edgekidney.scope import choose_threshold
-
-    run = Path(run)
-    apply_torch_threads(threads)
-    model, card = load_checkpoint(run)
-    stone_map = arch_of(model) == ARCH_STONE_MAP
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    val_s = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
-    if not val_s:
-        raise InputError(f"{run / 'split.csv'}: no validation slices to refit on")
-    with stage("decoding + preprocessing", len(val_s), "slice") as bar:
-        x_val, _ = load_arrays_with_geometry(val_s, card.preprocessing, bar.advance)
-    y_val = np.array([s.label for s in val_s], dtype=np.int64)
-    device = torch.device("cpu")
-    positive, target = card.positive_index, float(ck["metrics"].get("target_sensitivity", 0.95))
-    metrics = dict(ck["metrics"])
-    if stone_map:
-        if map_gate:
-            metrics["map_gate"] = fit_gate(model, x_val, y_val, positive, card.classes, target, device, log)
-        else:
-            set_map_gate(model, GATE_OFF)
-            metrics["map_gate"] = {"level": None}
-            log("map gate: off")
-    scope = ck.get("scope")
-    if scope:
-        q = scope_quantile if scope_quantile is not None else float(scope["quantile"])
-        margin = scope_margin if scope_margin is not None else float(scope["margin"])
-        headed = build_headed_model(model, positive, card.preprocessing.image_size, scope)
-        with torch.inference_mode():
-            d_val = np.concatenate([headed(torch.from_numpy(x_val[i : i + 32]))[1].numpy()
-                                    for i in range(0, len(x_val), 32)])
-        thr = choose_threshold(d_val, q, margin)
-        scope = {**scope, "threshold": thr, "quantile": q, "margin": margin, "val_out_of_scope": int((d_val > thr).sum())}
-        metrics["scope"] = {k: v for k, v in scope.items() if not hasattr(v, "shape")}
-        log(f"scope: threshold {thr:.3f} (validation q{q:g} x {margin:g}); {scope['val_out_of_scope']} of "
-            f"{len(x_val)} validation slices fall outside")
-    probs = softmax(_predict(model, x_val, device)["logits"])
-    threshold = threshold_for_sensitivity(y_val == positive, probs[:, positive], target)
-    metrics["val"] = classification_report(y_val, probs, card.classes, positive, threshold)
-    metrics["val_at_0.5"] = classification_report(y_val, probs, card.classes, positive, 0.5)
-    save_checkpoint(run / "model.pt", model, card.classes, card.positive_class, card.preprocessing, threshold,
-                    ck.get("weights", ""), metrics, scope, ck.get("extra"))
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
-
-
 def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, device,
                        cfg: TrainConfig) -> tuple[dict, np.ndarray]:
     """Fit the out-of-scope detector (see :mod:`edgekidney.scope`): training features, validation threshold.
@@ -647,8 +548,8 @@ def fit_scope_detector(model, x_train: np.ndarray, y_train: np.ndarray, x_val: n
     """
     from edgekidney.scope import choose_threshold, fit_scope
 
-    f_train = _predict(model, x_train, device)["features"]
-    r_val = _predict(model, x_val, device)
+    f_train = predict_outputs(model, x_train, device)["features"]
+    r_val = predict_outputs(model, x_val, device)
     f_val, val_logits = r_val["features"], r_val["logits"]
     detector = fit_scope(f_train, y_train, cfg.scope_shrinkage)
     d_train, d_val = detector.distance(f_train), detector.distance(f_val)
