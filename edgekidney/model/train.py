@@ -168,7 +168,7 @@ def _erased_validation(x_val: np.ndarray, m_val: np.ndarray, val_masked: np.ndar
     return to_input(np.stack(kept), pre) if kept else None
 
 
-NOT_STONE = -1  # the label of an erased twin that is only "not the positive class" (see step_loss)
+NOT_STONE = -1  # the label of an erased twin that is only "not the positive class" (see class_loss in train)
 
 
 def erase_class_index(classes: list[str], positive: int, name: str) -> int | None:
