@@ -78,7 +78,7 @@ class TrainConfig:
     calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
     # share of outlined Stone slices that get a twin with the stone painted over, labelled erase_class
     # (feed.erased_twins: the stone, not the look of its source, must make the call); off by default:
-    # in runs 5-7 (docs/scope.md) it cut the calls on erased stones and on another hospital's abdomen but
+    # in runs 5-7 (docs/scope.md, run 8 the control) it cut the calls on erased stones and on another hospital's abdomen but
     # cost Tumor specificity every time
     erase_fraction: float = 0.0
     # the erased twins' class; in a two-class task the other class; "not-stone" (NOT_STONE): trained
