@@ -44,10 +44,9 @@ def masked_stones(manifest: Path, masks: Path, data: Path, split: str = "val", p
 
 def erased_slices(slices: list[np.ndarray], masks: list[np.ndarray], seed: int = 0) -> list[np.ndarray | None]:
     """Each outlined slice with its stone painted over (None where no tissue surrounds the stone)."""
-    from edgekidney.data.calculus import paint_over
+    from edgekidney.data.calculus import paint_over_each
 
-    rng = np.random.default_rng(seed)
-    return [paint_over(img, mask, rng) for img, mask in zip(slices, masks)]
+    return paint_over_each(slices, masks, seed)
 
 
 def located(model: Path, pairs, batch_size: int = 8, threads: int | None = None) -> dict:

@@ -133,3 +133,10 @@ def paint_over(img: np.ndarray, region: np.ndarray, rng: np.random.Generator) ->
     alpha[edge] = np.maximum(alpha[edge], 0.5)
     alpha[region] = 1.0
     return np.clip(img * (1 - alpha) + fill * alpha, 0, 1).astype(np.float32)
+
+
+def paint_over_each(slices, regions, seed: int = 0) -> list[np.ndarray | None]:
+    """:func:`paint_over` on each slice (0..1) with its region, one seeded generator for all, in order
+    (None where no tissue surrounds a region): the erased stones of validation and of the benchmark."""
+    rng = np.random.default_rng(seed)
+    return [paint_over(img, region, rng) for img, region in zip(slices, regions)]

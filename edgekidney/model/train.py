@@ -38,7 +38,7 @@ from edgekidney.metrics import classification_report, roc_auc, softmax, threshol
 from edgekidney.model.checkpoint import (CHECKPOINT_FORMAT, INCOMPLETE, TorchPredictor, load_checkpoint,  # noqa: F401
                                          load_checkpoint_card, save_checkpoint)
 from edgekidney.model.distributed import current as current_dist
-from edgekidney.data.calculus import paint_over
+from edgekidney.data.calculus import paint_over_each
 from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss, not_class_loss
 from edgekidney.model.gate import fit_gate
@@ -162,8 +162,8 @@ def _erased_validation(x_val: np.ndarray, m_val: np.ndarray, val_masked: np.ndar
                        seed: int) -> np.ndarray | None:
     """The outlined validation Stone slices with the stone painted over (no sham: nothing is learned from
     them); None when no stone could be painted over."""
-    rng = np.random.default_rng(seed)
-    painted = [paint_over(x_val[i, 0] * pre.std[0] + pre.mean[0], m_val[i] > 0.5, rng) for i in val_masked]
+    painted = paint_over_each([x_val[i, 0] * pre.std[0] + pre.mean[0] for i in val_masked],
+                              [m_val[i] > 0.5 for i in val_masked], seed)
     kept = [p for p in painted if p is not None]
     return to_input(np.stack(kept), pre) if kept else None
 
