@@ -47,6 +47,12 @@ class ScopeModel:
         rest = np.maximum((diff ** 2).sum(-1) - (proj ** 2).sum(-1), 0.0) * self.res_inv_var
         return (inside + rest).min(axis=1) / self.dim
 
+    @classmethod
+    def from_arrays(cls, arrays: dict, shrinkage: float) -> "ScopeModel":
+        """The detector back from what :meth:`arrays` wrote (a checkpoint's ``scope``)."""
+        return cls(np.asarray(arrays["means"]), np.asarray(arrays["basis"]), np.asarray(arrays["inv_var"]),
+                   float(np.asarray(arrays["res_inv_var"]).ravel()[0]), shrinkage)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """What the exported graph needs (float32)."""
         return {"means": self.means.astype(np.float32), "basis": self.basis.astype(np.float32),

@@ -30,8 +30,7 @@ def refit_run(run: Path, map_gate: bool = True, scope_quantile: float | None = N
     default the run's own) and the decision threshold; rewrites the checkpoint and ``metrics.json``."""
     torch = require_torch()
     from edgekidney.data.dataset import read_manifest
-    from edgekidney.model.heads import build_headed_model
-    from edgekidney.scope import choose_threshold
+    from edgekidney.scope import ScopeModel, choose_threshold
 
     run = Path(run)
     apply_torch_threads(threads)
@@ -54,20 +53,18 @@ def refit_run(run: Path, map_gate: bool = True, scope_quantile: float | None = N
             set_map_gate(model, GATE_OFF)
             metrics["map_gate"] = {"level": None}
             log("map gate: off")
+    out = predict_outputs(model, x_val, device)  # the gate moves the logits, never the pooled features
     scope = ck.get("scope")
     if scope:
         q = scope_quantile if scope_quantile is not None else float(scope["quantile"])
         margin = scope_margin if scope_margin is not None else float(scope["margin"])
-        headed = build_headed_model(model, positive, card.preprocessing.image_size, scope)
-        with torch.inference_mode():
-            d_val = np.concatenate([headed(torch.from_numpy(x_val[i : i + 32]))[1].numpy()
-                                    for i in range(0, len(x_val), 32)])
+        d_val = ScopeModel.from_arrays(scope, float(scope["shrinkage"])).distance(out["features"])
         thr = choose_threshold(d_val, q, margin)
         scope = {**scope, "threshold": thr, "quantile": q, "margin": margin, "val_out_of_scope": int((d_val > thr).sum())}
         metrics["scope"] = {k: v for k, v in scope.items() if not hasattr(v, "shape")}
         log(f"scope: threshold {thr:.3f} (validation q{q:g} x {margin:g}); {scope['val_out_of_scope']} of "
             f"{len(x_val)} validation slices fall outside")
-    probs = softmax(predict_outputs(model, x_val, device)["logits"])
+    probs = softmax(out["logits"])
     threshold = threshold_for_sensitivity(y_val == positive, probs[:, positive], target)
     metrics["val"] = classification_report(y_val, probs, card.classes, positive, threshold)
     metrics["val_at_0.5"] = classification_report(y_val, probs, card.classes, positive, 0.5)
