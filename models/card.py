@@ -62,7 +62,7 @@ def int8_note(sums: list[str], acc: dict | None) -> list[str]:
     return lines + [""] if lines else []
 
 
-def recipe_extras(config: dict, train: dict, gate: float | None) -> list[str]:
+def recipe_extras(config: dict, train: dict) -> list[str]:
     """The recipe's lines for erased-stone twins and the map gate, where the run used them."""
     lines = []
     if config.get("erase_fraction"):
@@ -70,8 +70,8 @@ def recipe_extras(config: dict, train: dict, gate: float | None) -> list[str]:
                   else f"labelled {config.get('erase_class')}")
         lines += [f"erased-stone twins: {config['erase_fraction']:.0%} of the outlined Stone slices of a batch get a twin "
                   f"with the stone painted over, {target}, and a sham painting away from the stone;"]
-    if gate is not None:
-        g = train["map_gate"]
+    g = train.get("map_gate") or {}
+    if g.get("level") is not None:
         lines += [f"map gate: the stone logit loses {g['slope']:g} × relu(gate − map peak), gate at map p = {g['p']:.3f}, "
                   f"{g['margin']:g} map logits below the weakest stone called on validation (`edgekidney refit`);"]
     return lines
@@ -107,7 +107,6 @@ def main() -> int:
     side_cpu = json.loads(shipped.with_suffix(".json").read_text())
     train = load(out, "training-metrics.json")
     config = load(out, "training-config.json") or {}
-    gate = (train.get("map_gate") or {}).get("level")
     sc = side_cpu.get("scope") or {}
     # release.sh names it by the form (evaluate-int8cpu.json, evaluate-fp16.json)
     ev32 = load(out, "evaluate-fp32.json")
@@ -164,12 +163,12 @@ def main() -> int:
               "class-balanced sampling; augmentation:",
               "rotation/shift, zoom, contrast, window, noise, coarser grids, placed calculi (30 % of non-stone",
               "slices get a twin with a 3-9 mm calculus and its disc as mask); AdamW, one-cycle, bfloat16 autocast;",
-              *recipe_extras(config, train, gate),
+              *recipe_extras(config, train),
               "best epoch by validation AUC" + (" with the erased validation stones among the negatives"
                                                 if config.get("erase_fraction") else "") +
               "; threshold for 95 % sensitivity on validation; out-of-scope threshold at",
               f"{sc.get('quantile', 0.99) * 100:g} % of validation distances × {sc.get('margin', 1.0):g}"
-              + (f" (the parent's; INT8 forms move it by their measured shift)" if side_cpu['precision'] == 'int8' else "")
+              + (" (the parent's; INT8 forms move it by their measured shift)" if side_cpu['precision'] == 'int8' else "")
               + ".", "",
               "```bash", a.command, "```", "",
               f"{a.where} Best epoch {train.get('best_epoch')} of {train.get('epochs_run')}.",
