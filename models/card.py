@@ -94,6 +94,15 @@ def confusion_limits(ev: dict | None) -> list[str]:
     return out
 
 
+def isa_words(env: dict) -> str:
+    """The CPU's INT8 instruction sets as the latency run recorded them (runs before that field: the Xeon's)."""
+    have = env.get("int8_instructions")
+    if have is None:  # recorded before latency.json kept the flags: the card's first CPU, read by hand
+        return "AVX-512 VNNI and AMX"
+    names = {"amx_int8": "AMX", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "avx512bw": "AVX-512", "avx2": "AVX2"}
+    return ", ".join(names[f] for f in have) or "instruction sets unknown"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -227,7 +236,9 @@ def main() -> int:
         env = lat.get("environment", {})
         lines += ["## Latency (ONNX Runtime, CPU, batch 1)", "",
                   f"`edgekidney bench latency`, {env.get('threads')} threads, {env.get('processor')} ({env.get('cpus')} cores, "
-                  f"AVX-512 VNNI and AMX), onnxruntime {env.get('onnxruntime')}; all heads included.", "",
+                  f"{isa_words(env)}), onnxruntime {env.get('onnxruntime')}; all heads included. INT8's gain depends on",
+                  "the CPU (docs/benchmarks.md has one where INT8 is no faster than FP32): `edgekidney bench latency`",
+                  "measures it where the model will run.", "",
                   "| model | mode | p50 ms | p95 ms |", "|---|---|---|---|"]
         for r in lat["rows"]:
             lines.append(f"| {r['label']} | {r['mode']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")

@@ -80,6 +80,16 @@ def test_latency_runs_each_model_in_a_worker_and_reports_percentiles(tiny_onnx, 
     assert rep["config"]["threads"] == 2
 
 
+def test_the_report_records_the_cpus_int8_instruction_sets_in_speed_order():
+    zen1 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    xeon = "flags\t\t: avx2 avx512f avx512bw avx512_vnni amx_bf16 amx_int8\nflags\t\t: other\n"
+    assert latency.int8_instructions(zen1) == ["avx2"]
+    assert latency.int8_instructions(xeon) == ["amx_int8", "avx512_vnni", "avx512bw", "avx2"]  # first flags line only
+    assert latency.int8_instructions("model name\t: a CPU\n") == []
+    env = latency.environment(latency.LatencyConfig())
+    assert env["int8_instructions"] == latency.int8_instructions()
+
+
 def _report(fp32_ms, int8_ms):
     rows = [{"label": "ort-fp32", "precision": "fp32", "backend": "ort", "batch": 1, "mode": "model", "p50_ms": fp32_ms},
             {"label": "ort-int8-cpu", "precision": "int8", "backend": "ort", "batch": 1, "mode": "model", "p50_ms": int8_ms},

@@ -286,7 +286,7 @@ def compare_to_baseline(report: dict, baseline: dict, max_slowdown: float) -> li
 
 def environment(cfg: LatencyConfig) -> dict:
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "threads": cfg.threads, "processor": _cpu_name()}
+           "threads": cfg.threads, "processor": _cpu_name(), "int8_instructions": int8_instructions()}
     try:
         import onnxruntime
 
@@ -294,6 +294,26 @@ def environment(cfg: LatencyConfig) -> dict:
     except ImportError:
         pass
     return env
+
+
+# x86 instruction sets an INT8 convolution of ONNX Runtime can use, fastest first: INT8's gain over FP32
+# differs from one CPU to the next (docs/benchmarks.md), so each latency report records them
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
+
+
+def int8_instructions(cpuinfo: str | None = None) -> list[str]:
+    """The INT8-relevant instruction sets the CPU reports (/proc/cpuinfo flags; [] where unknown)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in INT8_FLAGS if f in flags]
 
 
 def _cpu_name() -> str:
@@ -307,7 +327,9 @@ def _cpu_name() -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"latency ({report['config']['threads']} threads, {report['environment'].get('processor', '')}); "
+    env = report["environment"]
+    lines = [f"latency ({report['config']['threads']} threads, {env.get('processor', '')}"
+             f"{' (' + ', '.join(env['int8_instructions']) + ')' if env.get('int8_instructions') else ''}); "
              f"inputs: {report.get('inputs')}",
              f"{'config':<22} {'batch':>5} {'mode':<10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
              f"{'ms/img':>7} {'img/s':>7} {'RSS MB':>7}"]
