@@ -94,6 +94,29 @@ def confusion_limits(ev: dict | None) -> list[str]:
     return out
 
 
+def exam_rows(results: list[dict], shipped: str) -> list[str]:
+    """The whole-exam table (benchmarks/exam.py, one result per form; the foci as the ``shipped`` form found them)."""
+    r0 = results[0]
+    lines = ["## A whole exam from another hospital", "",
+             f"`{Path(r0['volume']).name}` (TotalSegmentator's sample in `examples/`, {r0['slices']} slices of 3 mm, "
+             "pelvis to liver dome)",
+             "has no stone label, but its kidneys hold hyperdense foci. The reference (`benchmarks/reference/`,",
+             "read from the HU values, not by a radiologist): a box per kidney, and in it each region of 500 HU",
+             "or more, of at most 40 voxels over at most 4 slices, surrounded by soft tissue. *Located*: the peak",
+             "within 5 % of the slice's longer side of a focus on the slice or a neighbour (docs/scope.md, \"A",
+             "whole exam\"). `python benchmarks/exam.py MODEL`.", "",
+             "| model | study answer | slices called stone | located on a focus | called outside the kidneys' slices | foci found |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{Path(r['model']).name}` | {r['decision']} | {r['called_stone']} | {r['located']} | "
+                     f"{r['calls_outside_kidneys']} of {r['slices_outside_kidneys']} | {r['foci_found']} of {r['foci']} |")
+    lines += ["", "| kidney | slices | HU (max) | found by the shipped form |", "|---|---|---|---|"]
+    mine = next((r for r in results if Path(r["model"]).name == shipped), results[-1])
+    for f in mine["foci_table"]:
+        lines.append(f"| {f['kidney']} | {f['slices'][0]}-{f['slices'][1]} | {f['max_hu']:.0f} | {'yes' if f['found'] else 'no'} |")
+    return lines + [""]
+
+
 def isa_words(env: dict) -> str:
     """The CPU's INT8 instruction sets as the latency run recorded them (runs before that field: the Xeon's)."""
     have = env.get("int8_instructions")
@@ -120,7 +143,8 @@ def main() -> int:
     # release.sh names it by the form (evaluate-int8cpu.json, evaluate-fp16.json)
     ev32 = load(out, "evaluate-fp32.json")
     ev8 = load(out, f"evaluate-{shipped.stem.removeprefix('model-')}.json") or load(out, f"evaluate-{side_cpu['precision']}.json")
-    acc, loc, scope, lat = (load(out, n) for n in ("accuracy.json", "located.json", "scope.json", "latency.json"))
+    acc, loc, scope, lat, exams = (load(out, n) for n in ("accuracy.json", "located.json", "scope.json", "latency.json",
+                                                          "exam.json"))
     sums = (out / "SHA256SUMS").read_text().split("\n")
     sizes = {f.name: f.stat().st_size for f in out.glob("*.onnx")}
 
@@ -232,6 +256,8 @@ def main() -> int:
                          f"{pct(vp['twin_not_called_stone'])} | {pct(vp['out_of_scope_with_calculus'])} / "
                          f"{pct(vp['out_of_scope_twin'])} | {vp['p_rise_median']:+.3f} |")
         lines.append("")
+    if exams:
+        lines += exam_rows(exams["results"], shipped.name)
     if lat:
         env = lat.get("environment", {})
         lines += ["## Latency (ONNX Runtime, CPU, batch 1)", "",

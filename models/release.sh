@@ -51,6 +51,9 @@ python benchmarks/located.py "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/m
 # out of scope on real CT of other hospitals, and calculus pairs in their kidneys
 python benchmarks/scope.py "$WORK/${SHIP%% *}.onnx" --val "$RUN/split.csv" --volumes "$VOLUMES" \
     --json "$OUT/results/scope.json"
+# a whole exam of another hospital (the example volume): where its calls land, against the kidneys and their foci
+python benchmarks/exam.py "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" \
+    --json "$OUT/results/exam.json"
 # latency, batch 1, ONNX Runtime CPU, 2 threads
 edgekidney bench latency "$WORK/model.onnx" "$WORK/model-fp16.onnx" "$WORK/model-int8cpu.onnx" --batch-sizes 1 --threads 2 --seconds 10 \
     --torch none --json "$OUT/results/latency.json" || true

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -83,6 +84,26 @@ def test_the_first_command_answers_every_example_series(tmp_path):
     assert all(s["model"]["sha256"] == sha256(RELEASE / "model-int8cpu.onnx") for s in series)
     assert all(sl["cam_peak"] is not None for s in series for sl in s["slices"])
     assert len(list((out / "sr").glob("*.dcm"))) == 1  # the one DICOM series gets its SR
+    exam_lands_on_the_kidneys_foci(next(s for s in series if s["kind"] == "nifti"))
+
+
+def exam_lands_on_the_kidneys_foci(nifti: dict) -> None:
+    """The whole volume (pelvis to liver dome) against benchmarks/reference/abdomen-ct.json, as the card's
+    exam table: the series is called stone on the slices of the left kidney's foci of 1,100-1,300 HU,
+    every slice run that supports the call lies within the kidneys, and few slices elsewhere are called."""
+    from edgekidney.bench.exam import hyperdense_foci, load_reference, score_exam
+    from edgekidney.data.volume import read_nifti
+
+    ref = load_reference(REPO / "benchmarks" / "reference" / "abdomen-ct.json")
+    hu = np.stack(list(read_nifti(REPO / ref["volume"]).hu_slices()))
+    foci = hyperdense_foci(hu, ref["kidneys"], **ref["foci_rules"])
+    r = score_exam(nifti["slices"], foci, ref["kidneys"], hu.shape[1:])
+    lo, hi = r["kidney_slices"]
+    assert nifti["decision"] == "stone" and all(lo <= run["start"] <= run["end"] <= hi for run in nifti["supporting"])
+    densest = max(r["foci_table"], key=lambda f: f["max_hu"])
+    assert densest["kidney"] == "left" and densest["max_hu"] > 1200 and densest["found"], r["foci_table"]
+    assert r["foci"] == 6 and r["foci_found"] >= 3, r["foci_table"]
+    assert r["located"] >= 0.6 * r["called_stone"] and r["calls_outside_kidneys"] <= 3, r["calls"]
 
 
 def test_validation_slices_answer_as_the_card_says():
