@@ -370,6 +370,9 @@ def study_cmd(
                                                                  "Secondary Capture with the activation map here."),
     min_run: Optional[int] = typer.Option(None, min=1, help="Override the rule: consecutive positive slices for 'stone'."),
     threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Override the slice threshold."),
+    min_focus_hu: Optional[float] = typer.Option(None, min=-1024.0, max=4000.0, metavar="HU",
+                                                 help="Count a slice towards 'stone' only when a pixel within 10 mm "
+                                                      "of its peak reaches HU (e.g. 200 on CT without contrast)."),
     coronal_spacing: Optional[float] = typer.Option(None, min=0.1, help="mm between coronal slices (default: the "
                                                                         "axial slice spacing)."),
     keep_identifiers: bool = typer.Option(False, help="Put SeriesInstanceUIDs / file paths in the JSON (else hashes)."),
@@ -397,9 +400,11 @@ def study_cmd(
     written: list[str] = []
     with Classifier(model, backend=backend, **options) as clf:
         rule = StudyRule.from_card(clf.card)
-        if min_run is not None or threshold is not None:
+        if min_run is not None or threshold is not None or min_focus_hu is not None:
             rule = replace(rule, min_run=min_run or rule.min_run,
-                           threshold=threshold if threshold is not None else rule.threshold, source="option")
+                           threshold=threshold if threshold is not None else rule.threshold,
+                           min_focus_hu=min_focus_hu if min_focus_hu is not None else rule.min_focus_hu,
+                           source="option")
 
         def file_back(result, series):
             if series.kind != "dicom" or series.refusal:

@@ -27,7 +27,10 @@ class Oracle:
     pixels inside a kidney box are saturated by the abdomen window (>= 240 HU; stones are >= 500,
     the kidney cortex 150). Slices listed in ``out_of_scope`` come back with that label."""
 
-    def __init__(self, boxes, extra=None, out_of_scope=(), image_size=64):
+    def __init__(self, boxes, extra=None, out_of_scope=(), image_size=64, peak=None):
+        """``peak``: None (no stone map), "stone" (cam_peak on the brightest pixel of the boxes) or
+        "beside" (cam_peak 12 pixels above the first box, in soft tissue)."""
+        self.peak = peak
         self.card = ModelCard(classes=["Normal", "Stone"], positive_class="Stone",
                               preprocessing=Preprocessing(image_size=image_size), threshold=0.5,
                               sha256="ab" * 32, extra=extra or {})
@@ -40,6 +43,12 @@ class Oracle:
         for s, n in zip(slices, names):
             hit = any(int((s[r0:r1, c0:c1] >= 0.999).sum()) >= 3 for r0, r1, c0, c1 in self.boxes)
             pred = Prediction(n, 0.9 if hit else 0.1, "Stone" if hit else "Normal", self.threshold)
+            if self.peak == "stone":
+                r0, r1, c0, c1 = max(self.boxes, key=lambda b: float(s[b[0]:b[1], b[2]:b[3]].max()))
+                r, c = np.unravel_index(int(np.argmax(s[r0:r1, c0:c1])), (r1 - r0, c1 - c0))
+                pred.cam_peak = (int(r0 + r), int(c0 + c))
+            elif self.peak == "beside":
+                pred.cam_peak = (max(0, self.boxes[0][0] - 12), self.boxes[0][2])
             if self.seen in self.out_of_scope:
                 pred.label = "out_of_scope"
             self.seen += 1

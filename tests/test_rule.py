@@ -17,7 +17,23 @@ def test_rule_parameters_are_checked():
     StudyRule(min_run=1, threshold=0.0, max_out_of_scope_fraction=0.0)
     StudyRule(threshold=1.0, max_out_of_scope_fraction=1.0)
     assert StudyRule().to_dict() == {"min_run": 2, "threshold": None, "max_out_of_scope_fraction": 0.5,
-                                     "source": "default"}
+                                     "min_focus_hu": None, "source": "default"}
+    for bad in (-1025.0, 4000.5):
+        with pytest.raises(ValueError, match="^min_focus_hu must be in"):
+            StudyRule(min_focus_hu=bad)
+
+
+def test_a_slice_without_a_dense_focus_breaks_a_run_only_when_the_rule_asks():
+    p, scope = [0.9, 0.9, 0.9, 0.9, 0.2], [True] * 5
+    focus = [600.0, 150.0, 600.0, None, None]  # slice 3 was not measured: it counts
+    gated = decide(p, scope, StudyRule(min_focus_hu=200), 0.5, focus)
+    assert gated.decision == "stone" and gated.supporting == [Run(2, 3, 0.9)]
+    assert gated.reason.endswith("; 1 slice(s) without a focus of >= 200 HU at the peak not counted")
+    assert decide(p, scope, StudyRule(min_focus_hu=150), 0.5, focus).supporting == [Run(0, 3, 0.9)]  # at the floor
+    assert decide(p, scope, StudyRule(), 0.5, focus).supporting == [Run(0, 3, 0.9)]  # off: focus is not read
+    assert decide(p, scope, StudyRule(min_focus_hu=200), 0.5).supporting == [Run(0, 3, 0.9)]  # nothing measured
+    assert decide(p, scope, StudyRule(min_focus_hu=700), 0.5, focus).decision == "no_stone"
+    assert decide(p, scope, StudyRule(min_focus_hu=700), 0.5, focus).peak == 0  # the peak is still the likeliest
 
 
 def test_rule_from_a_card():

@@ -112,6 +112,49 @@ def test_synthetic_series_decisions_and_supporting_slices(synth):
     assert res.peak.index == truth["one"].stone_slices[0][0]
 
 
+def test_a_stone_call_can_be_made_to_need_a_dense_focus_at_its_peak(synth):
+    """focus_hu: the densest HU within 10 mm of the peak, on the slices at or above the threshold; with
+    min_focus_hu set, a call whose peak lies on soft tissue does not count towards a run."""
+    root, truth = synth
+    t = truth["two"]
+    stones = {k for stone in t.stone_slices for k in stone}
+    (on,) = analyze(oracle_for(t, peak="stone"), [root / "two"], rule=StudyRule(min_focus_hu=300))
+    assert on.decision == "stone" and {s.index for s in on.slices if s.focus_hu is not None} == stones
+    assert all(s.focus_hu >= 400 for s in on.slices if s.focus_hu is not None)  # the phantom's stones: 400-1200 HU
+    (beside,) = analyze(oracle_for(t, peak="beside"), [root / "two"], rule=StudyRule(min_focus_hu=300))
+    assert beside.decision == "no_stone" and beside.supporting == []
+    assert beside.reason.endswith(f"{len(stones)} slice(s) without a focus of >= 300 HU at the peak not counted")
+    assert all(s.focus_hu < 300 for s in beside.slices if s.focus_hu is not None)
+    (off,) = analyze(oracle_for(t, peak="beside"), [root / "two"])  # the gate is off unless asked for
+    assert off.decision == "stone" and "not counted" not in off.reason
+    (none,) = analyze(oracle_for(t), [root / "two"], rule=StudyRule(min_focus_hu=300))  # no map: nothing to measure
+    assert none.decision == "stone" and all(s.focus_hu is None for s in none.slices)
+
+
+def test_a_slice_that_cannot_be_read_again_is_left_unmeasured_and_still_counts(synth):
+    root, truth = synth
+    ((series,), _) = read_series([root / "two"])
+
+    def gone(index):
+        raise InputError(f"slice {index}: no such file")
+
+    series.hu_slice = gone
+    res = analyze_series(oracle_for(truth["two"], peak="stone"), series, rule=StudyRule(min_focus_hu=300))
+    assert res.decision == "stone" and all(s.focus_hu is None for s in res.slices)
+
+
+def test_focus_is_the_densest_pixel_within_the_radius_in_millimetres():
+    from edgekidney.study.analyze import focus_at
+
+    hu = np.full((40, 40), 30.0, np.float32)
+    hu[20, 27] = 900.0  # 7 px to the right of the peak
+    hu[26, 20] = 500.0  # 6 px below it
+    assert focus_at(hu, (20, 20), (1.0, 1.0), radius_mm=10) == 900.0
+    assert focus_at(hu, (20, 20), (1.0, 2.0), radius_mm=10) == 500.0  # columns 2 mm apart: 14 mm away, out
+    assert focus_at(hu, (20, 20), (1.0, 1.0), radius_mm=5) == 30.0
+    assert focus_at(hu, (0, 0), (1.0, 1.0), radius_mm=3) == 30.0  # at the edge of the slice
+
+
 def test_series_mostly_out_of_scope_is_not_assessable(synth):
     root, truth = synth
     patchy = [k for k in range(30) if k % 3]  # 20 of 30, spread over the whole series
@@ -307,6 +350,21 @@ def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
     assert "decision" in r.stdout and "not_assessable" in r.stdout
     assert "skipped 1 file(s):" in r.stdout and "notes.txt: not a DICOM or NIfTI file" in r.stdout
     assert data["skipped"] == [{"path": str(root / "notes.txt"), "reason": "not a DICOM or NIfTI file"}]
+
+
+def test_study_command_takes_the_focus_floor_into_its_rule(tiny_onnx, synth, tmp_path):
+    root, _ = synth
+    out = tmp_path / "study.json"
+    r = runner.invoke(app, ["study", str(tiny_onnx), str(root / "two"), "--json", str(out), "--min-focus-hu", "4000"])
+    assert r.exit_code == 0, r.output
+    (s,) = json.loads(out.read_text())["series"]
+    assert s["rule"]["min_focus_hu"] == 4000.0 and s["rule"]["source"] == "option"
+    measured = [x for x in s["slices"] if x["focus_hu"] is not None]
+    assert all(x["probability"] >= s["threshold"] and x["focus_hu"] < 4000 for x in measured)
+    # nothing reaches 4,000 HU: no run holds a measured slice
+    assert not any(run["start"] <= x["index"] <= run["end"] for run in s["supporting"] for x in measured)
+    r = runner.invoke(app, ["study", str(tiny_onnx), str(root / "two"), "--min-focus-hu", "5000"])
+    assert r.exit_code == 2 and "Invalid value for '--min-focus-hu'" in r.output
 
 
 def test_study_command_on_the_jpeg2000_series(tiny_onnx):

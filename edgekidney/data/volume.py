@@ -62,7 +62,11 @@ class VolumeSeries(Series):
 
     def hu_slices(self) -> Iterator[np.ndarray]:
         for k in range(self.volume.shape[2]):
-            yield np.ascontiguousarray(self.volume[:, :, k].T, dtype=np.float32)
+            yield self.hu_slice(k)
+
+    def hu_slice(self, index: int) -> np.ndarray:
+        """One axial slice (by position index) in HU, display orientation."""
+        return np.ascontiguousarray(self.volume[:, :, index].T, dtype=np.float32)
 
 
 def _file_hash(path: Path) -> str:

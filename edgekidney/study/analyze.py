@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
-from edgekidney.study.rule import StudyRule, decide
+from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
 
 
 @dataclass
@@ -40,6 +40,9 @@ class SliceRecord:
     scope_distance: float | None = None  # the model's feature distance (scope threshold in the sidecar)
     scope_reason: str | None = None  # why the slice is out of scope
     cam_peak: list[int] | None = None  # [row, col] of the stone map's maximum within the body, on the slice
+    # the densest HU within FOCUS_RADIUS_MM of cam_peak, on in-scope slices at or above the threshold
+    # (axial slices with HU; None elsewhere): a calculus is dense, soft tissue is not (study.rule)
+    focus_hu: float | None = None
 
 
 @dataclass
@@ -203,6 +206,32 @@ def _windowed(series: Series, center: float, width: float) -> Iterator[np.ndarra
         yield window_hu(hu, center, width)
 
 
+def focus_at(hu: np.ndarray, peak: Sequence[int], spacing_mm: Sequence[float],
+             radius_mm: float = FOCUS_RADIUS_MM) -> float:
+    """The highest HU within ``radius_mm`` of ``peak`` [row, col] on one slice (pixel spacing (row, col) in mm)."""
+    ry, rx = (max(1, int(np.ceil(radius_mm / max(float(d), 1e-3)))) for d in spacing_mm)
+    r, c = int(peak[0]), int(peak[1])
+    r0, c0 = max(0, r - ry), max(0, c - rx)
+    patch = hu[r0 : r + ry + 1, c0 : c + rx + 1]
+    yy, xx = np.mgrid[r0 : r0 + patch.shape[0], c0 : c0 + patch.shape[1]]
+    near = ((yy - r) * float(spacing_mm[0])) ** 2 + ((xx - c) * float(spacing_mm[1])) ** 2 <= radius_mm ** 2
+    return float(patch[near].max()) if near.any() else float("nan")
+
+
+def measure_focus(series: Series, slices: list[SliceRecord], threshold: float) -> None:
+    """Set ``focus_hu`` on the in-scope slices at or above ``threshold`` that have a peak, re-reading each."""
+    read = getattr(series, "hu_slice", None)
+    if read is None:
+        return
+    for s in slices:
+        if s.in_scope and s.cam_peak is not None and s.probability >= threshold:
+            try:
+                value = focus_at(read(s.index), s.cam_peak, series.pixel_spacing)
+            except (InputError, OSError):  # read once already: a file changed or vanished since; not measured
+                continue
+            s.focus_hu = None if np.isnan(value) else round(value, 1)
+
+
 # -- one series ---------------------------------------------------------------------------------------
 def analyze_series(classifier, series: Series, plane: str = "axial", rule: StudyRule | None = None,
                    batch_size: int = 8, keep_identifiers: bool = False,
@@ -266,7 +295,10 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
                                          getattr(pred, "scope_reason", None),
                                          None if getattr(pred, "cam_peak", None) is None else list(pred.cam_peak)))
     probs = [s.probability for s in result.slices]
-    decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold))
+    if classified_plane == series.acquired_plane:
+        measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
+    decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
+                      [s.focus_hu for s in result.slices])
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
     result.peak = None if decision.peak is None else result.slices[decision.peak]
     result.supporting = [SliceRange(r.start, r.end, result.slices[r.start].position_mm,

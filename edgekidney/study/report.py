@@ -16,7 +16,9 @@ def _ranges(result: SeriesResult) -> str:
 def _peak(result: SeriesResult) -> str:
     if result.peak is None:
         return "-"
-    return f"#{result.peak.index} @ {result.peak.position_mm:.1f} mm p={result.peak.probability:.3f}"
+    focus = result.peak.focus_hu
+    return (f"#{result.peak.index} @ {result.peak.position_mm:.1f} mm p={result.peak.probability:.3f}"
+            + ("" if focus is None else f" {focus:.0f} HU"))
 
 
 def format_study(study: StudyResult, max_skipped: int = 10) -> str:

@@ -12,6 +12,12 @@ scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model sh
 (lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable.
 ``no_stone`` otherwise.
 
+``min_focus_hu`` (off unless set): a slice counts towards a run only when the densest pixel within
+``FOCUS_RADIUS_MM`` of its stone-map peak reaches that many HU (``SliceRecord.focus_hu``, measured on
+axial slices with HU). Urinary calculi are dense on CT (a few hundred HU and more), so on a scan
+without contrast a call whose peak lies on soft tissue is not a stone; with contrast, enhancing
+vessels and cortex pass any such floor, and the gate changes nothing there.
+
 The parameters are read from the model's sidecar, ``extra["study_rule"]``
 (e.g. ``{"min_run": 2, "threshold": 0.62, "max_out_of_scope_fraction": 0.5}``), with the defaults
 above when absent. :func:`choose_rule` picks ``min_run`` and ``threshold`` on labelled validation
@@ -27,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 DECISIONS = ("stone", "no_stone", "not_assessable")
+FOCUS_RADIUS_MM = 10.0  # around the stone map's peak: its cell (8 input px) and a stone's own size
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class StudyRule:
     min_run: int = 2
     threshold: float | None = None  # None: the model's threshold
     max_out_of_scope_fraction: float = 0.5
+    min_focus_hu: float | None = None  # None: off; else a slice's peak needs a focus this dense to count
     source: str = "default"  # default | sidecar | option
 
     def __post_init__(self) -> None:
@@ -43,6 +51,8 @@ class StudyRule:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.max_out_of_scope_fraction <= 1.0:
             raise ValueError("max_out_of_scope_fraction must be in [0, 1]")
+        if self.min_focus_hu is not None and not -1024.0 <= self.min_focus_hu <= 4000.0:
+            raise ValueError(f"min_focus_hu must be in [-1024, 4000] HU, got {self.min_focus_hu}")
 
     @classmethod
     def from_card(cls, card) -> "StudyRule":
@@ -91,10 +101,16 @@ def runs_above(probabilities: Sequence[float], in_scope: Sequence[bool], thresho
     return runs
 
 
+def rule_threshold(rule: StudyRule, model_threshold: float) -> float:
+    return float(model_threshold if rule.threshold is None else rule.threshold)
+
+
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
-           model_threshold: float) -> Decision:
-    """Apply the rule to one series' slices, in position order."""
-    threshold = model_threshold if rule.threshold is None else rule.threshold
+           model_threshold: float, focus_hu: Sequence[float | None] | None = None) -> Decision:
+    """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
+    measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
+    count towards a run; a slice without a measurement counts."""
+    threshold = rule_threshold(rule, model_threshold)
     n = len(probabilities)
     if n == 0:
         return Decision("not_assessable", "no slices", threshold, [], None)
@@ -109,12 +125,21 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     if out / span > rule.max_out_of_scope_fraction:
         return Decision("not_assessable", f"{out} of the {span} slices between the first and last in-scope slice "
                                           "are out of the model's scope", threshold, [], peak)
-    supporting = [r for r in runs_above(probabilities, in_scope, threshold) if r.length >= rule.min_run]
+    counts, gated = list(in_scope), ""
+    if rule.min_focus_hu is not None and focus_hu is not None:
+        soft = [k for k in scoped if focus_hu[k] is not None and focus_hu[k] < rule.min_focus_hu
+                and probabilities[k] >= threshold]
+        for k in soft:
+            counts[k] = False
+        gated = f"; {len(soft)} slice(s) without a focus of >= {rule.min_focus_hu:g} HU at the peak not counted"
+    supporting = [r for r in runs_above(probabilities, counts, threshold) if r.length >= rule.min_run]
     if supporting:
         best = max(supporting, key=lambda r: r.max_probability)
         return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
-                                 f"{threshold:.3g} (best: slices {best.start}-{best.end})", threshold, supporting, peak)
-    return Decision("no_stone", f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}", threshold, [], peak)
+                                 f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}", threshold,
+                        supporting, peak)
+    return Decision("no_stone", f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}", threshold,
+                    [], peak)
 
 
 def run_score(probabilities: Sequence[float], min_run: int) -> float:
