@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, default=Path("benchmarks/reference/abdomen-ct.json"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-outside", type=int, default=None,
-                   help="exit 1 when a model calls more slices outside the kidneys stone")
+                   help="exit 1 when a model calls stone on more than this many slices outside the kidneys")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     results = []

@@ -15,8 +15,9 @@ scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model sh
 ``min_focus_hu`` (off unless set): a slice counts towards a run only when the densest pixel within
 ``FOCUS_RADIUS_MM`` of its stone-map peak reaches that many HU (``SliceRecord.focus_hu``, measured on
 axial slices with HU). Urinary calculi are dense on CT (a few hundred HU and more), so on a scan
-without contrast a call whose peak lies on soft tissue is not a stone; with contrast, enhancing
-vessels and cortex pass any such floor, and the gate changes nothing there.
+without contrast a call whose peak lies on soft tissue is unlikely to be a stone; with contrast,
+enhancing vessels and cortex pass any such floor, and the gate changes little there. The edge slice
+of a small stone can fall below the floor (docs/study.md), so it is off unless asked for.
 
 The parameters are read from the model's sidecar, ``extra["study_rule"]``
 (e.g. ``{"min_run": 2, "threshold": 0.62, "max_out_of_scope_fraction": 0.5}``), with the defaults
