@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 
 
+# held-out calculi of 400-1200 HU at W400/L40: above the window's top, saturated through the blur
+SATURATED = (1.4, 3.4)
+
+
 def small_cnn(pool: str):
     import torch.nn as nn
 
@@ -32,8 +36,9 @@ def small_cnn(pool: str):
                          nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def held_out_pairs(files: list[Path], pre, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Network inputs of each slice and of its copy with a placed calculus, as benchmarks/scope.py makes them."""
+def held_out_pairs(files: list[Path], pre, rng, value: tuple[float, float] = (0.9, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs of each slice and of its copy with a placed calculus, as benchmarks/scope.py makes them
+    (``value`` in window units: above 1, saturated through the blur)."""
     from edgekidney.bench.scope import place_in_windowed
     from edgekidney.data.decode import load_slice
     from edgekidney.data.preprocess import preprocess
@@ -41,14 +46,15 @@ def held_out_pairs(files: list[Path], pre, rng) -> tuple[np.ndarray, np.ndarray]
     base, placed = [], []
     for f in files:
         gray = load_slice(f, pre)
-        for placed_slice in place_in_windowed(gray, rng):
+        for placed_slice in place_in_windowed(gray, rng, value=value):
             base.append(preprocess(gray, pre))
             placed.append(preprocess(placed_slice, pre))
     return np.stack(base), np.stack(placed)
 
 
 def run(data: Path, model_name: str = "resnet50", image_size: int = 128, epochs: int = 8, n_train: int = 320,
-        n_val: int = 80, augment_names: str = "geometry", seed: int = 0, log=print) -> list[dict]:
+        n_val: int = 80, augment_names: str = "geometry", seed: int = 0, log=print,
+        value: tuple[float, float] = (0.9, 1.0)) -> list[dict]:
     import torch
 
     from edgekidney.data.decode import load_slice
@@ -65,6 +71,7 @@ def run(data: Path, model_name: str = "resnet50", image_size: int = 128, epochs:
     x = np.stack([preprocess(load_slice(f, pre), pre) for f in files[:n_train]])
     y = np.zeros(len(x), np.int64)
     vb, vp = held_out_pairs(files[n_train:n_train + n_val], pre, rng)
+    sb, sp = held_out_pairs(files[n_train:n_train + n_val], pre, rng, value=SATURATED)
     net = build_model(2, "none")[0] if model_name == "resnet50" else small_cnn(model_name.removeprefix("small-"))
     which = parse_augmentations(augment_names)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -80,7 +87,7 @@ def run(data: Path, model_name: str = "resnet50", image_size: int = 128, epochs:
         order = rng.permutation(len(x))
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
-            xn, yn = calculus_twins(x[idx], y[idx], 1, 1.0, pre, rng)
+            xn, yn = calculus_twins(x[idx], y[idx], 1, 1.0, pre, rng, value=value)
             xb = torch.from_numpy(xn)
             if which - {"calculus"}:
                 xb = augment(xb, pre, gen, which)
@@ -94,9 +101,13 @@ def run(data: Path, model_name: str = "resnet50", image_size: int = 128, epochs:
         with torch.inference_mode():
             pb = torch.softmax(net(torch.from_numpy(vb)), 1)[:, 1].numpy()
             pp = torch.softmax(net(torch.from_numpy(vp)), 1)[:, 1].numpy()
+            qb = torch.softmax(net(torch.from_numpy(sb)), 1)[:, 1].numpy()
+            qp = torch.softmax(net(torch.from_numpy(sp)), 1)[:, 1].numpy()
         row = {"model": model_name, "epoch": epoch, "train_loss": round(total / n, 4),
                "pair_auc": round(float(np.mean(pp[:, None] > pb[None, :])), 4),
                "twin_above_original": round(float(np.mean(pp > pb)), 4), "pairs": len(pb),
+               "pair_auc_saturated": round(float(np.mean(qp[:, None] > qb[None, :])), 4),
+               "twin_above_original_saturated": round(float(np.mean(qp > qb)), 4), "twins_value": list(value),
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         log(json.dumps(row))
@@ -112,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=320, help="Normal slices to train on (each gets a twin)")
     p.add_argument("--val", type=int, default=80, help="Normal slices after those, for held-out pairs")
     p.add_argument("--augment", default="geometry")
+    p.add_argument("--calculus-value", default="0.9,1.0",
+                   help="the training twins' level in window units, LO,HI (above 1: saturated, e.g. 1.4,3.4)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    rows = run(a.data, a.model, a.image_size, a.epochs, a.train, a.val, a.augment)
+    lo, hi = (float(v) for v in a.calculus_value.split(","))
+    rows = run(a.data, a.model, a.image_size, a.epochs, a.train, a.val, a.augment, value=(lo, hi))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -134,6 +134,9 @@ def train_cmd(
     balanced: bool = typer.Option(True, help="Class-balanced sampling (else a class-weighted loss)."),
     calculus_fraction: float = typer.Option(0.3, min=0.0, max=1.0,
                                             help="Share of non-stone slices given a placed-calculus twin."),
+    calculus_level: str = typer.Option("0.9,1.0", metavar="LO,HI",
+                                       help="The twins' calculus level in window units (1: the window's top); "
+                                            "above 1 it stays saturated through its blur, e.g. 1.4,3.4."),
     erase_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                          help="Share of outlined stone slices given a twin with the stone painted "
                                               "over, labelled --erase-class (see docs/scope.md before using it)."),
@@ -163,6 +166,7 @@ def train_cmd(
     """Fine-tune ResNet50 on a folder of CT slices."""
     from edgekidney.data.dataset import SplitConfig, parse_classes
     from edgekidney.data.preprocess import Preprocessing
+    from edgekidney.model.feed import parse_level
     from edgekidney.model.train import TrainConfig, train
 
     pre = Preprocessing(image_size=image_size, window_center=window_center, window_width=window_width,
@@ -173,6 +177,7 @@ def train_cmd(
                       label_smoothing=label_smoothing,
                       target_sensitivity=target_sensitivity, seed=seed, device=device, threads=threads, augment=augment,
                       balanced=balanced, calculus_fraction=calculus_fraction,
+                      calculus_level=parse_level(calculus_level),
                       erase_fraction=erase_fraction, erase_class=erase_class, scope_quantile=scope_quantile,
                       scope_margin=scope_margin, stone_map=stone_map, stone_masks=stone_masks,
                       map_loss_weight=map_loss_weight, map_gate=map_gate, autocast=autocast,

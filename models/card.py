@@ -70,6 +70,10 @@ def recipe_extras(config: dict, train: dict) -> list[str]:
                   else f"labelled {config.get('erase_class')}")
         lines += [f"erased-stone twins: {config['erase_fraction']:.0%} of the outlined Stone slices of a batch get a twin "
                   f"with the stone painted over, {target}, and a sham painting away from the stone;"]
+    level = config.get("calculus_level")
+    if level and list(level) != [0.9, 1.0]:
+        lines += [f"placed calculi drawn at {level[0]:g}-{level[1]:g} window units and clipped at the window's top "
+                  "(saturated through their blur);"]
     g = train.get("map_gate") or {}
     if g.get("level") is not None:
         lines += [f"map gate: the stone logit loses {g['slope']:g} × relu(gate − map peak), gate at map p = {g['p']:.3f}, "

@@ -193,6 +193,42 @@ def test_only_real_stones_are_erased_not_the_calculi_placed_in_the_same_batch():
         assert (y2[2:] == 2).sum() >= 1  # and the Tumor slice's calculus twin, a stone
 
 
+def test_a_calculus_denser_than_the_window_stays_saturated_through_its_blur():
+    """Twins drawn at 0.9-1.0 window units peak below the window's top once blurred (how the released model
+    was trained); drawn above it (a calculus of 400 HU and more at W400/L40) they peak at the top, never past it."""
+    from edgekidney.model.feed import calculus_twins
+
+    pre = Preprocessing(image_size=128)
+    img, mask = stone_body()
+    img[mask > 0] = 0.5  # no stone of its own
+    x = ((img[None, None] - np.asarray(pre.mean, np.float32)[None, :, None, None])
+         / np.asarray(pre.std, np.float32)[None, :, None, None]).astype(np.float32)
+    for seed in range(5):
+        peaks = {}
+        for value in ((0.9, 1.0), (2.0, 3.0)):
+            x2, y2 = calculus_twins(x, np.array([0]), 2, 1.0, pre, np.random.default_rng(seed), value=value)
+            assert y2.tolist() == [0, 2]
+            twin = x2[1, 0] * pre.std[0] + pre.mean[0]
+            peaks[value] = float(twin[np.abs(twin - img) > 1e-4].max())
+        assert peaks[(0.9, 1.0)] < 0.999 and peaks[(2.0, 3.0)] == pytest.approx(1.0, abs=1e-5), peaks
+    from edgekidney.model.feed import add_twins, parse_level  # what the training loop calls, with --calculus-level
+
+    x2, y2, _, _ = add_twins(x, np.array([0]), np.zeros((1, 128, 128), np.float32), np.array([True]), 2, pre,
+                             np.random.default_rng(0), calculus_fraction=1.0, calculus_level=parse_level("2,3"))
+    twin = x2[1, 0] * pre.std[0] + pre.mean[0]
+    assert y2.tolist() == [0, 2] and twin[np.abs(twin - img) > 1e-4].max() == pytest.approx(1.0, abs=1e-5)
+    assert parse_level("0.9,1.0") == (0.9, 1.0)
+    for bad in ("1.4", "3,1", "0,1", "1,9", "a,b"):
+        with pytest.raises(InputError, match="^calculus level"):
+            parse_level(bad)
+    from edgekidney.bench.scope import place_in_windowed  # the benchmark's validation pairs draw the same way
+
+    (faint,) = place_in_windowed(img, np.random.default_rng(0))
+    (dense,) = place_in_windowed(img, np.random.default_rng(0), value=(2.0, 3.0))
+    assert faint[np.abs(faint - img) > 1e-4].max() < 0.999 and dense.max() == 1.0
+    assert (dense >= faint - 1e-6).all()  # the same site, size and blur, only denser
+
+
 def test_erased_twins_are_labelled_normal_or_the_other_of_two_classes_or_not_made():
     from edgekidney.model.train import NOT_STONE, erase_class_index
 

@@ -95,6 +95,19 @@ def to_input(gray01: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return ((np.asarray(gray01)[:, None] - mean) / std).astype(np.float32)
 
 
+def parse_level(text: str) -> tuple[float, float]:
+    """``"LO,HI"`` -> the placed calculi's level range in window units (0 < LO <= HI <= 8)."""
+    from edgekidney.errors import InputError
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"calculus level {text!r}: expected LO,HI in window units, e.g. 1.4,3.4") from None
+    if not 0.0 < lo <= hi <= 8.0:
+        raise InputError(f"calculus level {text!r}: need 0 < LO <= HI <= 8 (window units; 1 is the window's top)")
+    return lo, hi
+
+
 def calculus_disk(shape: tuple[int, int], spec) -> np.ndarray:
     """The outline of a placed calculus (its nominal diameter) as a float32 mask."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
@@ -103,13 +116,16 @@ def calculus_disk(shape: tuple[int, int], spec) -> np.ndarray:
 
 
 def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float, pre: Preprocessing,
-                   rng: np.random.Generator, masks: np.ndarray | None = None, known: np.ndarray | None = None):
+                   rng: np.random.Generator, masks: np.ndarray | None = None, known: np.ndarray | None = None,
+                   value: tuple[float, float] = (0.9, 1.0)):
     """Extra positives: a calculus placed in the kidney region of ``fraction`` of the non-stone slices.
 
     The untouched slices stay in the batch as their negative twins (see :mod:`edgekidney.data.calculus`).
     Sizes are 3-9 mm at an assumed 350 mm field of view across the body crop. With ``masks`` and
     ``known`` (whether each slice's map target is known) the twins' outlines are added and the result
-    is ``(x, y, masks, known)``; else ``(x, y)``.
+    is ``(x, y, masks, known)``; else ``(x, y)``. ``value``: the calculus's level in window units (1.0:
+    the window's top); above 1 it is drawn, blurred, then clipped at the top, as a calculus denser than
+    the window is (docs/scope.md, "Why the placed calculi are missed").
     """
     from edgekidney.data.calculus import draw_calculus, kidney_sites, random_spec
 
@@ -122,8 +138,8 @@ def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float,
         sites = kidney_sites(img, rng, 1)
         if not sites:
             continue
-        spec = random_spec(rng, sites[0], pixels_per_mm=img.shape[1] / 350.0)
-        extra.append(draw_calculus(img, spec))
+        spec = random_spec(rng, sites[0], pixels_per_mm=img.shape[1] / 350.0, value=value)
+        extra.append(np.minimum(draw_calculus(img, spec), 1.0) if value[1] > 1.0 else draw_calculus(img, spec))
         outlines.append(calculus_disk(img.shape, spec))
     with_masks = masks is not None
     if not extra:
@@ -187,7 +203,8 @@ def erased_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndar
 
 def add_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray | None, known: np.ndarray | None, positive: int,
               pre: Preprocessing, rng: np.random.Generator, calculus_fraction: float = 0.0,
-              erase_to: int | None = None, erase_fraction: float = 0.0):
+              erase_to: int | None = None, erase_fraction: float = 0.0,
+              calculus_level: tuple[float, float] = (0.9, 1.0)):
     """A batch with its twins appended: erased-stone twins first, from real stones only (made after the
     placed calculi, a Cyst or Tumor slice's calculus twin would be erased back into that slice labelled
     ``erase_to``), then placed-calculus twins. ``masks``/``known`` are None for a model without a map."""
@@ -195,9 +212,10 @@ def add_twins(x: np.ndarray, y: np.ndarray, masks: np.ndarray | None, known: np.
         x, y, masks, known = erased_twins(x, y, masks, known, positive, erase_to, erase_fraction, pre, rng)
     if calculus_fraction > 0:
         if masks is not None:
-            x, y, masks, known = calculus_twins(x, y, positive, calculus_fraction, pre, rng, masks, known)
+            x, y, masks, known = calculus_twins(x, y, positive, calculus_fraction, pre, rng, masks, known,
+                                                value=calculus_level)
         else:
-            x, y = calculus_twins(x, y, positive, calculus_fraction, pre, rng)
+            x, y = calculus_twins(x, y, positive, calculus_fraction, pre, rng, value=calculus_level)
     return x, y, masks, known
 
 

@@ -76,6 +76,10 @@ class TrainConfig:
     augment: str = "all"
     balanced: bool = True  # class-balanced sampling (then the loss is not class-weighted as well)
     calculus_fraction: float = 0.3  # share of non-stone training slices that get a placed calculus twin
+    # the twins' calculus level in window units, drawn uniformly in [lo, hi]; above 1 it is clipped at the
+    # window's top after its blur, as a calculus denser than the window is (docs/scope.md: at 0.9-1.0,
+    # kidney-stone-ct-v3's recipe, the twins were too faint to be learned)
+    calculus_level: tuple[float, float] = (0.9, 1.0)
     # share of outlined Stone slices that get a twin with the stone painted over, labelled erase_class
     # (feed.erased_twins: the stone, not the look of its source, must make the call); off by default:
     # in runs 5-7 (docs/scope.md, run 8 the control) it cut the calls on erased stones and on another hospital's abdomen but
@@ -410,7 +414,7 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
                     mn, kn = (m_train[idx].astype(np.float32), k_train[idx]) if stone_map else (None, None)
                     xn, yn, mn, kn = add_twins(xn, yn, mn, kn, positive, pre, rng,
                                                cfg.calculus_fraction if "calculus" in which else 0.0,
-                                               erase_to, cfg.erase_fraction)
+                                               erase_to, cfg.erase_fraction, tuple(cfg.calculus_level))
                     xb = torch.from_numpy(xn)
                     mb = torch.from_numpy(mn) if stone_map else None
                     if which - {"calculus"}:
