@@ -179,10 +179,10 @@ def place_in_windowed(gray: np.ndarray, rng: np.random.Generator, n: int = 1,
     """Copies of a windowed slice (0..1), each with a 4-8 mm calculus at saturation placed where a kidney
     lies (up to ``n`` sites; the slice is taken to span 350 mm): the validation pairs' positive side.
     ``value`` above 1 (window units) is drawn, blurred, then clipped at the window's top."""
-    out = [draw_calculus(gray, CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0),
-                                            float(rng.uniform(*value)), float(rng.uniform(0.3, 0.8)), row, col))
-           for row, col in kidney_sites(gray, rng, n)]
-    return [np.minimum(o, 1.0) for o in out] if value[1] > 1.0 else out
+    return [np.minimum(draw_calculus(gray, CalculusSpec(float(rng.uniform(4, 8) * gray.shape[1] / 350.0),
+                                                        float(rng.uniform(*value)), float(rng.uniform(0.3, 0.8)),
+                                                        row, col)), 1.0)
+            for row, col in kidney_sites(gray, rng, n)]
 
 
 def _pair_report(clf, base: list[np.ndarray], placed: list[np.ndarray], source: str) -> dict:

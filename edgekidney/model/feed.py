@@ -139,7 +139,7 @@ def calculus_twins(x: np.ndarray, y: np.ndarray, positive: int, fraction: float,
         if not sites:
             continue
         spec = random_spec(rng, sites[0], pixels_per_mm=img.shape[1] / 350.0, value=value)
-        extra.append(np.minimum(draw_calculus(img, spec), 1.0) if value[1] > 1.0 else draw_calculus(img, spec))
+        extra.append(np.minimum(draw_calculus(img, spec), 1.0))  # window units: nothing is brighter than the top
         outlines.append(calculus_disk(img.shape, spec))
     with_masks = masks is not None
     if not extra:
