@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-REACH = 0.05  # of the slice's longer side, as in edgekidney.bench.located
+from edgekidney.bench.located import REACH  # 5 % of the slice's longer side: one reach for both benchmarks
 NEIGHBOURS = 1  # slices either side of a focus on which a call still counts
 
 
