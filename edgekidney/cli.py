@@ -112,7 +112,7 @@ def train_cmd(
     classes: Optional[str] = typer.Option(None, help="Classes to use, in order (default: every class folder; "
                                                       "the others are hard negatives for the positive one)."),
     positive: Optional[str] = typer.Option(None, help="Positive class for stone metrics (default: named like 'stone')."),
-    weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a local ResNet50 state dict."),
+    weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a local ResNet50 state dict or an edgekidney checkpoint | a released model (name or folder) or an FP16/FP32 .onnx export to fine-tune."),
     weights_sha256: Optional[str] = typer.Option(None, help="Expected sha256 of --weights PATH."),
     image_size: int = typer.Option(256, min=32),
     epochs: int = typer.Option(12, min=1),

@@ -41,6 +41,7 @@ from edgekidney.model.distributed import current as current_dist
 from edgekidney.data.calculus import paint_over_each
 from edgekidney.model.feed import AUGMENTATIONS, add_twins, augment, epoch_order, parse_augmentations, to_input  # noqa: F401
 from edgekidney.model.losses import dense_map_loss, map_targets, mil_map_loss, not_class_loss
+from edgekidney.model.from_graph import FOLDED_FLAG, reexpand_batchnorm
 from edgekidney.model.gate import fit_gate
 from edgekidney.model.network import ARCH_PLAIN, ARCH_STONE_MAP, MAP_STRIDE, map_cells, predict_outputs
 from edgekidney.model.weights import IMAGENET_HINT, build_model, load_weights_file, require_torch, resolve_device  # noqa: F401
@@ -48,6 +49,7 @@ from edgekidney.progress import echo, stage
 from edgekidney.threads import apply_torch_threads, contention_note
 
 STOP = "STOP"  # a file of this name in RUN ends training after the current epoch, keeping the best epoch
+BN_SLICES = 128  # training slices whose statistics a graph's folded BatchNorms get back (model/from_graph.py)
 LOCATED_FRACTION = 0.05  # a map peak within 5 % of the slice's longer side of a stone pixel is "located"
 
 
@@ -319,6 +321,11 @@ def _train_in_run_folder(cfg: TrainConfig, model, weights_source: str, pre: Prep
             "(--erase-fraction 0 to switch off)")
     if erase_to is not None and len(val_masked):
         x_val_erased = _erased_validation(x_val, m_val, val_masked, pre, cfg.seed)
+    if getattr(model, FOLDED_FLAG, False):  # weights read from a graph: its BatchNorms were folded away
+        sample = np.random.default_rng(cfg.seed).permutation(len(x_train))[:BN_SLICES]
+        n_bn = reexpand_batchnorm(model, x_train[np.sort(sample)], device)
+        log(f"model: the graph's {n_bn} BatchNorms were folded into its convolutions; their statistics "
+            f"measured again on {len(sample)} training slices")
     t_data = time.perf_counter() - t_start
 
     log(f"model: ResNet50{' + stone map' if stone_map else ''}, weights {weights_source}, device {device}, "

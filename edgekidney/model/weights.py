@@ -1,4 +1,5 @@
-"""Network weights: ImageNet from torchvision, a local file for air-gapped sites, or none (needs torch).
+"""Network weights: ImageNet from torchvision, a local file for air-gapped sites, a released model, or none
+(needs torch).
 
 ``build_model`` makes torchvision's ResNet50 with the classes' final layer, loads the weights asked for
 (checked by sha256 when one is given) and, for ``arch="resnet50-stonemap"``, adds the stone map
@@ -12,6 +13,7 @@ import io
 from pathlib import Path
 
 from edgekidney.errors import DependencyError, InputError
+from edgekidney.model.from_graph import FOLDED_FLAG, graph_file, state_from_graph
 from edgekidney.model.network import ARCH_PLAIN, build_network
 from edgekidney.sidecar import sha256_of
 
@@ -36,8 +38,15 @@ def build_model(num_classes: int, weights: str = "none", weights_sha256: str | N
     """
     source = ""
     # a local file is read (and its sha256 checked) once: its ResNet50 goes into the backbone, and from a
-    # stone-map checkpoint the map, the link and the classifier come along
-    state, digest = (None, "") if weights in ("imagenet", "none") else read_weights_file(Path(weights), weights_sha256)
+    # stone-map checkpoint the map, the link and the classifier come along; a released model (by name or
+    # folder) or an exported graph is read back from its FP16/FP32 form (model/from_graph.py)
+    graph = None if weights in ("imagenet", "none") else graph_file(weights)
+    if graph is not None:
+        state, digest = read_graph_weights(graph, weights_sha256)
+        weights = str(graph)
+    else:
+        state, digest = (None, "") if weights in ("imagenet", "none") else read_weights_file(Path(weights),
+                                                                                          weights_sha256)
 
     def resnet(n: int):
         nonlocal source
@@ -49,7 +58,19 @@ def build_model(num_classes: int, weights: str = "none", weights_sha256: str | N
         carried = carry_heads(network, state)
         if carried:
             source += f", with its {' and '.join(carried)}"
+    if graph is not None:
+        setattr(network, FOLDED_FLAG, True)  # its BatchNorms need statistics before they train
     return network, source
+
+
+def read_graph_weights(graph: Path, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """The state dict of the network an exported graph holds, and the graph's sha256 (checked when given)."""
+    if not graph.is_file():
+        raise InputError(f"{graph}: no such model file")
+    digest = sha256_of(graph)
+    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
+        raise InputError(f"{graph}: sha256 is {digest}, expected {expected_sha256}")
+    return state_from_graph(graph), digest
 
 
 def carry_heads(network, state: dict) -> list[str]:
