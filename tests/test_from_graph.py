@@ -131,3 +131,13 @@ def test_an_int8_graph_and_a_foreign_graph_are_refused_with_one_line(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(InputError, match="not an ONNX model"):
         state_from_graph(tmp_path / "junk.onnx")
+
+
+def test_a_graph_is_checked_against_the_sha256_given_for_it(tiny_onnx):
+    from edgekidney.sidecar import sha256_of
+
+    with pytest.raises(InputError, match=f"sha256 is {sha256_of(tiny_onnx)}, expected 0{{64}}"):
+        build_model(2, str(tiny_onnx), weights_sha256="0" * 64, arch=ARCH_STONE_MAP, positive=1)
+    _, source = build_model(2, str(tiny_onnx), weights_sha256=sha256_of(tiny_onnx).upper(), arch=ARCH_STONE_MAP,
+                            positive=1)
+    assert sha256_of(tiny_onnx) in source

@@ -15,10 +15,12 @@ from pathlib import Path
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.model.from_graph import FOLDED_FLAG, graph_file, state_from_graph
 from edgekidney.model.network import ARCH_PLAIN, build_network
+from edgekidney.released import RELEASED
 from edgekidney.sidecar import sha256_of
 
 IMAGENET_HINT = ("pass --weights PATH to a local torchvision ResNet50 state dict "
-                 "(resnet50-11ad3fa6.pth, IMAGENET1K_V2) or --weights none")
+                 f"(resnet50-11ad3fa6.pth, IMAGENET1K_V2), a released model (--weights {RELEASED}) "
+                 "or --weights none")
 
 
 def require_torch():
@@ -67,10 +69,16 @@ def read_graph_weights(graph: Path, expected_sha256: str | None = None) -> tuple
     """The state dict of the network an exported graph holds, and the graph's sha256 (checked when given)."""
     if not graph.is_file():
         raise InputError(f"{graph}: no such model file")
-    digest = sha256_of(graph)
-    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
-        raise InputError(f"{graph}: sha256 is {digest}, expected {expected_sha256}")
+    digest = checked_sha256(graph, expected_sha256)
     return state_from_graph(graph), digest
+
+
+def checked_sha256(path: Path, expected_sha256: str | None) -> str:
+    """The file's sha256; a one-line error when it is not the one expected."""
+    digest = sha256_of(path)
+    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
+        raise InputError(f"{path}: sha256 is {digest}, expected {expected_sha256}")
+    return digest
 
 
 def carry_heads(network, state: dict) -> list[str]:
@@ -133,9 +141,7 @@ def read_weights_file(path: Path, expected_sha256: str | None = None) -> tuple[d
     torch = require_torch()
     if not path.exists():
         raise InputError(f"{path}: no such weights file; {IMAGENET_HINT}")
-    digest = sha256_of(path)
-    if expected_sha256 and digest.lower() != expected_sha256.lower().strip():
-        raise InputError(f"{path}: sha256 is {digest}, expected {expected_sha256}")
+    digest = checked_sha256(path, expected_sha256)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
