@@ -41,9 +41,11 @@ def _moved_data(small_real, tmp_path):
 
 def test_a_run_packed_in_small_fp16_pieces_is_rebuilt_with_the_same_answers(tiny_run, small_real, tmp_path):
     pieces = tmp_path / "pieces"
-    paths = pack_run(tiny_run, pieces, max_mib=6, log=lambda s: None)
-    assert len(paths) >= 8  # ResNet50 in FP16 is about 47 MB
-    assert all(p.stat().st_size <= 6 * 2**20 for p in paths)
+    pack_run(tiny_run, pieces, max_mib=5, log=lambda s: None)  # a first pack, in more pieces than the second
+    paths = pack_run(tiny_run, pieces, max_mib=8, log=lambda s: None)
+    assert sorted(pieces.glob("weights-*.pt")) == sorted(paths)
+    assert len(paths) >= 6  # ResNet50 in FP16 is about 47 MB
+    assert all(p.stat().st_size <= 8 * 2**20 for p in paths)
     assert sum(p.stat().st_size for p in paths) < 0.55 * (tiny_run / "model.pt").stat().st_size
     moved = _moved_data(small_real, tmp_path)
     run = tmp_path / "joined"

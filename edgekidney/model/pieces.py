@@ -52,6 +52,8 @@ def pack_run(run: Path, out: Path, max_mib: float = 16.0, log=print) -> list[Pat
     skip = frozen_stages(config)
     state = ck.pop("state_dict")
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("weights-*.pt"):  # an earlier pack's pieces would be joined with these
+        old.unlink()
     limit = int(max_mib * 2**20) - 2**16  # room for torch.save's own bytes
     pieces, current, size = [], {}, 0
     for key, value in state.items():
