@@ -15,7 +15,6 @@ then ``edgekidney refit RUN`` fits the map gate and the thresholds on this machi
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.model.checkpoint import _read_checkpoint
 from edgekidney.model.weights import require_torch
 
 RECORDS = ("split.csv", "history.csv", "metrics.json", "config.json")
@@ -47,7 +47,7 @@ def pack_run(run: Path, out: Path, max_mib: float = 16.0, log=print) -> list[Pat
     """``RUN`` -> ``OUT/weights-NN.pt`` (FP16, each at most ``max_mib``), ``OUT/checkpoint.pt``, the records."""
     torch = require_torch()
     run, out = Path(run), Path(out)
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    ck = dict(_read_checkpoint(run)[0])
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     skip = frozen_stages(config)
     state = ck.pop("state_dict")
@@ -88,22 +88,25 @@ def pack_run(run: Path, out: Path, max_mib: float = 16.0, log=print) -> list[Pat
     return paths
 
 
-def _moved_split(src: Path, dst: Path, data: Path) -> None:
-    """The split as the other machine wrote it, each path moved into ``data`` (by the data folder's name)."""
-    with open(src, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+def _moved_split(src: Path, dst: Path, data: Path) -> list:
+    """The split as the other machine wrote it, each path moved into ``data`` (by the data folder's name);
+    written to ``dst`` and returned."""
+    from dataclasses import replace
+
+    from edgekidney.data.dataset import read_manifest, write_manifest
+
     mark = f"/{data.name}/"
-    for r in rows:
-        path = r["path"].replace("\\", "/")
+    samples = []
+    for s in read_manifest(src):
+        path = str(s.path).replace("\\", "/")
         if mark not in path:
-            raise InputError(f"{src}: {r['path']} is not inside a folder named {data.name!r} (--data)")
-        r["path"] = str(data / path.rsplit(mark, 1)[1])
-        if not Path(r["path"]).exists():
-            raise InputError(f"{r['path']}: not found (the run's slices must be in --data)")
-    with open(dst, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+            raise InputError(f"{src}: {s.path} is not inside a folder named {data.name!r} (--data)")
+        here = data / path.rsplit(mark, 1)[1]
+        if not here.exists():
+            raise InputError(f"{here}: not found (the run's slices must be in --data)")
+        samples.append(replace(s, path=here))
+    write_manifest(samples, dst)
+    return samples
 
 
 def join_run(pieces: Path, run: Path, data: Path, start: str | None = None, threads: int | None = None,
@@ -111,7 +114,6 @@ def join_run(pieces: Path, run: Path, data: Path, start: str | None = None, thre
     """Rebuild ``RUN/model.pt`` from ``pack_run``'s folder; the scope detector is fitted again on ``data``."""
     torch = require_torch()
     from edgekidney.data.arrays import load_arrays_with_geometry
-    from edgekidney.data.dataset import read_manifest
     from edgekidney.data.preprocess import Preprocessing
     from edgekidney.model.checkpoint import save_checkpoint
     from edgekidney.model.train import TrainConfig, fit_scope_detector
@@ -143,8 +145,7 @@ def join_run(pieces: Path, run: Path, data: Path, start: str | None = None, thre
     for name in RECORDS:
         if name != "split.csv" and (pieces / name).exists():
             shutil.copyfile(pieces / name, run / name)
-    _moved_split(pieces / "split.csv", run / "split.csv", data)
-    samples = read_manifest(run / "split.csv")
+    samples = _moved_split(pieces / "split.csv", run / "split.csv", data)
     pre = Preprocessing.from_dict(ck["preprocessing"])
     train_s, val_s = [s for s in samples if s.split == "train"], [s for s in samples if s.split == "val"]
     x_train, _ = load_arrays_with_geometry(train_s, pre)
