@@ -20,8 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from edgekidney.errors import EdgeKidneyError, InputError
 from edgekidney.model.checkpoint import _read_checkpoint
 from edgekidney.model.weights import require_torch
@@ -113,10 +111,9 @@ def join_run(pieces: Path, run: Path, data: Path, start: str | None = None, thre
              log=print) -> Path:
     """Rebuild ``RUN/model.pt`` from ``pack_run``'s folder; the scope detector is fitted again on ``data``."""
     torch = require_torch()
-    from edgekidney.data.arrays import load_arrays_with_geometry
     from edgekidney.data.preprocess import Preprocessing
     from edgekidney.model.checkpoint import save_checkpoint
-    from edgekidney.model.train import TrainConfig, fit_scope_detector
+    from edgekidney.model.refit import fit_scope_on_split
     from edgekidney.model.weights import build_model
     from edgekidney.threads import apply_torch_threads
 
@@ -147,19 +144,12 @@ def join_run(pieces: Path, run: Path, data: Path, start: str | None = None, thre
             shutil.copyfile(pieces / name, run / name)
     samples = _moved_split(pieces / "split.csv", run / "split.csv", data)
     pre = Preprocessing.from_dict(ck["preprocessing"])
-    train_s, val_s = [s for s in samples if s.split == "train"], [s for s in samples if s.split == "val"]
-    x_train, _ = load_arrays_with_geometry(train_s, pre)
-    x_val, _ = load_arrays_with_geometry(val_s, pre)
-    scope = ck.get("scope") or {}
-    cfg = TrainConfig(data=data, out=run, scope_quantile=float(scope.get("quantile", 0.99)),
-                      scope_margin=float(scope.get("margin", 1.0)), scope_shrinkage=float(scope.get("shrinkage", 0.1)))
-    scope, _ = fit_scope_detector(model, x_train, np.array([s.label for s in train_s]), x_val,
-                                  torch.device("cpu"), cfg)
+    scope = fit_scope_on_split(model, samples, pre, ck.get("scope") or {})
     metrics = {**ck["metrics"], "joined_from_fp16_pieces": True}
     save_checkpoint(run / "model.pt", model, classes, positive_class, pre, ck["threshold"], ck.get("weights", ""),
                     metrics, scope, ck.get("extra"))
     log(f"{run / 'model.pt'}: {len(state)} tensors from {pieces}"
-        f"{f', {len(missing)} from {start}' if left_out else ''}; scope detector fitted on {len(train_s)} slices; "
+        f"{f', {len(missing)} from {start}' if left_out else ''}; scope detector fitted on the training split; "
         f"next: edgekidney refit {run}")
     return run / "model.pt"
 

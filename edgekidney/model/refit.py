@@ -23,6 +23,24 @@ from edgekidney.progress import stage
 from edgekidney.threads import apply_torch_threads
 
 
+def fit_scope_on_split(model, samples, pre, scope: dict) -> dict:
+    """The out-of-scope detector fitted again on a split's training slices (its threshold on the validation
+    ones), keeping the quantile, margin and shrinkage of ``scope`` (a checkpoint's): for weights that were
+    not trained as they are (joined from FP16 pieces, interpolated)."""
+    torch = require_torch()
+    from edgekidney.model.train import TrainConfig, fit_scope_detector
+
+    train_s, val_s = [s for s in samples if s.split == "train"], [s for s in samples if s.split == "val"]
+    with stage("decoding + preprocessing", len(train_s) + len(val_s), "slice") as bar:
+        x_train, _ = load_arrays_with_geometry(train_s, pre, bar.advance)
+        x_val, _ = load_arrays_with_geometry(val_s, pre, bar.advance)
+    cfg = TrainConfig(data=Path("."), out=Path("."), scope_quantile=float(scope.get("quantile", 0.99)),
+                      scope_margin=float(scope.get("margin", 1.0)), scope_shrinkage=float(scope.get("shrinkage", 0.1)))
+    fitted, _ = fit_scope_detector(model, x_train, np.array([s.label for s in train_s]), x_val,
+                                   torch.device("cpu"), cfg)
+    return fitted
+
+
 def refit_run(run: Path, map_gate: bool = True, scope_quantile: float | None = None,
               scope_margin: float | None = None, threads: int | None = None, log=print) -> dict:
     """Refit what training fits on a finished run's validation split (``RUN/split.csv``) after its best epoch:
