@@ -72,8 +72,14 @@ def recipe_extras(config: dict, train: dict) -> list[str]:
                   f"with the stone painted over, {target}, and a sham painting away from the stone;"]
     level = config.get("calculus_level")
     if level and list(level) != [0.9, 1.0]:
-        lines += [f"placed calculi drawn at {level[0]:g}-{level[1]:g} window units and clipped at the window's top "
-                  "(saturated through their blur);"]
+        share = config.get("calculus_fraction")
+        lines += [f"placed calculi{f' on {share:.0%} of the non-stone slices,' if share is not None else ''} drawn at "
+                  f"{level[0]:g}-{level[1]:g} window units and clipped at the window's top (saturated through their blur);"]
+    mixed = train.get("interpolated")
+    if mixed:
+        lines += [f"then every weight mixed back with the release it was fine-tuned from: {1 - mixed['alpha']:g} × the "
+                  f"release + {mixed['alpha']:g} × the fine-tune, BatchNorms folded (WiSE-FT; "
+                  "`python -m edgekidney.model.interpolate`), the scope detector fitted again;"]
     g = train.get("map_gate") or {}
     if g.get("level") is not None:
         lines += [f"map gate: the stone logit loses {g['slope']:g} × relu(gate − map peak), gate at map p = {g['p']:.3f}, "

@@ -1,6 +1,6 @@
 """The released model: its files are the ones its card names, and it answers as measured.
 
-Runs on the shipped INT8 CPU form through the CLI, as a user would: the checksums against
+Runs on the shipped CPU form through the CLI, as a user would: the checksums against
 ``SHA256SUMS`` and the model card, the sidecars' lineage, a whole example series, and (where the
 public slices it was validated on are present) a few validation slices whose answers the card reports.
 """
@@ -37,8 +37,8 @@ def sha256(path: Path) -> str:
 
 def test_checksums_match_the_files_and_the_card():
     sums = dict(reversed(line.split()) for line in (RELEASE / "SHA256SUMS").read_text().splitlines() if line.strip())
-    # INT8 cpu passed its agreement gates, INT8 trt did not: FP16 is the GPU-ready form (the card says so)
-    assert set(sums) == {"model-int8cpu.onnx", "model-fp16.onnx"}
+    # an INT8 form ships only where it passed its agreement gates, else FP16 serves that target (the card says which)
+    assert "model-fp16.onnx" in sums and set(sums) <= {"model-int8cpu.onnx", "model-int8trt.onnx", "model-fp16.onnx"}
     card = (RELEASE / "MODEL_CARD.md").read_text()
     total = 0
     for name, digest in sums.items():
@@ -47,25 +47,32 @@ def test_checksums_match_the_files_and_the_card():
         side = json.loads((RELEASE / name).with_suffix(".json").read_text())
         assert side["sha256"] == digest  # the sidecar describes this very file
         total += (RELEASE / name).stat().st_size
-    cpu = json.loads((RELEASE / "model-int8cpu.json").read_text())
-    gpu = json.loads((RELEASE / "model-fp16.json").read_text())
-    assert cpu["precision"] == "int8" and gpu["precision"] == "fp16"
-    assert cpu["parent_sha256"] == gpu["parent_sha256"] != ""  # both made from the same FP32 parent
-    assert cpu["parent_sha256"] in card
-    assert cpu["extra"]["quantization"]["target"] == "cpu"
-    # the INT8 form's scope threshold moved by the shift measured on calibration slices, not validation ones
-    assert cpu["scope"]["threshold"] > cpu["scope"]["parent_threshold"] == gpu["scope"]["threshold"]
-    assert cpu["extra"]["map"]["kind"] == "stone_map" and set(cpu["extra"]["planes"]) == {"axial", "coronal"}
-    assert cpu["outputs"] == ["logits", "scope_distance", "cam"]
+    forms = {name: json.loads((RELEASE / name).with_suffix(".json").read_text()) for name in sums}
+    gpu = forms["model-fp16.onnx"]
+    assert gpu["precision"] == "fp16" and gpu["parent_sha256"] in card
+    assert len({f["parent_sha256"] for f in forms.values()} - {""}) == 1  # every form made from the same FP32 parent
+    if "model-int8cpu.onnx" in forms:
+        cpu = forms["model-int8cpu.onnx"]
+        assert cpu["precision"] == "int8" and cpu["extra"]["quantization"]["target"] == "cpu"
+        # the INT8 form's scope threshold moved by the shift measured on calibration slices, not validation ones
+        assert cpu["scope"]["threshold"] > cpu["scope"]["parent_threshold"] == gpu["scope"]["threshold"]
+    else:
+        assert "`model-int8cpu.onnx`" in card and "Not shipped" in card  # the card says why
+    for side in forms.values():
+        assert side["extra"]["map"]["kind"] == "stone_map" and set(side["extra"]["planes"]) == {"axial", "coronal"}
+        assert side["outputs"] == ["logits", "scope_distance", "cam"]
     assert total <= 80e6
     assert "not a medical device" in card.lower()
 
 
 def test_the_release_is_found_by_name_and_by_folder():
-    from edgekidney.released import resolve_model
+    from edgekidney.released import RELEASED, form_file, resolve_model
 
-    assert resolve_model("kidney-stone-ct-v3") == RELEASE / "model-int8cpu.onnx"
-    assert resolve_model(RELEASE) == RELEASE / "model-int8cpu.onnx"
+    assert RELEASE.name == RELEASED
+    cpu = RELEASE / ("model-int8cpu.onnx" if (RELEASE / "model-int8cpu.onnx").is_file() else "model-fp16.onnx")
+    assert form_file(RELEASE) == cpu
+    assert resolve_model(RELEASED) == cpu
+    assert resolve_model(RELEASE) == cpu
     assert resolve_model(RELEASE, form="gpu") == RELEASE / "model-fp16.onnx"
 
 
@@ -81,7 +88,9 @@ def test_the_first_command_answers_every_example_series(tmp_path):
     study = json.loads((out / "study.json").read_text())
     series = study["series"]
     assert len(series) == 2 and all(s["decision"] in ("stone", "no_stone", "not_assessable") for s in series)
-    assert all(s["model"]["sha256"] == sha256(RELEASE / "model-int8cpu.onnx") for s in series)
+    from edgekidney.released import form_file
+
+    assert all(s["model"]["sha256"] == sha256(form_file(RELEASE)) for s in series)
     assert all(sl["cam_peak"] is not None for s in series for sl in s["slices"])
     assert len(list((out / "sr").glob("*.dcm"))) == 1  # the one DICOM series gets its SR
     exam_lands_on_the_kidneys_foci(next(s for s in series if s["kind"] == "nifti"))
@@ -114,7 +123,9 @@ def test_validation_slices_answer_as_the_card_says():
         pytest.skip("the public CT kidney slices are not here (set EDGEKIDNEY_DATA)")
     from edgekidney.runtime.predict import Classifier
 
-    with Classifier(RELEASE / "model-int8cpu.onnx") as clf:
+    from edgekidney.released import form_file
+
+    with Classifier(form_file(RELEASE)) as clf:
         preds, failures = clf.predict_files(stones + normals)
     assert not failures
     called = [p.label == "Stone" for p in preds]
