@@ -27,3 +27,16 @@ class DependencyError(EdgeKidneyError):
 
 class GateError(EdgeKidneyError):
     """A quality gate (accuracy, parity, latency) failed."""
+
+
+def exit_code(call) -> int:
+    """Run ``call`` for a module's ``main``: 0, or 1 with one ``error: ...`` line on stderr for a user error
+    (an :class:`EdgeKidneyError` or an unreadable or unwritable file)."""
+    import sys
+
+    try:
+        call()
+    except (EdgeKidneyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -69,11 +69,9 @@ def load_checkpoint_card(path: str | Path) -> ModelCard:
     return _read_checkpoint(path)[1]
 
 
-def load_checkpoint(path: str | Path, heads: bool = False):
-    """-> (model in eval mode on the CPU, ModelCard describing it).
-
-    With ``heads`` the model returns (logits, scope_distance, cam) as the exported graph does.
-    """
+def read_run_checkpoint(path: str | Path):
+    """-> (the checkpoint as stored, its model in eval mode on the CPU, ModelCard): one read of the file,
+    for code that writes the checkpoint back with some of it changed (refit, interpolate)."""
     ck, card = _read_checkpoint(path)
     model, _ = build_model(len(ck["classes"]), "none", arch=ck.get("arch", ARCH_PLAIN), positive=card.positive_index)
     state = dict(ck["state_dict"])
@@ -81,6 +79,15 @@ def load_checkpoint(path: str | Path, heads: bool = False):
         state["map_gate"] = model.map_gate.clone()
     model.load_state_dict(state)
     model.eval()
+    return ck, model, card
+
+
+def load_checkpoint(path: str | Path, heads: bool = False):
+    """-> (model in eval mode on the CPU, ModelCard describing it).
+
+    With ``heads`` the model returns (logits, scope_distance, cam) as the exported graph does.
+    """
+    ck, model, card = read_run_checkpoint(path)
     if heads:
         from edgekidney.model.heads import build_headed_model
 

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.errors import InputError, exit_code
 from edgekidney.model.weights import require_torch
 
 RECORDS = ("split.csv", "history.csv", "config.json")
@@ -39,10 +39,10 @@ def folded_state(model) -> dict:
     for name, conv in modules.items():
         if not isinstance(conv, torch.nn.Conv2d) or conv.bias is not None:
             continue
-        bn = modules.get(_batchnorm_of(name)) if _is_resnet_conv(name) else None
+        b = _batchnorm_of(name) if _is_resnet_conv(name) else None
+        bn = modules.get(b)
         if not isinstance(bn, torch.nn.BatchNorm2d):
             continue
-        b = _batchnorm_of(name)
         scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
         bias = bn.bias.detach().double() - bn.running_mean.double() * scale
         state[f"{name}.weight"] = (conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).float()
@@ -76,7 +76,7 @@ def interpolate_run(start: str, run: Path, out: Path, alpha: float, threads: int
     """Write ``OUT/model.pt``: the run ``RUN`` mixed with the graph ``start`` it was fine-tuned from."""
     require_torch()
     from edgekidney.data.dataset import read_manifest
-    from edgekidney.model.checkpoint import _read_checkpoint, load_checkpoint, save_checkpoint
+    from edgekidney.model.checkpoint import read_run_checkpoint, save_checkpoint
     from edgekidney.model.from_graph import graph_file, state_from_graph
     from edgekidney.model.refit import fit_scope_on_split
     from edgekidney.threads import apply_torch_threads
@@ -90,9 +90,7 @@ def interpolate_run(start: str, run: Path, out: Path, alpha: float, threads: int
     if graph is None or not graph.is_file():
         raise InputError(f"{start}: not a release or an exported FP16/FP32 graph (the fine-tune's start)")
     apply_torch_threads(threads)
-    ck, card = _read_checkpoint(run)
-    model, _ = load_checkpoint(run)
-    model.eval()
+    ck, model, card = read_run_checkpoint(run)
     mixed = mix(state_from_graph(graph), folded_state(model), alpha)
     model.load_state_dict(mixed, strict=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, required=True, help="the fine-tune's share: 0 is the start, 1 the run")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    try:
-        interpolate_run(a.start, a.run, a.out, a.alpha, a.threads)
-    except (EdgeKidneyError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: interpolate_run(a.start, a.run, a.out, a.alpha, a.threads))
 
 
 if __name__ == "__main__":

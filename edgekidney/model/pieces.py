@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgekidney.errors import EdgeKidneyError, InputError
+from edgekidney.errors import InputError, exit_code
 from edgekidney.model.checkpoint import _read_checkpoint
 from edgekidney.model.weights import require_torch
 
@@ -170,15 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--start", default=None, help="the weights the run started from (frozen stages)")
     j.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    try:
-        if a.verb == "pack":
-            pack_run(a.run, a.out, a.max_mib)
-        else:
-            join_run(a.pieces, a.run, a.data, a.start, a.threads)
-    except (EdgeKidneyError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if a.verb == "pack":
+        return exit_code(lambda: pack_run(a.run, a.out, a.max_mib))
+    return exit_code(lambda: join_run(a.pieces, a.run, a.data, a.start, a.threads))
 
 
 if __name__ == "__main__":

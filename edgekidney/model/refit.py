@@ -15,7 +15,7 @@ import numpy as np
 from edgekidney.data.arrays import load_arrays_with_geometry
 from edgekidney.errors import InputError
 from edgekidney.metrics import classification_report, softmax, threshold_for_sensitivity
-from edgekidney.model.checkpoint import load_checkpoint, save_checkpoint
+from edgekidney.model.checkpoint import read_run_checkpoint, save_checkpoint
 from edgekidney.model.gate import fit_gate, set_map_gate
 from edgekidney.model.network import ARCH_STONE_MAP, GATE_OFF, arch_of, predict_outputs
 from edgekidney.model.weights import require_torch
@@ -52,9 +52,8 @@ def refit_run(run: Path, map_gate: bool = True, scope_quantile: float | None = N
 
     run = Path(run)
     apply_torch_threads(threads)
-    model, card = load_checkpoint(run)
+    ck, model, card = read_run_checkpoint(run)
     stone_map = arch_of(model) == ARCH_STONE_MAP
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     val_s = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
     if not val_s:
         raise InputError(f"{run / 'split.csv'}: no validation slices to refit on")
