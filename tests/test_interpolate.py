@@ -32,13 +32,12 @@ def _val_slices(run, n=6):
     return load_arrays_with_geometry(val, load_checkpoint_card(run).preprocessing)[0]
 
 
-@pytest.fixture(scope="module")
-def fine_tune(tiny_run, tmp_path_factory):
+def _shifted(tiny_run, folder, seed):
     """The tiny run moved as a fine-tune moves it: every weight and every BatchNorm's statistics shifted."""
-    run = tmp_path_factory.mktemp("ft") / "run"
+    run = folder / "run"
     shutil.copytree(tiny_run, run)
     ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for k, v in ck["state_dict"].items():
         if not v.is_floating_point():
             continue
@@ -48,6 +47,16 @@ def fine_tune(tiny_run, tmp_path_factory):
             ck["state_dict"][k] = v + 0.1 * v.std(unbiased=False).clamp_min(1e-3) * torch.randn(v.shape, generator=g)
     torch.save(ck, run / "model.pt")
     return run
+
+
+@pytest.fixture(scope="module")
+def fine_tune(tiny_run, tmp_path_factory):
+    return _shifted(tiny_run, tmp_path_factory.mktemp("ft"), 0)
+
+
+@pytest.fixture(scope="module")
+def other_seed(tiny_run, tmp_path_factory):
+    return _shifted(tiny_run, tmp_path_factory.mktemp("ft2"), 1)
 
 
 def test_folding_the_batchnorms_keeps_every_answer(fine_tune):
@@ -101,3 +110,29 @@ def test_what_cannot_be_mixed_is_a_clear_error(tiny_onnx, fine_tune, tmp_path):
         mix(a, {"v": torch.zeros(2, 3)}, 0.5)
     with pytest.raises(InputError, match=r"\(2, 3\)"):
         mix(a, {"w": torch.zeros(3, 2)}, 0.5)
+
+
+def test_several_fine_tunes_are_averaged_before_the_mix(tiny_onnx, fine_tune, other_seed, tmp_path):
+    from edgekidney.model.checkpoint import load_checkpoint
+    from edgekidney.model.from_graph import state_from_graph
+
+    out = interpolate_run(str(tiny_onnx), [fine_tune, other_seed], tmp_path / "soup", 0.5, log=lambda s: None).parent
+    start = state_from_graph(tiny_onnx)
+    a, b = (folded_state(load_checkpoint(r)[0]) for r in (fine_tune, other_seed))
+    got = folded_state(load_checkpoint(out)[0])
+    for k in ("net.layer2.0.conv1.weight", "net.layer4.2.bn3.bias", "net.fc.weight", "map_weight"):
+        assert not torch.equal(a[k], b[k]), k  # two different fine-tunes
+        assert torch.allclose(got[k], 0.5 * start[k] + 0.25 * a[k] + 0.25 * b[k], rtol=1e-5, atol=1e-7), k
+    how = json.loads((out / "interpolation.json").read_text())
+    assert how["fine_tunes"] == [str(fine_tune), str(other_seed)] and how["alpha"] == 0.5
+
+
+def test_fine_tunes_of_another_split_are_not_averaged(tiny_onnx, fine_tune, other_seed, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(other_seed, moved)
+    lines = (moved / "split.csv").read_text().splitlines(keepends=True)
+    (moved / "split.csv").write_text("".join(lines[:1] + lines[2:]))  # one slice fewer
+    with pytest.raises(InputError, match="split.csv differs"):
+        interpolate_run(str(tiny_onnx), [fine_tune, moved], tmp_path / "x", 0.5, log=lambda s: None)
+    with pytest.raises(InputError, match="new folder"):
+        interpolate_run(str(tiny_onnx), [fine_tune, other_seed], other_seed, 0.5, log=lambda s: None)

@@ -11,7 +11,12 @@ the fine-tune's split, records and configuration, a scope detector fitted again 
 slices, and ``edgekidney refit OUT`` then fits the map gate and the thresholds. docs/architecture.md,
 "Weights".
 
+Several fine-tunes of the same start (other seeds of one recipe) are averaged first, with equal shares
+(a uniform "model soup": Wortsman et al., ICML 2022), and the average is mixed back: every weight is
+``(1 - alpha) * start + alpha * mean(runs)``. They must share the split the start was measured on.
+
     python -m edgekidney.model.interpolate START RUN OUT --alpha 0.5
+    python -m edgekidney.model.interpolate START RUN1 RUN2 RUN3 OUT --alpha 0.7
 """
 
 from __future__ import annotations
@@ -71,9 +76,20 @@ def mix(start: dict, tuned: dict, alpha: float) -> dict:
     return out
 
 
-def interpolate_run(start: str, run: Path, out: Path, alpha: float, threads: int | None = None,
+def soup(states: list[dict]) -> dict:
+    """The uniform average of several folded states of one network (each a fine-tune of the same start)."""
+    if len(states) == 1:
+        return states[0]
+    total = states[0]
+    for i, state in enumerate(states[1:], start=2):
+        total = mix(total, state, 1.0 / i)  # the running mean: (i-1)/i of the first i-1, 1/i of the i-th
+    return total
+
+
+def interpolate_run(start: str, run: Path | list[Path], out: Path, alpha: float, threads: int | None = None,
                     log=print) -> Path:
-    """Write ``OUT/model.pt``: the run ``RUN`` mixed with the graph ``start`` it was fine-tuned from."""
+    """Write ``OUT/model.pt``: the run ``RUN`` (or the average of several) mixed with the graph ``start``
+    it was fine-tuned from."""
     require_torch()
     from edgekidney.data.dataset import read_manifest
     from edgekidney.model.checkpoint import read_run_checkpoint, save_checkpoint
@@ -83,15 +99,23 @@ def interpolate_run(start: str, run: Path, out: Path, alpha: float, threads: int
 
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"--alpha {alpha}: must lie in [0, 1] (0 is the start, 1 the fine-tune)")
-    run, out = Path(run), Path(out)
-    if out.resolve() == run.resolve():
-        raise InputError(f"{out}: write the mixed run to a new folder, not over the fine-tune")
+    runs = [Path(r) for r in ([run] if isinstance(run, (str, Path)) else run)]
+    out = Path(out)
+    if not runs:
+        raise InputError("name at least one fine-tuned run")
+    if any(out.resolve() == r.resolve() for r in runs):
+        raise InputError(f"{out}: write the mixed run to a new folder, not over a fine-tune")
     graph = graph_file(start)
     if graph is None or not graph.is_file():
         raise InputError(f"{start}: not a release or an exported FP16/FP32 graph (the fine-tune's start)")
     apply_torch_threads(threads)
+    run = runs[0]
     ck, model, card = read_run_checkpoint(run)
-    mixed = mix(state_from_graph(graph), folded_state(model), alpha)
+    tuned = [folded_state(model)]
+    for other in runs[1:]:
+        _same_split(run, other)
+        tuned.append(folded_state(read_run_checkpoint(other)[1]))
+    mixed = mix(state_from_graph(graph), soup(tuned), alpha)
     model.load_state_dict(mixed, strict=True)
     out.mkdir(parents=True, exist_ok=True)
     for name in RECORDS:
@@ -100,12 +124,30 @@ def interpolate_run(start: str, run: Path, out: Path, alpha: float, threads: int
     samples = read_manifest(out / "split.csv")
     scope = fit_scope_on_split(model, samples, card.preprocessing, ck.get("scope") or {})
     how = {"start": str(start), "fine_tune": str(run), "alpha": alpha}
+    if len(runs) > 1:
+        how["fine_tunes"] = [str(r) for r in runs]  # averaged with equal shares before the mix
     (out / "interpolation.json").write_text(json.dumps(how, indent=2) + "\n")
     save_checkpoint(out / "model.pt", model, card.classes, card.positive_class, card.preprocessing, ck["threshold"],
                     ck.get("weights", ""), {**ck["metrics"], "interpolated": how}, scope, ck.get("extra"))
-    log(f"{out / 'model.pt'}: {1 - alpha:g} x {start} + {alpha:g} x {run}; scope detector fitted on the "
+    tuned_name = str(run) if len(runs) == 1 else f"mean({', '.join(str(r) for r in runs)})"
+    log(f"{out / 'model.pt'}: {1 - alpha:g} x {start} + {alpha:g} x {tuned_name}; scope detector fitted on the "
         f"training split; next: edgekidney refit {out}")
     return out / "model.pt"
+
+
+def _same_split(first: Path, other: Path) -> None:
+    """Fine-tunes averaged together must have learned from, and been chosen on, the same slices."""
+    a, b = first / "split.csv", other / "split.csv"
+    if not b.is_file() or _split_of(a) != _split_of(b):
+        raise InputError(f"{other}: its split.csv differs from {first}'s; average fine-tunes of one split only")
+
+
+def _split_of(manifest: Path) -> list[tuple[str, str, str]]:
+    """Which slice (by content) went where, whatever folder the data lay in on the machine it was written."""
+    import csv
+
+    with manifest.open(newline="") as f:
+        return sorted((r.get("sha256", ""), r.get("class_name", ""), r.get("split", "")) for r in csv.DictReader(f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m edgekidney.model.interpolate", description=__doc__.split("\n\n")[0])
     ap.add_argument("start", help="the release (name or folder) or FP16/FP32 graph the run was fine-tuned from")
-    ap.add_argument("run", type=Path, help="the fine-tuned run (model.pt, split.csv)")
+    ap.add_argument("run", type=Path, nargs="+", help="the fine-tuned run (model.pt, split.csv); several are averaged")
     ap.add_argument("out", type=Path, help="the run to write")
     ap.add_argument("--alpha", type=float, required=True, help="the fine-tune's share: 0 is the start, 1 the run")
     ap.add_argument("--threads", type=int, default=None)
