@@ -136,3 +136,5 @@ def test_fine_tunes_of_another_split_are_not_averaged(tiny_onnx, fine_tune, othe
         interpolate_run(str(tiny_onnx), [fine_tune, moved], tmp_path / "x", 0.5, log=lambda s: None)
     with pytest.raises(InputError, match="new folder"):
         interpolate_run(str(tiny_onnx), [fine_tune, other_seed], other_seed, 0.5, log=lambda s: None)
+    with pytest.raises(InputError, match="named twice"):
+        interpolate_run(str(tiny_onnx), [fine_tune, other_seed, fine_tune], tmp_path / "y", 0.5, log=lambda s: None)

@@ -78,8 +78,6 @@ def mix(start: dict, tuned: dict, alpha: float) -> dict:
 
 def soup(states: list[dict]) -> dict:
     """The uniform average of several folded states of one network (each a fine-tune of the same start)."""
-    if len(states) == 1:
-        return states[0]
     total = states[0]
     for i, state in enumerate(states[1:], start=2):
         total = mix(total, state, 1.0 / i)  # the running mean: (i-1)/i of the first i-1, 1/i of the i-th
@@ -105,6 +103,8 @@ def interpolate_run(start: str, run: Path | list[Path], out: Path, alpha: float,
         raise InputError("name at least one fine-tuned run")
     if any(out.resolve() == r.resolve() for r in runs):
         raise InputError(f"{out}: write the mixed run to a new folder, not over a fine-tune")
+    if len({r.resolve() for r in runs}) < len(runs):
+        raise InputError("a fine-tune is named twice; each run takes an equal share of the average")
     graph = graph_file(start)
     if graph is None or not graph.is_file():
         raise InputError(f"{start}: not a release or an exported FP16/FP32 graph (the fine-tune's start)")
@@ -147,7 +147,8 @@ def _split_of(manifest: Path) -> list[tuple[str, str, str]]:
     import csv
 
     with manifest.open(newline="") as f:
-        return sorted((r.get("sha256", ""), r.get("class_name", ""), r.get("split", "")) for r in csv.DictReader(f))
+        return sorted((r.get("sha256") or Path(r.get("path", "")).name, r.get("class_name", ""), r.get("split", ""))
+                      for r in csv.DictReader(f))
 
 
 def main(argv: list[str] | None = None) -> int:
