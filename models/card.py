@@ -77,8 +77,10 @@ def recipe_extras(config: dict, train: dict) -> list[str]:
                   f"{level[0]:g}-{level[1]:g} window units and clipped at the window's top (saturated through their blur);"]
     mixed = train.get("interpolated")
     if mixed:
+        n = len(mixed.get("fine_tunes") or [mixed["fine_tune"]])
+        tuned = "the fine-tune" if n == 1 else f"the average of {n} fine-tunes (seeds of that recipe)"
         lines += [f"then every weight mixed back with the release it was fine-tuned from: {1 - mixed['alpha']:g} × the "
-                  f"release + {mixed['alpha']:g} × the fine-tune, BatchNorms folded (WiSE-FT; "
+                  f"release + {mixed['alpha']:g} × {tuned}, BatchNorms folded (WiSE-FT; "
                   "`python -m edgekidney.model.interpolate`), the scope detector fitted again;"]
     g = train.get("map_gate") or {}
     if g.get("level") is not None:

@@ -108,13 +108,12 @@ def interpolate_run(start: str, run: Path | list[Path], out: Path, alpha: float,
     graph = graph_file(start)
     if graph is None or not graph.is_file():
         raise InputError(f"{start}: not a release or an exported FP16/FP32 graph (the fine-tune's start)")
-    apply_torch_threads(threads)
     run = runs[0]
-    ck, model, card = read_run_checkpoint(run)
-    tuned = [folded_state(model)]
-    for other in runs[1:]:
+    for other in runs[1:]:  # before any checkpoint is read
         _same_split(run, other)
-        tuned.append(folded_state(read_run_checkpoint(other)[1]))
+    apply_torch_threads(threads)
+    ck, model, card = read_run_checkpoint(run)
+    tuned = [folded_state(model)] + [folded_state(read_run_checkpoint(other)[1]) for other in runs[1:]]
     mixed = mix(state_from_graph(graph), soup(tuned), alpha)
     model.load_state_dict(mixed, strict=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,18 +136,15 @@ def interpolate_run(start: str, run: Path | list[Path], out: Path, alpha: float,
 
 def _same_split(first: Path, other: Path) -> None:
     """Fine-tunes averaged together must have learned from, and been chosen on, the same slices."""
-    a, b = first / "split.csv", other / "split.csv"
-    if not b.is_file() or _split_of(a) != _split_of(b):
+    if _split_of(first / "split.csv") != _split_of(other / "split.csv"):
         raise InputError(f"{other}: its split.csv differs from {first}'s; average fine-tunes of one split only")
 
 
 def _split_of(manifest: Path) -> list[tuple[str, str, str]]:
     """Which slice (by content) went where, whatever folder the data lay in on the machine it was written."""
-    import csv
+    from edgekidney.data.dataset import read_manifest
 
-    with manifest.open(newline="") as f:
-        return sorted((r.get("sha256") or Path(r.get("path", "")).name, r.get("class_name", ""), r.get("split", ""))
-                      for r in csv.DictReader(f))
+    return sorted((s.sha256 or s.path.name, s.class_name, s.split) for s in read_manifest(manifest))
 
 
 def main(argv: list[str] | None = None) -> int:
