@@ -89,6 +89,17 @@ def test_dicom_without_extension_is_found_by_magic(tmp_path):
     assert load_slice(f, CFG).shape == (128, 128)
 
 
+def test_dicom_named_by_its_uid_is_found_by_magic_in_a_folder(tmp_path):
+    """PACS exports name instances by UID: "CT.1.3.12.2.1107.5.1", whose last dotted part looks like a suffix."""
+    from edgekidney.runtime.predict import expand_inputs
+
+    f = tmp_path / "CT.1.3.12.2.1107.5.1.4.60064.300000221208"
+    f.write_bytes(open(bundled("CT_small.dcm"), "rb").read())
+    (tmp_path / "report.1.2.txt").write_text("not DICOM")
+    assert is_candidate_file(f) and not is_candidate_file(tmp_path / "report.1.2.txt")
+    assert expand_inputs([tmp_path]) == [f]
+
+
 def test_text_file_named_png_is_rejected(tmp_path):
     f = tmp_path / "slice.png"
     f.write_text("this is not an image")

@@ -53,13 +53,14 @@ def looks_like_dicom(path: Path) -> bool:
 
 
 def is_candidate_file(path: Path) -> bool:
-    """Files a dataset folder may hold: images by suffix, DICOM by suffix or (no suffix) by magic."""
+    """Files a dataset folder may hold: images by suffix, DICOM by suffix or else by magic (PACS exports name
+    files by their UID, "CT.1.2.840....", whose last dotted part is no suffix at all)."""
     if path.name.startswith("."):
         return False
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
         return True
-    return suffix == "" and looks_like_dicom(path)
+    return looks_like_dicom(path)
 
 
 def load_slice(path: str | Path, config: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
