@@ -315,3 +315,19 @@ def test_malformed_dicom_headers_found_by_fuzzing_are_input_errors(tmp_path, old
     assert data.count(old) == 1
     with pytest.raises(InputError, match=r"^bad.dcm: "):
         decode_slice(data.replace(old, new), "bad.dcm", CFG)
+
+
+def test_a_file_cut_inside_compressed_pixel_data_says_truncated(tmp_path):
+    """Forced, pydicom reads such a file as an empty dataset ("no Rows/Columns", "no pixel data");
+    the error must say what happened: the example series' JPEG 2000 slice, cut short."""
+    from edgekidney.data.decode import read_dicom
+
+    pytest.importorskip("pylibjpeg")
+    src = sorted((Path(__file__).resolve().parents[1] / "examples" / "abdomen-jpeg2000-series").iterdir())[0]
+    cut = tmp_path / src.name
+    cut.write_bytes(src.read_bytes()[:40000])
+    assert read_dicom(cut, cut.name, stop_before_pixels=True).Rows == 512  # the header is whole
+    with pytest.raises(InputError, match=r"DICOM pixel data is truncated \(the file ends inside its compressed"):
+        read_dicom(cut, cut.name)
+    with pytest.raises(InputError, match=r"CT\.[0-9.]+: DICOM pixel data is truncated \(the file ends"):
+        load_slice(cut, CFG)

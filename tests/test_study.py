@@ -385,19 +385,47 @@ def test_study_command_bad_input_is_one_line(tiny_onnx, tmp_path):
         assert lines[-1].startswith("error: ") and fragment in lines[-1], r.output
 
 
-def test_a_truncated_slice_makes_its_series_not_assessable_not_the_study(synth, tmp_path):
+def _truncated_copy(root, name, tmp_path, k):
+    """A copy of one synthetic series with its k-th slice (by position) cut short; the slice's file name."""
     import shutil
 
-    root, truth = synth
-    shutil.copytree(root / "none", tmp_path / "none")
-    shutil.copytree(root / "two", tmp_path / "two")
-    victim = sorted((tmp_path / "none").glob("*.dcm"))[3]
+    from edgekidney.data.series import read_series
+
+    shutil.copytree(root / name, tmp_path / name)
+    (series,), _ = read_series(sorted((tmp_path / name).glob("*.dcm")))  # file names are not in position order
+    victim = series.refs[k].path
     victim.write_bytes(victim.read_bytes()[:-4000])
+    return victim
+
+
+def test_a_truncated_slice_is_not_judged_and_no_stone_cannot_be_said_over_it(synth, tmp_path):
+    root, truth = synth
+    victim = _truncated_copy(root, "none", tmp_path, 3)
+    _truncated_copy(root, "two", tmp_path, 0)  # a stone series with a hole at its first slice
     study = analyze_study(oracle_for(truth["two"]), [tmp_path])
-    by_desc = {len(r.reason.split("unreadable")) > 1: r for r in study.series}
-    broken, fine = by_desc[True], by_desc[False]
+    by_stone = {bool(r.supporting): r for r in study.series}
+    broken, fine = by_stone[False], by_stone[True]
     assert broken.decision == "not_assessable" and victim.name in broken.reason and "truncated" in broken.reason
-    assert fine.decision == "stone"
+    assert "slice 3" in broken.reason and broken.n_slices == 30  # the others were read and judged
+    assert [s.label for s in broken.slices].count("unreadable") == 1 and broken.slices[3].label == "unreadable"
+    assert not broken.slices[3].in_scope and sum(s.probability > 0 for s in broken.slices) == 29
+    # a stone found on the slices that were read is a stone: the hole is a warning, not the answer
+    assert fine.decision == "stone" and fine.slices[0].label == "unreadable"
+    assert any("1 slice(s) could not be read" in w for w in fine.warnings)
+    stone_slices = sorted(k for span in truth["two"].stone_slices for k in span)
+    assert [k for r in fine.supporting for k in range(r.start, r.end + 1)] == stone_slices
+
+
+def test_a_truncated_slice_outside_the_judged_range_changes_nothing(synth, tmp_path):
+    root, truth = synth
+    _truncated_copy(root, "none", tmp_path, 0)
+    # slices 1-2 out of scope (the oracle counts the slices it is given: slice 0 never reaches it)
+    beyond = analyze_study(oracle_for(truth["none"], out_of_scope=(0, 1)), [tmp_path]).series[0]
+    assert [s.label for s in beyond.slices[:3]] == ["unreadable", "out_of_scope", "out_of_scope"]
+    assert beyond.decision == "no_stone", beyond.reason
+    # slice 1 in scope: the unreadable slice 0 is next to the judged range, where a stone may start
+    beside = analyze_study(oracle_for(truth["none"]), [tmp_path]).series[0]
+    assert beside.decision == "not_assessable" and "slice 0" in beside.reason
 
 
 def test_preprocessing_in_the_decode_thread_gives_the_same_predictions(tiny_onnx, synth):

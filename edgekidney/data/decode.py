@@ -124,11 +124,16 @@ def read_dicom(src, name: str, stop_before_pixels: bool = False):
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         raise InputError(f"{name}: not a readable DICOM file ({_one_line(exc)})") from None
+    # A file cut inside compressed (encapsulated) pixel data: pydicom warns and, forced, returns an empty
+    # dataset, which would read as "no Rows/Columns"; say what happened instead.
+    if any("End of file reached before delimiter" in str(w.message) for w in caught):
+        raise InputError(f"{name}: DICOM pixel data is truncated (the file ends inside its compressed frames)")
+    return ds
 
 
 def dicom_pixels(ds, name: str, index: int | None = None) -> np.ndarray:

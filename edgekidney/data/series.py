@@ -132,6 +132,11 @@ class Series:
         """Each slice in order, in Hounsfield units (float32), in display orientation."""
         raise NotImplementedError
 
+    def hu_slices_or_errors(self) -> Iterator[np.ndarray | InputError]:
+        """As :meth:`hu_slices`, but where a series is made of files, a slice that cannot be read is
+        yielded as its :class:`InputError` and the next one is read (a volume read whole fails whole)."""
+        yield from self.hu_slices()
+
     def slice_name(self, index: int) -> str:
         return f"{self.identity}#{index}"
 
@@ -143,12 +148,24 @@ class DicomSeries(Series):
     transform: DisplayTransform = field(default_factory=DisplayTransform)
 
     def hu_slices(self) -> Iterator[np.ndarray]:
+        for hu in self.hu_slices_or_errors():
+            if isinstance(hu, InputError):
+                raise hu
+            yield hu
+
+    def hu_slices_or_errors(self) -> Iterator[np.ndarray | InputError]:
         cached_path, cached_ds = None, None
         for ref in self.refs:
-            if ref.path != cached_path:
-                cached_ds = read_dicom(ref.path, ref.path.name)
-                cached_path = ref.path if ref.frame is not None else None  # keep multi-frame files open
-            yield self._to_hu(ref, cached_ds)
+            try:
+                if ref.path != cached_path:
+                    cached_path, cached_ds = None, None
+                    cached_ds = read_dicom(ref.path, ref.path.name)
+                    cached_path = ref.path if ref.frame is not None else None  # keep multi-frame files open
+                yield self._to_hu(ref, cached_ds)
+            except DependencyError:
+                raise  # a missing decoder fails every slice alike: the installation's problem
+            except InputError as exc:  # a truncated or changed file: this slice, not its series
+                yield exc
             if ref.frame is None:
                 cached_ds = None
 

@@ -27,6 +27,7 @@ from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
+UNREADABLE = "unreadable"  # the label of a series' slice whose file could not be read: not judged
 from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
 
 
@@ -35,7 +36,7 @@ class SliceRecord:
     index: int
     position_mm: float
     probability: float
-    label: str  # a class name, or "out_of_scope"
+    label: str  # a class name, "out_of_scope", or "unreadable" (its file could not be read; scope_reason says why)
     in_scope: bool = True  # true also when the model has no out-of-scope detector
     scope_distance: float | None = None  # the model's feature distance (scope threshold in the sidecar)
     scope_reason: str | None = None  # why the slice is out of scope
@@ -111,6 +112,13 @@ def model_info(classifier) -> dict:
 _DONE = object()
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """What :func:`classify_stream` returns in the place of a slice its source could not read."""
+
+    reason: str
+
+
 def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], batch_size: int = 8,
                     timings: dict | None = None) -> list:
     """Classify a stream of 0..1 slices while the next ones are decoded and preprocessed in a thread.
@@ -143,6 +151,9 @@ def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], 
                 t1, c1 = time.perf_counter(), time.thread_time()
                 busy["decode_s"] += t1 - t
                 busy["decode_cpu_s"] += c1 - c
+                if isinstance(s, InputError):  # the source could not read this slice and went on
+                    q.put(Unreadable(str(s)))
+                    continue
                 if split:
                     x, geometry = preprocess_batch_with_geometry([s], config)
                     s = (x[0], geometry[0])
@@ -171,13 +182,15 @@ def classify_stream(classifier, slices: Iterator[np.ndarray], names: list[str], 
             wait_s += time.perf_counter() - t
             if isinstance(item, BaseException):
                 raise item
-            if item is not _DONE:
+            if item is not _DONE and not isinstance(item, Unreadable):
                 batch.append(item)
-            if batch and (len(batch) == batch_size or item is _DONE):
+            if batch and (len(batch) == batch_size or item is _DONE or isinstance(item, Unreadable)):
                 t = time.perf_counter()
                 preds.extend(run(batch, names[len(preds):len(preds) + len(batch)]))
                 classify_s += time.perf_counter() - t
                 batch = []
+            if isinstance(item, Unreadable):
+                preds.append(item)  # after the slices before it: the order is kept
             if item is _DONE:
                 break
     finally:
@@ -197,13 +210,24 @@ def slice_in_scope(pred) -> bool:
     return pred.label != OUT_OF_SCOPE and (flag is None or bool(flag))
 
 
+def unread_in_judged_range(slices: list[SliceRecord]) -> SliceRecord | None:
+    """The first unreadable slice inside, or next to, the range from the first to the last in-scope slice:
+    there it may have held what the others do not show. Outside it (lungs, pelvis) it changes nothing."""
+    scoped = [s.index for s in slices if s.in_scope]
+    if not scoped:
+        return None
+    return next((s for s in slices if s.label == UNREADABLE and scoped[0] - 1 <= s.index <= scoped[-1] + 1), None)
+
+
 def _float_or_none(value) -> float | None:
     return None if value is None else float(value)
 
 
-def _windowed(series: Series, center: float, width: float) -> Iterator[np.ndarray]:
-    for hu in series.hu_slices():
-        yield window_hu(hu, center, width)
+def _windowed(series: Series, center: float, width: float, keep_going: bool = False
+              ) -> Iterator[np.ndarray | InputError]:
+    """The series' slices windowed to 0..1; with ``keep_going`` an unreadable slice comes as its error."""
+    for hu in (series.hu_slices_or_errors() if keep_going else series.hu_slices()):
+        yield hu if isinstance(hu, InputError) else window_hu(hu, center, width)
 
 
 def focus_at(hu: np.ndarray, peak: Sequence[int], spacing_mm: Sequence[float],
@@ -278,7 +302,7 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         positions, source = reformat.positions, reformat.slices()
         result.spacing_mm = reformat.spacing_mm
     else:
-        positions, source = list(series.positions), _windowed(series, pre.window_center, pre.window_width)
+        positions, source = list(series.positions), _windowed(series, pre.window_center, pre.window_width, True)
         result.spacing_mm = series.slice_spacing
     names = [f"{series.identity}#{k}" for k in range(len(positions))]
     try:
@@ -289,7 +313,17 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         result.reason = f"unreadable slice: {exc}"
         return result
     result.n_slices = len(preds)
+    unreadable = [p.reason for p in preds if isinstance(p, Unreadable)]
+    if unreadable and len(unreadable) == len(preds):
+        result.reason = f"unreadable slice: {unreadable[0]}"
+        return result
+    if unreadable:  # those slices are not judged: like out-of-scope ones they break runs (study.rule)
+        result.warnings.append(f"{len(unreadable)} slice(s) could not be read and were not judged "
+                               f"(label {UNREADABLE!r}), e.g. {unreadable[0]}")
     for k, (pred, pos) in enumerate(zip(preds, positions)):
+        if isinstance(pred, Unreadable):
+            result.slices.append(SliceRecord(k, round(float(pos), 3), 0.0, UNREADABLE, False, None, pred.reason))
+            continue
         result.slices.append(SliceRecord(k, round(float(pos), 3), float(pred.probability), pred.label,
                                          slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
                                          getattr(pred, "scope_reason", None),
@@ -300,6 +334,11 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
                       [s.focus_hu for s in result.slices])
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
+    hole = unread_in_judged_range(result.slices)
+    if decision.decision == "no_stone" and hole is not None:  # a stone there would have gone unseen
+        result.decision = "not_assessable"
+        result.reason = (f"slice {hole.index}, inside the range the model judges, could not be read, so 'no stone' "
+                         f"would not cover it ({decision.reason} on the others): {hole.scope_reason}")
     result.peak = None if decision.peak is None else result.slices[decision.peak]
     result.supporting = [SliceRange(r.start, r.end, result.slices[r.start].position_mm,
                                     result.slices[r.end].position_mm, r.length, r.max_probability)
