@@ -528,8 +528,9 @@ def bench_accuracy_cmd(
     from edgekidney.bench.accuracy import Gates, format_table, run_accuracy
     from edgekidney.data.dataset import parse_classes
 
-    result = run_accuracy(list(models), data, split, parse_classes(classes),
-                          Gates(max_accuracy_drop, max_sensitivity_drop, min_agreement), reference, backend=backend,
+    result = run_accuracy([resolve_model(m) for m in models], data, split, parse_classes(classes),
+                          Gates(max_accuracy_drop, max_sensitivity_drop, min_agreement),
+                          None if reference is None else resolve_model(reference), backend=backend,
                           log=lambda s: typer.echo(s, err=True))
     typer.echo(format_table(result))
     echo_json(result, json_out)
@@ -554,7 +555,8 @@ def bench_latency_cmd(
     """Latency percentiles and throughput per model, backend and batch size."""
     from edgekidney.bench.latency import main as latency_main
 
-    argv = [str(m) for m in models] + ["--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads),
+    form = "gpu" if backend == "trt" else "cpu"
+    argv = [str(resolve_model(m, form)) for m in models] + ["--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads),
                                        "--seconds", str(seconds), "--torch", torch, "--max-slowdown", str(max_slowdown)]
     for flag, value in (("--data", data), ("--baseline", baseline), ("--json", json_out), ("--plot", plot)):
         if value is not None:
@@ -609,6 +611,7 @@ def export_triton_cmd(
     from edgekidney.server.triton_repo import DEFAULT_RELEASE, TritonExportConfig, export_triton, triton_release
     from edgekidney.sidecar import load_card
 
+    model = resolve_model(model, form="gpu" if instance_kind == "gpu" else "cpu")
     path = export_triton(model, repo, TritonExportConfig(name=name, version=version, max_batch_size=max_batch_size,
                                                          queue_delay_us=queue_delay_us, instance_kind=instance_kind,
                                                          instance_count=instances, force=force))

@@ -163,3 +163,29 @@ def test_benchmark_scripts_exit_1_on_usage_errors(capsys):
             main(argv)
         assert info.value.code == 1
         assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+def test_benchmarks_and_triton_take_a_released_model_by_name(tiny_onnx, tiny_run, tmp_path, monkeypatch):
+    """"Wherever a command takes a model it also takes a released model by name" (docs/commands.md)."""
+    import shutil
+
+    release = tmp_path / "models" / "mini-release"
+    release.mkdir(parents=True)
+    shutil.copyfile(tiny_onnx, release / "model-fp16.onnx")
+    shutil.copyfile(tiny_onnx.with_suffix(".json"), release / "model-fp16.json")
+    monkeypatch.setenv("EDGEKIDNEY_MODELS", str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path)  # the name must not be found as a path
+    r = runner.invoke(app, ["export-triton", "mini-release", "--repo", "triton"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "triton" / "edgekidney" / "1" / "model.onnx").read_bytes() == tiny_onnx.read_bytes()
+    r = runner.invoke(app, ["bench", "accuracy", "mini-release", "--data", str(tiny_run / "split.csv"),
+                            "--split", "val", "--json", "acc.json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "acc.json").read_text())["rows"][0]["model"].endswith("model-fp16.onnx")
+    r = runner.invoke(app, ["bench", "latency", "mini-release", "--batch-sizes", "1", "--seconds", "0.2",
+                            "--torch", "none", "--threads", "1", "--json", "lat.json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "lat.json").read_text())["rows"]
+    assert rows and all(row["model"].endswith("model-fp16.onnx") for row in rows)
+    r = runner.invoke(app, ["export-triton", "no-such-release", "--repo", "triton2"])
+    assert r.exit_code == 1 and "no released model of that name" in r.output
