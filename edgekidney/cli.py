@@ -352,10 +352,12 @@ def infer_cmd(
                    "failures": [f.__dict__ for f in failures]}, json_out)
     if csv_out is not None:
         fh = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
-        w = csv.DictWriter(fh, fieldnames=["path", "probability", "label", "threshold", "in_scope",
-                                           "scope_distance", "scope_threshold"], extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=["path", "probability", "label", "threshold", "in_scope", "scope_distance",
+                                           "scope_threshold", "scope_reason", "cam_peak_row", "cam_peak_col"],
+                           extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**row, "cam_peak_row": (row.get("cam_peak") or [None, None])[0],
+                     "cam_peak_col": (row.get("cam_peak") or [None, None])[1]} for row in rows)
         if fh is not sys.stdout:
             fh.close()
     for f in failures:

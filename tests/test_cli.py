@@ -58,8 +58,16 @@ def test_infer_prints_json_for_files_and_folders(tiny_onnx, small_real, tmp_path
 def test_infer_csv_to_stdout(tiny_onnx, small_real):
     r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", "--csv", "-")
     assert r.exit_code == 0
+    import csv
+
     lines = r.stdout.strip().splitlines()
-    assert lines[0] == "path,probability,label,threshold,in_scope,scope_distance,scope_threshold" and len(lines) == 2
+    assert lines[0] == ("path,probability,label,threshold,in_scope,scope_distance,scope_threshold,scope_reason,"
+                        "cam_peak_row,cam_peak_col") and len(lines) == 2
+    (row,) = csv.DictReader(lines)
+    listed = json.loads(run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", "--json", "-").stdout)
+    (pred,) = listed["predictions"]
+    assert [int(row["cam_peak_row"]), int(row["cam_peak_col"])] == pred["cam_peak"]  # the JSON's peak, [row, col]
+    assert row["scope_reason"] == (pred["scope_reason"] or "") and float(row["probability"]) == pytest.approx(pred["probability"])
 
 
 def test_infer_keep_going_reports_bad_files_and_exits_nonzero(tiny_onnx, small_real, tmp_path):

@@ -517,3 +517,18 @@ def test_sr_of_a_series_without_series_uid_is_valid_dicom(tmp_path):
         ds = pydicom.dcmread(write_sr(res, series, tmp_path))
     uids = {se.SeriesInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence for se in s.ReferencedSeriesSequence}
     assert len(uids) == 1 and all(c in "0123456789." for c in uids.pop())
+
+
+def test_keep_identifiers_names_the_series_and_each_slice_file(synth):
+    import pydicom
+
+    root, truth = synth
+    kept = analyze_study(oracle_for(truth["none"]), [root / "none"], keep_identifiers=True).series[0]
+    assert kept.series_uid == truth["none"].series_uid
+    files = [Path(s.source) for s in kept.slices]
+    assert sorted(files) == sorted((root / "none").glob("*.dcm"))  # every file once (their names are shuffled)
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files]
+    assert z == sorted(z) and [round(v, 3) for v in z] == [s.position_mm for s in kept.slices]  # each file at its slice
+    hidden = analyze_study(oracle_for(truth["none"]), [root / "none"]).series[0]
+    assert hidden.series_uid is None and all(s.source is None for s in hidden.slices)
+    assert str(root) not in json.dumps(hidden.to_dict())  # no path by default

@@ -73,7 +73,7 @@ def mismatch_warning(model_data: dict | None, paths: list[str | Path]) -> str | 
     if model_data.get("synthetic") and n_synthetic < n:
         return (f"this model was trained on synthetic phantoms (edgekidney synth/demo), but {n - n_synthetic} of "
                 f"{n} input(s) checked are not synthetic: its outputs on real CT mean nothing; "
-                "train on real labelled slices (README: 'On real CT slices')")
+                "train on real labelled slices (README: 'Real data')")
     if model_data.get("synthetic") is False and n_synthetic:
         return (f"{n_synthetic} of {n} input(s) checked are edgekidney's synthetic phantoms, but this model was "
                 "trained on real slices: its outputs on them say nothing about real CT")

@@ -140,6 +140,10 @@ class Series:
     def slice_name(self, index: int) -> str:
         return f"{self.identity}#{index}"
 
+    def slice_source(self, index: int) -> str | None:
+        """The file (and frame) a slice was read from; None where the series is one file (``uid`` names it)."""
+        return None
+
 
 @dataclass
 class DicomSeries(Series):
@@ -188,6 +192,10 @@ class DicomSeries(Series):
     def slice_name(self, index: int) -> str:
         ref = self.refs[index]
         return ref.sop_instance_uid + ("" if ref.frame is None else f"#{ref.frame_number}")
+
+    def slice_source(self, index: int) -> str | None:
+        ref = self.refs[index]
+        return str(ref.path) + ("" if ref.frame is None else f"[frame {ref.frame_number}]")
 
 
 # -- finding files ----------------------------------------------------------------------------------

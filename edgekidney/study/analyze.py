@@ -44,6 +44,7 @@ class SliceRecord:
     # the densest HU within FOCUS_RADIUS_MM of cam_peak, on in-scope slices at or above the threshold
     # (axial slices with HU; None elsewhere): a calculus is dense, soft tissue is not (study.rule)
     focus_hu: float | None = None
+    source: str | None = None  # the file (and frame) it was read from: only with keep_identifiers, DICOM slices
 
 
 @dataclass
@@ -328,6 +329,9 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
                                          slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
                                          getattr(pred, "scope_reason", None),
                                          None if getattr(pred, "cam_peak", None) is None else list(pred.cam_peak)))
+    if keep_identifiers and classified_plane == series.acquired_plane:
+        for record in result.slices:
+            record.source = series.slice_source(record.index)
     probs = [s.probability for s in result.slices]
     if classified_plane == series.acquired_plane:
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
