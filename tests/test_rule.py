@@ -88,6 +88,19 @@ def test_not_assessable_conditions_and_their_reasons():
     assert decide([0.9, 0.9, 0.9], [True, True, True], strict, 0.5).decision == "stone"
 
 
+def test_fewer_slices_in_scope_than_a_run_needs_is_not_a_no_stone():
+    """One confident stone slice, alone in its series: no run of 2 can form, so "no stone" would be false."""
+    d = decide([0.9], [True], StudyRule(), 0.5)
+    assert d.decision == "not_assessable" and d.peak == 0
+    assert d.reason.startswith("1 slice(s) in scope, fewer than the 2 consecutive slices a stone call needs")
+    assert decide([0.1], [True], StudyRule(), 0.5).decision == "not_assessable"  # nor for a quiet one
+    assert decide([0.9, 0.9, 0.9], [False, True, False], StudyRule(), 0.5).decision == "not_assessable"
+    assert decide([0.9, 0.9, 0.9], [False, True, False], StudyRule(min_run=1), 0.5).decision == "stone"
+    assert decide([0.9, 0.1], [True, True], StudyRule(), 0.5).decision == "no_stone"  # 2 in scope: a run could form
+    assert decide([0.9, 0.9, 0.1], [True, True, True], StudyRule(min_run=3), 0.5).decision == "no_stone"
+    assert decide([0.9, 0.9], [True, True], StudyRule(min_run=3), 0.5).decision == "not_assessable"
+
+
 def test_run_score_is_the_best_windows_minimum():
     assert run_score([0.1, 0.8, 0.85, 0.2], 2) == 0.8
     assert run_score([0.1, 0.8, 0.85, 0.2], 1) == 0.85

@@ -355,3 +355,108 @@ def test_slices_of_different_sizes_are_refused_and_the_study_says_not_assessable
     assert entry["decision"] == "not_assessable" and entry["reason"] == s.refusal
     assert entry["n_slices"] == 8 and entry["slices"] == [] and entry["probability"] is None  # nothing judged
     assert "not_assessable" in r.stdout
+
+
+# -- hostile headers and volumes: a one-line reason, never a traceback, never a silent answer ---------
+def _with_text(path, keyword, placeholder, text):
+    """Save ``keyword`` as a number, then overwrite its bytes with ``text`` (pydicom refuses to write it)."""
+    edit(path, **{keyword: placeholder})
+    raw = path.read_bytes()
+    assert raw.count(placeholder.encode()) == 1
+    path.write_bytes(raw.replace(placeholder.encode(), text.encode().ljust(len(placeholder))))
+
+
+def test_a_non_numeric_rescale_slope_skips_its_file_with_the_reason_not_the_study(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    _with_text(files[2], "RescaleSlope", "9.8765", "abc")
+    (s,), skipped = read_series([tmp_path / "s"])
+    assert len(s) == 7 and [Path(k.path).name for k in skipped] == [files[2].name]
+    assert "RescaleSlope 'abc' is not a number" in skipped[0].reason
+
+
+@pytest.mark.parametrize("keyword,placeholder", [("InstanceNumber", "12345678"), ("GantryDetectorTilt", "1.234567"),
+                                                 ("SliceThickness", "3.456789"), ("SpacingBetweenSlices", "2.345678")])
+def test_non_numeric_geometry_tags_are_read_as_absent(tmp_path, small_series, keyword, placeholder):
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        _with_text(f, keyword, placeholder, "abcdefgh"[: len(placeholder)])
+        if keyword == "SpacingBetweenSlices":  # read only where positions are missing
+            edit(f, ImagePositionPatient=None)
+    (s,), skipped = read_series([tmp_path / "s"])
+    assert not skipped and len(s) == 8 and s.refusal is None
+    if keyword == "SliceThickness":
+        assert s.slice_thickness is None
+    if keyword == "SpacingBetweenSlices":  # the slice thickness (3 mm) spaces the estimated positions instead
+        assert s.slice_spacing == pytest.approx(3.0)
+
+
+def test_float_pixel_data_with_nan_is_an_unreadable_slice_not_a_quiet_one(tmp_path, small_series):
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    files = copy_series(small_series[0], tmp_path / "s")
+    ds = pydicom.dcmread(files[0])
+    values = ds.pixel_array.astype(np.float32) - 1024
+    values[::5, ::5] = np.nan
+    del ds.PixelData
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    for k in ("PixelRepresentation", "RescaleSlope", "RescaleIntercept"):
+        if k in ds:
+            delattr(ds, k)
+    ds.FloatPixelData = values.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(files[0])
+    (s,), _ = read_series([tmp_path / "s"])
+    out = list(s.hu_slices_or_errors())
+    bad = [k for k, x in enumerate(out) if isinstance(x, InputError)]
+    assert len(bad) == 1 and "NaN or infinity" in str(out[bad[0]])
+    assert all(np.isfinite(x).all() for x in out if not isinstance(x, InputError))
+
+
+def _nifti(path, data, affine=None):
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def test_a_nifti_with_nan_voxels_is_refused_not_classified(tmp_path):
+    v = np.full((40, 40, 6), -1000.0, np.float32)
+    v[10:30, 10:30] = 40.0
+    v[::7, ::7] = np.nan
+    s = read_nifti(_nifti(tmp_path / "nan.nii.gz", v))
+    assert s.refusal == "voxels hold NaN or infinity: not CT in Hounsfield units"
+
+
+@pytest.mark.parametrize("name,make,reason", [
+    ("rgb.nii.gz", lambda: np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), "colour or complex"),
+    ("empty.nii.gz", lambda: np.zeros((40, 40, 0), np.int16), "no voxels"),
+])
+def test_nifti_that_holds_no_ct_values_is_skipped_with_one_line(tmp_path, name, make, reason):
+    with pytest.raises(InputError, match=reason):
+        read_nifti(_nifti(tmp_path / name, make()))
+
+
+def test_a_nifti_affine_that_is_not_finite_is_refused(tmp_path):
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[2, 3] = np.inf
+    with pytest.raises(InputError, match="affine is not finite"):
+        read_nifti(_nifti(tmp_path / "inf.nii.gz", np.full((40, 40, 4), -1000, np.int16), affine))
+
+
+def test_zero_pixel_spacing_is_taken_as_absent(tmp_path, small_series):
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, PixelSpacing=[0, 0])
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.pixel_spacing == (1.0, 1.0) and any("1 mm assumed" in w for w in s.warnings)
+
+
+def test_a_fifo_or_a_device_link_in_a_folder_is_not_read(tmp_path, small_series):
+    import os
+
+    files = copy_series(small_series[0], tmp_path / "s")
+    os.mkfifo(tmp_path / "s" / "x.dcm")
+    (tmp_path / "s" / "z.dcm").symlink_to("/dev/zero")
+    (s,), skipped = read_series([tmp_path / "s"])  # would block on the FIFO or spin on /dev/zero
+    assert len(s) == len(files) and not skipped
+    with pytest.raises(InputError, match="not a regular file"):
+        read_series([tmp_path / "s" / "x.dcm"])

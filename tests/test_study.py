@@ -532,3 +532,28 @@ def test_keep_identifiers_names_the_series_and_each_slice_file(synth):
     hidden = analyze_study(oracle_for(truth["none"]), [root / "none"]).series[0]
     assert hidden.series_uid is None and all(s.source is None for s in hidden.slices)
     assert str(root) not in json.dumps(hidden.to_dict())  # no path by default
+
+
+def test_a_one_slice_series_with_a_stone_is_not_answered_no_stone(synth, tmp_path):
+    """min_run = 2 cannot be met by one slice: the SR must not say 'Absent' for a series holding a stone."""
+    import shutil
+
+    root, truth = synth
+    (series,), _ = read_series([root / "two"])
+    stone_slice = truth["two"].stone_slices[0][0]
+    (tmp_path / "one").mkdir()
+    shutil.copyfile(series.refs[stone_slice].path, tmp_path / "one" / "only.dcm")
+    r = analyze_study(oracle_for(truth["two"]), [tmp_path / "one"]).series[0]
+    assert r.n_slices == 1 and r.slices[0].probability == 0.9  # the slice itself is a confident stone
+    assert r.decision == "not_assessable" and "fewer than the 2 consecutive slices" in r.reason
+
+
+def test_a_volume_with_nan_voxels_is_not_classified(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    v = np.full((48, 48, 6), -1000.0, np.float32)
+    v[8:40, 8:40] = 40.0
+    v[::7, ::7] = np.nan
+    nib.save(nib.Nifti1Image(v, np.diag([3.0, 3.0, 3.0, 1.0])), str(tmp_path / "nan.nii.gz"))
+    oracle = Oracle([(8, 40, 8, 40)])
+    r = analyze_study(oracle, [tmp_path / "nan.nii.gz"]).series[0]
+    assert r.decision == "not_assessable" and "NaN" in r.reason and r.slices == [] and oracle.seen == 0

@@ -118,6 +118,8 @@ def expand_paths(paths, list_folder=list_files,
             if not files:
                 raise InputError(f"{p}: {empty}")
             out.extend(files)
+        elif not p.is_file():  # a FIFO, a device: reading it would block or never end
+            raise InputError(f"{p}: not a regular file")
         else:
             out.append(p)
     if not out:

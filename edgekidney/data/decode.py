@@ -23,6 +23,7 @@ raises :class:`~edgekidney.errors.ImageTooLargeError` (the server's 413); a dege
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
     pixels = dicom_pixels(ds, name)
     if pixels.ndim != 2:
         raise InputError(f"{name}: DICOM pixel data has shape {pixels.shape}; expected one grayscale slice")
-    slope, intercept = dicom_rescale(ds)
+    try:
+        slope, intercept = dicom_rescale(ds)
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
     return window_hu(stored_to_hu(pixels, slope, intercept), config.window_center, config.window_width)
 
 
@@ -170,12 +174,24 @@ def dicom_rescale(ds, frame: int | None = None) -> tuple[float, float]:
             groups.append(per_frame[frame])
     if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
         groups.append(ds.SharedFunctionalGroupsSequence[0])
+    source = ds
     for group in groups:
         seq = group.get("PixelValueTransformationSequence")
         if seq:
-            item = seq[0]
-            return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
-    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+            source = seq[0]
+            break
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = source.get(keyword, default)
+        try:
+            value = float(raw if raw not in (None, "") else default)
+        except (TypeError, ValueError):
+            raise InputError(f"DICOM {keyword} {str(raw)[:20]!r} is not a number: Hounsfield units cannot be "
+                             "computed") from None
+        if not math.isfinite(value) or (keyword == "RescaleSlope" and value == 0.0):
+            raise InputError(f"DICOM {keyword} {value} cannot map stored values to Hounsfield units")
+        values.append(value)
+    return values[0], values[1]
 
 
 def stored_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -187,6 +187,8 @@ class DicomSeries(Series):
         pixels = dicom_pixels(ds, name, index=ref.frame)
         if pixels.ndim != 2 or pixels.shape != ref.shape:
             raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():  # Float Pixel Data can hold them
+            raise InputError(f"{name}: pixel data contains NaN or infinity")
         return np.ascontiguousarray(self.transform.apply(stored_to_hu(pixels, ref.slope, ref.intercept)))
 
     def slice_name(self, index: int) -> str:
@@ -204,7 +206,8 @@ def _every_file(folder: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+        # regular files only: a FIFO would block the read, a link to /dev/zero would never end
+        found.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and (Path(root) / f).is_file())
     return found
 
 
@@ -214,12 +217,28 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 # -- reading headers --------------------------------------------------------------------------------
+def _number(value, default: float | None = None) -> float | None:
+    """A header's number, or ``default`` where it is absent, not a number or not finite (a tag that only
+    refines the geometry; a value the pixels depend on is checked where it is read)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return number if np.isfinite(number) else default
+
+
 def _floats(value, n: int) -> tuple[float, ...] | None:
     try:
         vals = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return vals if len(vals) == n and all(np.isfinite(vals)) else None
+
+
+def _spacing(value) -> tuple[float, ...] | None:
+    """PixelSpacing (row, column) in mm; None where absent or not two positive numbers."""
+    pair = _floats(value, 2)
+    return pair if pair is not None and min(pair) > 0 else None
 
 
 def _joined(value) -> str:
@@ -283,14 +302,14 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
     """One SliceRef per slice (per frame of an enhanced multi-frame file)."""
     sop_class, sop_uid = _sop_class(ds), _sop_instance(ds) or f"file:{path.resolve()}"
     shape = (int(ds.Rows), int(ds.Columns))
-    instance = ds.get("InstanceNumber")
-    instance = int(instance) if instance not in (None, "") else None
+    instance = _number(ds.get("InstanceNumber"))
+    instance = None if instance is None else int(instance)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         slope, intercept = dicom_rescale(ds)
         ipp = _floats(ds.get("ImagePositionPatient"), 3)
         return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
-                         _floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("PixelSpacing"), 2),
+                         _floats(ds.get("ImageOrientationPatient"), 6), _spacing(ds.get("PixelSpacing")),
                          shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")))]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) != frames:
@@ -301,8 +320,8 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         ipp = _floats(_first(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
         iop = _floats(_first(item, "PlaneOrientationSequence", "ImageOrientationPatient")
                       or _first(shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-        spacing = _floats(_first(item, "PixelMeasuresSequence", "PixelSpacing")
-                          or _first(shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        spacing = _spacing(_first(item, "PixelMeasuresSequence", "PixelSpacing")
+                           or _first(shared, "PixelMeasuresSequence", "PixelSpacing"))
         slope, intercept = dicom_rescale(ds, frame=k)
         rescale_type = (_first(item, "PixelValueTransformationSequence", "RescaleType")
                         or _first(shared, "PixelValueTransformationSequence", "RescaleType") or "")
@@ -339,6 +358,10 @@ def scan_dicom(files: Iterable[Path], limits: DecodeLimits = DEFAULT_LIMITS
                 refs = _slice_refs(path, ds)
         except EdgeKidneyError as exc:
             skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: ")))
+            continue
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            # pydicom converts a value when it is read: a malformed one surfaces here, not at dcmread
+            skipped.append(Skipped(str(path), f"malformed DICOM header ({' '.join(str(exc).split())[:120]})"))
             continue
         if reason is not None:
             skipped.append(Skipped(str(path), reason))
@@ -399,7 +422,8 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             positions = [float(k) for k in range(len(refs))]
         else:
             refs.sort(key=lambda r: (r.instance_number, r.frame or 0))
-            spacing = float(header.get("SpacingBetweenSlices", 0) or header.get("SliceThickness", 0) or 1.0)
+            spacing = (_number(header.get("SpacingBetweenSlices"), 0.0) or _number(header.get("SliceThickness"), 0.0)
+                       or 1.0)
             positions = [k * spacing for k in range(len(refs))]
             warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from "
                             "the slice spacing")
@@ -418,7 +442,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             drift = refs[-1].position - refs[0].position
             cosang = abs(float(drift @ normal)) / (np.linalg.norm(drift) or 1.0)
             tilt = float(np.degrees(np.arccos(min(1.0, cosang))))
-            tilt_tag = abs(float(header.get("GantryDetectorTilt", 0) or 0))
+            tilt_tag = abs(_number(header.get("GantryDetectorTilt"), 0.0))
             tilt = max(tilt, tilt_tag)
             if tilt > TILT_WARN_DEGREES:
                 allows_reformat = False
@@ -446,7 +470,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             r2, c2 = transform.source_index(0, 1, refs[0].shape)
             col_dir = (c2 - c0) * row_cos + (r2 - r0) * col_cos
     if refs[0].pixel_spacing is None:
-        warnings.append("no PixelSpacing: 1 mm assumed")
+        warnings.append("no PixelSpacing (or not two positive numbers): 1 mm assumed")
     description = str(header.get("SeriesDescription", "") or "")
     thickness = header.get("SliceThickness") or _first(
         header.SharedFunctionalGroupsSequence[0] if header.get("SharedFunctionalGroupsSequence") else None,
@@ -456,7 +480,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
         acquired_plane=plane, positions=positions, pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=tuple(display_shape), origin=origin, row_direction=row_dir, col_direction=col_dir,
         warnings=warnings, refusal=refusal, allows_reformat=allows_reformat,
-        slice_thickness=float(thickness) if thickness else None,
+        slice_thickness=_number(thickness) or None,
         refs=refs, header=header, transform=transform)
 
 
@@ -482,7 +506,12 @@ def read_series(paths: Iterable[str | Path],
     groups, skipped, too_large = scan_dicom((f for f in files if not is_nifti(f)), limits)
     series: list[Series] = []
     for uid, members in groups.items():
-        one = build_series(uid, members)
+        try:
+            one = build_series(uid, members)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            why = f"its series could not be assembled: malformed DICOM header ({' '.join(str(exc).split())[:120]})"
+            skipped.extend(Skipped(str(ref.path), why) for ref, _ in members)
+            continue
         if uid in too_large:
             one.refusal = f"too large: {too_large[uid]}"
         series.append(one)

@@ -90,6 +90,8 @@ def check_declared_volume(img, path: Path, to_lps: np.ndarray, limits: DecodeLim
         shape = shape[:-1]
     if len(shape) != 3:
         raise InputError(f"{path.name}: NIfTI has shape {shape}; expected a 3-D volume")
+    if min(shape) < 1:
+        raise InputError(f"{path.name}: NIfTI has shape {shape}: no voxels")
     lps = [0, 0, 0]
     for axis, n in enumerate(shape):
         lps[int(to_lps[axis, 0])] = n
@@ -120,6 +122,11 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
         raise _unreadable(path, exc) from None
+    if not np.isfinite(np.asarray(affine, dtype=float)).all() or np.any(np.linalg.norm(affine[:3, :3], axis=0) <= 0):
+        raise InputError(f"{path.name}: NIfTI affine is not finite or has a zero voxel size: positions unknown")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"{path.name}: NIfTI voxels are {dtype} (colour or complex), not CT values")
     check_declared_volume(img, path, to_lps, limits)  # docs/architecture.md rule 8
     try:
         data = np.asanyarray(img.dataobj)
@@ -135,7 +142,8 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
     if obliquity > 1.0:
         warnings.append(f"affine is oblique by {obliquity:.1f} deg: slices taken along the nearest axis")
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    reason = not_ct_reason(data)
+    reason = ("voxels hold NaN or infinity: not CT in Hounsfield units"
+              if data.dtype.kind == "f" and not np.isfinite(data).all() else not_ct_reason(data))
     positions = [float((affine @ np.array([0.0, 0.0, k, 1.0]))[2]) for k in range(data.shape[2])]
     # RAS world -> LPS: negate x and y
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])

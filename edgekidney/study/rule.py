@@ -9,8 +9,9 @@ isolated single-slice positives are the classifier's typical false alarms, so th
 the model's scope (``Prediction.in_scope`` false, or the label ``out_of_scope``), or when more than
 ``max_out_of_scope_fraction`` of the slices between the first and the last in-scope slice are out of
 scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model should not judge
-(lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable.
-``no_stone`` otherwise.
+(lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable. It is
+also ``not_assessable`` when fewer than ``min_run`` slices are in scope: no run could call a stone
+there, so "no stone" would not be an answer. ``no_stone`` otherwise.
 
 ``min_focus_hu`` (off unless set): a slice counts towards a run only when the densest pixel within
 ``FOCUS_RADIUS_MM`` of its stone-map peak reaches that many HU (``SliceRecord.focus_hu``, measured on
@@ -119,6 +120,10 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     peak = max(scoped, key=lambda k: probabilities[k]) if scoped else None
     if not scoped:
         return Decision("not_assessable", f"none of the {n} slices is within the model's scope", threshold, [], None)
+    if len(scoped) < rule.min_run:  # no run can reach min_run: "no stone" would be said of slices never weighed
+        return Decision("not_assessable", f"{len(scoped)} slice(s) in scope, fewer than the {rule.min_run} consecutive "
+                                          "slices a stone call needs (for single slices: infer, or --min-run 1)",
+                        threshold, [], peak)
     # The range the model can judge: from the first to the last in-scope slice. Out-of-scope slices
     # beyond it (chest, pelvis, head of a longer scan) are expected; inside it they are not.
     span = scoped[-1] - scoped[0] + 1
