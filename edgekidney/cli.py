@@ -37,7 +37,11 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                        help="Print the version and exit.")):
-    pass
+    import warnings
+
+    # pydicom warns once per malformed value it reads; edgekidney checks the values it needs and says
+    # what it did with a file in one line, so the warning would only add lines above that answer
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
 
 
 THREADS_HELP = "CPU threads for PyTorch and ONNX Runtime (default: the cores this process may use)."

@@ -408,7 +408,7 @@ def test_float_pixel_data_with_nan_is_an_unreadable_slice_not_a_quiet_one(tmp_pa
     (s,), _ = read_series([tmp_path / "s"])
     out = list(s.hu_slices_or_errors())
     bad = [k for k, x in enumerate(out) if isinstance(x, InputError)]
-    assert len(bad) == 1 and "NaN or infinity" in str(out[bad[0]])
+    assert len(bad) == 1 and "NaN or infinite" in str(out[bad[0]])
     assert all(np.isfinite(x).all() for x in out if not isinstance(x, InputError))
 
 
@@ -460,3 +460,15 @@ def test_a_fifo_or_a_device_link_in_a_folder_is_not_read(tmp_path, small_series)
     assert len(s) == len(files) and not skipped
     with pytest.raises(InputError, match="not a regular file"):
         read_series([tmp_path / "s" / "x.dcm"])
+
+
+def test_an_absurd_rescale_slope_is_refused_not_clipped_to_white(tmp_path, small_series):
+    from edgekidney.data.decode import load_slice
+    from edgekidney.data.preprocess import Preprocessing
+
+    files = copy_series(small_series[0], tmp_path / "s")
+    edit(files[0], RescaleSlope="1e300")
+    with pytest.raises(InputError, match=r"NaN or infinite in Hounsfield units \(RescaleSlope 1e\+300"):
+        load_slice(files[0], Preprocessing())
+    (s,), _ = read_series([tmp_path / "s"])
+    assert sum(isinstance(x, InputError) for x in s.hu_slices_or_errors()) == 1

@@ -115,10 +115,10 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
     if pixels.ndim != 2:
         raise InputError(f"{name}: DICOM pixel data has shape {pixels.shape}; expected one grayscale slice")
     try:
-        slope, intercept = dicom_rescale(ds)
+        hu = stored_to_hu(pixels, *dicom_rescale(ds))
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
-    return window_hu(stored_to_hu(pixels, slope, intercept), config.window_center, config.window_width)
+    return window_hu(hu, config.window_center, config.window_width)
 
 
 # -- reusable DICOM pieces (also used by data/series.py for whole series and multi-frame files) ----
@@ -195,8 +195,14 @@ def dicom_rescale(ds, frame: int | None = None) -> tuple[float, float]:
 
 
 def stored_to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored values -> Hounsfield units, float32."""
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    """Stored values -> Hounsfield units, float32; InputError where they leave float32's range (an absurd
+    RescaleSlope or RescaleIntercept) or the pixels hold NaN or infinity."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(hu).all():
+        raise InputError(f"pixel values are NaN or infinite in Hounsfield units (RescaleSlope {slope:g}, "
+                         f"RescaleIntercept {intercept:g})")
+    return hu
 
 
 def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: DecodeLimits) -> tuple[int, int]:

@@ -187,9 +187,11 @@ class DicomSeries(Series):
         pixels = dicom_pixels(ds, name, index=ref.frame)
         if pixels.ndim != 2 or pixels.shape != ref.shape:
             raise InputError(f"{name}: pixel data has shape {pixels.shape}, header says {ref.shape}")
-        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():  # Float Pixel Data can hold them
-            raise InputError(f"{name}: pixel data contains NaN or infinity")
-        return np.ascontiguousarray(self.transform.apply(stored_to_hu(pixels, ref.slope, ref.intercept)))
+        try:
+            hu = stored_to_hu(pixels, ref.slope, ref.intercept)  # NaN in Float Pixel Data, an absurd slope
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
+        return np.ascontiguousarray(self.transform.apply(hu))
 
     def slice_name(self, index: int) -> str:
         ref = self.refs[index]
