@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import struct
 import sys
 from pathlib import Path
@@ -364,3 +365,21 @@ def test_v2_shares_admission_and_deadline_with_v1(tiny_onnx, slices, tmp_path):
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1" and "--max-queue" in r.json()["error"]
         assert httpx.get(srv.url + "/v2/health/ready").status_code == 200  # overload is not death
+
+        def slow_body():  # a sender that stalls mid-body: its fault, so 408, not the overloaded server's 504
+            yield (head + blob)[:50]
+            time.sleep(3.0)
+            yield (head + blob)[50:]
+
+        slow = httpx.post(srv.url + "/v2/models/edgekidney/infer", content=slow_body(), timeout=10.0,
+                          headers={"Inference-Header-Content-Length": str(len(head))})
+        assert slow.status_code == 408 and slow.json()["error"].startswith("request body not received within 2.5 s")
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 5_000])
+def test_json_nested_beyond_the_parser_is_a_400_not_a_500(body):
+    from edgekidney.server.oip_codec import OipError, parse_infer_request
+
+    with pytest.raises(OipError) as e:
+        parse_infer_request(body, None)
+    assert e.value.status == 400 and "nested too deeply" in e.value.reason

@@ -87,6 +87,8 @@ def parse_infer_request(body: bytes, header_length: str | None, max_elements_byt
         hint = "" if header_length is not None else " (binary tensors need the Inference-Header-Content-Length header)"
         where = f" at byte {exc.pos} of {len(head)}" if hasattr(exc, "pos") else ""
         raise OipError(400, f"request header is not JSON ({getattr(exc, 'msg', exc)}{where}){hint}") from None
+    except RecursionError:  # "[[[[..." thousands deep: Python's parser runs out of stack, not the client's JSON
+        raise OipError(400, "request header is JSON nested too deeply to be an inference request") from None
     if not isinstance(req, dict):
         raise OipError(400, "request must be a JSON object with 'inputs'")
     params = req.get("parameters") or {}
