@@ -331,3 +331,19 @@ def test_a_file_cut_inside_compressed_pixel_data_says_truncated(tmp_path):
         read_dicom(cut, cut.name)
     with pytest.raises(InputError, match=r"CT\.[0-9.]+: DICOM pixel data is truncated \(the file ends"):
         load_slice(cut, CFG)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]), "is a localizer"),
+    (dict(SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), "Secondary Capture Image Storage is not a CT image"),
+    (dict(RescaleType="US"), r"not Hounsfield units \(RescaleType US\)"),
+])
+def test_one_slice_is_refused_for_what_a_series_is_refused(change, reason):
+    """infer and serve must not answer a scout, a secondary capture or a derived map as a CT slice."""
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    for k, v in change.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError, match=reason):
+        decode_slice(buf.getvalue(), "x.dcm", CFG)

@@ -64,6 +64,13 @@ def is_candidate_file(path: Path) -> bool:
     return looks_like_dicom(path)
 
 
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+
+
 def load_slice(path: str | Path, config: Preprocessing, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read and decode one file into a 2-D float32 slice in 0..1."""
     path = Path(path)
@@ -227,7 +234,27 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
     modality = str(ds.get("Modality", "CT") or "CT").upper()
     if modality != "CT":
         raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
+    # what study refuses in a series is refused for one slice too (docs/study.md, "skipped")
+    if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        raise InputError(f"{name}: DICOM is a localizer (scout/topogram), not a CT slice")
+    sop = str(ds.get("SOPClassUID", "") or "") or str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID",
+                                                              "") or "")
+    if sop and sop not in CT_IMAGE_SOP_CLASSES:
+        raise InputError(f"{name}: DICOM SOP class {_uid_name(sop)} is not a CT image")
+    rescale_type = str(ds.get("RescaleType", "") or "")
+    if rescale_type and rescale_type.upper() != "HU":
+        raise InputError(f"{name}: DICOM pixel values are not Hounsfield units (RescaleType {rescale_type})")
     return frames, samples
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    try:
+        name = UID(uid).name
+    except Exception:  # noqa: BLE001 - an odd UID only loses its name
+        return uid
+    return uid if not name or name == uid else name
 
 
 def _decode_image(data: bytes, name: str, config: Preprocessing, limits: DecodeLimits) -> np.ndarray:

@@ -41,16 +41,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError
-from edgekidney.data.decode import dicom_pixels, dicom_rescale, looks_like_dicom, read_dicom, stored_to_hu
+from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_rescale, looks_like_dicom,
+                                    read_dicom, stored_to_hu)
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import DisplayTransform, canonical_normal, display_transform, plane_of
 
-CT_IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NO_SERIES_UID = "no-series-uid:"
 POSITION_TOLERANCE_MM = 0.01
