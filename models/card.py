@@ -89,11 +89,13 @@ def recipe_extras(config: dict, train: dict) -> list[str]:
     return lines
 
 
-def confusion_limits(ev: dict | None) -> list[str]:
-    """A known-limit line for each non-stone class the model mostly confuses with another non-stone class."""
+def confusion_limits(ev: dict | None, shipped: dict | None = None, shipped_name: str = "") -> list[str]:
+    """A known-limit line for each non-stone class the model mostly confuses with another non-stone class;
+    with ``shipped`` (the shipped form's evaluation), what that form names them too."""
     if not ev:
         return []
     a = ev["at_model_threshold"]
+    b = (shipped or {}).get("at_model_threshold")
     out = []
     for i, c in enumerate(a["classes"]):
         row = a["confusion_matrix"][i]
@@ -101,8 +103,12 @@ def confusion_limits(ev: dict | None) -> list[str]:
         if c == a["positive_class"] or not n or row[i] / n >= 0.7:
             continue
         worst = max((k for k in range(len(a["classes"])) if k != i), key=lambda k: row[k])
-        out += [f"- {c} slices: {row[i]} of {n} named {c}, {row[worst]} named {a['classes'][worst]}. The stone answer "
-                "is what is validated; the name of a non-stone finding is not to be relied on."]
+        also = ""
+        if b and b["classes"] == a["classes"] and b["confusion_matrix"][i] != row:
+            named = [(b["confusion_matrix"][i][k], name) for k, name in enumerate(b["classes"]) if b["confusion_matrix"][i][k]]
+            also = f"; the shipped `{shipped_name}`: " + ", ".join(f"{m} {name}" for m, name in sorted(named, reverse=True))
+        out += [f"- {c} slices: {row[i]} of {n} named {c}, {row[worst]} named {a['classes'][worst]} (FP32 parent{also}). "
+                "The stone answer is what is validated; the name of a non-stone finding is not to be relied on."]
     return out
 
 
@@ -293,7 +299,7 @@ def main() -> int:
               "- Stones under about 2 mm, stones in the ureter or bladder, and phleboliths: not specifically taught.",
               "- The located share is measured on the dataset's own masks; a peak near a stone is not a segmentation.",
               "- Placed calculi are a test of sensitivity to a bright focus in a kidney, not of real stones.",
-              *confusion_limits(ev32)]
+              *confusion_limits(ev32, ev8, shipped.name)]
     erased = next((r for r in (loc or {}).get("results", []) if r.get("n_erased")), None)
     if erased:
         lines += ["- With each outlined validation stone painted over in the tissue around it, "
