@@ -74,7 +74,9 @@ def test_compressed_dicom_without_decoder_names_the_package():
         except ImportError:
             pass
     ds = pydicom.dcmread(bundled("MR_small_jpeg_ls_lossless.dcm"))
-    ds.Modality = "CT"  # the only bundled JPEG-LS file is MR, which is refused before decoding
+    # the only bundled JPEG-LS file is MR, which is refused before decoding: made a CT slice's header
+    ds.Modality = "CT"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
     buf = io.BytesIO()
     ds.save_as(buf)
     with pytest.raises(DependencyError, match=r"needs a decoder that is not installed: pip install 'edgekidney\[dicom\]' \(pylibjpeg"):
