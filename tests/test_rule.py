@@ -157,3 +157,27 @@ def test_choose_rule_can_choose_a_threshold_of_zero_and_trades_specificity_only_
     rule, stats = choose_rule([[0.9], [0.3, 0.3], [0.6, 0.6], [0.5, 0.5]], [True, True, True, False], min_runs=(2,),
                               target_sensitivity=1.0)
     assert rule.threshold == 0.3 and stats["sensitivity"] == pytest.approx(2 / 3) and stats["specificity"] == 0.0
+
+
+def test_an_unreadable_slice_in_or_beside_the_judged_range_keeps_no_stone_from_being_said():
+    from edgekidney.study.rule import first_hole
+
+    quiet, rule = [0.1] * 8, StudyRule()
+    scope = [False, False, True, True, True, True, False, False]  # judged range: 2-5
+    for k, expected in ((3, "not_assessable"), (1, "not_assessable"), (6, "not_assessable"),
+                        (0, "no_stone"), (7, "no_stone")):
+        holes = [i == k for i in range(8)]
+        seen = [s and not h for s, h in zip(scope, holes)]  # an unreadable slice is not in scope
+        d = decide(quiet, seen, rule, 0.5, unreadable=holes)
+        assert d.decision == expected, (k, d)
+        assert d.hole == (k if expected == "not_assessable" else None)
+        if d.hole is not None:
+            assert d.reason == (f"slice {k}, inside the range the model judges, could not be read, so 'no stone' would "
+                                "not cover it (no 2 consecutive slices with p >= 0.5 on the others)")
+    # a stone found on the slices that were read stays a stone, whatever is missing
+    stone = decide([0.1, 0.9, 0.9, 0.1, 0.1], [True, True, True, False, True], rule, 0.5,
+                   unreadable=[False, False, False, True, False])
+    assert stone.decision == "stone" and stone.hole is None
+    assert first_hole([True, False], [False, False]) is None  # nothing in scope: nothing judged to cover
+    assert first_hole([False] * 4, [True] * 4) is None
+    assert decide(quiet, scope, rule, 0.5).decision == "no_stone"  # without the argument: as before

@@ -211,15 +211,6 @@ def slice_in_scope(pred) -> bool:
     return pred.label != OUT_OF_SCOPE and (flag is None or bool(flag))
 
 
-def unread_in_judged_range(slices: list[SliceRecord]) -> SliceRecord | None:
-    """The first unreadable slice inside, or next to, the range from the first to the last in-scope slice:
-    there it may have held what the others do not show. Outside it (lungs, pelvis) it changes nothing."""
-    scoped = [s.index for s in slices if s.in_scope]
-    if not scoped:
-        return None
-    return next((s for s in slices if s.label == UNREADABLE and scoped[0] - 1 <= s.index <= scoped[-1] + 1), None)
-
-
 def _float_or_none(value) -> float | None:
     return None if value is None else float(value)
 
@@ -336,13 +327,10 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if classified_plane == series.acquired_plane:
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
-                      [s.focus_hu for s in result.slices])
+                      [s.focus_hu for s in result.slices], [s.label == UNREADABLE for s in result.slices])
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
-    hole = unread_in_judged_range(result.slices)
-    if decision.decision == "no_stone" and hole is not None:  # a stone there would have gone unseen
-        result.decision = "not_assessable"
-        result.reason = (f"slice {hole.index}, inside the range the model judges, could not be read, so 'no stone' "
-                         f"would not cover it ({decision.reason} on the others): {hole.scope_reason}")
+    if decision.hole is not None:  # the decoder's reason for that slice
+        result.reason += f": {result.slices[decision.hole].scope_reason}"
     result.peak = None if decision.peak is None else result.slices[decision.peak]
     result.supporting = [SliceRange(r.start, r.end, result.slices[r.start].position_mm,
                                     result.slices[r.end].position_mm, r.length, r.max_probability)

@@ -11,7 +11,9 @@ the model's scope (``Prediction.in_scope`` false, or the label ``out_of_scope``)
 scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model should not judge
 (lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable. It is
 also ``not_assessable`` when fewer than ``min_run`` slices are in scope: no run could call a stone
-there, so "no stone" would not be an answer. ``no_stone`` otherwise.
+there, so "no stone" would not be an answer; and instead of ``no_stone`` when a slice whose file could
+not be read lies inside or next to the range it judges (a stone found on the others stays ``stone``).
+``no_stone`` otherwise.
 
 ``min_focus_hu`` (off unless set): a slice counts towards a run only when the densest pixel within
 ``FOCUS_RADIUS_MM`` of its stone-map peak reaches that many HU (``SliceRecord.focus_hu``, measured on
@@ -87,6 +89,7 @@ class Decision:
     threshold: float
     supporting: list[Run]
     peak: int | None  # index of the most probable in-scope slice
+    hole: int | None = None  # the unreadable slice that keeps "no stone" from being said (decide's unreadable)
 
 
 def runs_above(probabilities: Sequence[float], in_scope: Sequence[bool], threshold: float) -> list[Run]:
@@ -107,11 +110,24 @@ def rule_threshold(rule: StudyRule, model_threshold: float) -> float:
     return float(model_threshold if rule.threshold is None else rule.threshold)
 
 
+def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | None:
+    """The first unreadable slice inside, or next to, the range from the first to the last in-scope slice:
+    there it may have held what the others do not show. Outside it (lungs, pelvis) it changes nothing."""
+    scoped = [k for k, s in enumerate(in_scope) if s]
+    if not scoped:
+        return None
+    return next((k for k, u in enumerate(unreadable) if u and scoped[0] - 1 <= k <= scoped[-1] + 1), None)
+
+
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
-           model_threshold: float, focus_hu: Sequence[float | None] | None = None) -> Decision:
+           model_threshold: float, focus_hu: Sequence[float | None] | None = None,
+           unreadable: Sequence[bool] | None = None) -> Decision:
     """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
-    count towards a run; a slice without a measurement counts."""
+    count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
+    whose file could not be read, given as not in scope: one inside or next to the judged range turns
+    ``no_stone`` into ``not_assessable`` (a stone there would have gone unseen); a stone found on the
+    other slices stays ``stone``."""
     threshold = rule_threshold(rule, model_threshold)
     n = len(probabilities)
     if n == 0:
@@ -144,8 +160,13 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
                                  f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}", threshold,
                         supporting, peak)
-    return Decision("no_stone", f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}", threshold,
-                    [], peak)
+    quiet = f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}"
+    hole = first_hole(unreadable, in_scope) if unreadable is not None else None
+    if hole is not None:
+        return Decision("not_assessable", f"slice {hole}, inside the range the model judges, could not be read, so "
+                                          f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
+                        hole)
+    return Decision("no_stone", quiet, threshold, [], peak)
 
 
 def run_score(probabilities: Sequence[float], min_run: int) -> float:
