@@ -21,6 +21,7 @@ def test_rule_parameters_are_checked():
     for bad in (-1025.0, 4000.5):
         with pytest.raises(ValueError, match="^min_focus_hu must be in"):
             StudyRule(min_focus_hu=bad)
+    assert StudyRule(min_focus_hu=-1024.0).min_focus_hu == -1024.0 and StudyRule(min_focus_hu=4000.0)  # the ends
 
 
 def test_a_slice_without_a_dense_focus_breaks_a_run_only_when_the_rule_asks():
@@ -34,6 +35,8 @@ def test_a_slice_without_a_dense_focus_breaks_a_run_only_when_the_rule_asks():
     assert decide(p, scope, StudyRule(min_focus_hu=200), 0.5).supporting == [Run(0, 3, 0.9)]  # nothing measured
     assert decide(p, scope, StudyRule(min_focus_hu=700), 0.5, focus).decision == "no_stone"
     assert decide(p, scope, StudyRule(min_focus_hu=700), 0.5, focus).peak == 0  # the peak is still the likeliest
+    # a slice exactly at the threshold is a call, so the floor applies to it too
+    assert decide([0.5, 0.5], [True, True], StudyRule(min_focus_hu=200), 0.5, [100.0, 600.0]).decision == "no_stone"
 
 
 def test_rule_from_a_card():
@@ -91,8 +94,8 @@ def test_not_assessable_conditions_and_their_reasons():
 def test_fewer_slices_in_scope_than_a_run_needs_is_not_a_no_stone():
     """One confident stone slice, alone in its series: no run of 2 can form, so "no stone" would be false."""
     d = decide([0.9], [True], StudyRule(), 0.5)
-    assert d.decision == "not_assessable" and d.peak == 0
-    assert d.reason.startswith("1 slice(s) in scope, fewer than the 2 consecutive slices a stone call needs")
+    assert d == Decision("not_assessable", "1 slice(s) in scope, fewer than the 2 consecutive slices a stone call "
+                                           "needs (for single slices: infer, or --min-run 1)", 0.5, [], 0)
     assert decide([0.1], [True], StudyRule(), 0.5).decision == "not_assessable"  # nor for a quiet one
     assert decide([0.9, 0.9, 0.9], [False, True, False], StudyRule(), 0.5).decision == "not_assessable"
     assert decide([0.9, 0.9, 0.9], [False, True, False], StudyRule(min_run=1), 0.5).decision == "stone"
@@ -172,8 +175,9 @@ def test_an_unreadable_slice_in_or_beside_the_judged_range_keeps_no_stone_from_b
         assert d.decision == expected, (k, d)
         assert d.hole == (k if expected == "not_assessable" else None)
         if d.hole is not None:
-            assert d.reason == (f"slice {k}, inside the range the model judges, could not be read, so 'no stone' would "
-                                "not cover it (no 2 consecutive slices with p >= 0.5 on the others)")
+            assert d == Decision("not_assessable", f"slice {k}, inside the range the model judges, could not be read, "
+                                 "so 'no stone' would not cover it (no 2 consecutive slices with p >= 0.5 on the "
+                                 "others)", 0.5, [], 2 if k != 2 else 3, k)
     # a stone found on the slices that were read stays a stone, whatever is missing
     stone = decide([0.1, 0.9, 0.9, 0.1, 0.1], [True, True, True, False, True], rule, 0.5,
                    unreadable=[False, False, False, True, False])
