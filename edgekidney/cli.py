@@ -483,7 +483,8 @@ def calibrate_cmd(
     from edgekidney.optimize.calibrate import make_calibration_set
 
     with stage("preprocessing calibration slices", n, "slice") as bar:
-        cal = make_calibration_set(data, model, out, manifest=manifest, n=n, seed=seed, progress=bar.advance)
+        cal = make_calibration_set(data, resolve_model(model), out, manifest=manifest, n=n, seed=seed,
+                                   progress=bar.advance)
     typer.echo(f"wrote {cal.info['n']} slices {cal.info['per_class']} to {out} "
                f"(skipped {cal.info['held_out_images_skipped']} validation/test slices; "
                f"{cal.info['split_manifest_check']})")
@@ -510,7 +511,7 @@ def quantize_cmd(
                              max_calibration=max_calibration)
     except ValueError as exc:
         fail(f"bad option: {exc}")
-    card = quantize(model, out, cfg, log=typer.echo)
+    card = quantize(resolve_model(model), out, cfg, log=typer.echo)
     q = card.extra["quantization"]
     typer.echo(f"wrote {out} ({card.precision}{' ' + q['target'] if q.get('target') else ''}) in {q['seconds']} s; "
                f"vs FP32 on {q['check_n']} {q['check_inputs']}: max |dlogit| {q['max_abs_logit_diff']:.4f}, "

@@ -195,5 +195,9 @@ def test_benchmarks_and_triton_take_a_released_model_by_name(tiny_onnx, tiny_run
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "lat.json").read_text())["rows"]
     assert rows and all(row["model"].endswith("model-fp16.onnx") for row in rows)
+    r = runner.invoke(app, ["quantize", "mini-release", "--precision", "fp16", "--out", "q.fp16.onnx"])
+    assert r.exit_code == 0, r.output  # this stand-in release's file is an FP32 graph: quantized from it
+    assert json.loads((tmp_path / "q.fp16.json").read_text())["parent_sha256"] == \
+        json.loads(tiny_onnx.with_suffix(".json").read_text())["sha256"]
     r = runner.invoke(app, ["export-triton", "no-such-release", "--repo", "triton2"])
     assert r.exit_code == 1 and "no released model of that name" in r.output
