@@ -237,24 +237,34 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
     # what study refuses in a series is refused for one slice too (docs/study.md, "skipped")
     if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
         raise InputError(f"{name}: DICOM is a localizer (scout/topogram), not a CT slice")
-    sop = str(ds.get("SOPClassUID", "") or "") or str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID",
-                                                              "") or "")
+    sop = sop_class_of(ds)
     if sop and sop not in CT_IMAGE_SOP_CLASSES:
-        raise InputError(f"{name}: DICOM SOP class {_uid_name(sop)} is not a CT image")
+        raise InputError(f"{name}: DICOM SOP class {sop_name(sop) or sop} is not a CT image")
     rescale_type = str(ds.get("RescaleType", "") or "")
     if rescale_type and rescale_type.upper() != "HU":
         raise InputError(f"{name}: DICOM pixel values are not Hounsfield units (RescaleType {rescale_type})")
     return frames, samples
 
 
-def _uid_name(uid: str) -> str:
+def file_meta_value(ds, attr: str) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get(attr, "") or "") if meta is not None else ""
+
+
+def sop_class_of(ds) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID (some anonymizers blank the former)."""
+    return str(ds.get("SOPClassUID", "") or "") or file_meta_value(ds, "MediaStorageSOPClassUID")
+
+
+def sop_name(uid: str) -> str:
+    """The UID's registered name ("CT Image Storage"), or "" where it has none."""
     from pydicom.uid import UID
 
     try:
         name = UID(uid).name
     except Exception:  # noqa: BLE001 - an odd UID only loses its name
-        return uid
-    return uid if not name or name == uid else name
+        return ""
+    return "" if name == uid else name
 
 
 def _decode_image(data: bytes, name: str, config: Preprocessing, limits: DecodeLimits) -> np.ndarray:

@@ -41,8 +41,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError
-from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_rescale, looks_like_dicom,
-                                    read_dicom, stored_to_hu)
+from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_rescale, file_meta_value,
+                                    looks_like_dicom, read_dicom, sop_class_of, sop_name, stored_to_hu)
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import DisplayTransform, canonical_normal, display_transform, plane_of
@@ -252,24 +252,14 @@ def _first(seq_item, seq_name: str, attr: str):
     return None
 
 
-def _meta(ds, attr: str) -> str:
-    meta = getattr(ds, "file_meta", None)
-    return str(meta.get(attr, "") or "") if meta is not None else ""
-
-
-def _sop_class(ds) -> str:
-    """SOPClassUID, else the file meta's MediaStorageSOPClassUID (some anonymizers blank the former)."""
-    return str(ds.get("SOPClassUID", "") or "") or _meta(ds, "MediaStorageSOPClassUID")
-
-
 def _sop_instance(ds) -> str:
-    return str(ds.get("SOPInstanceUID", "") or "") or _meta(ds, "MediaStorageSOPInstanceUID")
+    return str(ds.get("SOPInstanceUID", "") or "") or file_meta_value(ds, "MediaStorageSOPInstanceUID")
 
 
 def _skip_reason(ds) -> str | None:
-    sop = _sop_class(ds)
+    sop = sop_class_of(ds)
     if "Rows" not in ds or "Columns" not in ds:
-        name = _sop_name(sop) or "no SOP class"
+        name = sop_name(sop) or "no SOP class"
         return f"not an image ({name})"
     modality = str(ds.get("Modality", "") or "").upper()
     if modality and modality != "CT":
@@ -278,7 +268,7 @@ def _skip_reason(ds) -> str | None:
     if "LOCALIZER" in image_type:
         return "localizer (scout/topogram)"
     if sop and sop not in CT_IMAGE_SOP_CLASSES:
-        return f"{_sop_name(sop) or sop} is not a CT image"
+        return f"{sop_name(sop) or sop} is not a CT image"
     if not modality:
         return "no Modality"
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -286,19 +276,9 @@ def _skip_reason(ds) -> str | None:
     return None
 
 
-def _sop_name(uid: str) -> str:
-    from pydicom.uid import UID
-
-    try:
-        name = UID(uid).name
-    except Exception:  # noqa: BLE001 - an odd UID only loses its name
-        return ""
-    return "" if name == uid else name
-
-
 def _slice_refs(path: Path, ds) -> list[SliceRef]:
     """One SliceRef per slice (per frame of an enhanced multi-frame file)."""
-    sop_class, sop_uid = _sop_class(ds), _sop_instance(ds) or f"file:{path.resolve()}"
+    sop_class, sop_uid = sop_class_of(ds), _sop_instance(ds) or f"file:{path.resolve()}"
     shape = (int(ds.Rows), int(ds.Columns))
     instance = _number(ds.get("InstanceNumber"))
     instance = None if instance is None else int(instance)
