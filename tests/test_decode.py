@@ -339,6 +339,7 @@ def test_a_file_cut_inside_compressed_pixel_data_says_truncated(tmp_path):
     (dict(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]), "is a localizer"),
     (dict(SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), "Secondary Capture Image Storage is not a CT image"),
     (dict(RescaleType="US"), r"not Hounsfield units \(RescaleType US\)"),
+    (dict(Modality=""), "has no Modality"),
 ])
 def test_one_slice_is_refused_for_what_a_series_is_refused(change, reason):
     """infer and serve must not answer a scout, a secondary capture or a derived map as a CT slice."""
@@ -348,4 +349,14 @@ def test_one_slice_is_refused_for_what_a_series_is_refused(change, reason):
     buf = io.BytesIO()
     ds.save_as(buf)
     with pytest.raises(InputError, match=reason):
+        decode_slice(buf.getvalue(), "x.dcm", CFG)
+
+
+def test_one_slice_without_modality_is_refused_as_a_series_skips_it():
+    """Modality is Type 1; a CT slice that lost it is not guessed to be CT (study skips it: "no Modality")."""
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    del ds.Modality
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InputError, match=r"x\.dcm: DICOM has no Modality"):
         decode_slice(buf.getvalue(), "x.dcm", CFG)

@@ -231,7 +231,9 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
         raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
     if frames > 1:
         raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
-    modality = str(ds.get("Modality", "CT") or "CT").upper()
+    modality = str(ds.get("Modality", "") or "").upper()
+    if not modality:  # Type 1 in every image IOD; a series without it is skipped too
+        raise InputError(f"{name}: DICOM has no Modality; edgekidney classifies CT slices (Modality CT)")
     if modality != "CT":
         raise InputError(f"{name}: DICOM modality is {modality}; edgekidney classifies CT slices")
     # what study refuses in a series is refused for one slice too (docs/study.md, "skipped")
