@@ -6,8 +6,8 @@ Normal slices with a 4-8 mm calculus drawn at full resolution, as ``benchmarks/s
 Per epoch one JSON line: training loss (chance is ln 2 = 0.693), the held-out pair AUC and the share
 of pairs in which the twin scores above its own original.
 
-    python benchmarks/calculus_learnability.py ../shared/data/ct-kidney-axial --model resnet50 --epochs 8
-    python benchmarks/calculus_learnability.py ../shared/data/ct-kidney-axial --model small-avg
+    python benchmarks/calculus_learnability.py ct-kidney --model resnet50 --epochs 8
+    python benchmarks/calculus_learnability.py ct-kidney --model small-avg
 
 It tells "the calculus is not in the input" (every model at chance, no pair ranking) from "this
 network does not find it in this many steps" (a small network ranks the pairs, the big one does not).

@@ -1,6 +1,6 @@
 """/v1/predict against the Open Inference Protocol's encodings on one server, one client, sequentially.
 
-    python benchmarks/oip.py --model runs/m/model.onnx --data ../shared/data/ct-kidney-axial/Stone --n 50
+    python benchmarks/oip.py --model runs/m/model.onnx --data ct-kidney/Stone --n 50
 
 Starts ``edgekidney serve`` on 127.0.0.1 (micro-batching off: one request at a time), then sends the same
 N slices as: /v1 (JPEG body), /v2 BYTES binary, /v2 BYTES JSON (base64), /v2 FP32 binary and /v2 FP32 JSON

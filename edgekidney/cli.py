@@ -468,7 +468,7 @@ def demo_cmd(
     run_demo(out, epochs=epochs, image_size=image_size, patients=patients, seed=seed, threads=threads, log=echo)
 
 
-# -- quantization commands (issue 3) ----------------------------------------------------------------
+# -- quantization commands ----------------------------------------------------------------
 @command("calibrate")
 def calibrate_cmd(
     data: Path = typer.Argument(..., help="Dataset folder (class folders) the model was trained on."),
@@ -572,7 +572,7 @@ def bench_latency_cmd(
 
 
 
-# -- TensorRT engine commands (issue 4) -------------------------------------------------------------
+# -- TensorRT engine commands -------------------------------------------------------------
 @command("build-engine")
 def build_engine_cmd(
     model: Path = typer.Argument(..., help="ONNX model with its sidecar (FP32, FP16 or Q/DQ INT8: precision is in the graph)."),
@@ -600,7 +600,7 @@ def build_engine_cmd(
 
 
 
-# -- Triton model repository (issue 11) --------------------------------------------------------------
+# -- Triton model repository --------------------------------------------------------------
 @command("export-triton")
 def export_triton_cmd(
     model: Path = typer.Argument(..., help="ONNX model or TensorRT engine, with its sidecar."),
@@ -634,7 +634,7 @@ def export_triton_cmd(
                f"nvcr.io/nvidia/tritonserver:{release}-py3 tritonserver --model-repository=/models")
 
 
-# -- service commands (issue 5) ----------------------------------------------------------------------
+# -- service commands ----------------------------------------------------------------------
 
 
 @command("serve")
@@ -673,7 +673,7 @@ def serve_cmd(
                       simulate_latency_ms=simulate_latency_ms, oip_model_name=model_name))
 
 
-# -- DICOM listener (issue 10) -----------------------------------------------------------------------
+# -- DICOM listener -----------------------------------------------------------------------
 @command("listen")
 def listen_cmd(
     model: Path = typer.Argument(..., help="ONNX model (with sidecar) or TensorRT engine."),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of the decision-critical modules (issue 18) with mutmut 3; see docs/mutation.md.
+# Mutation testing of the decision-critical modules with mutmut 3; see docs/mutation.md.
 #
 #   mutation/run.sh [GROUP ...]      GROUP: scope rule gates listener limits (default: all five)
 #   TESTS_REV=REV mutation/run.sh ...   the tests as they were at git REV (the "before" column of
@@ -64,7 +64,7 @@ for group in "${groups[@]}"; do
       tests=(tests/test_limits.py tests/test_decode.py) ;;
     *) echo "unknown group '$group' (scope rule gates listener limits)" >&2; exit 2 ;;
   esac
-  if [ -n "$TESTS_REV" ]; then  # what the default run had before issue 18, for the same modules
+  if [ -n "$TESTS_REV" ]; then  # the tests as of REV (the "before" column), for the same modules
     case "$group" in
       scope) tests=(tests/test_scope.py  # less one test that fails at 2e13184 (the stone map changed the CAM)
                     --deselect tests/test_scope.py::test_cam_is_the_logit_margin_spread_over_the_image) ;;

@@ -1,6 +1,6 @@
-"""Shared fixtures: real CT slices from ../shared/data, a tiny trained run and its ONNX export.
+"""Shared fixtures: real CT slices (where $EDGEKIDNEY_DATA points; README, "Real data"), a tiny trained run and its ONNX export.
 
-Nothing is downloaded: the data are the shared real slices (or synthetic DICOM made here), the
+Nothing is downloaded: the data are real slices already on disk (or synthetic DICOM made here), the
 weights are random or made by the tests themselves.
 """
 

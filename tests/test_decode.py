@@ -174,7 +174,7 @@ def test_missing_and_empty_files(tmp_path):
         load_slice(tmp_path / "empty.png", CFG)
 
 
-# -- limits before allocation (issue 8) ---------------------------------------------------------------
+# -- limits before allocation ---------------------------------------------------------------
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -1,4 +1,4 @@
-"""DDP training (issue 11 item 3): 2 processes on the CPU (gloo), one short epoch on real slices.
+"""DDP training: 2 processes on the CPU (gloo), one short epoch on real slices.
 
 Both ranks train (each reports the slices it saw), only rank 0 writes the run (one checkpoint, nothing
 left by rank 1), and the validation metrics are those of the gathered validation: every validation

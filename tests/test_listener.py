@@ -397,7 +397,7 @@ def test_study_processor_behind_the_seam_sends_sr_and_sc_with_series_derived_uid
     from edgekidney.dicomnet.study_processor import study_available
 
     if not study_available():
-        pytest.skip("edgekidney.study (issue 9) or highdicom not installed")
+        pytest.skip("edgekidney.study or highdicom not installed")
     study, series, files = series_a
     proc, close, name = make_processor(model, "study")
     pacs = Pacs().start()
@@ -428,7 +428,7 @@ def test_study_processor_uses_slices_classified_while_the_series_arrived(model, 
     from edgekidney.dicomnet.study_processor import study_available
 
     if not study_available():
-        pytest.skip("edgekidney.study (issue 9) or highdicom not installed")
+        pytest.skip("edgekidney.study or highdicom not installed")
     _, _, files = series_a
     proc, close, _ = make_processor(model, "study")
     try:

@@ -178,7 +178,7 @@ def test_storescu_synthetic_and_jpeg2000_series_to_storescp(model, pacs, tmp_pat
         assert identifier not in log  # logs carry hashed keys only
 
 
-# in the default run: three listener starts and 120 C-STOREs, ~6-20 s on 2 shared cores (issue 18)
+# in the default run: three listener starts and 120 C-STOREs, ~6-20 s on 2 shared cores
 def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr(model, pacs, tmp_path):
     pacs_port, pacs_out = pacs
     _, series, files = write_series(tmp_path / "series", 60, seed=6)
@@ -212,7 +212,7 @@ def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr
     assert len(lines) == 1 and lines[0]["series"][0]["slices"] == 60
 
 
-# in the default run: two listener starts and a PACS that answers after 2 s (issue 18)
+# in the default run: two listener starts and a PACS that answers after 2 s
 def test_kill9_while_sending_resends_the_same_sr(model, tmp_path):
     """The PACS holds the SR, the listener dies before hearing Success: after the restart the same SOP
     Instance goes again. Two C-STOREs, one SR: what 'exactly one SR per series' means at a PACS."""

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol on ``edgekidney serve`` (issue 11), with tritonclient as the client.
+"""The Open Inference Protocol on ``edgekidney serve``, with tritonclient as the client.
 
 One live server (a real ``edgekidney serve`` process on loopback) for the tiny trained model, which has
 all three outputs (logits, scope distance, activation map). tritonclient's HTTP client talks to it in

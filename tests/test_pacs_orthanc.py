@@ -181,7 +181,7 @@ def started():
 
 def ct_series(kind: str, out: Path) -> tuple[str, str, list[Path]]:
     """(Study, Series Instance UID, files): a synthetic phantom series (64 px, Explicit VR Little Endian), or
-    the shared JPEG 2000 series (512 px, real CT; skipped where ../shared/data is absent)."""
+    a real JPEG 2000 CT series (512 px; skipped where the test data lack it)."""
     if kind == "synthetic":
         return write_series(out, SLICES, seed=17)
     pytest.importorskip("openjpeg", reason="decoding JPEG 2000 needs pylibjpeg-openjpeg (the dicom extra)")

@@ -286,7 +286,7 @@ def test_fp16_graph_is_ordered_by_onnx_runtimes_sort():
         _topological_sort(cyclic)
 
 
-# -- stages take artifacts; lineage by sha256 (issue 8) -------------------------------------------------------
+# -- stages take artifacts; lineage by sha256 -------------------------------------------------------
 def test_calibrate_needs_no_torch(small_real, tiny_onnx, tmp_path):
     """Run in a process where importing torch fails: calibrate works from model.onnx + split.csv."""
     import subprocess

@@ -1,4 +1,4 @@
-"""The inference service (issue 5), tested against real uvicorn processes on loopback with httpx.
+"""The inference service, tested against real uvicorn processes on loopback with httpx.
 
 One model and one main server per module (the server uses an API key from EDGEKIDNEY_API_KEY, a 1 MB
 body limit and at most 4 images per request); a second server with an artificial batch delay checks
@@ -373,7 +373,7 @@ def test_redact_scrubs_the_dicoms_own_identifiers(images):
     assert redact("upload: bad", b"not dicom") == "upload: bad"
 
 
-# -- hostile uploads: limits before allocation (issue 8) --------------------------------------------------
+# -- hostile uploads: limits before allocation --------------------------------------------------
 def server_peak_rss_mb(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
@@ -428,7 +428,7 @@ def test_hostile_uploads_get_their_4xx_with_a_reason_and_the_server_keeps_servin
     assert_matches(ok.json(), reference(images["png"]))
 
 
-# -- overload, deadlines, a dead worker (issue 8) -------------------------------------------------------------
+# -- overload, deadlines, a dead worker -------------------------------------------------------------
 def test_overload_is_503_with_retry_after_and_a_missed_deadline_is_504(model, images, tmp_path):
     # each batch takes 1.5 s: of two admitted requests the first answers in 1.5 s + decoding (< 2.5 s),
     # the second waits for the first, so it cannot finish before 3 s (> 2.5 s): 504

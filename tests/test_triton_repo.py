@@ -1,4 +1,4 @@
-"""``edgekidney export-triton`` (issue 11): the config.pbtxt parsed with Triton's own ``model_config_pb2``
+"""``edgekidney export-triton``: the config.pbtxt parsed with Triton's own ``model_config_pb2``
 (shipped in tritonclient[grpc]) and its dims checked against the ONNX graph as ONNX Runtime reads it."""
 
 from __future__ import annotations

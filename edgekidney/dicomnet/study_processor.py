@@ -1,4 +1,4 @@
-"""The study analysis (``edgekidney.study``, issue 9) behind the listener's SeriesProcessor seam.
+"""The study analysis (``edgekidney.study``) behind the listener's SeriesProcessor seam.
 
 ``analyze_study`` decides per series (ordered by position, runs of positive slices, scope), and
 ``write_sr`` / ``write_sc`` make a TID 1500 SR and a Secondary Capture of the peak slice. The listener
@@ -32,7 +32,7 @@ def study_available() -> bool:
     """True when this edgekidney has the study analysis and highdicom (which its SR needs).
 
     The spec must come from this package's own folder: an editable install of another checkout can
-    answer for ``edgekidney.study`` by name (seen on a shared machine) without its dependencies."""
+    answer for ``edgekidney.study`` by name without its dependencies."""
     if importlib.util.find_spec("highdicom") is None:
         return False
     try:
