@@ -185,3 +185,22 @@ def test_an_unreadable_slice_in_or_beside_the_judged_range_keeps_no_stone_from_b
     assert first_hole([True, False], [False, False]) is None  # nothing in scope: nothing judged to cover
     assert first_hole([False] * 4, [True] * 4) is None
     assert decide(quiet, scope, rule, 0.5).decision == "no_stone"  # without the argument: as before
+
+
+def test_a_chest_series_is_not_answered_no_stone_and_a_stone_below_its_lungs_stays():
+    """Slices put out of scope for their lung fields: when they outnumber the slices in scope, the few
+    judged ones are the upper abdomen under a chest scan, and "no stone" would speak for the chest."""
+    rule = StudyRule(max_out_of_scope_fraction=1.0)
+    quiet = [0.1] * 7
+    scope = [True, True, True, False, False, False, False]  # three judged, four chest slices above them
+    chest = [False, False, False, True, True, True, True]
+    d = decide(quiet, scope, rule, 0.5, chest=chest)
+    assert d == Decision("not_assessable", "a chest series: 4 slices show lung fields and only 3 lie within the "
+                                           "model's scope (no 2 consecutive slices with p >= 0.5 on those)",
+                         0.5, [], 0)
+    even = [False, False, False, False, True, True, True]  # as many chest slices as judged ones: an answer
+    assert decide(quiet, scope, rule, 0.5, chest=even) == Decision("no_stone", "no 2 consecutive slices with p >= 0.5",
+                                                                   0.5, [], 0)
+    assert decide(quiet, scope, rule, 0.5).decision == "no_stone"  # nothing said of the lungs
+    stone = [0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]
+    assert decide(stone, scope, rule, 0.5, chest=chest).decision == "stone"

@@ -30,6 +30,7 @@ class SeriesSynthConfig:
     seed: int = 0
     patient: int = 1
     shuffle_names: bool = True
+    chest_slices: int = 0  # the top slices show the chest (two lungs, the heart) instead of the abdomen
 
 
 @dataclass
@@ -76,6 +77,12 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
         hu = np.full((n, n), -1000.0, dtype=np.float32)
         hu[_ellipse(yy, xx, cy, cx, ry, rx)] = -100.0
         hu[_ellipse(yy, xx, cy, cx, ry * 0.9, rx * 0.92)] = 45.0
+        if k >= nz - cfg.chest_slices:  # a chest slice: lungs (-850 HU) about half the body, the heart between
+            for side in (-1, 1):
+                hu[_ellipse(yy, xx, cy - n * 0.04, cx + side * n * 0.2, n * 0.22, n * 0.15)] = -850.0
+            hu[_ellipse(yy, xx, cy - n * 0.02, cx + n * 0.03, n * 0.12, n * 0.1)] = 40.0
+            hu[_ellipse(yy, xx, sy, sx, n * 0.065, n * 0.07)] = 700.0
+            return hu + rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
         if k > nz * 0.6:  # liver in the upper slices
             hu[_ellipse(yy, xx, cy - ry * 0.25, cx - rx * 0.45, ry * 0.45, rx * 0.35, 0.3)] = 60.0
         hu[_ellipse(yy, xx, sy, sx, n * 0.065, n * 0.07)] = 700.0
@@ -95,8 +102,9 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
     for ky, kx, kry, krx, _ in kidneys:
         ext = max(kry, krx) * 1.05
         boxes.append((int(ky - ext), int(np.ceil(ky + ext)), int(kx - ext), int(np.ceil(kx + ext))))
-    with_kidney = [k for k in range(nz) if abs((k - kz) / krz) < 1.0]
-    return render, (with_kidney[0], with_kidney[-1]), [s["slices"] for s in stones], boxes
+    with_kidney = [k for k in range(nz) if abs((k - kz) / krz) < 1.0 and k < nz - cfg.chest_slices]
+    kidney_range = (with_kidney[0], with_kidney[-1]) if with_kidney else (-1, -1)  # (-1, -1): a chest only
+    return render, kidney_range, [s["slices"] for s in stones], boxes
 
 
 def write_series(out: str | Path, cfg: SeriesSynthConfig = SeriesSynthConfig()) -> SeriesTruth:

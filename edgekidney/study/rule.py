@@ -11,8 +11,10 @@ the model's scope (``Prediction.in_scope`` false, or the label ``out_of_scope``)
 scope: a whole abdomen-pelvis or chest-abdomen scan has many slices the model should not judge
 (lungs, pelvis), but inside the range it can judge, the kidney range, most must be judgeable. It is
 also ``not_assessable`` when fewer than ``min_run`` slices are in scope: no run could call a stone
-there, so "no stone" would not be an answer; and instead of ``no_stone`` when a slice whose file could
-not be read lies inside or next to the range it judges (a stone found on the others stays ``stone``).
+there, so "no stone" would not be an answer; instead of ``no_stone`` when a slice whose file could
+not be read lies inside or next to the range it judges (a stone found on the others stays ``stone``);
+and instead of ``no_stone`` when more slices show lung fields than lie in scope: a chest series, whose
+few judged slices are the upper abdomen below the lungs.
 ``no_stone`` otherwise.
 
 ``min_focus_hu`` (off unless set): a slice counts towards a run only when the densest pixel within
@@ -121,13 +123,15 @@ def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | No
 
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
            model_threshold: float, focus_hu: Sequence[float | None] | None = None,
-           unreadable: Sequence[bool] | None = None) -> Decision:
+           unreadable: Sequence[bool] | None = None, chest: Sequence[bool] | None = None) -> Decision:
     """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
     count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
     whose file could not be read, given as not in scope: one inside or next to the judged range turns
     ``no_stone`` into ``not_assessable`` (a stone there would have gone unseen); a stone found on the
-    other slices stays ``stone``."""
+    other slices stays ``stone``. ``chest`` (per slice) marks slices put out of scope for their lung
+    fields: when they outnumber the slices in scope, the series is a chest scan and ``no_stone`` becomes
+    ``not_assessable`` (what was judged is the upper abdomen below it); a stone found stays ``stone``."""
     threshold = rule_threshold(rule, model_threshold)
     n = len(probabilities)
     if n == 0:
@@ -166,6 +170,10 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         return Decision("not_assessable", f"slice {hole}, inside the range the model judges, could not be read, so "
                                           f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
                         hole)
+    lungs = sum(1 for c in chest if c) if chest is not None else 0
+    if lungs > len(scoped):
+        return Decision("not_assessable", f"a chest series: {lungs} slices show lung fields and only {len(scoped)} lie "
+                                          f"within the model's scope ({quiet} on those)", threshold, [], peak)
     return Decision("no_stone", quiet, threshold, [], peak)
 
 

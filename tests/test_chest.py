@@ -1,0 +1,101 @@
+"""Chest slices: lungs measured in HU put a slice out of scope whatever the network says, and a chest
+series is not answered "no stone" (edgekidney.study.anatomy, docs/scope.md "Chest slices")."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekidney.data.series import read_series
+from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
+from edgekidney.study import analyze_study
+from edgekidney.study.anatomy import CHEST_LUNG_SHARE, chest_reason, lung_share
+
+from study_fixtures import Oracle
+
+REPO = Path(__file__).resolve().parents[1]
+EXAM = REPO / "examples" / "abdomen-ct.nii.gz"
+
+
+class CallsEverythingStone(Oracle):
+    """The failure this guards against: a model that answers "Stone" for a chest slice."""
+
+    def predict_slices(self, slices, names):
+        out = super().predict_slices(slices, names)
+        for p in out:
+            p.probability, p.label = 0.9, "Stone"
+        return out
+
+
+def hu_slices(folder):
+    (series,), _ = read_series([folder])
+    return list(series.hu_slices())
+
+
+def test_lung_share_tells_the_phantom_chest_from_its_abdomen(tmp_path):
+    t = write_series(tmp_path / "s", SeriesSynthConfig(slices=12, size=96, stones=0, chest_slices=4, seed=3))
+    shares = [lung_share(hu) for hu in hu_slices(t.folder)]
+    assert all(s < 0.02 for s in shares[:8]), shares  # abdomen: no air inside the body
+    assert all(0.4 < s < 0.6 for s in shares[8:]), shares  # two lungs, about half the body
+    assert chest_reason(shares[0]) is None and "lung fields cover" in chest_reason(shares[-1])
+
+
+def test_lung_share_counts_the_two_largest_air_regions_inside_the_body():
+    hu = np.full((200, 200), -1000.0, np.float32)
+    yy, xx = np.mgrid[0:200, 0:200]
+    body = (yy - 100) ** 2 + (xx - 100) ** 2 <= 80 ** 2
+    hu[body] = 40.0
+    assert lung_share(hu) == 0.0 and lung_share(np.full((64, 64), -1000.0)) == 0.0  # no air; no body
+    for r in range(30, 170, 20):  # bowel gas: 36 pockets of 5x5 px, together 4.5 % of the body
+        for c in range(30, 170, 25):
+            if body[r, c]:
+                hu[r : r + 5, c : c + 5] = -900.0
+    assert lung_share(hu) < 0.01  # only the two largest pockets count
+    hu[60:140, 45:95] = -850.0  # one lung of 80 x 50 px: 20 % of the body (20,106 px)
+    assert lung_share(hu) == pytest.approx((4000 + 25) / body.sum(), abs=0.01)
+    assert lung_share(hu) >= CHEST_LUNG_SHARE
+    hu[60:140, 45:95] = -300.0  # lung-like but denser than air (consolidation, fat): not lungs
+    assert lung_share(hu) < 0.01
+    with pytest.raises(ValueError, match="one 2-D slice"):
+        lung_share(np.zeros((4, 4, 4)))
+
+
+def test_no_slice_of_the_example_exam_is_a_chest_slice():
+    """A real abdomen, pelvis to liver dome: lung bases at its top, none at kidney level."""
+    pytest.importorskip("nibabel")
+    shares = np.array([lung_share(hu) for hu in hu_slices(EXAM)])
+    assert len(shares) == 112 and shares.max() < CHEST_LUNG_SHARE
+    assert shares[66:102].max() < 0.08  # the kidneys' slices (docs/scope.md, "A whole exam")
+    assert shares[-1] == shares.max() > 0.1  # the lung bases at the liver dome
+
+
+def test_a_chest_series_is_out_of_scope_even_where_the_model_calls_every_slice_stone(tmp_path):
+    t = write_series(tmp_path / "chest", SeriesSynthConfig(slices=10, size=96, stones=0, chest_slices=10, seed=5))
+    r = analyze_study(CallsEverythingStone(t.kidney_boxes), [t.folder]).series[0]
+    assert r.decision == "not_assessable" and r.reason == "none of the 10 slices is within the model's scope"
+    assert r.supporting == [] and r.peak is None
+    for s in r.slices:
+        assert s.label == "out_of_scope" and not s.in_scope and s.lung_share > 0.4
+        assert s.scope_reason.startswith("lung fields cover") and s.scope_reason.endswith("kidney-level slices")
+    assert "most slices (10 of 10) lie outside what the model was trained on (10 for their lung fields)" in r.warnings[-1]
+
+
+def test_a_chest_scan_over_the_upper_abdomen_is_not_answered_no_stone(tmp_path):
+    t = write_series(tmp_path / "s", SeriesSynthConfig(slices=30, size=96, stones=0, chest_slices=18, seed=6))
+    r = analyze_study(Oracle(t.kidney_boxes), [t.folder]).series[0]
+    assert [s.in_scope for s in r.slices] == [True] * 12 + [False] * 18
+    assert r.decision == "not_assessable"
+    assert r.reason.startswith("a chest series: 18 slices show lung fields and only 12 lie within the model's scope")
+
+
+def test_chest_slices_above_an_abdomen_leave_its_answer_alone(tmp_path):
+    cfg = dict(slices=40, size=96, chest_slices=8, seed=7)
+    stone = write_series(tmp_path / "stone", SeriesSynthConfig(stones=1, stone_spans=(2,), **cfg))
+    quiet = write_series(tmp_path / "quiet", SeriesSynthConfig(stones=0, **cfg))
+    r = analyze_study(CallsEverythingStone(stone.kidney_boxes), [stone.folder]).series[0]
+    assert r.decision == "stone" and [(s.start, s.end) for s in r.supporting] == [(0, 31)]  # never into the chest
+    r = analyze_study(Oracle(stone.kidney_boxes), [stone.folder]).series[0]
+    assert r.decision == "stone" and [(s.start, s.end) for s in r.supporting] == [tuple(stone.stone_slices[0])]
+    r = analyze_study(Oracle(quiet.kidney_boxes), [quiet.folder]).series[0]
+    assert r.decision == "no_stone" and sum(not s.in_scope for s in r.slices) == 8
+    assert not any(w.startswith("most slices") for w in r.warnings)
