@@ -67,7 +67,7 @@ def time_study(model: str, folder: Path, threads: int, batch: int, spinning: boo
     pre = clf.card.preprocessing
     analyze_study(clf, [folder], batch_size=batch)  # warm-up: page cache, ORT's first runs
     runs = []
-    for _ in range(repeat):  # on a shared machine the fastest run is the least disturbed one
+    for _ in range(repeat):  # on a busy machine the fastest run is the least disturbed one
         cpu0, t0 = time.process_time(), time.perf_counter()
         study = analyze_study(clf, [folder], batch_size=batch)
         runs.append((time.perf_counter() - t0, time.process_time() - cpu0, study))

@@ -91,6 +91,16 @@ def test_the_readme_is_for_users():
         assert (REPO / link).exists(), f"README links to {link}, which is missing"
 
 
+def test_the_docs_and_the_code_speak_to_users_too():
+    """What users read besides the README: no issue numbers, no developer checkout's data path."""
+    banned = re.compile(r"[Ii]ssue #?\d|\.\./shared|[Aa]nother session|shared machine")
+    texts = [*REPO.glob("docs/*.md"), *REPO.glob("models/*/MODEL_CARD.md"), REPO / "calibration" / "README.md",
+             *REPO.glob("edgekidney/**/*.py"), *REPO.glob("benchmarks/*.py")]
+    found = [f"{t.relative_to(REPO)}:{n}: {line.strip()}" for t in texts
+             for n, line in enumerate(t.read_text(encoding="utf-8").splitlines(), 1) if banned.search(line)]
+    assert not found, "\n".join(found)
+
+
 def test_the_install_and_test_lines_name_real_extras_and_the_test_line_installs_what_the_tests_need():
     extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     blocks = ci_readme.marked_blocks()

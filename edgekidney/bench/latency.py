@@ -8,7 +8,7 @@ Each (model, backend) runs in a separate process: two runtimes in one process di
 thread pools (docs/architecture.md, CPU facts). Threads are set explicitly and reported.
 
 ``--baseline OLD.json --max-slowdown 0.10`` compares with an earlier report through ratios to the
-FP32 ONNX Runtime row of the same run (absolute times drift on a shared machine) and exits 1 on a
+FP32 ONNX Runtime row of the same run (absolute times drift on a busy machine) and exits 1 on a
 regression.
 """
 
