@@ -1,5 +1,6 @@
-"""Chest slices: lungs measured in HU put a slice out of scope whatever the network says, and a chest
-series is not answered "no stone" (edgekidney.study.anatomy, docs/scope.md "Chest slices")."""
+"""Chest and head slices: lungs or a skull measured in HU put a slice out of scope whatever the network
+says, and a chest series is not answered "no stone" (edgekidney.study.anatomy, docs/scope.md "Chest
+slices")."""
 
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 from edgekidney.data.series import read_series
 from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
 from edgekidney.study import analyze_study
-from edgekidney.study.anatomy import CHEST_LUNG_SHARE, chest_reason, lung_share
+from edgekidney.study.anatomy import CHEST_LUNG_SHARE, HEAD_SKULL_SHARE, chest_reason, head_reason, lung_share, measure, skull_share
 
+from phantoms import write_head_ct
 from study_fixtures import Oracle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +62,32 @@ def test_lung_share_counts_the_two_largest_air_regions_inside_the_body():
         lung_share(np.zeros((4, 4, 4)))
 
 
-def test_no_slice_of_the_example_exam_is_a_chest_slice():
-    """A real abdomen, pelvis to liver dome: lung bases at its top, none at kidney level."""
+def test_no_slice_of_the_example_exam_is_a_chest_or_a_head_slice():
+    """A real abdomen, pelvis to liver dome: lung bases at its top, none at kidney level; no ring of
+    bone encloses more than a vertebral body, the pelvis included."""
     pytest.importorskip("nibabel")
-    shares = np.array([lung_share(hu) for hu in hu_slices(EXAM)])
-    assert len(shares) == 112 and shares.max() < CHEST_LUNG_SHARE
-    assert shares[66:102].max() < 0.08  # the kidneys' slices (docs/scope.md, "A whole exam")
-    assert shares[-1] == shares.max() > 0.1  # the lung bases at the liver dome
+    lungs, skull = np.array([measure(hu) for hu in hu_slices(EXAM)]).T
+    assert len(lungs) == 112 and lungs.max() < CHEST_LUNG_SHARE
+    assert lungs[66:102].max() < 0.08  # the kidneys' slices (docs/scope.md, "A whole exam")
+    assert lungs[-1] == lungs.max() > 0.1  # the lung bases at the liver dome
+    assert 0.005 < skull.max() < 0.05 and skull.max() < HEAD_SKULL_SHARE / 10
+
+
+def test_skull_share_is_what_one_ring_of_bone_encloses():
+    from phantoms import head_ct_hu
+
+    head = head_ct_hu(size=128, radius=50, skull=6)
+    assert skull_share(head) > 0.95 and lung_share(head) == 0.0 and measure(head) == (0.0, skull_share(head))
+    assert "a ring of bone encloses" in head_reason(skull_share(head)) and head_reason(HEAD_SKULL_SHARE - 0.01) is None
+    broken = head.copy()
+    broken[60:68, :30] = 35.0  # the ring cut open on one side: it encloses nothing, only the bone counts
+    assert 0.15 < skull_share(broken) < 0.25 and head_reason(skull_share(broken)) is None
+    assert skull_share(np.full((32, 32), -1000.0)) == 0.0 and measure(np.full((32, 32), -1000.0)) == (0.0, 0.0)
+    body = np.full((100, 100), -1000.0, np.float32)
+    body[10:90, 10:90] = 40.0
+    assert skull_share(body) == 0.0  # no bone at all
+    body[40:50, 40:50] = 700.0  # a solid bone (a vertebral body): what it covers, 1.6 % of the body
+    assert skull_share(body) == pytest.approx(100 / 6400)
 
 
 def test_a_chest_series_is_out_of_scope_even_where_the_model_calls_every_slice_stone(tmp_path):
@@ -99,3 +120,14 @@ def test_chest_slices_above_an_abdomen_leave_its_answer_alone(tmp_path):
     r = analyze_study(Oracle(quiet.kidney_boxes), [quiet.folder]).series[0]
     assert r.decision == "no_stone" and sum(not s.in_scope for s in r.slices) == 8
     assert not any(w.startswith("most slices") for w in r.warnings)
+
+
+def test_a_head_series_is_out_of_scope_even_where_the_model_calls_every_slice_stone(tmp_path):
+    for k in range(6):
+        write_head_ct(tmp_path / "head" / f"IM{k}.dcm", instance=k + 1, size=128, radius=50, skull=6, seed=k)
+    r = analyze_study(CallsEverythingStone([(0, 128, 0, 128)]), [tmp_path / "head"]).series[0]
+    assert r.decision == "not_assessable" and r.reason == "none of the 6 slices is within the model's scope"
+    for s in r.slices:
+        assert not s.in_scope and s.skull_share > 0.95 and s.lung_share == 0.0
+        assert s.scope_reason.startswith("a ring of bone encloses") and "a head slice" in s.scope_reason
+    assert "(6 for a skull)" in r.warnings[-1]

@@ -103,6 +103,20 @@ def test_arrays_are_what_the_graph_reads():
     np.testing.assert_allclose(back.distance(f[:5]), sm.distance(f[:5]), rtol=1e-4)
 
 
+def test_the_detector_comes_back_from_a_checkpoints_arrays():
+    """refit reads the scope a checkpoint stored (``arrays()`` plus its shrinkage) with from_arrays."""
+    f, y = _data(seed=4)
+    sm = fit_scope(f, y, rank=4, shrinkage=0.3)
+    back = ScopeModel.from_arrays(dict(sm.arrays(), shrinkage=np.float32(0.3)), 0.3)
+    for name in ("means", "basis", "inv_var"):
+        np.testing.assert_array_equal(getattr(back, name), sm.arrays()[name])
+    assert back.res_inv_var == pytest.approx(sm.res_inv_var, rel=1e-6) and type(back.res_inv_var) is float
+    assert back.shrinkage == 0.3 and back.dim == 6
+    np.testing.assert_allclose(back.distance(f[:20]), sm.distance(f[:20]), rtol=1e-5)
+    lists = ScopeModel.from_arrays({k: v.tolist() for k, v in sm.arrays().items()}, 0.3)  # a JSON round trip
+    np.testing.assert_allclose(lists.distance(f[:20]), sm.distance(f[:20]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("features,labels,kw,message", [
     (np.zeros(5), np.zeros(5), {}, "fit_scope needs (N, D) features and N labels, N >= 2"),
     (np.zeros((5, 2)), np.zeros(4), {}, "fit_scope needs (N, D) features and N labels, N >= 2"),

@@ -24,7 +24,7 @@ from edgekidney import __version__
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
-from edgekidney.study.anatomy import chest_reason, lung_share
+from edgekidney.study.anatomy import chest_reason, head_reason, measure
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
@@ -47,6 +47,7 @@ class SliceRecord:
     focus_hu: float | None = None
     source: str | None = None  # the file (and frame) it was read from: only with keep_identifiers, DICOM slices
     lung_share: float | None = None  # of the body's cross-section (study.anatomy); axial slices with HU only
+    skull_share: float | None = None  # of the body's cross-section inside a ring of bone (study.anatomy); the same
 
 
 @dataclass
@@ -218,29 +219,29 @@ def _float_or_none(value) -> float | None:
 
 
 def _windowed(series: Series, center: float, width: float, keep_going: bool = False,
-              lung_shares: list | None = None) -> Iterator[np.ndarray | InputError]:
+              anatomy: list | None = None) -> Iterator[np.ndarray | InputError]:
     """The series' slices windowed to 0..1; with ``keep_going`` an unreadable slice comes as its error.
-    ``lung_shares``, when given, receives each slice's :func:`~edgekidney.study.anatomy.lung_share`
-    (None for an unreadable one), measured on the HU before windowing."""
+    ``anatomy``, when given, receives each slice's (lung share, skull share)
+    (:func:`edgekidney.study.anatomy.measure`; None for an unreadable slice), measured on the HU."""
     for hu in (series.hu_slices_or_errors() if keep_going else series.hu_slices()):
-        if lung_shares is not None:
-            lung_shares.append(None if isinstance(hu, InputError) else lung_share(hu))
+        if anatomy is not None:
+            anatomy.append(None if isinstance(hu, InputError) else measure(hu))
         yield hu if isinstance(hu, InputError) else window_hu(hu, center, width)
 
 
-def mark_chest_slices(slices: list[SliceRecord], shares: list) -> list[bool]:
-    """Put the slices whose lungs fill a chest slice's share out of scope (docs/scope.md, "Chest
-    slices"); returns which were. Unreadable slices stay unreadable."""
-    chest = [False] * len(slices)
-    for k, (record, share) in enumerate(zip(slices, shares)):
-        if share is None:
+def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tuple[list[bool], list[bool]]:
+    """Put the slices whose lungs or skull show a chest or a head out of scope (docs/scope.md, "Chest
+    slices"); returns which are chest slices and which head slices. Unreadable slices stay unreadable."""
+    chest, head_slices = [False] * len(slices), [False] * len(slices)
+    for k, (record, shares) in enumerate(zip(slices, anatomy)):
+        if shares is None:
             continue
-        record.lung_share = round(float(share), 3)
-        reason = chest_reason(share)
-        if reason is not None and record.label != UNREADABLE:
-            record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, reason
-            chest[k] = True
-    return chest
+        record.lung_share, record.skull_share = (round(float(v), 3) for v in shares)
+        lungs, head = chest_reason(shares[0]), head_reason(shares[1])
+        if (lungs or head) and record.label != UNREADABLE:
+            record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, head or lungs
+            chest[k], head_slices[k] = head is None, head is not None
+    return chest, head_slices
 
 
 def focus_at(hu: np.ndarray, peak: Sequence[int], spacing_mm: Sequence[float],
@@ -293,7 +294,7 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
                                f"these are {classified_plane}")
     pre = classifier.card.preprocessing
     timings: dict[str, float] = {}
-    shares: list | None = None  # each slice's lung share, where the slices are classified as acquired
+    shares: list | None = None  # each slice's (lung, skull) share, where the slices are classified as acquired
     if plane == "coronal" and series.acquired_plane != "coronal":
         if series.acquired_plane != "axial" or not series.allows_reformat or len(series) < 2:
             why = ("needs at least 2 slices" if len(series) < 2 else
@@ -316,7 +317,7 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         positions, source = reformat.positions, reformat.slices()
         result.spacing_mm = reformat.spacing_mm
     else:
-        shares = [] if series.acquired_plane == "axial" else None  # lungs are measured on axial slices
+        shares = [] if series.acquired_plane == "axial" else None  # lungs and skull: on axial slices only
         positions = list(series.positions)
         source = _windowed(series, pre.window_center, pre.window_width, True, shares)
         result.spacing_mm = series.slice_spacing
@@ -347,10 +348,12 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if keep_identifiers and classified_plane == series.acquired_plane:
         for record in result.slices:
             record.source = series.slice_source(record.index)
-    chest = mark_chest_slices(result.slices, shares) if shares else [False] * len(result.slices)
+    chest, head = (mark_chest_and_head_slices(result.slices, shares) if shares
+                   else ([False] * len(result.slices), [False] * len(result.slices)))
     outside = sum(1 for r in result.slices if not r.in_scope and r.label != UNREADABLE)
     if outside * 2 > len(result.slices):
-        lungs = f" ({sum(chest)} for their lung fields)" if any(chest) else ""
+        why = [f"{sum(chest)} for their lung fields"] * any(chest) + [f"{sum(head)} for a skull"] * any(head)
+        lungs = f" ({', '.join(why)})" if why else ""
         result.warnings.append(f"most slices ({outside} of {len(result.slices)}) lie outside what the model was "
                                f"trained on{lungs}; the answer rests on the {sum(r.in_scope for r in result.slices)} it judged")
     probs = [s.probability for s in result.slices]

@@ -1,4 +1,5 @@
-"""What an axial slice shows, read from its Hounsfield units: lung fields mark a chest slice.
+"""What an axial slice shows, read from its Hounsfield units: lung fields mark a chest slice, a
+closed ring of bone a head.
 
 The model was trained on slices at the level of the kidneys. Its scope detector (the feature
 distance) refuses most of what looks unlike them, but not every chest slice: on a real chest CT the
@@ -11,6 +12,13 @@ regions (the two lungs; scattered bowel gas stays small). A slice where they cov
 Measured with :func:`lung_share`: at kidney level at most 0.054 and up to the liver dome at most
 0.127 (TotalSegmentator's abdomen volume); on two real chest CTs 0.20-0.37 through the chest, less
 towards the neck and the lung bases, 0.02-0.03 on the upper abdomen below them (docs/scope.md).
+
+A head is the other series a scanner's listener receives that the model must not judge. Its skull
+is a closed ring of bone around the brain: :func:`skull_share` fills the largest bone region (above
+``BONE_HU``) and measures what it encloses. No ring closes at kidney level or in the pelvis (at most
+0.018 on the abdomen volume, 0.04 on the chest CTs: the vertebral body's cortex is the largest ring
+there); above the skull base the cranium encloses most of the slice. At ``HEAD_SKULL_SHARE`` or more
+the slice is out of scope.
 """
 
 from __future__ import annotations
@@ -20,16 +28,15 @@ import numpy as np
 LUNG_HU = -400.0  # air and lung parenchyma; fat (-150 to -50 HU) and every soft tissue lie above it
 BODY_HU = -500.0  # the patient's outline: everything denser than air
 CHEST_LUNG_SHARE = 0.2  # of the body's cross-section: a chest slice at or above it
+BONE_HU = 300.0  # cortical bone and the skull's diploe; enhancing vessels can reach it, but enclose little
+HEAD_SKULL_SHARE = 0.5  # of the body's cross-section enclosed by one ring of bone: a head slice
 
 
-def lung_share(hu: np.ndarray) -> float:
-    """The share of the body's cross-section that its two largest air regions (the lungs) cover.
+def _body(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the slice on at most 256 px a side, the body's mask or None where no body is found).
 
-    ``hu``: one axial slice in Hounsfield units. The body is the largest connected region above
-    ``BODY_HU`` with its holes filled (so the lungs, enclosed by the chest wall, are inside it); the
-    table and cables fall away with an opening. 0.0 where no body is found. Computed on at most
-    256 px a side (about 3 ms).
-    """
+    The body is the largest connected region above ``BODY_HU`` with its holes filled (so the lungs,
+    enclosed by the chest wall, are inside it); the table and cables fall away with an opening."""
     from scipy import ndimage
 
     img = np.asarray(hu, dtype=np.float32)
@@ -41,13 +48,49 @@ def lung_share(hu: np.ndarray) -> float:
     body = ndimage.binary_opening(body, structure=np.ones((3, 3), bool), iterations=2)
     labels, n = ndimage.label(body)
     if n == 0:
-        return 0.0
-    body = labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1
+        return img, None
+    return img, labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1
+
+
+def _lungs(img: np.ndarray, body: np.ndarray) -> float:
+    from scipy import ndimage
+
     air, n_air = ndimage.label(body & (img < LUNG_HU))
     if n_air == 0:
         return 0.0
-    lungs = np.sort(np.bincount(air.ravel())[1:])[-2:].sum()
-    return float(lungs / body.sum())
+    return float(np.sort(np.bincount(air.ravel())[1:])[-2:].sum() / body.sum())
+
+
+def _skull(img: np.ndarray, body: np.ndarray) -> float:
+    from scipy import ndimage
+
+    bone, n_bone = ndimage.label(body & (img > BONE_HU))
+    if n_bone == 0:
+        return 0.0
+    ring = bone == int(np.bincount(bone.ravel())[1:].argmax()) + 1
+    return float(ndimage.binary_fill_holes(ring).sum() / body.sum())
+
+
+def lung_share(hu: np.ndarray) -> float:
+    """The share of the body's cross-section that its two largest air regions (the lungs) cover.
+
+    ``hu``: one axial slice in Hounsfield units; 0.0 where no body is found. Computed on at most
+    256 px a side (about 3 ms)."""
+    img, body = _body(hu)
+    return 0.0 if body is None else _lungs(img, body)
+
+
+def skull_share(hu: np.ndarray) -> float:
+    """The share of the body's cross-section inside its largest region of bone, holes filled: most of
+    the slice for a cranium, a vertebral body's worth elsewhere. 0.0 where no body is found."""
+    img, body = _body(hu)
+    return 0.0 if body is None else _skull(img, body)
+
+
+def measure(hu: np.ndarray) -> tuple[float, float]:
+    """(lung share, skull share) of one axial slice in HU, the body found once."""
+    img, body = _body(hu)
+    return (0.0, 0.0) if body is None else (_lungs(img, body), _skull(img, body))
 
 
 def chest_reason(share: float) -> str | None:
@@ -56,3 +99,11 @@ def chest_reason(share: float) -> str | None:
         return None
     return (f"lung fields cover {share:.0%} of the body (air below {LUNG_HU:.0f} HU): a chest slice; "
             f"the model was trained on kidney-level slices")
+
+
+def head_reason(share: float) -> str | None:
+    """Why a slice whose bone encloses this share of it is out of scope, or None when it is no head."""
+    if share < HEAD_SKULL_SHARE:
+        return None
+    return (f"a ring of bone encloses {share:.0%} of the body (above {BONE_HU:.0f} HU): a skull, a head "
+            f"slice; the model was trained on kidney-level slices")
