@@ -394,9 +394,13 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
     study_uid, series_uid, files = series
     scp, jobs, metrics = scp_for(tmp_path)
     caplog.set_level(logging.INFO, logger="edgekidney.listener")
+    writes = []
+    put = scp.store.put_instance
+    monkeypatch.setattr(scp.store, "put_instance", lambda *a: writes.append(a[1]) or put(*a))
     try:
         assert scp.handle_store(FakeEvent(files[0])) == SUCCESS
         assert scp.handle_store(FakeEvent(files[0])) == SUCCESS  # resent: stored once
+        assert len(writes) == 1  # the resend is answered from the table, not decoded and written again
         assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 1
         # the same instance from two associations at once: the table's INSERT OR IGNORE decides

@@ -446,3 +446,23 @@ def test_a_child_is_judged_in_scope_at_its_own_threshold():
     got = {"scope_distance": np.array([0.35, 0.41, 0.45])}  # INT8 adds ~0.15 to every distance
     assert head_agreement(ref, got, 0.27)["scope_agreement"] == pytest.approx(1 / 3)
     assert head_agreement(ref, got, 0.27, 0.27 + 0.15)["scope_agreement"] == 1.0
+
+
+def test_the_quantizers_check_judges_the_childs_scope_at_its_own_threshold(tmp_path):
+    """_compare hands the child's moved threshold on: the same distances are judged alike at their own
+    thresholds and unlike at the parent's."""
+    from types import SimpleNamespace
+
+    from edgekidney.optimize.quantize import _compare
+    from edgekidney.sidecar import load_card
+
+    ref = linear_model(tmp_path / "ref.onnx", 0.5, scope_threshold=0.55)
+    child = linear_model(tmp_path / "child.int8.onnx", 0.5, ref, "int8", scope_threshold=0.55)
+    gray = np.array([0.2, 0.5, 0.6, 0.9])  # distances = the grays: 0.6 lies between 0.55 and 0.65
+    x = np.broadcast_to(((gray - 0.485) / 0.229)[:, None, None, None], (4, 3, 32, 32)).astype(np.float32)
+    cal = SimpleNamespace(tensors=x)
+    card = load_card(ref)
+    assert _compare(ref, child, card, cal)["scope_agreement"] == 1.0
+    moved = _compare(ref, child, card, cal, child_scope_threshold=0.65)
+    assert moved["scope_agreement"] == 0.75 and moved["max_scope_distance_diff_over_threshold"] < 1e-6
+    assert _compare(ref, child, card, cal, child_scope_threshold=0.45)["scope_agreement"] == 0.75

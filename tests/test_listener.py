@@ -107,7 +107,12 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
     numbers = [int(__import__("pydicom").dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files]
     positives = sorted(n for n, p in zip(numbers, preds) if p.label == "Stone")
     assert entry["positive_slices"] == positives
-    assert entry["decision"] == ("Stone" if positives else "Normal")
+    from edgekidney.study.rule import StudyRule, decide  # the study's rule, slices in Instance Number order
+    ranked = [p for _, p in sorted(zip(numbers, preds), key=lambda np_: np_[0])]
+    expected = decide([p.probability for p in ranked], [p.label != "out_of_scope" for p in ranked],
+                      StudyRule.from_card(clf.card), clf.threshold)
+    assert (entry["decision"], entry["reason"]) == (expected.decision, expected.reason)
+    assert entry["decision"] in ("stone", "no_stone", "not_assessable")
     assert abs(entry["max_probability"] - max(p.probability for p in preds)) < 1e-5
 
     text = lst.metrics.text()
@@ -274,13 +279,29 @@ def test_job_table_is_idempotent_and_resumes_sending(tmp_path):
     assert jobs.queue_depth() == 1
 
 
-def test_fallback_series_decision():
-    from edgekidney.dicomnet.processor import series_decision
+def test_fallback_series_decision_is_the_study_rule():
+    """The fallback speaks the study's words and needs its runs: one confident slice is no stone call."""
+    from types import SimpleNamespace
 
-    assert series_decision(["Normal", "Stone", "out_of_scope"], "Stone") == "Stone"
-    assert series_decision(["Normal", "out_of_scope", "out_of_scope"], "Stone") == "out_of_scope"
-    assert series_decision(["Normal", "Cyst", "Cyst", "out_of_scope"], "Stone") == "Cyst"
-    assert series_decision(["Normal", "out_of_scope"], "Stone") == "Normal"
+    from edgekidney.dicomnet.processor import series_decision
+    from edgekidney.runtime.predict import Prediction
+
+    card = SimpleNamespace(extra={})
+
+    def preds(*specs):
+        return [None if s is None else Prediction("x", s[0], s[1], 0.5, in_scope=s[1] != "out_of_scope")
+                for s in specs]
+
+    lone = preds((0.1, "Normal"), (0.9, "Stone"), (0.1, "Normal"))
+    assert series_decision(lone, [False] * 3, card, 0.5).decision == "no_stone"  # any slice used to be enough
+    run = series_decision(preds((0.1, "Normal"), (0.9, "Stone"), (0.8, "Stone")), [False] * 3, card, 0.5)
+    assert run.decision == "stone" and [(r.start, r.end) for r in run.supporting] == [(1, 2)]
+    broken = series_decision(preds((0.9, "Stone"), (0.9, "out_of_scope"), (0.9, "Stone")), [False] * 3, card, 0.5)
+    assert broken.decision == "no_stone" and broken.supporting == []  # an out-of-scope slice breaks the run
+    hole = series_decision(preds((0.1, "Normal"), None, (0.1, "Normal")), [False, True, False], card, 0.5)
+    assert hole.decision == "not_assessable" and "could not be read" in hole.reason
+    card.extra = {"study_rule": {"min_run": 1}}  # the model's own rule, as study reads it
+    assert series_decision(lone, [False] * 3, card, 0.5).decision == "stone"
 
 
 def test_backoff_and_destination_parsing():

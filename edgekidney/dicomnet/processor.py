@@ -62,24 +62,25 @@ def _instance_number(ds: Dataset) -> int:
 OUT_OF_SCOPE = "out_of_scope"
 
 
-def series_decision(labels: list[str], positive: str) -> str:
-    """Positive when any slice is; else out of scope when most slices are (the model does not apply,
-    docs/architecture.md rule 7: never a silent negative); else the most common in-scope label."""
-    if positive in labels:
-        return positive
-    in_scope = [lab for lab in labels if lab != OUT_OF_SCOPE]
-    if len(in_scope) * 2 < len(labels) or not in_scope:
-        return OUT_OF_SCOPE
-    return max(sorted(set(in_scope)), key=in_scope.count)
+def series_decision(preds: list, unreadable: list[bool], card, threshold: float):
+    """The study's rule (:func:`edgekidney.study.rule.decide`, the model's ``study_rule``) over slices in
+    order: ``preds`` holds a Prediction or None (unreadable) per slice. Returns the Decision."""
+    from edgekidney.study.rule import StudyRule, decide
+
+    probs = [0.0 if p is None else float(p.probability) for p in preds]
+    in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
+    return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable)
 
 
 class FallbackProcessor:
-    """Until the study analysis lands: classify every slice, call the series positive when any slice is,
-    out of scope when most slices are.
+    """Without highdicom: classify every slice, decide for the series with the study's rule (the same
+    ``stone`` / ``no_stone`` / ``not_assessable`` and the same runs of ``min_run`` consecutive in-scope
+    slices as ``edgekidney study``), and answer with a minimal SR made with pydicom.
 
-    Slices are ordered by Instance Number (the study analysis orders by position along the normal).
-    A series of more instances than ``limits.max_series_slices`` fails before any header is read
-    (each instance's size was checked when it was received: docs/architecture.md rule 8).
+    Slices are ordered by Instance Number (the study analysis orders by position along the normal and
+    also measures lungs and skull in HU). A series of more instances than ``limits.max_series_slices``
+    fails before any header is read (each instance's size was checked when it was received:
+    docs/architecture.md rule 8).
     """
 
     name = "slice-classifier-fallback"
@@ -126,26 +127,28 @@ class FallbackProcessor:
             raise InputError(f"no slice of the series could be classified ({len(failures)} failed; first: {first})")
         card = self.classifier.card
         positive = card.positive_class
+        by_path = {p.path: p for p in preds}
+        in_order = [by_path.get(str(p)) for p in ordered]  # None: the slice could not be read
+        decided = series_decision(in_order, [p is None for p in in_order], card, self.classifier.threshold)
         pos = [numbers[p.path] for p in preds if p.label == positive]
         out_of_scope = [numbers[p.path] for p in preds if p.label == OUT_OF_SCOPE]
-        decision = series_decision([p.label for p in preds], positive)
         series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")
         summary = {
             "series_uid": series_uid,
-            "decision": decision,
+            "decision": decided.decision,
+            "reason": decided.reason,
             "slices": len(preds),
             "failed_slices": len(failures),
             "positive_slices": pos,
+            "supporting": [[numbers[str(ordered[r.start])], numbers[str(ordered[r.end])]] for r in decided.supporting],
             "out_of_scope_slices": out_of_scope,
             "max_probability": round(max(p.probability for p in preds), 6),
-            "threshold": self.classifier.threshold,
+            "threshold": decided.threshold,
             "classes": list(card.classes),
             "model_sha256": card.sha256,
             "processor": self.name,
-            "note": (f"edgekidney {__version__} {self.name}: per-slice classifier, series positive when any "
-                     f"slice is above threshold {self.classifier.threshold:.3f}, out of scope when most slices "
-                     f"are; not a diagnosis. "
-                     f"Model sha256 {card.sha256[:16]}."),
+            "note": (f"edgekidney {__version__} {self.name}: {decided.decision}: {decided.reason}; slices in "
+                     f"Instance Number order; not a diagnosis. Model sha256 {card.sha256[:16]}."),
         }
         first = headers[0][1]
         if not (first.get("StudyInstanceUID") and first.get("SeriesInstanceUID")):
