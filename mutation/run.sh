@@ -28,8 +28,8 @@ for group in "${groups[@]}"; do
   only=()  # mutant name patterns (fnmatch) when only some functions of a file are the target
   case "$group" in
     scope)
-      mutate=(edgekidney/scope.py)
-      tests=(tests/test_scope_math.py
+      mutate=(edgekidney/scope.py edgekidney/data/anatomy.py)
+      tests=(tests/test_scope_math.py tests/test_chest.py
              tests/test_scope.py::test_mahalanobis_matches_the_textbook_formula_and_flags_far_points
              tests/test_scope.py::test_energy_is_lower_for_confident_logits) ;;
     rule)
@@ -84,6 +84,7 @@ for group in "${groups[@]}"; do
   else
     cp -r "$REPO/tests" "$dir/"
   fi
+  cp -r "$REPO/examples" "$dir/"  # the example series and volume some tests read (test_decode, test_chest)
   find "$dir" -name __pycache__ -prune -exec rm -rf {} +
   cp "$REPO/mutation/pytest.ini" "$dir/pytest.ini"
   ln -s "$(cd "$SHARED" && pwd)" "$dir/shared"  # tests find ../shared from their checkout (mutants/)
@@ -91,7 +92,7 @@ for group in "${groups[@]}"; do
     echo "[mutmut]"
     echo "source_paths = edgekidney"
     echo -n "only_mutate ="; lines "${mutate[@]}"; echo
-    echo -n "also_copy ="; lines pytest.ini; echo
+    echo -n "also_copy ="; lines pytest.ini examples; echo
     echo -n "pytest_add_cli_args_test_selection ="; lines "${tests[@]}"; echo
     echo -n "pytest_add_cli_args ="; lines -p no:cacheprovider; echo
     echo "use_git_change_detection = false"

@@ -1,5 +1,5 @@
 """Chest and head slices: lungs or a skull measured in HU put a slice out of scope whatever the network
-says, and a chest series is not answered "no stone" (edgekidney.study.anatomy, docs/scope.md "Chest
+says, and a chest series is not answered "no stone" (edgekidney.data.anatomy, docs/scope.md "Chest
 slices")."""
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 from edgekidney.data.series import read_series
 from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
 from edgekidney.study import analyze_study
-from edgekidney.study.anatomy import CHEST_LUNG_SHARE, HEAD_SKULL_SHARE, chest_reason, head_reason, lung_share, measure, skull_share
+from edgekidney.data.anatomy import CHEST_LUNG_SHARE, HEAD_SKULL_SHARE, chest_reason, head_reason, lung_share, measure, skull_share
 
 from phantoms import write_head_ct
 from study_fixtures import Oracle
@@ -107,6 +107,10 @@ def test_a_chest_scan_over_the_upper_abdomen_is_not_answered_no_stone(tmp_path):
     assert [s.in_scope for s in r.slices] == [True] * 12 + [False] * 18
     assert r.decision == "not_assessable"
     assert r.reason.startswith("a chest series: 18 slices show lung fields and only 12 lie within the model's scope")
+    refused = analyze_study(Oracle(t.kidney_boxes, out_of_scope={29}), [t.folder]).series[0]
+    assert refused.slices[29].scope_reason is None  # the model's own refusal keeps its (here: no) reason ...
+    assert refused.slices[28].scope_reason.startswith("lung fields cover")
+    assert refused.reason == r.reason  # ... and still counts as a chest slice
 
 
 def test_chest_slices_above_an_abdomen_leave_its_answer_alone(tmp_path):
@@ -131,3 +135,77 @@ def test_a_head_series_is_out_of_scope_even_where_the_model_calls_every_slice_st
         assert not s.in_scope and s.skull_share > 0.95 and s.lung_share == 0.0
         assert s.scope_reason.startswith("a ring of bone encloses") and "a head slice" in s.scope_reason
     assert "(6 for a skull)" in r.warnings[-1]
+
+
+# -- one DICOM slice (infer, serve): measured where its orientation says axial ----------------------------
+def _slice_dicom(hu, orientation):
+    """A CT DICOM slice (bytes) of ``hu``; ``orientation``: ImageOrientationPatient, None (absent) or
+    "text" (a letter where a number belongs)."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = hu.shape
+    ds.RescaleSlope, ds.RescaleIntercept, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, -1024, 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
+    if orientation is None:
+        del ds.ImageOrientationPatient
+    else:
+        ds.ImageOrientationPatient = AXIAL if orientation == "text" else orientation
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    return data.replace(b"0.0\\1.0\\0.0", b"0.0\\x.0\\0.0") if orientation == "text" else data
+
+
+def _chest_hu(tmp_path):
+    t = write_series(tmp_path / "c", SeriesSynthConfig(slices=2, size=96, stones=0, chest_slices=2, seed=9))
+    return hu_slices(t.folder)[0]
+
+
+AXIAL, CORONAL = [1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1]
+
+
+def test_one_axial_dicom_slice_carries_what_its_hu_showed_into_its_geometry(tmp_path):
+    from edgekidney.data.decode import decode_slice
+    from edgekidney.data.preprocess import Preprocessing, preprocess_with_geometry
+
+    cfg = Preprocessing(image_size=64)
+    chest = _chest_hu(tmp_path)
+    gray = decode_slice(_slice_dicom(chest, AXIAL), "c.dcm", cfg)
+    assert gray.anatomy == pytest.approx(measure(chest), abs=1e-6) and gray.anatomy[0] > 0.4
+    _, geometry = preprocess_with_geometry(gray, cfg)
+    assert geometry.anatomy == gray.anatomy
+    assert geometry == preprocess_with_geometry(np.asarray(gray), cfg)[1]  # the crop is what a geometry is
+    assert b"0.0\\x.0\\0.0" in _slice_dicom(chest, "text")
+    for orientation in (CORONAL, None, "text"):  # the training data's coronal slices show lungs
+        gray = decode_slice(_slice_dicom(chest, orientation), "c.dcm", cfg)
+        assert getattr(gray, "anatomy", None) is None
+        assert preprocess_with_geometry(gray, cfg)[1].anatomy is None
+
+
+def test_one_slice_the_model_keeps_is_out_of_scope_for_its_lungs_or_skull():
+    from types import SimpleNamespace
+
+    from edgekidney.runtime.predict import decide_outputs, scope_of
+
+    card = SimpleNamespace(scope_threshold=2.0, preprocessing=SimpleNamespace(body_crop=True),
+                           classes=["Normal", "Stone"], positive_index=1)
+
+    def geo(anatomy):
+        return SimpleNamespace(body_found=True, anatomy=anatomy)
+
+    shares = [None, (0.05, 0.02), (0.45, 0.0), (0.0, 0.9), (0.45, 0.0), (0.45, 0.9)]
+    d = np.array([0.5, 0.5, 0.5, 0.5, 3.0, 0.5])
+    inside, reasons = scope_of(card, d, [geo(a) for a in shares])
+    assert inside.tolist() == [True, True, False, False, False, False]
+    assert reasons[:2] == [None, None]
+    assert reasons[2] == chest_reason(0.45) and reasons[3] == head_reason(0.9)
+    assert reasons[4].startswith("unlike the training slices")  # the model's own reason comes first
+    assert reasons[5] == head_reason(0.9)  # a head before a chest
+    r = decide_outputs(card, 0.5, {"logits": np.array([[0.0, 3.0]] * 6, np.float32), "scope_distance": d},
+                       [geo(a) for a in shares])
+    assert r.labels == ["Stone", "Stone"] + ["out_of_scope"] * 4

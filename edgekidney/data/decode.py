@@ -125,7 +125,25 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
         hu = stored_to_hu(pixels, *dicom_rescale(ds))
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
-    return window_hu(hu, config.window_center, config.window_width)
+    windowed = window_hu(hu, config.window_center, config.window_width)
+    if _is_axial(ds):  # lungs and skull in HU: a chest or head slice is out of scope (data/anatomy.py)
+        from edgekidney.data.anatomy import with_anatomy
+
+        return with_anatomy(windowed, hu)
+    return windowed
+
+
+def _is_axial(ds) -> bool:
+    """True when ImageOrientationPatient says the slice is axial (absent or unreadable: not known)."""
+    from edgekidney.data.geometry import plane_of
+
+    try:
+        iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    except (TypeError, ValueError):
+        return False
+    if len(iop) != 6 or not all(math.isfinite(v) for v in iop):
+        return False
+    return plane_of(np.cross(iop[:3], iop[3:])) == "axial"
 
 
 # -- reusable DICOM pieces (also used by data/series.py for whole series and multi-frame files) ----

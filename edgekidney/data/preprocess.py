@@ -13,7 +13,7 @@ on the original slice, so activation maps can be drawn back onto it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,6 +118,9 @@ class Geometry:
     size: int
     body_found: bool
     body_fraction: float
+    # (lung share, skull share) of an axial slice read in HU (data/anatomy.py); None where not measured.
+    # Not in repr or ==: a slice's geometry is its crop, and caches key on it (dicomnet/study_processor.py)
+    anatomy: tuple[float, float] | None = field(default=None, repr=False, compare=False)
 
     def to_input(self, row: float, col: float) -> tuple[float, float]:
         """A network-grid position (pixel centres) -> the position on the original slice."""
@@ -190,6 +193,7 @@ def level_body(img: np.ndarray, config: Preprocessing) -> np.ndarray:
 
 def preprocess_with_geometry(gray01: np.ndarray, config: Preprocessing) -> tuple[np.ndarray, Geometry]:
     """One 2-D slice in 0..1 -> (network input (3, S, S) float32, where that grid lies on the slice)."""
+    anatomy = getattr(gray01, "anatomy", None)  # a single DICOM slice measured in HU (decode.py)
     img = np.asarray(gray01, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale slice, got shape {img.shape}")
@@ -205,7 +209,7 @@ def preprocess_with_geometry(gray01: np.ndarray, config: Preprocessing) -> tuple
     ch, cw = cropped.shape
     side = max(ch, cw)
     geometry = Geometry(shape=(h, w), crop=crop, side=side, pad_top=(side - ch) // 2, pad_left=(side - cw) // 2,
-                        size=config.image_size, body_found=found, body_fraction=fraction)
+                        size=config.image_size, body_found=found, body_fraction=fraction, anatomy=anatomy)
     img = resize(pad_to_square(cropped), config.image_size)
     mean = np.asarray(config.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(config.std, dtype=np.float32)[:, None, None]

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from edgekidney.data.anatomy import anatomy_reason
 from edgekidney.data.dataset import expand_paths
 from edgekidney.data.decode import decode_slice, load_slice
 from edgekidney.errors import EdgeKidneyError, InputError
@@ -83,7 +84,9 @@ def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.n
     """Which slices lie within what the model was trained on, and why not.
 
     A slice in which no patient outline is found (blank, nearly empty) is out of scope whatever the
-    network says; otherwise the model's own feature distance decides (threshold in the sidecar).
+    network says; otherwise the model's own feature distance decides (threshold in the sidecar), and a
+    slice it keeps is still out of scope when its HU showed lungs or a skull (an axial DICOM slice:
+    ``Geometry.anatomy``, data/anatomy.py).
     """
     reasons: list[str | None] = [None] * len(geometries)
     thr = card.scope_threshold
@@ -97,6 +100,9 @@ def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.n
             reasons[i] = "no patient outline (or no anatomy, one flat value) found in the image"
         elif not ok:
             reasons[i] = f"unlike the training slices (feature distance {float(distances[i]):.3g} > {thr:.3g})"
+        elif (why := anatomy_reason(getattr(g, "anatomy", None))) is not None:
+            inside[i] = False
+            reasons[i] = why
     return inside, reasons
 
 

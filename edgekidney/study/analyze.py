@@ -24,7 +24,7 @@ from edgekidney import __version__
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
-from edgekidney.study.anatomy import chest_reason, head_reason, measure
+from edgekidney.data.anatomy import chest_reason, head_reason, measure
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
@@ -46,8 +46,8 @@ class SliceRecord:
     # (axial slices with HU; None elsewhere): a calculus is dense, soft tissue is not (study.rule)
     focus_hu: float | None = None
     source: str | None = None  # the file (and frame) it was read from: only with keep_identifiers, DICOM slices
-    lung_share: float | None = None  # of the body's cross-section (study.anatomy); axial slices with HU only
-    skull_share: float | None = None  # of the body's cross-section inside a ring of bone (study.anatomy); the same
+    lung_share: float | None = None  # of the body's cross-section (data.anatomy); axial slices with HU only
+    skull_share: float | None = None  # of the body's cross-section inside a ring of bone (data.anatomy); the same
 
 
 @dataclass
@@ -222,7 +222,7 @@ def _windowed(series: Series, center: float, width: float, keep_going: bool = Fa
               anatomy: list | None = None) -> Iterator[np.ndarray | InputError]:
     """The series' slices windowed to 0..1; with ``keep_going`` an unreadable slice comes as its error.
     ``anatomy``, when given, receives each slice's (lung share, skull share)
-    (:func:`edgekidney.study.anatomy.measure`; None for an unreadable slice), measured on the HU."""
+    (:func:`edgekidney.data.anatomy.measure`; None for an unreadable slice), measured on the HU."""
     for hu in (series.hu_slices_or_errors() if keep_going else series.hu_slices()):
         if anatomy is not None:
             anatomy.append(None if isinstance(hu, InputError) else measure(hu))
@@ -231,7 +231,8 @@ def _windowed(series: Series, center: float, width: float, keep_going: bool = Fa
 
 def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tuple[list[bool], list[bool]]:
     """Put the slices whose lungs or skull show a chest or a head out of scope (docs/scope.md, "Chest
-    slices"); returns which are chest slices and which head slices. Unreadable slices stay unreadable."""
+    slices"); returns which are chest slices and which head slices, whether or not the model had kept
+    them. Unreadable slices stay unreadable."""
     chest, head_slices = [False] * len(slices), [False] * len(slices)
     for k, (record, shares) in enumerate(zip(slices, anatomy)):
         if shares is None:
@@ -239,7 +240,8 @@ def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tupl
         record.lung_share, record.skull_share = (round(float(v), 3) for v in shares)
         lungs, head = chest_reason(shares[0]), head_reason(shares[1])
         if (lungs or head) and record.label != UNREADABLE:
-            record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, head or lungs
+            if record.in_scope:  # one the model refused keeps its own reason, as for a single slice
+                record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, head or lungs
             chest[k], head_slices[k] = head is None, head is not None
     return chest, head_slices
 

@@ -19,6 +19,11 @@ is a closed ring of bone around the brain: :func:`skull_share` fills the largest
 0.018 on the abdomen volume, 0.04 on the chest CTs: the vertebral body's cortex is the largest ring
 there); above the skull base the cranium encloses most of the slice. At ``HEAD_SKULL_SHARE`` or more
 the slice is out of scope.
+
+Both are read where a slice comes with its HU and is known to be axial: a series in ``study`` and the
+listener, and a single DICOM slice whose ImageOrientationPatient is axial (``infer``, ``serve``). The
+training data's coronal reformats show lungs and are in scope: no coronal or unknown plane is judged
+here, nor a windowed image (PNG, JPEG), where air and dark fat both read 0.
 """
 
 from __future__ import annotations
@@ -99,6 +104,30 @@ def chest_reason(share: float) -> str | None:
         return None
     return (f"lung fields cover {share:.0%} of the body (air below {LUNG_HU:.0f} HU): a chest slice; "
             f"the model was trained on kidney-level slices")
+
+
+def anatomy_reason(shares: tuple[float, float] | None) -> str | None:
+    """Why a slice with these (lung, skull) shares is out of scope (a head before a chest), or None."""
+    if shares is None:
+        return None
+    return head_reason(shares[1]) or chest_reason(shares[0])
+
+
+class MeasuredSlice(np.ndarray):
+    """A windowed 0..1 slice that carries what its HU showed: ``anatomy`` = (lung share, skull share).
+    :func:`edgekidney.data.preprocess.preprocess_with_geometry` hands it on in the slice's Geometry."""
+
+    anatomy: tuple[float, float] | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        self.anatomy = getattr(obj, "anatomy", None)
+
+
+def with_anatomy(windowed: np.ndarray, hu: np.ndarray) -> MeasuredSlice:
+    """``windowed`` (the slice in 0..1) carrying :func:`measure` of ``hu`` (the same axial slice in HU)."""
+    out = np.asarray(windowed).view(MeasuredSlice)
+    out.anatomy = measure(hu)
+    return out
 
 
 def head_reason(share: float) -> str | None:
