@@ -62,6 +62,43 @@ def test_lung_share_counts_the_two_largest_air_regions_inside_the_body():
         lung_share(np.zeros((4, 4, 4)))
 
 
+def test_the_thresholds_of_air_bone_and_body_and_their_shares_are_kept_exactly():
+    """At each boundary: air is below LUNG_HU, bone above BONE_HU, the body above BODY_HU; a share at the
+    threshold is a chest (a head); one air region is a lung, a third one is not counted."""
+    from edgekidney.data.anatomy import BODY_HU, BONE_HU, LUNG_HU
+
+    assert chest_reason(CHEST_LUNG_SHARE) is not None and chest_reason(CHEST_LUNG_SHARE - 1e-9) is None
+    assert head_reason(HEAD_SKULL_SHARE) is not None and head_reason(HEAD_SKULL_SHARE - 1e-9) is None
+    hu = np.full((100, 100), -1000.0, np.float32)
+    hu[10:90, 10:90] = 40.0  # a body of 6,400 px
+    for value, counted in ((LUNG_HU, False), (LUNG_HU - 1, True)):
+        hu[20:40, 20:40] = value  # one region only: 400 px
+        assert lung_share(hu) == (400 / 6400 if counted else 0.0)
+    hu[20:40, 60:80] = hu[60:80, 20:40] = LUNG_HU - 1  # three equal regions: the two largest count
+    assert lung_share(hu) == 800 / 6400
+    hu[:] = -1000.0
+    hu[10:90, 10:90] = 40.0
+    for value, counted in ((BONE_HU, False), (BONE_HU + 1, True)):
+        hu[40:50, 40:50] = value
+        assert skull_share(hu) == (100 / 6400 if counted else 0.0)
+    edge = np.full((100, 100), -1000.0, np.float32)
+    edge[10:90, 10:90] = BODY_HU  # exactly at the body's level: air
+    assert measure(edge) == (0.0, 0.0)
+    edge[10:90, 10:90] = BODY_HU + 1  # a body, all of it air-like (below LUNG_HU): one region, all lung
+    assert measure(edge) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="one 2-D slice"):
+        lung_share(np.zeros((0, 5)))
+
+
+def test_a_measured_slice_keeps_what_it_showed_through_views():
+    from edgekidney.data.anatomy import with_anatomy
+
+    hu = np.full((64, 64), -1000.0, np.float32)
+    hu[8:56, 8:56] = 40.0
+    s = with_anatomy(np.clip((hu + 160) / 400, 0, 1), hu)
+    assert s.anatomy == measure(hu) and s[:, ::-1].anatomy == s.anatomy and s.copy().anatomy == s.anatomy
+
+
 def test_no_slice_of_the_example_exam_is_a_chest_or_a_head_slice():
     """A real abdomen, pelvis to liver dome: lung bases at its top, none at kidney level; no ring of
     bone encloses more than a vertebral body, the pelvis included."""

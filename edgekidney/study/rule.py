@@ -170,7 +170,7 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         return Decision("not_assessable", f"slice {hole}, inside the range the model judges, could not be read, so "
                                           f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
                         hole)
-    lungs = sum(1 for c in chest if c) if chest is not None else 0
+    lungs = sum(1 for c in chest or () if c)
     if lungs > len(scoped):
         return Decision("not_assessable", f"a chest series: {lungs} slices show lung fields and only {len(scoped)} lie "
                                           f"within the model's scope ({quiet} on those)", threshold, [], peak)
