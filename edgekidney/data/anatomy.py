@@ -3,11 +3,12 @@ closed ring of bone a head.
 
 The model was trained on slices at the level of the kidneys. Its scope detector (the feature
 distance) refuses most of what looks unlike them, but not every chest slice: on a real chest CT the
-release judged 21 of 48 slices and called one of them, in the lower chest, stone; another it
-answered "no stone" (docs/scope.md, "Chest slices"). Lungs are what no kidney-level slice has, and they can be measured
-without the network: air below ``LUNG_HU`` inside the patient's outline, in the two largest connected
-regions (the two lungs; scattered bowel gas stays small). A slice where they cover at least
-``CHEST_LUNG_SHARE`` of the body's cross-section is out of scope, whatever the network says.
+release judged 21 of 48 slices and called one of them, in the lower chest, stone, and it answered
+"no stone" for another chest CT (docs/scope.md, "Chest slices"). Lungs are what no kidney-level
+slice has, and they can be measured without the network: air below ``LUNG_HU`` inside the patient's
+outline, in the two largest connected regions (the two lungs; scattered bowel gas stays small). A
+slice where they cover at least ``CHEST_LUNG_SHARE`` of the body's cross-section is out of scope,
+whatever the network says.
 
 Measured with :func:`lung_share`: at kidney level at most 0.054 and up to the liver dome at most
 0.127 (TotalSegmentator's abdomen volume); on two real chest CTs 0.20-0.37 through the chest, less
@@ -106,6 +107,14 @@ def chest_reason(share: float) -> str | None:
             f"the model was trained on kidney-level slices")
 
 
+def head_reason(share: float) -> str | None:
+    """Why a slice whose bone encloses this share of it is out of scope, or None when it is no head."""
+    if share < HEAD_SKULL_SHARE:
+        return None
+    return (f"a ring of bone encloses {share:.0%} of the body (above {BONE_HU:.0f} HU): a skull, a head "
+            f"slice; the model was trained on kidney-level slices")
+
+
 def anatomy_reason(shares: tuple[float, float] | None) -> str | None:
     """Why a slice with these (lung, skull) shares is out of scope (a head before a chest), or None."""
     if shares is None:
@@ -128,11 +137,3 @@ def with_anatomy(windowed: np.ndarray, hu: np.ndarray) -> MeasuredSlice:
     out = np.asarray(windowed).view(MeasuredSlice)
     out.anatomy = measure(hu)
     return out
-
-
-def head_reason(share: float) -> str | None:
-    """Why a slice whose bone encloses this share of it is out of scope, or None when it is no head."""
-    if share < HEAD_SKULL_SHARE:
-        return None
-    return (f"a ring of bone encloses {share:.0%} of the body (above {BONE_HU:.0f} HU): a skull, a head "
-            f"slice; the model was trained on kidney-level slices")
