@@ -353,11 +353,12 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     chest, head = (mark_chest_and_head_slices(result.slices, shares) if shares
                    else ([False] * len(result.slices), [False] * len(result.slices)))
     outside = sum(1 for r in result.slices if not r.in_scope and r.label != UNREADABLE)
-    if outside * 2 > len(result.slices):
+    if outside * 2 > len(result.slices):  # say so: the answer rests on the few slices judged
         why = [f"{sum(chest)} for their lung fields"] * any(chest) + [f"{sum(head)} for a skull"] * any(head)
-        lungs = f" ({', '.join(why)})" if why else ""
+        because = f" ({', '.join(why)})" if why else ""
+        judged = sum(r.in_scope for r in result.slices)
         result.warnings.append(f"most slices ({outside} of {len(result.slices)}) lie outside what the model was "
-                               f"trained on{lungs}; the answer rests on the {sum(r.in_scope for r in result.slices)} it judged")
+                               f"trained on{because}; the answer rests on the {judged} it judged")
     probs = [s.probability for s in result.slices]
     if classified_plane == series.acquired_plane:
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
