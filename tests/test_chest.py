@@ -150,6 +150,20 @@ def test_a_chest_scan_over_the_upper_abdomen_is_not_answered_no_stone(tmp_path):
     assert refused.reason == r.reason  # ... and still counts as a chest slice
 
 
+def test_a_chest_series_that_does_not_say_its_orientation_is_not_measured(tmp_path):
+    """Without ImageOrientationPatient the plane is only assumed axial; a coronal slice shows lungs too."""
+    import pydicom
+
+    t = write_series(tmp_path / "chest", SeriesSynthConfig(slices=10, size=96, stones=0, chest_slices=10, seed=5))
+    for f in Path(t.folder).glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        del ds.ImageOrientationPatient
+        ds.save_as(f)
+    r = analyze_study(CallsEverythingStone(t.kidney_boxes), [t.folder]).series[0]
+    assert r.plane == "axial" and all(s.in_scope and s.lung_share is None for s in r.slices)
+    assert r.decision == "stone"  # the model alone answers, as for any unmeasured series
+
+
 def test_chest_slices_above_an_abdomen_leave_its_answer_alone(tmp_path):
     cfg = dict(slices=40, size=96, chest_slices=8, seed=7)
     stone = write_series(tmp_path / "stone", SeriesSynthConfig(stones=1, stone_spans=(2,), **cfg))
@@ -164,8 +178,13 @@ def test_chest_slices_above_an_abdomen_leave_its_answer_alone(tmp_path):
 
 
 def test_a_head_series_is_out_of_scope_even_where_the_model_calls_every_slice_stone(tmp_path):
+    import pydicom
+
     for k in range(6):
-        write_head_ct(tmp_path / "head" / f"IM{k}.dcm", instance=k + 1, size=128, radius=50, skull=6, seed=k)
+        f = write_head_ct(tmp_path / "head" / f"IM{k}.dcm", instance=k + 1, size=128, radius=50, skull=6, seed=k)
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 5.0 * k]
+        ds.save_as(f)
     r = analyze_study(CallsEverythingStone([(0, 128, 0, 128)]), [tmp_path / "head"]).series[0]
     assert r.decision == "not_assessable" and r.reason == "none of the 6 slices is within the model's scope"
     for s in r.slices:
@@ -246,3 +265,28 @@ def test_one_slice_the_model_keeps_is_out_of_scope_for_its_lungs_or_skull():
     r = decide_outputs(card, 0.5, {"logits": np.array([[0.0, 3.0]] * 6, np.float32), "scope_distance": d},
                        [geo(a) for a in shares])
     assert r.labels == ["Stone", "Stone"] + ["out_of_scope"] * 4
+    preds = r.predictions([f"s{k}" for k in range(6)], card, 0.5)  # infer's JSON and the listener's fallback
+    assert [(p.lung_share, p.skull_share) for p in preds] == [(None, None), *[(round(a, 3), round(b, 3))
+                                                                            for a, b in shares[1:]]]
+    assert "lung_share" in preds[0].to_dict() and preds[2].to_dict()["scope_reason"] == chest_reason(0.45)
+
+
+def test_a_series_of_slices_under_the_minimum_size_is_refused_as_one_slice_is(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    v = np.full((31, 40, 6), -1000.0, np.float32)
+    v[4:27, 4:36] = 40.0
+    nib.save(nib.Nifti1Image(v, np.diag([3.0, 3.0, 3.0, 1.0])), str(tmp_path / "small.nii.gz"))
+    oracle = CallsEverythingStone([(0, 40, 0, 40)])
+    r = analyze_study(oracle, [tmp_path / "small.nii.gz"]).series[0]
+    assert r.decision == "not_assessable" and oracle.seen == 0
+    assert r.reason.startswith("slices are ") and r.reason.endswith("px, smaller than the 32 px minimum")
+
+
+def test_a_share_shown_at_a_threshold_is_at_or_above_it():
+    from edgekidney.study.analyze import SliceRecord, mark_chest_and_head_slices
+
+    records = [SliceRecord(k, float(k), 0.1, "Normal") for k in range(3)]
+    chest, head = mark_chest_and_head_slices(records, [(0.19999, 0.0), (0.2, 0.49999), (0.0, 0.5)])
+    assert [r.lung_share for r in records] == [0.199, 0.2, 0.0] and records[1].skull_share == 0.499
+    assert [r.in_scope for r in records] == [True, False, False] and chest == [False, True, False]
+    assert head == [False, False, True] and records[2].scope_reason.startswith("a ring of bone")

@@ -113,7 +113,8 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
                       StudyRule.from_card(clf.card), clf.threshold)
     assert (entry["decision"], entry["reason"]) == (expected.decision, expected.reason)
     assert entry["decision"] in ("stone", "no_stone", "not_assessable")
-    assert abs(entry["max_probability"] - max(p.probability for p in preds)) < 1e-5
+    judged = [p.probability for p in preds if p.label != "out_of_scope"]
+    assert abs(entry["max_probability"] - max(judged)) < 1e-5  # of the slices judged, as study's
 
     text = lst.metrics.text()
     assert metric(text, "edgekidney_listener_instances_received") == 12
@@ -302,6 +303,14 @@ def test_fallback_series_decision_is_the_study_rule():
     assert hole.decision == "not_assessable" and "could not be read" in hole.reason
     card.extra = {"study_rule": {"min_run": 1}}  # the model's own rule, as study reads it
     assert series_decision(lone, [False] * 3, card, 0.5).decision == "stone"
+    card.extra = {}
+    lungs = [Prediction("x", 0.1, "Normal", 0.5, in_scope=True), *preds((0.1, "out_of_scope"), (0.1, "out_of_scope"))]
+    lungs[1].lung_share, lungs[1].skull_share = lungs[2].lung_share, lungs[2].skull_share = 0.3, 0.0
+    assert series_decision(lungs[:1] * 2 + lungs[1:], [False] * 4, card, 0.5).decision == "no_stone"  # 2 vs 2
+    chest = series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5)
+    assert chest.decision == "not_assessable" and chest.reason.startswith("a chest series: 3 slices")
+    lungs[1].skull_share = lungs[2].skull_share = 0.9  # a head, not a chest: never "a chest series"
+    assert series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5).decision == "no_stone"
 
 
 def test_backoff_and_destination_parsing():

@@ -335,6 +335,26 @@ def test_infer_server_says_what_is_wrong_in_one_line(server, slices):
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
 
 
+
+def test_infer_server_keep_going_names_the_file_the_server_refused(server, slices, tmp_path):
+    """The server calls each image of a request "element K"; a skipped file is said by its own path."""
+    from typer.testing import CliRunner
+
+    from edgekidney.cli import app
+
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["infer", str(slices[0]), str(bad), "--server", server.url, "--send", "bytes",
+                                 "--keep-going", "--json", str(out), "--batch-size", "4"],
+                           env={"EDGEKIDNEY_API_KEY": KEY})
+    assert r.exit_code == 1 and "error: 1 of 2 file(s) could not be classified" in r.output, r.output
+    (line,) = [x for x in r.output.splitlines() if x.startswith("skipped:")]
+    assert line.startswith(f"skipped: {bad}: ") and "element 0" not in line and line.endswith(f"(server {server.url})")
+    (failure,) = json.loads(out.read_text())["failures"]
+    assert failure["path"] == str(bad) and failure["error"] == line.removeprefix("skipped: ")
+
+
 def test_v2_shares_admission_and_deadline_with_v1(tiny_onnx, slices, tmp_path):
     """Overload is an answer on /v2 too (docs/architecture.md rule 9): one --max-queue for both APIs,
     503 + Retry-After beyond it, 504 past the deadline, in the protocol's error shape."""

@@ -209,7 +209,23 @@ def test_without_positions_instance_number_orders_and_says_so(tmp_path, small_se
         edit(f, ImagePositionPatient=None)
     (s,), _ = read_series([tmp_path / "s"])
     assert [r.instance_number for r in s.refs] == list(range(1, 9))
-    assert any("ordered by InstanceNumber" in w for w in s.warnings)
+    assert "no usable ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from the slice " \
+           "spacing" in s.warnings
+    assert s.orientation_known and s.acquired_plane == "axial"
+
+
+def test_without_orientation_the_plane_is_assumed_axial_and_says_so(tmp_path, small_series):
+    """A series that does not say its orientation is classified as axial, but lungs and skull, which a
+    coronal slice would show too, are not measured on it (docs/study.md)."""
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, ImageOrientationPatient=None)
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.acquired_plane == "axial" and not s.orientation_known
+    assert "no usable ImageOrientationPatient: slices ordered by InstanceNumber, positions estimated from the " \
+           "slice spacing" in s.warnings
+    assert "no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are not measured)" \
+        in s.warnings
 
 
 def test_display_transform_turns_any_axis_aligned_slice_to_radiological_view():

@@ -113,6 +113,7 @@ class Series:
     warnings: list[str] = field(default_factory=list)
     refusal: str | None = None  # set: not classified, the decision is not_assessable for this reason
     allows_reformat: bool = True  # false under gantry tilt or oblique slices
+    orientation_known: bool = True  # false: no usable ImageOrientationPatient, the plane is assumed axial
     slice_thickness: float | None = None
 
     def __len__(self) -> int:
@@ -403,8 +404,13 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             spacing = (_number(header.get("SpacingBetweenSlices"), 0.0) or _number(header.get("SliceThickness"), 0.0)
                        or 1.0)
             positions = [k * spacing for k in range(len(refs))]
-            warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from "
-                            "the slice spacing")
+            missing = [tag for tag, gone in (("ImageOrientationPatient", len(orientations) != len(refs)),
+                                             ("ImagePositionPatient", any(r.position is None for r in refs))) if gone]
+            warnings.append(f"no usable {' or '.join(missing)}: slices ordered by InstanceNumber, positions "
+                            "estimated from the slice spacing")
+        if iop is None:
+            warnings.append("no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are "
+                            "not measured)")
 
     allows_reformat = True
     if have_positions and len(refs) > 1:
@@ -457,7 +463,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
         kind="dicom", identity=identity_hash(uid), uid=uid, description=description, modality="CT",
         acquired_plane=plane, positions=positions, pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=tuple(display_shape), origin=origin, row_direction=row_dir, col_direction=col_dir,
-        warnings=warnings, refusal=refusal, allows_reformat=allows_reformat,
+        warnings=warnings, refusal=refusal, allows_reformat=allows_reformat, orientation_known=iop is not None,
         slice_thickness=_number(thickness) or None,
         refs=refs, header=header, transform=transform)
 

@@ -67,9 +67,13 @@ def series_decision(preds: list, unreadable: list[bool], card, threshold: float)
     order: ``preds`` holds a Prediction or None (unreadable) per slice. Returns the Decision."""
     from edgekidney.study.rule import StudyRule, decide
 
+    from edgekidney.data.anatomy import chest_reason, head_reason
+
     probs = [0.0 if p is None else float(p.probability) for p in preds]
     in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
-    return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable)
+    chest = [p is not None and p.lung_share is not None and chest_reason(p.lung_share) is not None
+             and head_reason(p.skull_share) is None for p in preds]  # measured on axial DICOM slices
+    return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest)
 
 
 class FallbackProcessor:
@@ -140,9 +144,13 @@ class FallbackProcessor:
             "slices": len(preds),
             "failed_slices": len(failures),
             "positive_slices": pos,
-            "supporting": [[numbers[str(ordered[r.start])], numbers[str(ordered[r.end])]] for r in decided.supporting],
+            # positions 0-based in Instance Number order, as in `reason`; and the Instance Numbers they are
+            "supporting": [[r.start, r.end] for r in decided.supporting],
+            "supporting_instances": [[numbers[str(ordered[r.start])], numbers[str(ordered[r.end])]]
+                                     for r in decided.supporting],
             "out_of_scope_slices": out_of_scope,
-            "max_probability": round(max(p.probability for p in preds), 6),
+            # of the slices judged (in scope), as study's series probability; None when none was
+            "max_probability": None if decided.peak is None else round(in_order[decided.peak].probability, 6),
             "threshold": decided.threshold,
             "classes": list(card.classes),
             "model_sha256": card.sha256,

@@ -127,8 +127,10 @@ def build_series_sr(headers: list[Dataset], summary: dict, now: _dt.datetime | N
         finding,
         _num(_code("NSLICES", CODING_SCHEME, "Slices classified"), summary["slices"], slices),
         _num(_code("NPOSITIVE", CODING_SCHEME, "Slices above threshold"), len(summary["positive_slices"]), slices),
-        _num(_code("MAXPROB", CODING_SCHEME, "Highest slice probability"), summary["max_probability"], no_units),
     ]
+    if summary.get("max_probability") is not None:  # none when no slice was within the model's scope
+        content.append(_num(_code("MAXPROB", CODING_SCHEME, "Highest slice probability"), summary["max_probability"],
+                            no_units))
     note = _item("TEXT", _code("121106", "DCM", "Comment"))
     note.TextValue = str(summary.get("note", ""))[:1024]
     content.append(note)

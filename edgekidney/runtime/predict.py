@@ -5,6 +5,7 @@ No torch: this is what runs at the scanner (CLI ``infer``, the server, the bench
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,6 +36,9 @@ class Prediction:
     scope_reason: str | None = None  # why a slice is out of scope
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)  # on the original slice's grid
     cam_peak: tuple[int, int] | None = None  # (row, col) of the map's maximum within the body, on the original slice
+    # an axial DICOM slice measured in HU (data/anatomy.py); None elsewhere
+    lung_share: float | None = None
+    skull_share: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,7 +70,16 @@ class BatchResult:
             in_scope=None if self.in_scope is None else bool(self.in_scope[i]),
             scope_distance=None if self.distances is None else float(self.distances[i]),
             scope_threshold=thr, scope_reason=self.reasons[i], cam=self.cams[i],
-            cam_peak=self.peaks[i] if self.peaks else None) for i, name in enumerate(names)]
+            cam_peak=self.peaks[i] if self.peaks else None,
+            **_shares(getattr(self.geometries[i], "anatomy", None) if self.geometries else None))
+            for i, name in enumerate(names)]
+
+
+def _shares(anatomy: tuple[float, float] | None) -> dict:
+    if anatomy is None:
+        return {}
+    return {"lung_share": math.floor(float(anatomy[0]) * 1000) / 1000,
+            "skull_share": math.floor(float(anatomy[1]) * 1000) / 1000}
 
 
 @dataclass

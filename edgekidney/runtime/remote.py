@@ -134,16 +134,25 @@ class RemoteClassifier:
                 if not keep_going:
                     raise
                 if len(chunk) == 1:
-                    failures.append(Failure(str(chunk[0]), str(exc)))
+                    failures.append(Failure(str(chunk[0]), self._file_error(chunk[0], exc)))
                 else:  # find the bad file(s): one at a time
                     for p in chunk:
                         try:
                             preds.extend(self._batch([p]))
                         except EdgeKidneyError as one:
-                            failures.append(Failure(str(p), str(one)))
+                            failures.append(Failure(str(p), self._file_error(p, one)))
             if progress:
                 progress(len(chunk))
         return preds, failures
+
+    def _file_error(self, path, exc: EdgeKidneyError) -> str:
+        """The server's reason for a one-file request, said of the file ("element 0" is that file)."""
+        text, prefix = str(exc), f"{self.model.url}: "
+        if not text.startswith(prefix):
+            return text  # said here, of the file already
+        reason = text.removeprefix(prefix)
+        reason = reason.removeprefix("element 0: ").replace(": element 0: ", ": ")
+        return f"{path}: {reason} (server {self.model.url})"
 
     def _batch(self, paths: list[Path]) -> list[Prediction]:
         return self._bytes(paths) if self.model.mode == "bytes" else self._tensor(paths)

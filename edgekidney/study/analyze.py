@@ -11,6 +11,7 @@ No torch on this path: it runs at the scanner.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -237,7 +238,8 @@ def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tupl
     for k, (record, shares) in enumerate(zip(slices, anatomy)):
         if shares is None:
             continue
-        record.lung_share, record.skull_share = (round(float(v), 3) for v in shares)
+        # shown to 3 decimals, rounded down: a share shown at a threshold is at or above it
+        record.lung_share, record.skull_share = (math.floor(float(v) * 1000) / 1000 for v in shares)
         lungs, head = chest_reason(shares[0]), head_reason(shares[1])
         if (lungs or head) and record.label != UNREADABLE:
             if record.in_scope:  # one the model refused keeps its own reason, as for a single slice
@@ -288,6 +290,11 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if series.refusal:
         result.reason = series.refusal
         return result
+    min_side = classifier.card.preprocessing.min_input_size
+    if min(series.shape) < min_side:  # as infer and serve refuse such a slice (data/limits.py)
+        result.reason = (f"slices are {series.shape[1]}x{series.shape[0]} px, smaller than the {min_side} px "
+                         f"minimum")
+        return result
     classified_plane = series.acquired_plane if plane == "axial" or series.acquired_plane == plane else plane
     result.plane = classified_plane
     if classified_plane not in info["planes"]:
@@ -319,7 +326,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         positions, source = reformat.positions, reformat.slices()
         result.spacing_mm = reformat.spacing_mm
     else:
-        shares = [] if series.acquired_plane == "axial" else None  # lungs and skull: on axial slices only
+        # lungs and skull: on slices known to be axial (the training data's coronal slices show lungs)
+        shares = [] if series.acquired_plane == "axial" and series.orientation_known else None
         positions = list(series.positions)
         source = _windowed(series, pre.window_center, pre.window_width, True, shares)
         result.spacing_mm = series.slice_spacing
