@@ -91,6 +91,7 @@ def test_the_first_command_answers_every_example_series(tmp_path):
     from edgekidney.released import form_file
 
     assert all(s["model"]["sha256"] == sha256(form_file(RELEASE)) for s in series)
+    assert all(s["model"]["name"] == f"{RELEASE.name}/{form_file(RELEASE).name}" for s in series)  # the release
     assert all(sl["cam_peak"] is not None for s in series for sl in s["slices"])
     assert len(list((out / "sr").glob("*.dcm"))) == 1  # the one DICOM series gets its SR
     exam_lands_on_the_kidneys_foci(next(s for s in series if s["kind"] == "nifti"))
@@ -109,6 +110,8 @@ def exam_lands_on_the_kidneys_foci(nifti: dict) -> None:
     r = score_exam(nifti["slices"], foci, ref["kidneys"], hu.shape[1:])
     lo, hi = r["kidney_slices"]
     assert nifti["decision"] == "stone" and all(lo <= run["start"] <= run["end"] <= hi for run in nifti["supporting"])
+    best = max(nifti["supporting"], key=lambda run: run["max_probability"])
+    assert best["start"] <= nifti["peak"]["index"] <= best["end"]  # the slice shown is the call's evidence
     densest = max(r["foci_table"], key=lambda f: f["max_hu"])
     assert densest["kidney"] == "left" and densest["max_hu"] > 1200 and densest["found"], r["foci_table"]
     assert r["foci"] == 6 and r["foci_found"] >= 3, r["foci_table"]

@@ -320,6 +320,30 @@ def test_secondary_capture_of_the_peak_slice(synth, tmp_path):
     assert "marker only" in ds.ImageComments
 
 
+def test_the_secondary_capture_of_a_stone_call_marks_where_the_map_peaks_and_wraps_its_text(synth, tmp_path):
+    from edgekidney.study.sc import overlay
+
+    root, truth = synth
+    (series,), _ = read_series([root / "two"])
+    clf = oracle_for(truth["two"], peak="stone")
+    res = analyze_series(clf, series)
+    assert res.decision == "stone" and res.peak.index in range(res.supporting[0].start, res.supporting[-1].end + 1)
+    (path,) = write_sc(res, series, tmp_path, clf)
+    img = pydicom.dcmread(path).pixel_array
+    cyan = (img[..., 0] < 60) & (img[..., 1] > 200) & (img[..., 2] > 200)
+    rows, cols = np.nonzero(cyan)
+    r, c = res.peak.cam_peak
+    radius = round(96 * 0.05)  # the SR's region
+    assert cyan.sum() > 10 and abs(rows.mean() - r) < 1.5 and abs(cols.mean() - c) < 1.5
+    assert np.hypot(rows - r, cols - c).max() <= radius + 1
+    yellow = (img[..., 0] > 200) & (img[..., 1] > 200) & (img[..., 2] < 60)
+    assert yellow[13:].any() and not yellow[:, 92:].any()  # the text wraps to a second line inside 96 px
+    quiet = overlay(np.full((40, 40), 0.5, np.float32), np.full((40, 40), 0.04, np.float32), "", None, True)
+    assert (quiet[20, 20] == [127, 127, 127]).all()  # a stone map under 0.05 leaves the slice as it is
+    loud = overlay(np.full((40, 40), 0.5, np.float32), np.full((40, 40), 0.5, np.float32), "", None, True)
+    assert loud[20, 20, 0] > 200 and loud[20, 20, 1] < 60  # from P(stone) 0.5 fully tinted
+
+
 # -- the command ----------------------------------------------------------------------------------------
 def test_study_command_end_to_end(tiny_onnx, synth, tmp_path):
     root, _ = synth

@@ -84,7 +84,7 @@ class SeriesResult:
 
     @property
     def probability(self) -> float | None:
-        """The series' score: the peak in-scope slice probability."""
+        """The series' score: the peak slice's probability (of the best supporting run for a stone)."""
         return None if self.peak is None else self.peak.probability
 
     def to_dict(self) -> dict:
@@ -107,7 +107,9 @@ def model_info(classifier) -> dict:
     extra = getattr(card, "extra", None) or {}
     planes = extra.get("planes") or []
     plane = extra.get("plane") or (extra.get("training") or {}).get("plane") or (planes[0] if planes else None)
-    return {"name": Path(str(getattr(classifier, "model_path", "model"))).name, "sha256": getattr(card, "sha256", ""),
+    path = Path(str(getattr(classifier, "model_path", "model")))
+    name = f"{path.parent.name}/{path.name}" if (path.parent / "MODEL_CARD.md").is_file() else path.name  # a release
+    return {"name": name, "sha256": getattr(card, "sha256", ""),
             "precision": getattr(card, "precision", ""), "edgekidney_version": __version__,
             "threshold": float(classifier.threshold), "plane": plane or "axial", "plane_recorded": bool(plane),
             "planes": list(planes) or [plane or "axial"]}

@@ -90,7 +90,7 @@ class Decision:
     reason: str
     threshold: float
     supporting: list[Run]
-    peak: int | None  # index of the most probable in-scope slice
+    peak: int | None  # a stone: the most probable slice of the best supporting run; else of the in-scope ones
     hole: int | None = None  # the unreadable slice that keeps "no stone" from being said (decide's unreadable)
 
 
@@ -159,11 +159,12 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
             counts[k] = False
         gated = f"; {len(soft)} slice(s) without a focus of >= {rule.min_focus_hu:g} HU at the peak not counted"
     supporting = [r for r in runs_above(probabilities, counts, threshold) if r.length >= rule.min_run]
-    if supporting:
+    if supporting:  # the evidence shown (SR region, Secondary Capture) is that of the call
         best = max(supporting, key=lambda r: r.max_probability)
+        evidence = max(range(best.start, best.end + 1), key=lambda k: probabilities[k])
         return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
                                  f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}", threshold,
-                        supporting, peak)
+                        supporting, evidence)
     quiet = f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}"
     hole = first_hole(unreadable, in_scope) if unreadable is not None else None
     if hole is not None:

@@ -1,10 +1,12 @@
 """The peak slice of a series as a DICOM Secondary Capture, with the activation map overlaid.
 
-The slice is shown in the model's CT window (8-bit RGB). When the model gives a class activation
-map (``Prediction.cam``, asked for with ``predict_slices(..., want_cam=True)``), it is blended in red
-where it is above half its maximum; a model without one gets a marker instead: a red frame and a
-line saying that no activation map exists. A text line is burned in (decision, probability, slice),
-so ``BurnedInAnnotation`` is YES. The image carries the input's patient and study identifiers and
+The slice is shown in the model's CT window (8-bit RGB). When the model gives a stone map (P(stone)
+per cell) it is blended in red in proportion to P(stone), fully from 0.5 and not at all below 0.05,
+so a quiet map stays quiet; a class activation map (relative, ``Prediction.cam``) is blended where it
+is above half its maximum; a model without either gets a marker instead: a red frame and a line
+saying that no activation map exists. For a stone call a cyan circle marks where the map peaks
+(``cam_peak``, where the SR's region is). The text (decision, probability, slice) is burned in,
+wrapped to the image's width, so ``BurnedInAnnotation`` is YES. The image carries the input's patient and study identifiers and
 references its source instance (Source Image Sequence), in a new series (SeriesNumber 9902).
 
 Only slices as acquired (``--plane axial`` on an axial series): a coronal reformat has no single
@@ -39,29 +41,54 @@ def activation_map(classifier, window01: np.ndarray, name: str) -> np.ndarray | 
     cam = np.asarray(cam, dtype=np.float32)  # edgekidney.runtime.predict maps it onto the slice's own grid
     if cam.shape != window01.shape or not np.isfinite(cam).all():
         return None
-    if (getattr(classifier.card, "extra", None) or {}).get("map", {}).get("kind") == "stone_map":
+    if is_stone_map(classifier):
         return np.clip(cam, 0.0, 1.0)  # P(stone) per cell: shown as it is, so a quiet map stays quiet
     span = float(cam.max() - cam.min())
     return (cam - cam.min()) / span if span > 0 else None
 
 
-def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str) -> np.ndarray:
-    """8-bit RGB image: the windowed slice, the map in red (or a red frame), a text line."""
+def is_stone_map(classifier) -> bool:
+    card = getattr(classifier, "card", None)
+    return (getattr(card, "extra", None) or {}).get("map", {}).get("kind") == "stone_map"
+
+
+def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str, peak: tuple[int, int] | None = None,
+            stone_map: bool = False) -> np.ndarray:
+    """8-bit RGB image: the windowed slice, the map in red (or a red frame), a circle at ``peak``
+    (row, col), the text wrapped to the width."""
     from PIL import Image, ImageDraw
 
     gray = np.clip(window01 * 255.0, 0, 255).astype(np.uint8)
     rgb = np.stack([gray] * 3, axis=-1).astype(np.float32)
     if cam is not None:
-        alpha = np.clip((cam - 0.5) * 2.0, 0.0, 1.0)[..., None] * 0.6
+        level = (cam - 0.05) / 0.45 if stone_map else (cam - 0.5) * 2.0  # P(stone) 0.05-0.5; or half the max
+        alpha = np.clip(level, 0.0, 1.0)[..., None] * 0.6
         rgb = rgb * (1 - alpha) + np.array([255.0, 0.0, 0.0]) * alpha
     img = Image.fromarray(rgb.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
+    w, h = img.size
     if cam is None:
-        w, h = img.size
         draw.rectangle([0, 0, w - 1, h - 1], outline=(255, 0, 0), width=max(2, w // 128))
         text += " | no activation map in this model"
-    draw.text((4, 2), text, fill=(255, 255, 0))
+    if peak is not None:
+        r = max(3, round(max(w, h) * 0.05))  # the SR's region: 5 % of the longer side
+        y, x = peak
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=max(1, r // 6))
+    lines = _wrap(draw, text, w - 8)
+    for k, line in enumerate(lines):
+        draw.text((4, 2 + 11 * k), line, fill=(255, 255, 0))
     return np.asarray(img)
+
+
+def _wrap(draw, text: str, width: int) -> list[str]:
+    """The text in lines no wider than ``width`` pixels, broken at spaces (a word wider than it stands alone)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 # CID 4031 terms for the parts of the trunk a kidney CT covers; none is a paired structure
@@ -103,7 +130,8 @@ def write_sc(result: SeriesResult, series, out_dir: str | Path, classifier=None)
     cam = activation_map(classifier, window01, series.slice_name(result.peak.index))
     text = (f"edgekidney {result.decision} p={result.peak.probability:.3f} slice {result.peak.index} "
             f"@ {result.peak.position_mm:g} mm")
-    pixels = overlay(window01, cam, text)
+    peak = result.peak.cam_peak if result.decision == "stone" else None
+    pixels = overlay(window01, cam, text, None if peak is None else tuple(peak), is_stone_map(classifier))
 
     ref_ds = study_header(series)
     ref_ds.Modality = "OT"

@@ -5,11 +5,13 @@ group:
 
 - finding type and qualitative evaluation: SCT 386103008 "Renal stone" = SCT 52101004 "Present",
   SCT 272519000 "Absent" or SCT 82334004 "Indeterminate" (for ``not_assessable``);
-- the series' probability (the peak in-scope slice) as a numeric measurement, UCUM "1" (no units),
+- the series' probability (the peak slice: of the best supporting run for a stone, else the most
+  probable in-scope slice) as a numeric measurement, UCUM "1" (no units),
   named with a private code (99EDGEKIDNEY, "STONE-P") since no standard code means "a classifier's
   probability of a renal stone";
 - the algorithm's identification (TID 4019): name ``edgekidney``, its version, and parameters
-  carrying the model file name, the model's sha256, the threshold and the study rule;
+  carrying the model file name, the model's sha256, the threshold, the study rule and the answer's
+  reason (why ``not_assessable``, the runs behind ``stone``);
 - the supporting slices (every slice of the runs that support a stone call; the peak slice when
   there is none) as source images, with frame numbers for multi-frame images;
 - for a stone call on slices as acquired, where: a TID 1410 planar ROI group, a circle (radius 5 %
@@ -144,7 +146,8 @@ def build_sr(result: SeriesResult, series):
         name="edgekidney", version=str(model.get("edgekidney_version", "")),
         parameters=[f"model={model.get('name', '')}", f"model_sha256={model.get('sha256', '')}",
                     f"threshold={result.threshold}", f"plane={result.plane}",
-                    f"study_rule={json.dumps(result.rule, sort_keys=True)}"])
+                    f"study_rule={json.dumps(result.rule, sort_keys=True)}",
+                    f"reason={result.decision}: {result.reason}"[:1024]])  # UT: the SR reader's "why"
     measurements = []
     if result.probability is not None:
         measurements.append(hd.sr.Measurement(
