@@ -66,6 +66,8 @@ def test_stone_needs_min_run_consecutive_in_scope_slices_at_or_above_the_thresho
     assert decide([0.1, 0.6, 0.7, 0.2, 0.9, 0.1], [True] * 6, StudyRule(), 0.6).peak == 2  # the run's likeliest
     two = decide([0.7, 0.8, 0.1, 0.9, 0.6, 0.1], [True] * 6, StudyRule(), 0.6)
     assert two.supporting == [Run(0, 1, 0.8), Run(3, 4, 0.9)] and two.peak == 3  # of the best run
+    before = decide([0.95, 0.1, 0.7, 0.8], [False, True, True, True], StudyRule(max_out_of_scope_fraction=1.0), 0.6)
+    assert before.supporting == [Run(2, 3, 0.8)] and before.peak == 3  # not the likelier slice before the run
     d = decide(p, [True] * 6, StudyRule(min_run=1), 0.6)
     assert d.decision == "stone" and d.supporting == [Run(1, 2, 0.6), Run(4, 4, 0.9)] and d.peak == 4
     assert d.reason.endswith("2 run(s) of >= 1 consecutive slices with p >= 0.6 (best: slices 4-4)")
