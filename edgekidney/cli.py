@@ -683,6 +683,8 @@ def listen_cmd(
     port: int = typer.Option(11112, min=0, max=65535),
     destination: Optional[str] = typer.Option(None, help="HOST:PORT:AETITLE to C-STORE results (SR) to."),
     series_timeout: float = typer.Option(10.0, min=0.01, help="Seconds without a new instance until a series is complete."),
+    restart_grace: float = typer.Option(120.0, min=0.0, help="After a restart, seconds more that a series still "
+                                                               "arriving waits for the scanner's resend."),
     allow: List[str] = typer.Option([], "--allow", help="Calling AE title allowed to associate (repeat; default: any)."),
     max_associations: int = typer.Option(8, min=1, help="Concurrent associations; more are rejected."),
     timeout: float = typer.Option(60.0, min=1.0, help="DIMSE and network timeout, seconds."),
@@ -711,7 +713,7 @@ def listen_cmd(
     cfg = ListenerConfig(
         store=store, ae_title=ae_title, host=host, port=port, allowed_calling=tuple(allow),
         max_associations=max_associations, dimse_timeout_s=timeout, network_timeout_s=timeout,
-        series_timeout_s=series_timeout, destination=Destination.parse(destination) if destination else None,
+        series_timeout_s=series_timeout, restart_grace_s=restart_grace, destination=Destination.parse(destination) if destination else None,
         results_file=results_file, webhook=webhook, retention_s=None if keep_images else retention_hours * 3600.0,
         min_free_mb=min_free_mb, retry_base_s=retry_base, retry_max_s=retry_max, metrics_port=metrics_port,
         tls=TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)

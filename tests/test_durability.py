@@ -176,7 +176,7 @@ def test_recover_drops_temporaries_refiles_orphans_and_sets_unreadable_files_asi
         assert jobs.counts() == {"receiving": 2}
         n, last_at = jobs._db.execute("SELECT n_instances, last_at FROM series WHERE series_uid=?",
                                       (series_uid,)).fetchone()
-        assert n == 4 and last_at == 5000.0  # a fresh completion wait from the restart's clock
+        assert n == 4 and last_at == 5000.0 + 120.0  # a fresh completion wait from the restart's clock, and its grace
         assert jobs._db.execute("SELECT study_uid FROM series WHERE series_uid=?",
                                 (other.SeriesInstanceUID,)).fetchone() == (other.StudyInstanceUID,)
     finally:
@@ -220,6 +220,10 @@ def test_an_orphan_from_before_the_crash_is_classified_with_its_series(tmp_path,
     lst.recover()
     assert not lst.pipeline_step()  # quiet for 0 s: not complete yet
     now[0] = 1006.0
+    assert not lst.pipeline_step()  # the restart's grace (120 s): the scanner may still resend
+    now[0] = 1124.9
+    assert not lst.pipeline_step()
+    now[0] = 1125.0  # 5 s of quiet after the 120 s of grace
     assert lst.pipeline_step()
     text = results.read_text()
     line = json.loads(text)
@@ -343,6 +347,17 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         assert j.seen_again("1", 300.0)  # a resend after completion changes nothing
         assert j.series_state("S") == "complete"
         assert j.resume(0.0) == {"complete": 1}
+        j.add_instance("7", "U", "V", tmp_path / "7", 400.0)
+        j.resume(400.0, 60.0)  # a restart's grace: 60 s more than the quiet time
+        assert j.complete_quiet(464.0, 5.0) == [] and j.complete_quiet(465.0, 5.0) == ["U"]
+        j.add_instance("8", "W", "X", tmp_path / "8", 500.0)
+        j.resume(500.0, 60.0)
+        assert j.seen_again("8", 501.0)  # the scanner resends: the grace ends, the quiet time counts from here
+        assert j.complete_quiet(505.0, 5.0) == [] and j.complete_quiet(506.0, 5.0) == ["W"]
+        j.add_instance("9", "Y", "Z", tmp_path / "9", 600.0)
+        j.resume(600.0, 60.0)
+        j.add_instance("10", "Y", "Z", tmp_path / "10", 602.0)  # so does a new instance
+        assert j.complete_quiet(607.0, 5.0) == ["Y"]
     finally:
         j.close()
 

@@ -319,6 +319,10 @@ def test_backoff_and_destination_parsing():
     for bad in ("pacs:104", "pacs:x:PACS", "pacs:0:PACS", "pacs:104:" + "A" * 17):
         with pytest.raises(InputError):
             Destination.parse(bad)
+    with pytest.raises(InputError, match="--restart-grace must be 0 or more"):
+        ListenerConfig(store=Path("/tmp/x"), restart_grace_s=-1.0)
+    assert ListenerConfig(store=Path("/tmp/x")).restart_grace_s == 120.0
+    assert ListenerConfig(store=Path("/tmp/x"), restart_grace_s=0.0).restart_grace_s == 0.0
 
 
 def test_listener_path_does_not_import_torch():

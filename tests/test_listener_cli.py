@@ -106,7 +106,7 @@ def sr_uids(out: Path) -> set[str]:
 def start_listener(model: Path, store: Path, port: int, pacs_port: int, log: Path, *extra: str) -> Proc:
     proc = Proc([sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store),
                  "--port", str(port), "--series-timeout", "1", "--destination", f"127.0.0.1:{pacs_port}:PACS",
-                 "--min-free-mb", "0", "--retry-base", "0.2", "--retry-max", "1", *extra], log)
+                 "--min-free-mb", "0", "--retry-base", "0.2", "--retry-max", "1", "--restart-grace", "0", *extra], log)
     wait_for(lambda: proc.p.poll() is not None or echo_ok(port), timeout=30)
     assert proc.p.poll() is None, log.read_text()
     return proc

@@ -140,7 +140,8 @@ class Listener:
         self.port, self.log = port, log
         args = [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store),
                 "--port", str(port), "--destination", destination, "--processor", "study",
-                "--series-timeout", "2", "--min-free-mb", "0", "--retry-base", "0.2", "--retry-max", "1"]
+                "--series-timeout", "2", "--min-free-mb", "0", "--retry-base", "0.2", "--retry-max", "1",
+                "--restart-grace", "0"]  # no resend after the restart here: the series completes as it stands
         with open(log, "ab") as fh:
             self.p = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
         wait_for(lambda: self.p.poll() is not None or echo_ok(port), timeout=60, step=0.1)

@@ -67,6 +67,7 @@ class ListenerConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     series_timeout_s: float = 10.0  # a series is complete after this long without a new instance
+    restart_grace_s: float = 120.0  # after a restart, a series that was arriving waits this much longer
     destination: Destination | None = None
     calling_ae_title: str | None = None  # our AE title when sending results (default: ae_title)
     retry_base_s: float = 2.0  # first retry delay; doubles per failure up to retry_max_s
@@ -92,6 +93,8 @@ class ListenerConfig:
             raise InputError(f"--port {self.port}: must be 0-65535")
         if self.series_timeout_s <= 0:
             raise InputError("--series-timeout must be positive")
+        if self.restart_grace_s < 0:
+            raise InputError("--restart-grace must be 0 or more")
         if self.max_associations < 1:
             raise InputError("--max-associations must be at least 1")
         if self.results_file is None:

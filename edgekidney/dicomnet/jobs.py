@@ -93,7 +93,8 @@ class JobTable:
             row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
             if row is None:
                 return False
-            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE series_uid=? AND state='receiving'",
+            # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance does
+            self._db.execute("UPDATE series SET last_at=? WHERE series_uid=? AND state='receiving'",
                              (now, row[0]))
             return True
 
@@ -143,11 +144,13 @@ class JobTable:
             return {r[0] for r in self._db.execute("SELECT path FROM instances")}
 
     # -- completion and processing ---------------------------------------------------------------------
-    def resume(self, now: float) -> dict[str, int]:
-        """After a restart: series still receiving get a fresh completion wait (the scanner may be
-        resending what failed when we went down); 'sending' is retried like 'classified'."""
+    def resume(self, now: float, grace_s: float = 0.0) -> dict[str, int]:
+        """After a restart: series still receiving get a fresh completion wait, ``grace_s`` longer than
+        the usual one (the scanner may resend what failed when we went down, later than its pauses
+        inside a series); 'sending' is retried like 'classified'."""
         with self._lock:
-            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE state='receiving'", (now,))
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE state='receiving'",
+                             (now + max(0.0, grace_s),))
             self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
         return self.counts()
 

@@ -93,7 +93,7 @@ class Listener:
             except Exception as exc:  # a file we cannot read was never acknowledged: set it aside
                 log.warning("unreadable file in store set aside: %s (%s)", p.name, type(exc).__name__)
                 p.rename(p.with_suffix(".unreadable"))
-        counts = self.jobs.resume(self.clock())
+        counts = self.jobs.resume(self.clock(), self.cfg.restart_grace_s)
         if removed or orphans or counts:
             log.info("resumed: %s; %d temp files removed, %d instances re-filed", counts, removed, orphans)
         return counts
