@@ -338,6 +338,18 @@ def test_the_secondary_capture_of_a_stone_call_marks_where_the_map_peaks_and_wra
     assert np.hypot(rows - r, cols - c).max() <= radius + 1
     yellow = (img[..., 0] > 200) & (img[..., 1] > 200) & (img[..., 2] < 60)
     assert yellow[13:].any() and not yellow[:, 92:].any()  # the text wraps to a second line inside 96 px
+    import edgekidney.study.sc as sc_module
+
+    said = []
+    original = sc_module.overlay
+    sc_module.overlay = lambda *a, **k: said.append(a[2]) or original(*a, **k)
+    try:
+        write_sc(res, series, tmp_path / "again", clf)
+    finally:
+        sc_module.overlay = original
+    number = series.refs[res.peak.index].instance_number  # the slice as PACS numbers it, beside our index
+    assert said == [f"edgekidney stone p={res.peak.probability:.3f} slice {res.peak.index} (image {number}) "
+                    f"@ {res.peak.position_mm:g} mm"]
     quiet = overlay(np.full((40, 40), 0.5, np.float32), np.full((40, 40), 0.04, np.float32), "", None, True)
     assert (quiet[20, 20] == [127, 127, 127]).all()  # a stone map under 0.05 leaves the slice as it is
     loud = overlay(np.full((40, 40), 0.5, np.float32), np.full((40, 40), 0.5, np.float32), "", None, True)

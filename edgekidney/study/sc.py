@@ -128,7 +128,8 @@ def write_sc(result: SeriesResult, series, out_dir: str | Path, classifier=None)
     width = card.preprocessing.window_width if card else 400.0
     window01 = window_hu(series.hu_slice(result.peak.index), center, width)
     cam = activation_map(classifier, window01, series.slice_name(result.peak.index))
-    text = (f"edgekidney {result.decision} p={result.peak.probability:.3f} slice {result.peak.index} "
+    image = "" if ref.instance_number is None else f" (image {ref.instance_number})"  # what PACS shows
+    text = (f"edgekidney {result.decision} p={result.peak.probability:.3f} slice {result.peak.index}{image} "
             f"@ {result.peak.position_mm:g} mm")
     peak = result.peak.cam_peak if result.decision == "stone" else None
     pixels = overlay(window01, cam, text, None if peak is None else tuple(peak), is_stone_map(classifier))
