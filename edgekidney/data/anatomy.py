@@ -29,6 +29,8 @@ here, nor a windowed image (PNG, JPEG), where air and dark fat both read 0.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 LUNG_HU = -400.0  # air and lung parenchyma; fat (-150 to -50 HU) and every soft tissue lie above it
@@ -120,6 +122,17 @@ def anatomy_reason(shares: tuple[float, float] | None) -> str | None:
     if shares is None:
         return None
     return head_reason(shares[1]) or chest_reason(shares[0])
+
+
+def is_chest(shares: tuple[float, float]) -> bool:
+    """A chest slice: lungs at a chest slice's share, and no skull (a head is a head first)."""
+    return head_reason(shares[1]) is None and chest_reason(shares[0]) is not None
+
+
+def shown(share: float) -> float:
+    """A share as reports show it: 3 decimals, rounded down, so a share shown at a threshold is at or
+    above it."""
+    return math.floor(float(share) * 1000) / 1000
 
 
 class MeasuredSlice(np.ndarray):

@@ -65,14 +65,13 @@ OUT_OF_SCOPE = "out_of_scope"
 def series_decision(preds: list, unreadable: list[bool], card, threshold: float):
     """The study's rule (:func:`edgekidney.study.rule.decide`, the model's ``study_rule``) over slices in
     order: ``preds`` holds a Prediction or None (unreadable) per slice. Returns the Decision."""
+    from edgekidney.data.anatomy import is_chest
     from edgekidney.study.rule import StudyRule, decide
-
-    from edgekidney.data.anatomy import chest_reason, head_reason
 
     probs = [0.0 if p is None else float(p.probability) for p in preds]
     in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
-    chest = [p is not None and p.lung_share is not None and chest_reason(p.lung_share) is not None
-             and head_reason(p.skull_share) is None for p in preds]  # measured on axial DICOM slices
+    chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share))
+             for p in preds]  # measured on axial DICOM slices
     return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest)
 
 

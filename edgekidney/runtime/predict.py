@@ -5,14 +5,13 @@ No torch: this is what runs at the scanner (CLI ``infer``, the server, the bench
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from edgekidney.data.anatomy import anatomy_reason
+from edgekidney.data.anatomy import anatomy_reason, shown
 from edgekidney.data.dataset import expand_paths
 from edgekidney.data.decode import decode_slice, load_slice
 from edgekidney.errors import EdgeKidneyError, InputError
@@ -78,8 +77,7 @@ class BatchResult:
 def _shares(anatomy: tuple[float, float] | None) -> dict:
     if anatomy is None:
         return {}
-    return {"lung_share": math.floor(float(anatomy[0]) * 1000) / 1000,
-            "skull_share": math.floor(float(anatomy[1]) * 1000) / 1000}
+    return {"lung_share": shown(anatomy[0]), "skull_share": shown(anatomy[1])}
 
 
 @dataclass

@@ -11,7 +11,6 @@ No torch on this path: it runs at the scanner.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -25,7 +24,7 @@ from edgekidney import __version__
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
-from edgekidney.data.anatomy import chest_reason, head_reason, measure
+from edgekidney.data.anatomy import anatomy_reason, is_chest, measure, shown
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
@@ -240,13 +239,13 @@ def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tupl
     for k, (record, shares) in enumerate(zip(slices, anatomy)):
         if shares is None:
             continue
-        # shown to 3 decimals, rounded down: a share shown at a threshold is at or above it
-        record.lung_share, record.skull_share = (math.floor(float(v) * 1000) / 1000 for v in shares)
-        lungs, head = chest_reason(shares[0]), head_reason(shares[1])
-        if (lungs or head) and record.label != UNREADABLE:
+        record.lung_share, record.skull_share = shown(shares[0]), shown(shares[1])
+        why = anatomy_reason(shares)
+        if why is not None and record.label != UNREADABLE:
             if record.in_scope:  # one the model refused keeps its own reason, as for a single slice
-                record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, head or lungs
-            chest[k], head_slices[k] = head is None, head is not None
+                record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, why
+            chest[k] = is_chest(shares)
+            head_slices[k] = not chest[k]
     return chest, head_slices
 
 
