@@ -135,15 +135,13 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
 
 def _is_axial(ds) -> bool:
     """True when ImageOrientationPatient says the slice is axial (absent or unreadable: not known)."""
-    from edgekidney.data.geometry import plane_of
+    from edgekidney.data.geometry import finite_floats, orientation_plane
 
-    try:
-        iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    try:  # pydicom converts the value when it is read: text in a DS fails here
+        iop = finite_floats(ds.get("ImageOrientationPatient"), 6)
     except (TypeError, ValueError):
         return False
-    if len(iop) != 6 or not all(math.isfinite(v) for v in iop):
-        return False
-    return plane_of(np.cross(iop[:3], iop[3:])) == "axial"
+    return iop is not None and orientation_plane(iop) == "axial"
 
 
 # -- reusable DICOM pieces (also used by data/series.py for whole series and multi-frame files) ----

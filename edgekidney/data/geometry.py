@@ -26,6 +26,21 @@ DISPLAY = {"axial": ((0, 1), (1, 1)), "coronal": ((0, 1), (2, -1)), "sagittal": 
 AXIS_ALIGNED = 0.8
 
 
+def finite_floats(value, n: int) -> tuple[float, ...] | None:
+    """A header's ``n`` numbers (ImagePositionPatient 3, ImageOrientationPatient 6, PixelSpacing 2), or
+    None where they are absent, not numbers, fewer or more, or not finite."""
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n and all(np.isfinite(vals)) else None
+
+
+def orientation_plane(iop) -> str:
+    """axial | coronal | sagittal | oblique, from the six ImageOrientationPatient cosines."""
+    return plane_of(np.cross(iop[:3], iop[3:]))
+
+
 def plane_of(normal: np.ndarray) -> str:
     """axial | coronal | sagittal | oblique, from the slice normal."""
     n = np.abs(np.asarray(normal, dtype=float))

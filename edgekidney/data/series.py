@@ -45,7 +45,8 @@ from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_re
                                     looks_like_dicom, read_dicom, sop_class_of, sop_name, stored_to_hu)
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
-from edgekidney.data.geometry import DisplayTransform, canonical_normal, display_transform, plane_of
+from edgekidney.data.geometry import (DisplayTransform, canonical_normal, display_transform, finite_floats,
+                                      orientation_plane, plane_of)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NO_SERIES_UID = "no-series-uid:"
@@ -226,17 +227,9 @@ def _number(value, default: float | None = None) -> float | None:
     return number if np.isfinite(number) else default
 
 
-def _floats(value, n: int) -> tuple[float, ...] | None:
-    try:
-        vals = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return vals if len(vals) == n and all(np.isfinite(vals)) else None
-
-
 def _spacing(value) -> tuple[float, ...] | None:
     """PixelSpacing (row, column) in mm; None where absent or not two positive numbers."""
-    pair = _floats(value, 2)
+    pair = finite_floats(value, 2)
     return pair if pair is not None and min(pair) > 0 else None
 
 
@@ -286,9 +279,9 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         slope, intercept = dicom_rescale(ds)
-        ipp = _floats(ds.get("ImagePositionPatient"), 3)
+        ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
         return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
-                         _floats(ds.get("ImageOrientationPatient"), 6), _spacing(ds.get("PixelSpacing")),
+                         finite_floats(ds.get("ImageOrientationPatient"), 6), _spacing(ds.get("PixelSpacing")),
                          shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")))]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) != frames:
@@ -296,9 +289,9 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
     shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
     refs = []
     for k, item in enumerate(per_frame):
-        ipp = _floats(_first(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
-        iop = _floats(_first(item, "PlaneOrientationSequence", "ImageOrientationPatient")
-                      or _first(shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        ipp = finite_floats(_first(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        iop = finite_floats(_first(item, "PlaneOrientationSequence", "ImageOrientationPatient")
+                            or _first(shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
         spacing = _spacing(_first(item, "PixelMeasuresSequence", "PixelSpacing")
                            or _first(shared, "PixelMeasuresSequence", "PixelSpacing"))
         slope, intercept = dicom_rescale(ds, frame=k)
@@ -395,7 +388,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
         positions = [proj[k] for k in order]
     else:
         row_cos = col_cos = None
-        plane = "axial" if iop is None else plane_of(np.cross(iop[:3], iop[3:]))
+        plane = "axial" if iop is None else orientation_plane(iop)
         if any(r.instance_number is None for r in refs):
             refusal = refusal or "slices have neither ImagePositionPatient nor InstanceNumber: their order is unknown"
             positions = [float(k) for k in range(len(refs))]
