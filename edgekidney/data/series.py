@@ -217,6 +217,15 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 # -- reading headers --------------------------------------------------------------------------------
+# what pydicom raises when a header value that was read leniently is converted at last
+MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+def malformed(exc: BaseException) -> str:
+    """The one-line reason for a file or series skipped for its header."""
+    return f"malformed DICOM header ({' '.join(str(exc).split())[:120]})"
+
+
 def _number(value, default: float | None = None) -> float | None:
     """A header's number, or ``default`` where it is absent, not a number or not finite (a tag that only
     refines the geometry; a value the pixels depend on is checked where it is read)."""
@@ -331,9 +340,8 @@ def scan_dicom(files: Iterable[Path], limits: DecodeLimits = DEFAULT_LIMITS
         except EdgeKidneyError as exc:
             skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: ")))
             continue
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
-            # pydicom converts a value when it is read: a malformed one surfaces here, not at dcmread
-            skipped.append(Skipped(str(path), f"malformed DICOM header ({' '.join(str(exc).split())[:120]})"))
+        except MALFORMED as exc:  # pydicom converts a value when it is read: a bad one surfaces here
+            skipped.append(Skipped(str(path), malformed(exc)))
             continue
         if reason is not None:
             skipped.append(Skipped(str(path), reason))
@@ -485,8 +493,8 @@ def read_series(paths: Iterable[str | Path],
     for uid, members in groups.items():
         try:
             one = build_series(uid, members)
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
-            why = f"its series could not be assembled: malformed DICOM header ({' '.join(str(exc).split())[:120]})"
+        except MALFORMED as exc:
+            why = f"its series could not be assembled: {malformed(exc)}"
             skipped.extend(Skipped(str(ref.path), why) for ref, _ in members)
             continue
         if uid in too_large:

@@ -22,7 +22,7 @@ import numpy as np
 from edgekidney.errors import InputError
 from edgekidney.data.preprocess import window_hu
 from edgekidney.study.analyze import SeriesResult
-from edgekidney.study.sr import _hd, study_header
+from edgekidney.study.sr import REGION_RADIUS, _hd, study_header
 
 SC_SERIES_NUMBER = 9902
 
@@ -71,7 +71,7 @@ def overlay(window01: np.ndarray, cam: np.ndarray | None, text: str, peak: tuple
         draw.rectangle([0, 0, w - 1, h - 1], outline=(255, 0, 0), width=max(2, w // 128))
         text += " | no activation map in this model"
     if peak is not None:
-        r = max(3, round(max(w, h) * 0.05))  # the SR's region: 5 % of the longer side
+        r = max(3, round(max(w, h) * REGION_RADIUS))  # the SR's region
         y, x = peak
         draw.ellipse([x - r, y - r, x + r, y + r], outline=(0, 255, 255), width=max(1, r // 6))
     lines = _wrap(draw, text, w - 8)

@@ -31,6 +31,7 @@ from edgekidney.study.analyze import SeriesResult
 
 SR_HINT = "pip install 'edgekidney[sr]' (highdicom)"
 SR_SERIES_NUMBER = 9901
+REGION_RADIUS = 0.05  # the stone region: a circle of this share of the slice's longer side around cam_peak
 PATIENT_STUDY_ATTRIBUTES = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
                             "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
                             "ReferringPhysicianName", "StudyDescription", "SpecificCharacterSet")
@@ -118,7 +119,7 @@ def stone_region(result: SeriesResult, series):
     row, col = (int(v) for v in peak.cam_peak)  # on the slice as displayed: back to the stored pixel grid
     if transform is not None:
         row, col = transform.source_index(row, col, ref.shape)
-    radius = 0.05 * max(ref.shape)
+    radius = REGION_RADIUS * max(ref.shape)
     centre = [float(col) + 0.5, float(row) + 0.5]  # SCOORD: (column, row), pixel centres at .5
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
