@@ -26,7 +26,7 @@ from edgekidney.runtime.predict import decide_outputs
 from edgekidney.server.batching import BatcherError, MicroBatcher
 from edgekidney.server.config import ServeConfig
 from edgekidney.server.inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
-                     read_limited, single_upload, split_multipart)
+                     read_then, single_upload, split_multipart)
 from edgekidney.server.metrics import CONTENT_TYPE, Metrics
 from edgekidney.server.oip import add_oip_routes
 
@@ -162,11 +162,11 @@ class Service:
             if not self.is_ready:
                 return JSONResponse({"detail": self.not_ready, "status": 503}, 503, headers={"Retry-After": "1"})
             want_cam = request.query_params.get("cam", "").lower() in ("1", "true", "yes")
-            phase = ["body"]  # where the deadline found the request: its sender's fault, or ours
             with self.batcher.announce() as slot:  # admission: 503 when --max-queue requests are in
-                # the deadline covers reading the body too: a slow sender cannot hold a slot forever
-                uploads, (x, geometries), result = await asyncio.wait_for(
-                    self._read_decode_run(slot, request, kind, content_type, phase), cfg.request_timeout_s)
+                # the deadline covers reading the body too (408 when the body is late)
+                uploads, (x, geometries), result = await read_then(
+                    cfg.request_timeout_s, request.stream(), cfg.max_body_bytes,
+                    lambda body: self._decode_run(slot, body, request, kind, content_type))
             rows = result.rows
             decided = decide_outputs(self.clf.card, self.clf.threshold,
                                      {k: np.stack([r[k] for r in rows]) for k in rows[0]}, geometries, want_cam, x)
@@ -178,9 +178,6 @@ class Service:
             headers = {"Retry-After": "1"} if exc.status == 503 else None
             return JSONResponse({"detail": str(exc), "status": exc.status}, exc.status, headers=headers)
         except asyncio.TimeoutError:
-            if phase[0] == "body":  # the client did not send what its Content-Length announced
-                return JSONResponse({"detail": f"request body not received within {cfg.request_timeout_s:g} s "
-                                               "(--request-timeout)", "status": 408}, 408)
             return JSONResponse({"detail": f"no answer within {cfg.request_timeout_s:g} s (--request-timeout); "
                                            "the server is overloaded", "status": 504}, 504)
         latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
@@ -213,9 +210,7 @@ class Service:
 
         return overlay_png_base64(decode_slice(upload.data, upload.name, self.pre, dicom_hint=upload.dicom), cam, peak)
 
-    async def _read_decode_run(self, slot, request: Request, kind: str, content_type: str, phase: list):
-        body = await read_limited(request.stream(), self.config.max_body_bytes)
-        phase[0] = "model"
+    async def _decode_run(self, slot, body: bytes, request: Request, kind: str, content_type: str):
         uploads, decoded = await anyio.to_thread.run_sync(self._decode, kind, content_type, body, request.scope,
                                                           limiter=self._decode_limiter)
         return uploads, decoded, await slot.submit(decoded[0])

@@ -11,6 +11,7 @@ message before it reaches a response or a log.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import warnings
@@ -102,6 +103,26 @@ async def read_limited(chunks, limit: int) -> bytes:
             raise ClientError(413, too_large(limit))
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def read_then(timeout_s: float, chunks, limit: int, then):
+    """Read the body (:func:`read_limited`) and ``await then(body)``, all within ``timeout_s``: a slow
+    sender cannot hold an admission slot past it. A body that has not arrived in time is the sender's
+    fault, 408; past the body the deadline is the server's (``asyncio.TimeoutError``, the callers' 504)."""
+    received = False
+
+    async def run():
+        nonlocal received
+        body = await read_limited(chunks, limit)
+        received = True
+        return await then(body)
+
+    try:
+        return await asyncio.wait_for(run(), timeout_s)
+    except asyncio.TimeoutError:
+        if received:
+            raise
+        raise ClientError(408, f"request body not received within {timeout_s:g} s (--request-timeout)") from None
 
 
 def single_upload(body: bytes, kind: str) -> list[Upload]:

@@ -37,7 +37,7 @@ from edgekidney import __version__
 from edgekidney.runtime.predict import decide_outputs
 from edgekidney.data.preprocess import Geometry
 from edgekidney.server.batching import BatcherError
-from edgekidney.server.inputs import ClientError, Upload, check_declared_length, decode_uploads, read_limited
+from edgekidney.server.inputs import ClientError, Upload, check_declared_length, decode_uploads, read_then
 from edgekidney.server.oip_codec import HEADER_LENGTH, InferRequest, OipError, Tensor, encode_response, parse_infer_request
 
 log = logging.getLogger("edgekidney.server")
@@ -252,11 +252,10 @@ async def _infer(model: OipModel, request: Request) -> Response:
             raise OipError(exc.status, exc.reason) from None
         if not model.ready():
             return error(503, model.not_ready_reason(), {"Retry-After": "1"})
-        phase = ["body"]  # where the deadline found the request: its sender's fault, or ours
         with service.batcher.announce() as slot:  # admission: 503 when --max-queue requests are in
-            # the deadline covers reading the body too, as on /v1
-            req, (x, geometries), result = await asyncio.wait_for(_read_decode_run(model, slot, request, phase),
-                                                                  cfg.request_timeout_s)
+            # the deadline covers reading the body too (408 when the body is late), as on /v1
+            req, (x, geometries), result = await read_then(cfg.request_timeout_s, request.stream(), cfg.max_body_bytes,
+                                                           lambda body: _decode_run(model, slot, body, request))
         outputs = model.outputs(req, result.rows, geometries)
     except OipError as exc:
         return error(exc.status, exc.reason)
@@ -267,8 +266,6 @@ async def _infer(model: OipModel, request: Request) -> Response:
     except BatcherError as exc:  # 503 overloaded or closing (retry), 500 a failed batch
         return error(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 503 else None)
     except asyncio.TimeoutError:
-        if phase[0] == "body":  # the client did not send what its Content-Length announced
-            return error(408, f"request body not received within {cfg.request_timeout_s:g} s (--request-timeout)")
         return error(504, f"no answer within {cfg.request_timeout_s:g} s (--request-timeout); the server is overloaded")
     binary = {t.name for t in outputs} if req.binary_all else req.binary_outputs
     body, head = encode_response(model.name, VERSION, outputs, binary, req.id)
@@ -280,11 +277,9 @@ async def _infer(model: OipModel, request: Request) -> Response:
     return Response(body, 200, headers=headers, media_type="application/octet-stream")
 
 
-async def _read_decode_run(model: OipModel, slot, request: Request, phase: list):
+async def _decode_run(model: OipModel, slot, body: bytes, request: Request):
     cfg = model.service.config
     limiter = model.service._decode_limiter  # bounded decoding, shared with /v1
-    body = await read_limited(request.stream(), cfg.max_body_bytes)
-    phase[0] = "model"
     req = await anyio.to_thread.run_sync(parse_infer_request, body, request.headers.get(HEADER_LENGTH), limiter=limiter)
     x, geometries = await anyio.to_thread.run_sync(model.to_batch, req, cfg.max_images, request.scope, limiter=limiter)
     return req, (x, geometries), await slot.submit(x)
