@@ -360,8 +360,8 @@ def infer_cmd(
                                            "scope_threshold", "scope_reason", "cam_peak_row", "cam_peak_col"],
                            extrasaction="ignore")
         w.writeheader()
-        w.writerows({**row, "cam_peak_row": (row.get("cam_peak") or [None, None])[0],
-                     "cam_peak_col": (row.get("cam_peak") or [None, None])[1]} for row in rows)
+        w.writerows({**row, **dict(zip(("cam_peak_row", "cam_peak_col"), row.get("cam_peak") or (None, None)))}
+                    for row in rows)
         if fh is not sys.stdout:
             fh.close()
     for f in failures:
@@ -563,8 +563,9 @@ def bench_latency_cmd(
     from edgekidney.bench.latency import main as latency_main
 
     form = "gpu" if backend == "trt" else "cpu"
-    argv = [str(resolve_model(m, form)) for m in models] + ["--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads),
-                                       "--seconds", str(seconds), "--torch", torch, "--max-slowdown", str(max_slowdown)]
+    argv = [str(resolve_model(m, form)) for m in models] + [
+        "--backend", backend, "--batch-sizes", batch_sizes, "--threads", str(threads), "--seconds", str(seconds),
+        "--torch", torch, "--max-slowdown", str(max_slowdown)]
     for flag, value in (("--data", data), ("--baseline", baseline), ("--json", json_out), ("--plot", plot)):
         if value is not None:
             argv += [flag, str(value)]
@@ -713,7 +714,8 @@ def listen_cmd(
     cfg = ListenerConfig(
         store=store, ae_title=ae_title, host=host, port=port, allowed_calling=tuple(allow),
         max_associations=max_associations, dimse_timeout_s=timeout, network_timeout_s=timeout,
-        series_timeout_s=series_timeout, restart_grace_s=restart_grace, destination=Destination.parse(destination) if destination else None,
+        series_timeout_s=series_timeout, restart_grace_s=restart_grace,
+        destination=Destination.parse(destination) if destination else None,
         results_file=results_file, webhook=webhook, retention_s=None if keep_images else retention_hours * 3600.0,
         min_free_mb=min_free_mb, retry_base_s=retry_base, retry_max_s=retry_max, metrics_port=metrics_port,
         tls=TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert else None)
