@@ -28,6 +28,13 @@ def form_file(folder: Path, form: str = "cpu") -> Path | None:
     return next((folder / name for name in FORMS[form] if (folder / name).is_file()), None)
 
 
+def model_name(path: Path) -> str:
+    """How reports name a model file: ``kidney-stone-ct-v3/model-int8cpu.onnx`` for a release's form (its
+    folder holds the card), else the file's own name."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if (path.parent / "MODEL_CARD.md").is_file() else path.name
+
+
 def search_path() -> list[Path]:
     """Folders searched for a release by name, in order."""
     folders = [Path(p) for p in os.environ.get("EDGEKIDNEY_MODELS", "").split(os.pathsep) if p]

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from edgekidney import __version__
+from edgekidney.released import model_name
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
@@ -106,9 +107,8 @@ def model_info(classifier) -> dict:
     extra = getattr(card, "extra", None) or {}
     planes = extra.get("planes") or []
     plane = extra.get("plane") or (extra.get("training") or {}).get("plane") or (planes[0] if planes else None)
-    path = Path(str(getattr(classifier, "model_path", "model")))
-    name = f"{path.parent.name}/{path.name}" if (path.parent / "MODEL_CARD.md").is_file() else path.name  # a release
-    return {"name": name, "sha256": getattr(card, "sha256", ""),
+    return {"name": model_name(Path(str(getattr(classifier, "model_path", "model")))),
+            "sha256": getattr(card, "sha256", ""),
             "precision": getattr(card, "precision", ""), "edgekidney_version": __version__,
             "threshold": float(classifier.threshold), "plane": plane or "axial", "plane_recorded": bool(plane),
             "planes": list(planes) or [plane or "axial"]}
