@@ -1,6 +1,6 @@
-"""Chest and head slices: lungs or a skull measured in HU put a slice out of scope whatever the network
-says, and a chest series is not answered "no stone" (edgekidney.data.anatomy, docs/scope.md "Chest
-slices")."""
+"""Chest, head and leg slices: lungs, a skull or a body in two parts measured in HU put a slice out of
+scope whatever the network says, and a chest series is not answered "no stone" (edgekidney.data.anatomy,
+docs/scope.md "Chest slices")."""
 
 from pathlib import Path
 
@@ -10,7 +10,8 @@ import pytest
 from edgekidney.data.series import read_series
 from edgekidney.data.synthetic_series import SeriesSynthConfig, write_series
 from edgekidney.study import analyze_study
-from edgekidney.data.anatomy import CHEST_LUNG_SHARE, HEAD_SKULL_SHARE, chest_reason, head_reason, lung_share, measure, skull_share
+from edgekidney.data.anatomy import (CHEST_LUNG_SHARE, HEAD_SKULL_SHARE, LEGS_SPLIT_SHARE, chest_reason, head_reason,
+                                     legs_reason, lung_share, measure, skull_share, split_share)
 
 from phantoms import write_head_ct
 from study_fixtures import Oracle
@@ -83,9 +84,9 @@ def test_the_thresholds_of_air_bone_and_body_and_their_shares_are_kept_exactly()
         assert skull_share(hu) == (100 / 6400 if counted else 0.0)
     edge = np.full((100, 100), -1000.0, np.float32)
     edge[10:90, 10:90] = BODY_HU  # exactly at the body's level: air
-    assert measure(edge) == (0.0, 0.0)
+    assert measure(edge) == (0.0, 0.0, 0.0)
     edge[10:90, 10:90] = BODY_HU + 1  # a body, all of it air-like (below LUNG_HU): one region, all lung
-    assert measure(edge) == (1.0, 0.0)
+    assert measure(edge) == (1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="one 2-D slice"):
         lung_share(np.zeros((0, 5)))
 
@@ -99,32 +100,67 @@ def test_a_measured_slice_keeps_what_it_showed_through_views():
     assert s.anatomy == measure(hu) and s[:, ::-1].anatomy == s.anatomy and s.copy().anatomy == s.anatomy
 
 
-def test_no_slice_of_the_example_exam_is_a_chest_or_a_head_slice():
+def test_no_slice_of_the_example_exam_is_a_chest_a_head_or_a_leg_slice():
     """A real abdomen, pelvis to liver dome: lung bases at its top, none at kidney level; no ring of
     bone encloses more than a vertebral body, the pelvis included."""
     pytest.importorskip("nibabel")
-    lungs, skull = np.array([measure(hu) for hu in hu_slices(EXAM)]).T
+    lungs, skull, split = np.array([measure(hu) for hu in hu_slices(EXAM)]).T
     assert len(lungs) == 112 and lungs.max() < CHEST_LUNG_SHARE
     assert lungs[66:102].max() < 0.08  # the kidneys' slices (docs/scope.md, "A whole exam")
     assert lungs[-1] == lungs.max() > 0.1  # the lung bases at the liver dome
     assert 0.005 < skull.max() < 0.05 and skull.max() < HEAD_SKULL_SHARE / 10
+    assert split.max() == 0.0  # the body in one part from the pelvis up
 
 
 def test_skull_share_is_what_one_ring_of_bone_encloses():
     from phantoms import head_ct_hu
 
     head = head_ct_hu(size=128, radius=50, skull=6)
-    assert skull_share(head) > 0.95 and lung_share(head) == 0.0 and measure(head) == (0.0, skull_share(head))
+    assert skull_share(head) > 0.95 and lung_share(head) == 0.0 and measure(head) == (0.0, skull_share(head), 0.0)
     assert "a ring of bone encloses" in head_reason(skull_share(head)) and head_reason(HEAD_SKULL_SHARE - 0.01) is None
     broken = head.copy()
     broken[60:68, :30] = 35.0  # the ring cut open on one side: it encloses nothing, only the bone counts
     assert 0.15 < skull_share(broken) < 0.25 and head_reason(skull_share(broken)) is None
-    assert skull_share(np.full((32, 32), -1000.0)) == 0.0 and measure(np.full((32, 32), -1000.0)) == (0.0, 0.0)
+    assert skull_share(np.full((32, 32), -1000.0)) == 0.0 and measure(np.full((32, 32), -1000.0)) == (0.0, 0.0, 0.0)
     body = np.full((100, 100), -1000.0, np.float32)
     body[10:90, 10:90] = 40.0
     assert skull_share(body) == 0.0  # no bone at all
     body[40:50, 40:50] = 700.0  # a solid bone (a vertebral body): what it covers, 1.6 % of the body
     assert skull_share(body) == pytest.approx(100 / 6400)
+
+
+def test_split_share_is_the_smaller_of_the_two_largest_parts_of_the_body():
+    hu = np.full((120, 160), -1000.0, np.float32)
+    hu[20:100, 10:70] = 40.0  # one thigh: 4,800 px
+    assert split_share(hu) == 0.0 and legs_reason(split_share(hu)) is None  # one part
+    hu[20:100, 90:150] = 40.0  # the other, as large
+    assert split_share(hu) == 0.5 and "two separate parts of like size" in legs_reason(0.5)
+    hu[20:100, 90:150] = -1000.0
+    hu[40:100, 90:130] = 40.0  # 2,400 px beside 4,800: a third of both
+    assert split_share(hu) == pytest.approx(1 / 3) and legs_reason(split_share(hu)) is not None
+    hu[110:118, 140:150] = 40.0  # a third, smaller part (a cable, a hand) does not count
+    assert split_share(hu) == pytest.approx(1 / 3)
+    trunk = np.full((200, 200), -1000.0, np.float32)
+    trunk[40:160, 30:150] = 40.0  # a trunk of 14,400 px and an arm beside it of 1,200
+    trunk[80:120, 165:195] = 40.0
+    assert split_share(trunk) == pytest.approx(1200 / 15600) and legs_reason(split_share(trunk)) is None
+    assert measure(trunk)[2] == split_share(trunk) and split_share(np.full((32, 32), -1000.0)) == 0.0
+    assert legs_reason(LEGS_SPLIT_SHARE) is not None and legs_reason(LEGS_SPLIT_SHARE - 1e-9) is None
+
+
+def test_leg_slices_below_an_abdomen_are_out_of_scope_and_leave_its_answer_alone(tmp_path):
+    cfg = dict(slices=30, size=96, leg_slices=6, seed=8)
+    stone = write_series(tmp_path / "stone", SeriesSynthConfig(stones=1, stone_spans=(2,), **cfg))
+    r = analyze_study(CallsEverythingStone(stone.kidney_boxes), [stone.folder]).series[0]
+    assert [s.in_scope for s in r.slices] == [False] * 6 + [True] * 24
+    for s in r.slices[:6]:
+        assert s.label == "out_of_scope" and s.split_share == 0.5 and s.scope_reason == legs_reason(0.5)
+    assert all(s.split_share == 0.0 for s in r.slices[6:])
+    assert r.decision == "stone" and [(s.start, s.end) for s in r.supporting] == [(6, 29)]  # never into the legs
+    legs = write_series(tmp_path / "legs", SeriesSynthConfig(slices=8, size=96, stones=0, leg_slices=8, seed=8))
+    r = analyze_study(CallsEverythingStone(legs.kidney_boxes), [legs.folder]).series[0]
+    assert r.decision == "not_assessable" and r.reason == "none of the 8 slices is within the model's scope"
+    assert "most slices (8 of 8) lie outside what the model was trained on (8 for two legs)" in r.warnings[-1]
 
 
 def test_a_chest_series_is_out_of_scope_even_where_the_model_calls_every_slice_stone(tmp_path):
@@ -254,20 +290,22 @@ def test_one_slice_the_model_keeps_is_out_of_scope_for_its_lungs_or_skull():
     def geo(anatomy):
         return SimpleNamespace(body_found=True, anatomy=anatomy)
 
-    shares = [None, (0.05, 0.02), (0.45, 0.0), (0.0, 0.9), (0.45, 0.0), (0.45, 0.9)]
-    d = np.array([0.5, 0.5, 0.5, 0.5, 3.0, 0.5])
+    shares = [None, (0.05, 0.02, 0.1), (0.45, 0.0, 0.0), (0.0, 0.9, 0.0), (0.45, 0.0, 0.0), (0.45, 0.9, 0.5),
+              (0.0, 0.05, 0.5), (0.45, 0.0, 0.4)]
+    d = np.array([0.5, 0.5, 0.5, 0.5, 3.0, 0.5, 0.5, 0.5])
     inside, reasons = scope_of(card, d, [geo(a) for a in shares])
-    assert inside.tolist() == [True, True, False, False, False, False]
+    assert inside.tolist() == [True, True, False, False, False, False, False, False]
     assert reasons[:2] == [None, None]
     assert reasons[2] == chest_reason(0.45) and reasons[3] == head_reason(0.9)
     assert reasons[4].startswith("unlike the training slices")  # the model's own reason comes first
-    assert reasons[5] == head_reason(0.9)  # a head before a chest
-    r = decide_outputs(card, 0.5, {"logits": np.array([[0.0, 3.0]] * 6, np.float32), "scope_distance": d},
+    assert reasons[5] == head_reason(0.9)  # a head before legs or a chest
+    assert reasons[6] == legs_reason(0.5) and reasons[7] == legs_reason(0.4)  # legs before a chest
+    r = decide_outputs(card, 0.5, {"logits": np.array([[0.0, 3.0]] * 8, np.float32), "scope_distance": d},
                        [geo(a) for a in shares])
-    assert r.labels == ["Stone", "Stone"] + ["out_of_scope"] * 4
-    preds = r.predictions([f"s{k}" for k in range(6)], card, 0.5)  # infer's JSON and the listener's fallback
-    assert [(p.lung_share, p.skull_share) for p in preds] == [(None, None), *[(round(a, 3), round(b, 3))
-                                                                            for a, b in shares[1:]]]
+    assert r.labels == ["Stone", "Stone"] + ["out_of_scope"] * 6
+    preds = r.predictions([f"s{k}" for k in range(8)], card, 0.5)  # infer's JSON and the listener's fallback
+    assert [(p.lung_share, p.skull_share, p.split_share) for p in preds] == [(None, None, None), *[
+        tuple(round(v, 3) for v in a) for a in shares[1:]]]
     assert "lung_share" in preds[0].to_dict() and preds[2].to_dict()["scope_reason"] == chest_reason(0.45)
 
 
@@ -283,10 +321,13 @@ def test_a_series_of_slices_under_the_minimum_size_is_refused_as_one_slice_is(tm
 
 
 def test_a_share_shown_at_a_threshold_is_at_or_above_it():
-    from edgekidney.study.analyze import SliceRecord, mark_chest_and_head_slices
+    from edgekidney.study.analyze import SliceRecord, mark_anatomy_out_of_scope
 
-    records = [SliceRecord(k, float(k), 0.1, "Normal") for k in range(3)]
-    chest, head = mark_chest_and_head_slices(records, [(0.19999, 0.0), (0.2, 0.49999), (0.0, 0.5)])
-    assert [r.lung_share for r in records] == [0.199, 0.2, 0.0] and records[1].skull_share == 0.499
-    assert [r.in_scope for r in records] == [True, False, False] and chest == [False, True, False]
-    assert head == [False, False, True] and records[2].scope_reason.startswith("a ring of bone")
+    records = [SliceRecord(k, float(k), 0.1, "Normal") for k in range(5)]
+    kinds = mark_anatomy_out_of_scope(records, [(0.19999, 0.0, 0.29999), (0.2, 0.49999, 0.0), (0.0, 0.5, 0.0),
+                                                (0.0, 0.0, 0.3), None])
+    assert [r.lung_share for r in records] == [0.199, 0.2, 0.0, 0.0, None] and records[1].skull_share == 0.499
+    assert records[0].split_share == 0.299 and records[3].split_share == 0.3
+    assert [r.in_scope for r in records] == [True, False, False, False, True]
+    assert kinds == [None, "chest", "head", "legs", None] and records[2].scope_reason.startswith("a ring of bone")
+    assert records[3].scope_reason == legs_reason(0.3) and records[4].scope_reason is None

@@ -37,7 +37,8 @@ def test_infer_prints_json_for_files_and_folders(tiny_onnx, small_real, tmp_path
     assert len(data["predictions"]) == 26 and data["failures"] == []
     first = data["predictions"][0]
     assert set(first) == {"path", "probability", "label", "threshold", "in_scope", "scope_distance",
-                          "scope_threshold", "scope_reason", "cam_peak", "lung_share", "skull_share"}
+                          "scope_threshold", "scope_reason", "cam_peak", "lung_share", "skull_share",
+                          "split_share"}
     assert first["lung_share"] is None  # measured on axial DICOM slices only
     thr = load_card(tiny_onnx).scope_threshold
     by_name = {p["path"].rsplit("/", 1)[-1]: p for p in data["predictions"]}

@@ -305,11 +305,15 @@ def test_fallback_series_decision_is_the_study_rule():
     assert series_decision(lone, [False] * 3, card, 0.5).decision == "stone"
     card.extra = {}
     lungs = [Prediction("x", 0.1, "Normal", 0.5, in_scope=True), *preds((0.1, "out_of_scope"), (0.1, "out_of_scope"))]
-    lungs[1].lung_share, lungs[1].skull_share = lungs[2].lung_share, lungs[2].skull_share = 0.3, 0.0
+    for p in lungs[1:]:
+        p.lung_share, p.skull_share, p.split_share = 0.3, 0.0, 0.0
     assert series_decision(lungs[:1] * 2 + lungs[1:], [False] * 4, card, 0.5).decision == "no_stone"  # 2 vs 2
     chest = series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5)
     assert chest.decision == "not_assessable" and chest.reason.startswith("a chest series: 3 slices")
     lungs[1].skull_share = lungs[2].skull_share = 0.9  # a head, not a chest: never "a chest series"
+    assert series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5).decision == "no_stone"
+    lungs[1].skull_share = lungs[2].skull_share = 0.0
+    lungs[1].split_share = lungs[2].split_share = 0.5  # legs, not a chest
     assert series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5).decision == "no_stone"
 
 

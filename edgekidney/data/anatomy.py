@@ -1,5 +1,5 @@
 """What an axial slice shows, read from its Hounsfield units: lung fields mark a chest slice, a
-closed ring of bone a head.
+closed ring of bone a head, a body in two parts of like size the legs.
 
 The model was trained on slices at the level of the kidneys. Its scope detector (the feature
 distance) refuses most of what looks unlike them, but not every chest slice: on a real chest CT the
@@ -21,7 +21,14 @@ is a closed ring of bone around the brain: :func:`skull_share` fills the largest
 there); above the skull base the cranium encloses most of the slice. At ``HEAD_SKULL_SHARE`` or more
 the slice is out of scope.
 
-Both are read where a slice comes with its HU and is known to be axial: a series in ``study`` and the
+Below the pelvis the body splits into the two thighs. :func:`split_share` is the smaller of the
+body's two largest separate parts as a share of both: about one half for two legs, 0.0 for a body in
+one part. Measured: 0.0 on every slice of the abdomen volume, pelvis included; at most 0.19 on the
+chest CTs (the top slice, the neck beside a shoulder); an arm lying beside the trunk is far smaller
+than it. At ``LEGS_SPLIT_SHARE`` or more the slice is out of scope. No real thigh CT was at hand to
+measure; thighs that touch make one part and are left to the scope detector.
+
+All three are read where a slice comes with its HU and is known to be axial: a series in ``study`` and the
 listener, and a single DICOM slice whose ImageOrientationPatient is axial (``infer``, ``serve``). The
 training data's coronal reformats show lungs and are in scope: no coronal or unknown plane is judged
 here, nor a windowed image (PNG, JPEG), where air and dark fat both read 0.
@@ -38,13 +45,16 @@ BODY_HU = -500.0  # the patient's outline: everything denser than air
 CHEST_LUNG_SHARE = 0.2  # of the body's cross-section: a chest slice at or above it
 BONE_HU = 300.0  # cortical bone and the skull's diploe; enhancing vessels can reach it, but enclose little
 HEAD_SKULL_SHARE = 0.5  # of the body's cross-section enclosed by one ring of bone: a head slice
+LEGS_SPLIT_SHARE = 0.3  # the smaller of the body's two largest parts, of both: two legs at or above it
 
 
-def _body(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(the slice on at most 256 px a side, the body's mask or None where no body is found).
+def _body(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(the slice on at most 256 px a side, the body's mask or None where no body is found, the split
+    share).
 
     The body is the largest connected region above ``BODY_HU`` with its holes filled (so the lungs,
-    enclosed by the chest wall, are inside it); the table and cables fall away with an opening."""
+    enclosed by the chest wall, are inside it); the table and cables fall away with an opening. The
+    split share is the second largest region's size over the two largest together (0.0 for one)."""
     from scipy import ndimage
 
     img = np.asarray(hu, dtype=np.float32)
@@ -56,8 +66,11 @@ def _body(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     body = ndimage.binary_opening(body, structure=np.ones((3, 3), bool), iterations=2)
     labels, n = ndimage.label(body)
     if n == 0:
-        return img, None
-    return img, labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1
+        return img, None, 0.0
+    sizes = np.bincount(labels.ravel())[1:]
+    two = np.sort(sizes)[-2:]
+    split = float(two[0] / two.sum()) if n > 1 else 0.0
+    return img, labels == int(sizes.argmax()) + 1, split
 
 
 def _lungs(img: np.ndarray, body: np.ndarray) -> float:
@@ -84,21 +97,27 @@ def lung_share(hu: np.ndarray) -> float:
 
     ``hu``: one axial slice in Hounsfield units; 0.0 where no body is found. Computed on at most
     256 px a side (3-5 ms)."""
-    img, body = _body(hu)
+    img, body, _ = _body(hu)
     return 0.0 if body is None else _lungs(img, body)
 
 
 def skull_share(hu: np.ndarray) -> float:
     """The share of the body's cross-section inside its largest region of bone, holes filled: most of
     the slice for a cranium, a vertebral body's worth elsewhere. 0.0 where no body is found."""
-    img, body = _body(hu)
+    img, body, _ = _body(hu)
     return 0.0 if body is None else _skull(img, body)
 
 
-def measure(hu: np.ndarray) -> tuple[float, float]:
-    """(lung share, skull share) of one axial slice in HU, the body found once."""
-    img, body = _body(hu)
-    return (0.0, 0.0) if body is None else (_lungs(img, body), _skull(img, body))
+def split_share(hu: np.ndarray) -> float:
+    """The smaller of the body's two largest separate parts as a share of both: about 0.5 for two
+    thighs, near 0 for one trunk (the arms beside it are small), 0.0 where the body is one part."""
+    return _body(hu)[2]
+
+
+def measure(hu: np.ndarray) -> tuple[float, float, float]:
+    """(lung share, skull share, split share) of one axial slice in HU, the body found once."""
+    img, body, split = _body(hu)
+    return (0.0, 0.0, 0.0) if body is None else (_lungs(img, body), _skull(img, body), split)
 
 
 def chest_reason(share: float) -> str | None:
@@ -117,16 +136,39 @@ def head_reason(share: float) -> str | None:
             f"slice; the model was trained on kidney-level slices")
 
 
-def anatomy_reason(shares: tuple[float, float] | None) -> str | None:
-    """Why a slice with these (lung, skull) shares is out of scope (a head before a chest), or None."""
+def legs_reason(share: float) -> str | None:
+    """Why a slice whose body lies in two parts, the smaller holding this share, is out of scope, or None."""
+    if share < LEGS_SPLIT_SHARE:
+        return None
+    return (f"the body lies in two separate parts of like size (the smaller holds {share:.0%} of both), as "
+            f"the legs do below the pelvis; the model was trained on kidney-level slices")
+
+
+def region(shares: tuple[float, float, float] | None) -> str | None:
+    """"head", "legs" or "chest" for a slice with these (lung, skull, split) shares, in that order of
+    precedence, or None for a slice none of them rules out."""
     if shares is None:
         return None
-    return head_reason(shares[1]) or chest_reason(shares[0])
+    if head_reason(shares[1]) is not None:
+        return "head"
+    if legs_reason(shares[2]) is not None:
+        return "legs"
+    return "chest" if chest_reason(shares[0]) is not None else None
 
 
-def is_chest(shares: tuple[float, float]) -> bool:
-    """A chest slice: lungs at a chest slice's share, and no skull (a head is a head first)."""
-    return head_reason(shares[1]) is None and chest_reason(shares[0]) is not None
+def anatomy_reason(shares: tuple[float, float, float] | None) -> str | None:
+    """Why a slice with these (lung, skull, split) shares is out of scope, or None (:func:`region`)."""
+    kind = region(shares)
+    if kind == "head":
+        return head_reason(shares[1])
+    if kind == "legs":
+        return legs_reason(shares[2])
+    return chest_reason(shares[0]) if kind == "chest" else None
+
+
+def is_chest(shares: tuple[float, float, float]) -> bool:
+    """A chest slice: lungs at a chest slice's share, and no skull or legs (a head is a head first)."""
+    return region(shares) == "chest"
 
 
 def shown(share: float) -> float:
@@ -136,7 +178,7 @@ def shown(share: float) -> float:
 
 
 class MeasuredSlice(np.ndarray):
-    """A windowed 0..1 slice that carries what its HU showed: ``anatomy`` = (lung share, skull share).
+    """A windowed 0..1 slice that carries what its HU showed: ``anatomy`` = (lung, skull, split share).
     :func:`edgekidney.data.preprocess.preprocess_with_geometry` hands it on in the slice's Geometry."""
 
     anatomy: tuple[float, float] | None = None

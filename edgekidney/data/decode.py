@@ -126,7 +126,7 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
     windowed = window_hu(hu, config.window_center, config.window_width)
-    if _is_axial(ds):  # lungs and skull in HU: a chest or head slice is out of scope (data/anatomy.py)
+    if _is_axial(ds):  # lungs, skull, legs in HU: chest, head, leg slices are out of scope (data/anatomy.py)
         from edgekidney.data.anatomy import with_anatomy
 
         return with_anatomy(windowed, hu)

@@ -118,9 +118,9 @@ class Geometry:
     size: int
     body_found: bool
     body_fraction: float
-    # (lung share, skull share) of an axial slice read in HU (data/anatomy.py); None where not measured.
+    # (lung, skull, split share) of an axial slice read in HU (data/anatomy.py); None where not measured.
     # Not in repr or ==: a slice's geometry is its crop, and caches key on it (dicomnet/study_processor.py)
-    anatomy: tuple[float, float] | None = field(default=None, repr=False, compare=False)
+    anatomy: tuple[float, float, float] | None = field(default=None, repr=False, compare=False)
 
     def to_input(self, row: float, col: float) -> tuple[float, float]:
         """A network-grid position (pixel centres) -> the position on the original slice."""

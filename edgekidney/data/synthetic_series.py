@@ -31,6 +31,7 @@ class SeriesSynthConfig:
     patient: int = 1
     shuffle_names: bool = True
     chest_slices: int = 0  # the top slices show the chest (two lungs, the heart) instead of the abdomen
+    leg_slices: int = 0  # the bottom slices show the two thighs (each with its femur) instead of the abdomen
 
 
 @dataclass
@@ -83,6 +84,15 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
             hu[_ellipse(yy, xx, cy - n * 0.02, cx + n * 0.03, n * 0.12, n * 0.1)] = 40.0
             hu[_ellipse(yy, xx, sy, sx, n * 0.065, n * 0.07)] = 700.0
             return hu + rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
+        if k < cfg.leg_slices:  # the thighs: two limbs apart, fat around muscle around the femur
+            hu[:] = -1000.0
+            for side in (-1, 1):
+                lx = cx + side * rx * 0.5
+                hu[_ellipse(yy, xx, cy, lx, ry * 0.7, rx * 0.4)] = -100.0
+                hu[_ellipse(yy, xx, cy, lx, ry * 0.6, rx * 0.33)] = 50.0
+                hu[_ellipse(yy, xx, cy, lx, n * 0.04, n * 0.04)] = 900.0
+                hu[_ellipse(yy, xx, cy, lx, n * 0.025, n * 0.025)] = 20.0
+            return hu + rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
         if k > nz * 0.6:  # liver in the upper slices
             hu[_ellipse(yy, xx, cy - ry * 0.25, cx - rx * 0.45, ry * 0.45, rx * 0.35, 0.3)] = 60.0
         hu[_ellipse(yy, xx, sy, sx, n * 0.065, n * 0.07)] = 700.0
@@ -102,7 +112,7 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
     for ky, kx, kry, krx, _ in kidneys:
         ext = max(kry, krx) * 1.05
         boxes.append((int(ky - ext), int(np.ceil(ky + ext)), int(kx - ext), int(np.ceil(kx + ext))))
-    with_kidney = [k for k in range(nz) if abs((k - kz) / krz) < 1.0 and k < nz - cfg.chest_slices]
+    with_kidney = [k for k in range(nz) if abs((k - kz) / krz) < 1.0 and cfg.leg_slices <= k < nz - cfg.chest_slices]
     kidney_range = (with_kidney[0], with_kidney[-1]) if with_kidney else (-1, -1)  # (-1, -1): a chest only
     return render, kidney_range, [s["slices"] for s in stones], boxes
 

@@ -70,7 +70,7 @@ def series_decision(preds: list, unreadable: list[bool], card, threshold: float)
 
     probs = [0.0 if p is None else float(p.probability) for p in preds]
     in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
-    chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share))
+    chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share, p.split_share))
              for p in preds]  # measured on axial DICOM slices
     return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest)
 

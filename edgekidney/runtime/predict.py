@@ -38,6 +38,7 @@ class Prediction:
     # an axial DICOM slice measured in HU (data/anatomy.py); None elsewhere
     lung_share: float | None = None
     skull_share: float | None = None
+    split_share: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,10 +75,10 @@ class BatchResult:
             for i, name in enumerate(names)]
 
 
-def _shares(anatomy: tuple[float, float] | None) -> dict:
+def _shares(anatomy: tuple[float, float, float] | None) -> dict:
     if anatomy is None:
         return {}
-    return {"lung_share": shown(anatomy[0]), "skull_share": shown(anatomy[1])}
+    return {"lung_share": shown(anatomy[0]), "skull_share": shown(anatomy[1]), "split_share": shown(anatomy[2])}
 
 
 @dataclass

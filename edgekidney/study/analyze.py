@@ -25,11 +25,13 @@ from edgekidney.released import model_name
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
-from edgekidney.data.anatomy import anatomy_reason, is_chest, measure, shown
+from edgekidney.data.anatomy import anatomy_reason, measure, region, shown
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
 UNREADABLE = "unreadable"  # the label of a series' slice whose file could not be read: not judged
+# what the warning on a series judged on few slices says of each region (data.anatomy.region)
+_ANATOMY_WHY = (("chest", "for their lung fields"), ("head", "for a skull"), ("legs", "for two legs"))
 from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
 
 
@@ -49,6 +51,7 @@ class SliceRecord:
     source: str | None = None  # the file (and frame) it was read from: only with keep_identifiers, DICOM slices
     lung_share: float | None = None  # of the body's cross-section (data.anatomy); axial slices with HU only
     skull_share: float | None = None  # of the body's cross-section inside a ring of bone (data.anatomy); the same
+    split_share: float | None = None  # the smaller of the body's two largest parts, of both (data.anatomy); the same
 
 
 @dataclass
@@ -223,7 +226,7 @@ def _float_or_none(value) -> float | None:
 def _windowed(series: Series, center: float, width: float, keep_going: bool = False,
               anatomy: list | None = None) -> Iterator[np.ndarray | InputError]:
     """The series' slices windowed to 0..1; with ``keep_going`` an unreadable slice comes as its error.
-    ``anatomy``, when given, receives each slice's (lung share, skull share)
+    ``anatomy``, when given, receives each slice's (lung, skull, split share)
     (:func:`edgekidney.data.anatomy.measure`; None for an unreadable slice), measured on the HU."""
     for hu in (series.hu_slices_or_errors() if keep_going else series.hu_slices()):
         if anatomy is not None:
@@ -231,22 +234,22 @@ def _windowed(series: Series, center: float, width: float, keep_going: bool = Fa
         yield hu if isinstance(hu, InputError) else window_hu(hu, center, width)
 
 
-def mark_chest_and_head_slices(slices: list[SliceRecord], anatomy: list) -> tuple[list[bool], list[bool]]:
-    """Put the slices whose lungs or skull show a chest or a head out of scope (docs/scope.md, "Chest
-    slices"); returns which are chest slices and which head slices, whether or not the model had kept
-    them. Unreadable slices stay unreadable."""
-    chest, head_slices = [False] * len(slices), [False] * len(slices)
+def mark_anatomy_out_of_scope(slices: list[SliceRecord], anatomy: list) -> list[str | None]:
+    """Put the slices whose lungs, skull or legs show a chest, a head or the legs out of scope
+    (docs/scope.md, "Chest slices"); returns per slice "chest", "head", "legs" or None
+    (:func:`edgekidney.data.anatomy.region`), whether or not the model had kept it. Unreadable slices
+    stay unreadable."""
+    kinds: list[str | None] = [None] * len(slices)
     for k, (record, shares) in enumerate(zip(slices, anatomy)):
         if shares is None:
             continue
-        record.lung_share, record.skull_share = shown(shares[0]), shown(shares[1])
+        record.lung_share, record.skull_share, record.split_share = (shown(v) for v in shares)
         why = anatomy_reason(shares)
         if why is not None and record.label != UNREADABLE:
             if record.in_scope:  # one the model refused keeps its own reason, as for a single slice
                 record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, why
-            chest[k] = is_chest(shares)
-            head_slices[k] = not chest[k]
-    return chest, head_slices
+            kinds[k] = region(shares)
+    return kinds
 
 
 def focus_at(hu: np.ndarray, peak: Sequence[int], spacing_mm: Sequence[float],
@@ -359,11 +362,11 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if keep_identifiers and classified_plane == series.acquired_plane:
         for record in result.slices:
             record.source = series.slice_source(record.index)
-    chest, head = (mark_chest_and_head_slices(result.slices, shares) if shares
-                   else ([False] * len(result.slices), [False] * len(result.slices)))
+    kinds = mark_anatomy_out_of_scope(result.slices, shares) if shares else [None] * len(result.slices)
+    chest = [k == "chest" for k in kinds]
     outside = sum(1 for r in result.slices if not r.in_scope and r.label != UNREADABLE)
     if outside * 2 > len(result.slices):  # say so: the answer rests on the few slices judged
-        why = [f"{sum(chest)} for their lung fields"] * any(chest) + [f"{sum(head)} for a skull"] * any(head)
+        why = [f"{kinds.count(kind)} {because}" for kind, because in _ANATOMY_WHY if kind in kinds]
         because = f" ({', '.join(why)})" if why else ""
         judged = sum(r.in_scope for r in result.slices)
         result.warnings.append(f"most slices ({outside} of {len(result.slices)}) lie outside what the model was "
