@@ -35,7 +35,7 @@ def series(tmp_path_factory):
     return write_series(tmp_path_factory.mktemp("durable"), 6, seed=11)
 
 
-def summary_processor(paths):
+def summary_processor(paths, incomplete=None):
     return ProcessResult({"slices": len(paths), "decision": "Normal"})
 
 
@@ -234,6 +234,64 @@ def test_an_orphan_from_before_the_crash_is_classified_with_its_series(tmp_path,
     lst.jobs.close()
 
 
+def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path, series):
+    """Stored in part when the listener stopped and nothing of it sent again: the processor is told, the
+    result line says it; one the sender goes on with after the restart is answered as whole."""
+    from edgekidney.dicomnet.service import INTERRUPTED
+
+    study_uid, series_uid, files = series
+    sops = [sop_of(f) for f in files]
+    for name, after_restart in (("cut", None), ("resent", 1), ("continued", 4)):
+        now, told = [1000.0], []
+
+        def recording(paths, incomplete=None):
+            told.append((len(paths), incomplete))
+            return ProcessResult({"slices": len(paths), "decision": "not_assessable", "warnings": [incomplete]})
+
+        cfg = ListenerConfig(store=tmp_path / name, port=0, min_free_mb=0.0, series_timeout_s=5.0, restart_grace_s=0.0)
+        lst = Listener(cfg, recording, clock=lambda: now[0])
+        for i in range(3):
+            lst.jobs.add_instance(sops[i], series_uid, study_uid, lst.store.put_instance(series_uid, sops[i],
+                                                                                         files[i].read_bytes()), 990.0)
+        lst.jobs.close()
+        lst = Listener(cfg, recording, clock=lambda: now[0])  # the restart
+        lst.recover()
+        if after_restart is not None:
+            i = after_restart
+            if not lst.jobs.seen_again(sops[i], now[0]):
+                lst.jobs.add_instance(sops[i], series_uid, study_uid,
+                                      lst.store.put_instance(series_uid, sops[i], files[i].read_bytes()), now[0])
+        now[0] = 1005.0
+        assert lst.pipeline_step()
+        line = json.loads((tmp_path / name / "results.jsonl").read_text())
+        if name == "cut":
+            assert told == [(3, INTERRUPTED)] and line["series"][0]["warnings"] == [INTERRUPTED]
+        else:
+            assert told == [(3 if name == "resent" else 4, None)]
+        lst.jobs.close()
+
+
+def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE series(series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, "
+        "first_at REAL NOT NULL, last_at REAL NOT NULL, n_instances INTEGER NOT NULL DEFAULT 0, "
+        "late_instances INTEGER NOT NULL DEFAULT 0, completed_at REAL, classified_at REAL, sent_at REAL, "
+        "purged_at REAL, result_json TEXT, result_paths TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
+        "next_attempt_at REAL NOT NULL DEFAULT 0, error TEXT);"
+        "INSERT INTO series(series_uid, study_uid, state, first_at, last_at) VALUES ('S', 'T', 'receiving', 1, 1);")
+    old.commit()
+    old.close()
+    j = JobTable(path)
+    try:
+        assert not j.interrupted("S") and j.series_state("S") == "receiving"
+        j.resume(10.0)
+        assert j.interrupted("S")
+    finally:
+        j.close()
+
+
 # -- the store -------------------------------------------------------------------------------------
 def test_write_durably_leaves_the_file_and_no_temporary(tmp_path):
     target = tmp_path / "a.dcm"
@@ -358,6 +416,20 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.resume(600.0, 60.0)
         j.add_instance("10", "Y", "Z", tmp_path / "10", 602.0)  # so does a new instance
         assert j.complete_quiet(607.0, 5.0) == ["Y"]
+        # which series a restart may have cut short: receiving when it stopped, nothing of them since
+        assert not j.interrupted("Y") and not j.interrupted("unknown")  # an instance came after the restart
+        assert j.interrupted("S")  # receiving at the restart at 200, nothing after (the resend at 300 came late)
+        j.add_instance("20", "A", "B", tmp_path / "20", 702.0)
+        j.add_instance("21", "C", "B", tmp_path / "21", 702.0)
+        j.add_instance("22", "E", "F", tmp_path / "22", 702.0)
+        j.add_instance("23", "G", "H", tmp_path / "23", 700.0)
+        assert not j.interrupted("A") and j.complete_quiet(705.0, 5.0) == ["G"]
+        j.resume(710.0)
+        assert [j.interrupted(s) for s in "ACEG"] == [True, True, True, False]  # G was complete: whole
+        j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
+        assert j.seen_again("22", 711.0)  # the sender sends it again
+        assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
+        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "late" and not j.interrupted("G")
     finally:
         j.close()
 

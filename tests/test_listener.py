@@ -245,7 +245,7 @@ def test_retention_deletes_images_after_the_result(make_listener, series_a, tmp_
 def test_unclassifiable_series_is_recorded_failed_not_retried(model, series_a, tmp_path):
     _, series, files = series_a
 
-    def refuse(paths):
+    def refuse(paths, incomplete=None):
         raise InputError(f"{len(paths)} slices, none usable")
 
     lst = Listener(ListenerConfig(store=tmp_path / "s", port=0, series_timeout_s=0.3, min_free_mb=0, poll_s=0.05),
@@ -315,6 +315,8 @@ def test_fallback_series_decision_is_the_study_rule():
     lungs[1].skull_share = lungs[2].skull_share = 0.0
     lungs[1].split_share = lungs[2].split_share = 0.5  # legs, not a chest
     assert series_decision(lungs[:1] * 2 + lungs[1:] + lungs[1:2], [False] * 5, card, 0.5).decision == "no_stone"
+    cut = series_decision(lone, [False] * 3, card, 0.5, incomplete="cut short")
+    assert cut.decision == "not_assessable" and cut.reason.startswith("cut short; 'no stone' would not cover")
 
 
 def test_backoff_and_destination_parsing():

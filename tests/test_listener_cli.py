@@ -210,6 +210,7 @@ def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr
         proc.stop()
     lines = [json.loads(x) for x in (store / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["series"][0]["slices"] == 60
+    assert not any("listener stopped" in w for w in lines[0]["series"][0]["warnings"])  # resent: answered whole
 
 
 # in the default run: two listener starts and a PACS that answers after 2 s

@@ -109,6 +109,21 @@ def test_fewer_slices_in_scope_than_a_run_needs_is_not_a_no_stone():
     assert decide([0.9, 0.9], [True, True], StudyRule(min_run=3), 0.5).decision == "not_assessable"
 
 
+def test_slices_that_may_be_only_part_of_the_series_are_not_answered_no_stone():
+    why = "the transfer stopped"
+    d = decide([0.1, 0.2, 0.1], [True] * 3, StudyRule(), 0.5, incomplete=why)
+    assert d == Decision("not_assessable", "the transfer stopped; 'no stone' would not cover the rest (no 2 "
+                                           "consecutive slices with p >= 0.5 on the 3 slices at hand)", 0.5, [], 1)
+    d = decide([0.1, 0.9, 0.8], [True] * 3, StudyRule(), 0.5, incomplete=why)
+    assert d.decision == "stone" and [(r.start, r.end) for r in d.supporting] == [(1, 2)] and d.peak == 1
+    assert d.reason == "1 run(s) of >= 2 consecutive slices with p >= 0.5 (best: slices 1-2); the transfer stopped"
+    for empty in (None, ""):  # a whole series: as before
+        assert decide([0.1, 0.2, 0.1], [True] * 3, StudyRule(), 0.5, incomplete=empty).decision == "no_stone"
+        assert decide([0.1, 0.9, 0.8], [True] * 3, StudyRule(), 0.5, incomplete=empty).reason.endswith("1-2)")
+    d = decide([0.9, 0.9], [False, False], StudyRule(), 0.5, incomplete=why)
+    assert d.reason == "none of the 2 slices is within the model's scope"  # its own reason comes first
+
+
 def test_run_score_is_the_best_windows_minimum():
     assert run_score([0.1, 0.8, 0.85, 0.2], 2) == 0.8
     assert run_score([0.1, 0.8, 0.85, 0.2], 1) == 0.85

@@ -39,6 +39,18 @@ def oracle_for(truth, **kw):
     return Oracle(truth.kidney_boxes, **kw)
 
 
+def test_a_series_that_may_be_cut_short_says_so_and_is_not_answered_no_stone(synth):
+    root, t = synth
+    why = "the listener stopped while this series was arriving"
+    quiet = analyze_study(oracle_for(t["none"]), [t["none"].folder], incomplete=why).series[0]
+    assert quiet.decision == "not_assessable" and quiet.reason.startswith(why + "; 'no stone' would not cover")
+    assert why in quiet.warnings
+    stone = analyze_study(oracle_for(t["two"]), [t["two"].folder], incomplete=why).series[0]
+    assert stone.decision == "stone" and stone.reason.endswith("; " + why) and why in stone.warnings
+    whole = analyze_study(oracle_for(t["none"]), [t["none"].folder]).series[0]
+    assert whole.decision == "no_stone" and why not in whole.warnings
+
+
 # -- the rule -----------------------------------------------------------------------------------------
 def test_runs_are_maximal_consecutive_in_scope_slices_above_threshold():
     p = [0.1, 0.7, 0.8, 0.2, 0.9, 0.95, 0.6, 0.1, 0.9]

@@ -10,7 +10,9 @@ States of a series::
 Instances are keyed by SOP Instance UID: a resent instance changes nothing. A series is keyed by
 Series Instance UID; the results it produces have UIDs derived from it (see sr.py), so a retry after a
 crash sends the same objects again rather than new ones. Everything that changes state is one
-transaction, committed (and on disk) before the caller acts on it.
+transaction, committed (and on disk) before the caller acts on it. A series that was still receiving
+when the listener stopped is marked interrupted until an instance of it comes in again after the
+restart; it is answered as possibly incomplete (docs/listener.md).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS series(
     result_paths TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    interrupted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 """
@@ -80,6 +83,9 @@ class JobTable:
         # the series), so a transition lost to a power cut is done again, not differently.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
+        if "interrupted" not in columns:  # a table written by an earlier version
+            self._db.execute("ALTER TABLE series ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -93,8 +99,9 @@ class JobTable:
             row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
             if row is None:
                 return False
-            # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance does
-            self._db.execute("UPDATE series SET last_at=? WHERE series_uid=? AND state='receiving'",
+            # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance does,
+            # and says the sender is sending the series again: it is no longer known to be cut short
+            self._db.execute("UPDATE series SET last_at=?, interrupted=0 WHERE series_uid=? AND state='receiving'",
                              (now, row[0]))
             return True
 
@@ -117,8 +124,8 @@ class JobTable:
                         "VALUES (?,?,'receiving',?,?,1)", (series_uid, study_uid, now, now))
                     outcome = "new"
                 elif row[0] == "receiving":
-                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1 WHERE series_uid=?",
-                                     (now, series_uid))
+                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0 "
+                                     "WHERE series_uid=?", (now, series_uid))
                     outcome = "new"
                 else:
                     self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
@@ -147,9 +154,11 @@ class JobTable:
     def resume(self, now: float, grace_s: float = 0.0) -> dict[str, int]:
         """After a restart: series still receiving get a fresh completion wait, ``grace_s`` longer than
         the usual one (the scanner may resend what failed when we went down, later than its pauses
-        inside a series); 'sending' is retried like 'classified'."""
+        inside a series), and are marked interrupted until an instance of theirs comes in again (new or
+        resent): until then what is stored may be only part of the series (:meth:`interrupted`).
+        'sending' is retried like 'classified'."""
         with self._lock:
-            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?) WHERE state='receiving'",
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=1 WHERE state='receiving'",
                              (now + max(0.0, grace_s),))
             self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
         return self.counts()
@@ -181,6 +190,13 @@ class JobTable:
                 "SELECT series_uid FROM series WHERE state='complete' AND study_uid=? ORDER BY first_at, rowid",
                 (row[0],))]
         return row[0], series
+
+    def interrupted(self, series_uid: str) -> bool:
+        """True for a series that was receiving when the listener stopped and got no instance after the
+        restart: the sender's transfer may have been cut short with it."""
+        with self._lock:
+            row = self._db.execute("SELECT interrupted FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+        return bool(row and row[0])
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         with self._lock:

@@ -32,7 +32,11 @@ class ProcessResult:
 
 
 class SeriesProcessor(Protocol):
-    def __call__(self, paths: list[Path]) -> ProcessResult: ...
+    """One series' stored instances in, its result out. ``incomplete``: why they may be only part of
+    the series (the listener stopped while receiving it): a ``no_stone`` answer becomes
+    ``not_assessable`` (study.rule.decide) and the result says why."""
+
+    def __call__(self, paths: list[Path], incomplete: str | None = None) -> ProcessResult: ...
 
 
 class Prefetching(Protocol):
@@ -62,9 +66,10 @@ def _instance_number(ds: Dataset) -> int:
 OUT_OF_SCOPE = "out_of_scope"
 
 
-def series_decision(preds: list, unreadable: list[bool], card, threshold: float):
+def series_decision(preds: list, unreadable: list[bool], card, threshold: float, incomplete: str | None = None):
     """The study's rule (:func:`edgekidney.study.rule.decide`, the model's ``study_rule``) over slices in
-    order: ``preds`` holds a Prediction or None (unreadable) per slice. Returns the Decision."""
+    order: ``preds`` holds a Prediction or None (unreadable) per slice; ``incomplete``: why they may be
+    only part of the series. Returns the Decision."""
     from edgekidney.data.anatomy import is_chest
     from edgekidney.study.rule import StudyRule, decide
 
@@ -72,7 +77,8 @@ def series_decision(preds: list, unreadable: list[bool], card, threshold: float)
     in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
     chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share, p.split_share))
              for p in preds]  # measured on axial DICOM slices
-    return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest)
+    return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest,
+                  incomplete=incomplete)
 
 
 class FallbackProcessor:
@@ -115,7 +121,7 @@ class FallbackProcessor:
         by_path = dict(cached, **{p.path: p for p in fresh})
         return [by_path[str(p)] for p in ordered if str(p) in by_path], failures
 
-    def __call__(self, paths: list[Path]) -> ProcessResult:
+    def __call__(self, paths: list[Path], incomplete: str | None = None) -> ProcessResult:
         if not paths:
             raise InputError("series has no stored instances")
         too_many = self.limits.series_excess(len(paths), 0, "instances")
@@ -132,7 +138,8 @@ class FallbackProcessor:
         positive = card.positive_class
         by_path = {p.path: p for p in preds}
         in_order = [by_path.get(str(p)) for p in ordered]  # None: the slice could not be read
-        decided = series_decision(in_order, [p is None for p in in_order], card, self.classifier.threshold)
+        decided = series_decision(in_order, [p is None for p in in_order], card, self.classifier.threshold,
+                                  incomplete)
         pos = [numbers[p.path] for p in preds if p.label == positive]
         out_of_scope = [numbers[p.path] for p in preds if p.label == OUT_OF_SCOPE]
         series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")
@@ -154,6 +161,7 @@ class FallbackProcessor:
             "classes": list(card.classes),
             "model_sha256": card.sha256,
             "processor": self.name,
+            "warnings": [incomplete] if incomplete else [],
             "note": (f"edgekidney {__version__} {self.name}: {decided.decision}: {decided.reason}; slices in "
                      f"Instance Number order; not a diagnosis. Model sha256 {card.sha256[:16]}."),
         }

@@ -37,6 +37,12 @@ log = logging.getLogger("edgekidney.listener")
 Processor = Callable[[list[Path]], ProcessResult]
 
 
+# why a series that was arriving when the listener stopped, and got nothing after the restart, is
+# answered as possibly incomplete (jobs.JobTable.interrupted; study.rule.decide)
+INTERRUPTED = ("the listener stopped while this series was arriving and none of it came in after the restart: "
+               "the slices stored may be only part of it")
+
+
 def append_line(path: Path, obj: dict, lock: threading.Lock) -> None:
     """One JSON line, appended and fsync'd."""
     data = (json.dumps(obj, sort_keys=True) + "\n").encode()
@@ -194,7 +200,10 @@ class Listener:
         for s in series_uids:
             t0 = time.perf_counter()
             try:
-                res = self.processor(self.jobs.instance_paths(s))
+                incomplete = INTERRUPTED if self.jobs.interrupted(s) else None
+                if incomplete:
+                    log.warning("series %s: %s", uid_key(s), incomplete)
+                res = self.processor(self.jobs.instance_paths(s), incomplete=incomplete)
                 paths = [self.store.put_result(s, str(ds.SOPInstanceUID), encode(ds)) for ds in res.datasets]
                 summary = dict(res.summary, series_uid=s, seconds=round(time.perf_counter() - t0, 3))
                 entries.append(summary)

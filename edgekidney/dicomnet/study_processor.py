@@ -140,7 +140,7 @@ class StudyProcessor:
     def prepare(self, paths: list[Path]) -> None:
         self.classifier.prepare(paths, self.batch_size)
 
-    def __call__(self, paths: list[Path]) -> ProcessResult:
+    def __call__(self, paths: list[Path], incomplete: str | None = None) -> ProcessResult:
         from edgekidney.study import analyze_study, write_sc, write_sr
 
         datasets, per_series = [], {}
@@ -163,7 +163,7 @@ class StudyProcessor:
                 per_series[id(result)] = uids
 
             study = analyze_study(self.classifier, paths, plane=self.plane, batch_size=self.batch_size,
-                                  on_series=file_back)
+                                  on_series=file_back, incomplete=incomplete)
         if not study.series:
             why = "; ".join(f"{getattr(s, 'reason', s)}" for s in study.skipped[:3]) or "no CT series found"
             raise InputError(f"no CT series could be analysed ({why})")

@@ -281,8 +281,9 @@ def measure_focus(series: Series, slices: list[SliceRecord], threshold: float) -
 # -- one series ---------------------------------------------------------------------------------------
 def analyze_series(classifier, series: Series, plane: str = "axial", rule: StudyRule | None = None,
                    batch_size: int = 8, keep_identifiers: bool = False,
-                   coronal_spacing_mm: float | None = None) -> SeriesResult:
-    """Classify one series' slices in order and decide for the series."""
+                   coronal_spacing_mm: float | None = None, incomplete: str | None = None) -> SeriesResult:
+    """Classify one series' slices in order and decide for the series. ``incomplete``: why the slices
+    may be only part of the series (study.rule.decide), also given as a warning."""
     plane = check_plane(plane)
     rule = rule or StudyRule.from_card(classifier.card)
     info = model_info(classifier)
@@ -291,6 +292,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
                           n_slices=len(series), plane=plane, acquired_plane=series.acquired_plane,
                           decision="not_assessable", reason="", threshold=None, warnings=list(series.warnings),
                           rule=rule.to_dict(), model=info, series_uid=series.uid if keep_identifiers else None)
+    if incomplete:
+        result.warnings.append(incomplete)
     if series.refusal:
         result.reason = series.refusal
         return result
@@ -375,7 +378,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if classified_plane == series.acquired_plane:
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
-                      [s.focus_hu for s in result.slices], [s.label == UNREADABLE for s in result.slices], chest)
+                      [s.focus_hu for s in result.slices], [s.label == UNREADABLE for s in result.slices], chest,
+                      incomplete)
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
     if decision.hole is not None:  # the decoder's reason for that slice
         result.reason += f": {result.slices[decision.hole].scope_reason}"
@@ -390,15 +394,18 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
 
 def analyze_study(classifier, paths: Iterable[str | Path], plane: str = "axial", rule: StudyRule | None = None,
                   batch_size: int = 8, keep_identifiers: bool = False, coronal_spacing_mm: float | None = None,
-                  on_series: Callable[[SeriesResult, Series], None] | None = None) -> StudyResult:
+                  on_series: Callable[[SeriesResult, Series], None] | None = None,
+                  incomplete: str | None = None) -> StudyResult:
     """Read files/folders into series and analyze each; ``on_series(result, series)`` is called as
-    each series finishes (e.g. to write its SR while the series' headers are at hand)."""
+    each series finishes (e.g. to write its SR while the series' headers are at hand). ``incomplete``:
+    why the files may be only part of their series (analyze_series)."""
     check_plane(plane)
     series_list, skipped = read_series(paths)
     results = []
     for series in series_list:
         res = analyze_series(classifier, series, plane=plane, rule=rule, batch_size=batch_size,
-                             keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing_mm)
+                             keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing_mm,
+                             incomplete=incomplete)
         if on_series is not None:
             on_series(res, series)
         results.append(res)

@@ -123,7 +123,8 @@ def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | No
 
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
            model_threshold: float, focus_hu: Sequence[float | None] | None = None,
-           unreadable: Sequence[bool] | None = None, chest: Sequence[bool] | None = None) -> Decision:
+           unreadable: Sequence[bool] | None = None, chest: Sequence[bool] | None = None,
+           incomplete: str | None = None) -> Decision:
     """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
     count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
@@ -131,7 +132,10 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     ``no_stone`` into ``not_assessable`` (a stone there would have gone unseen); a stone found on the
     other slices stays ``stone``. ``chest`` (per slice) marks slices put out of scope for their lung
     fields: when they outnumber the slices in scope, the series is a chest scan and ``no_stone`` becomes
-    ``not_assessable`` (what was judged is the upper abdomen below it); a stone found stays ``stone``."""
+    ``not_assessable`` (what was judged is the upper abdomen below it); a stone found stays ``stone``.
+    ``incomplete``, when given, says why the slices may be only part of the series (a listener that
+    stopped while receiving it): ``no_stone`` becomes ``not_assessable`` with that reason; a stone found
+    on the slices at hand stays ``stone``, its reason saying it too."""
     threshold = rule_threshold(rule, model_threshold)
     n = len(probabilities)
     if n == 0:
@@ -163,14 +167,17 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         best = max(supporting, key=lambda r: r.max_probability)
         evidence = max(range(best.start, best.end + 1), key=lambda k: probabilities[k])
         return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
-                                 f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}", threshold,
-                        supporting, evidence)
+                                 f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}"
+                                 + (f"; {incomplete}" if incomplete else ""), threshold, supporting, evidence)
     quiet = f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}"
     hole = first_hole(unreadable, in_scope) if unreadable is not None else None
     if hole is not None:
         return Decision("not_assessable", f"slice {hole}, inside the range the model judges, could not be read, so "
                                           f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
                         hole)
+    if incomplete:
+        return Decision("not_assessable", f"{incomplete}; 'no stone' would not cover the rest ({quiet} on the {n} "
+                                          f"slices at hand)", threshold, [], peak)
     lungs = sum(1 for c in chest or () if c)
     if lungs > len(scoped):
         return Decision("not_assessable", f"a chest series: {lungs} slices show lung fields and only {len(scoped)} lie "
