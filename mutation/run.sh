@@ -51,6 +51,7 @@ for group in "${groups[@]}"; do
               edgekidney/dicomnet/scp.py)
       only=("edgekidney.dicomnet.store.*" "edgekidney.dicomnet.jobs.*" "edgekidney.dicomnet.service.x_append_line__*"
             "edgekidney.dicomnet.service.x_backoff_s__*" "edgekidney.dicomnet.service.xǁListenerǁrecover__*"
+            "edgekidney.dicomnet.service.xǁListenerǁprocess_study__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_store__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁ_store__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁ_over_limits__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁdisk_low__*")
       tests=(tests/test_durability.py

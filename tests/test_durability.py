@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 
 from listener_fixtures import send, write_series  # noqa: E402
+from listener_fixtures import wait_for as fixtures_wait_for  # noqa: E402
 
 from edgekidney.dicomnet import Listener, ListenerConfig, ProcessResult  # noqa: E402
 from edgekidney.dicomnet import store as store_mod  # noqa: E402
@@ -241,7 +243,7 @@ def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path,
 
     study_uid, series_uid, files = series
     sops = [sop_of(f) for f in files]
-    for name, after_restart in (("cut", None), ("resent", 1), ("continued", 4)):
+    for name, after_restart in (("cut", None), ("resent", 1), ("continued", 4), ("released", None)):
         now, told = [1000.0], []
 
         def recording(paths, incomplete=None):
@@ -253,6 +255,8 @@ def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path,
         for i in range(3):
             lst.jobs.add_instance(sops[i], series_uid, study_uid, lst.store.put_instance(series_uid, sops[i],
                                                                                          files[i].read_bytes()), 990.0)
+        if name == "released":
+            lst.jobs.transfer_ended([series_uid])
         lst.jobs.close()
         lst = Listener(cfg, recording, clock=lambda: now[0])  # the restart
         lst.recover()
@@ -267,8 +271,44 @@ def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path,
         if name == "cut":
             assert told == [(3, INTERRUPTED)] and line["series"][0]["warnings"] == [INTERRUPTED]
         else:
-            assert told == [(3 if name == "resent" else 4, None)]
+            assert told == [(4 if name == "continued" else 3, None)]
         lst.jobs.close()
+
+
+def in_transfer(store: Path, series_uid: str) -> int:
+    db = sqlite3.connect(store / "jobs.sqlite")
+    try:
+        return db.execute("SELECT in_transfer FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(tmp_path, series):
+    """Released (A-RELEASE): all the sender meant to send is here. Aborted, or still open: not known."""
+    from pynetdicom import AE
+
+    study_uid, series_uid, files = series
+    lst = make(tmp_path).start()
+    try:
+        assert send(lst.port, files[:2]) == [0, 0]  # one association, released
+        fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
+        ae = AE(ae_title="SCANNER")
+        ds = [__import__("pydicom").dcmread(f) for f in files[2:4]]
+        ae.add_requested_context(str(ds[0].SOPClassUID), [str(ds[0].file_meta.TransferSyntaxUID)])
+        one, two = (ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY") for _ in range(2))
+        assert one.send_c_store(ds[0]).Status == 0 and two.send_c_store(ds[1]).Status == 0
+        assert in_transfer(tmp_path / "store", series_uid) == 1
+        two.release()  # the other association still carries the series
+        time.sleep(0.3)
+        assert in_transfer(tmp_path / "store", series_uid) == 1
+        one.abort()  # cut: what it meant to send is not known to be here
+        time.sleep(0.3)
+        assert in_transfer(tmp_path / "store", series_uid) == 1
+        assert send(lst.port, files[4:5]) == [0]
+        fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
+        assert fixtures_wait_for(lambda: lst.scp._carrying == {})  # every association forgotten once closed
+    finally:
+        lst.stop()
 
 
 def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
@@ -287,6 +327,9 @@ def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     try:
         assert not j.interrupted("S") and j.series_state("S") == "receiving"
         j.resume(10.0)
+        assert not j.interrupted("S")  # written before transfers were followed: not known to be cut short
+        assert j.add_instance("1", "S", "T", tmp_path / "1", 11.0) == "new"
+        j.resume(20.0)
         assert j.interrupted("S")
     finally:
         j.close()
@@ -398,7 +441,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
     j = JobTable(tmp_path / "j.sqlite")
     try:
         j.add_instance("1", "S", "T", tmp_path / "1", 100.0)
-        assert j.seen_again("1", 104.0) and not j.seen_again("2", 104.0)
+        assert j.seen_again("1", 104.0) == "S" and j.seen_again("2", 104.0) is None
         assert j.complete_quiet(108.0, 5.0) == []  # the resend at 104 counts as activity
         j.resume(200.0)
         assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
@@ -416,20 +459,26 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.resume(600.0, 60.0)
         j.add_instance("10", "Y", "Z", tmp_path / "10", 602.0)  # so does a new instance
         assert j.complete_quiet(607.0, 5.0) == ["Y"]
-        # which series a restart may have cut short: receiving when it stopped, nothing of them since
+        # which series a restart may have cut short: in transfer when it stopped, nothing of them since
         assert not j.interrupted("Y") and not j.interrupted("unknown")  # an instance came after the restart
-        assert j.interrupted("S")  # receiving at the restart at 200, nothing after (the resend at 300 came late)
+        assert j.interrupted("S")  # in transfer at the restart at 200, nothing after (the resend at 300 came late)
         j.add_instance("20", "A", "B", tmp_path / "20", 702.0)
         j.add_instance("21", "C", "B", tmp_path / "21", 702.0)
         j.add_instance("22", "E", "F", tmp_path / "22", 702.0)
         j.add_instance("23", "G", "H", tmp_path / "23", 700.0)
+        j.add_instance("26", "K", "L", tmp_path / "26", 702.0)
+        j.transfer_ended(["K"])  # its sender released the association: all it meant to send is here
         assert not j.interrupted("A") and j.complete_quiet(705.0, 5.0) == ["G"]
         j.resume(710.0)
-        assert [j.interrupted(s) for s in "ACEG"] == [True, True, True, False]  # G was complete: whole
+        assert [j.interrupted(s) for s in "ACEGK"] == [True, True, True, False, False]  # G was complete: whole
         j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
-        assert j.seen_again("22", 711.0)  # the sender sends it again
+        assert j.seen_again("22", 711.0) == "E"  # the sender sends it again
         assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
         assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "late" and not j.interrupted("G")
+        j.resume(720.0)  # a second restart: A and E were in transfer again; C has had nothing since the first
+        assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
+        j.resume(730.0)  # a third, with nothing in between: the marks stay until an instance comes
+        assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
     finally:
         j.close()
 
@@ -438,10 +487,11 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
 class FakeEvent:
     """What StorageSCP.handle_store reads from pynetdicom's event: the SOP Instance UID and the dataset."""
 
-    def __init__(self, path: Path, **edits) -> None:
+    def __init__(self, path: Path, assoc: object = None, **edits) -> None:
         from pydicom import dcmread
         from pydicom.filebase import DicomBytesIO
 
+        self.assoc = assoc  # the association it came on (the SCP keys what each one carried by it)
         ds = dcmread(path)
         for k, v in edits.items():
             setattr(ds, k, v)
@@ -491,7 +541,7 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 1
         # the same instance from two associations at once: the table's INSERT OR IGNORE decides
-        monkeypatch.setattr(jobs, "seen_again", lambda sop, now: False)
+        monkeypatch.setattr(jobs, "seen_again", lambda sop, now: None)
         assert scp.handle_store(FakeEvent(files[0])) == SUCCESS
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 2
         assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1

@@ -213,6 +213,34 @@ def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr
     assert not any("listener stopped" in w for w in lines[0]["series"][0]["warnings"])  # resent: answered whole
 
 
+def test_kill9_mid_series_and_no_resend_answers_the_part_as_possibly_cut_short(model, pacs, tmp_path):
+    """Nothing of the series comes in again after the restart: its answer, its JSON line, its SR and the
+    log say the slices may be only part of it, and it is never "no stone"."""
+    from pydicom import dcmread
+
+    from edgekidney.dicomnet.service import INTERRUPTED
+
+    pacs_port, pacs_out = pacs
+    _, series, _ = write_series(tmp_path / "series", 40, seed=9)
+    port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
+    proc = start_listener(model, store, port, pacs_port, log)
+    scu = storescu(port, tmp_path / "series", background=True, out=tmp_path / "scu.log")
+    wait_for(lambda: len(list((store / "instances").glob("*/*.dcm"))) >= 10, timeout=30, step=0.01)
+    proc.kill9()
+    scu.wait(60)
+    proc = start_listener(model, store, port, pacs_port, log)
+    try:
+        wait_for(lambda: sr_uids(pacs_out), timeout=30)
+    finally:
+        proc.stop()
+    (entry,) = json.loads((store / "results.jsonl").read_text())["series"]
+    assert 10 <= entry["slices"] < 40 and entry["decision"] != "no_stone"
+    assert INTERRUPTED in entry["warnings"] and INTERRUPTED in entry["reason"]
+    (sr,) = [dcmread(p) for p in pacs_out.iterdir() if dcmread(p, stop_before_pixels=True).get("Modality") == "SR"]
+    assert any(INTERRUPTED in str(e.value) for e in sr.iterall() if isinstance(e.value, str))
+    assert INTERRUPTED in log.read_text()
+
+
 # in the default run: two listener starts and a PACS that answers after 2 s
 def test_kill9_while_sending_resends_the_same_sr(model, tmp_path):
     """The PACS holds the SR, the listener dies before hearing Success: after the restart the same SOP

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS series(
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     error TEXT,
+    in_transfer INTEGER NOT NULL DEFAULT 0,
     interrupted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
@@ -84,26 +85,28 @@ class JobTable:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-        if "interrupted" not in columns:  # a table written by an earlier version
-            self._db.execute("ALTER TABLE series ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
+        for column in ("in_transfer", "interrupted"):  # a table written by an earlier version lacks them
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE series ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # -- receiving -----------------------------------------------------------------------------------
-    def seen_again(self, sop_uid: str, now: float) -> bool:
-        """True when the instance is already stored. A resend still counts as the scanner being busy with
-        the series: a series that is receiving gets its quiet time restarted."""
+    def seen_again(self, sop_uid: str, now: float) -> str | None:
+        """The instance's Series Instance UID when it is already stored, else None. A resend still counts
+        as the scanner being busy with the series: a series that is receiving gets its quiet time
+        restarted, and is in transfer again."""
         with self._lock:
             row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
             if row is None:
-                return False
+                return None
             # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance does,
             # and says the sender is sending the series again: it is no longer known to be cut short
-            self._db.execute("UPDATE series SET last_at=?, interrupted=0 WHERE series_uid=? AND state='receiving'",
-                             (now, row[0]))
-            return True
+            self._db.execute("UPDATE series SET last_at=?, interrupted=0, in_transfer=1 "
+                             "WHERE series_uid=? AND state='receiving'", (now, row[0]))
+            return str(row[0])
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
         """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID) or 'late'
@@ -120,12 +123,12 @@ class JobTable:
                 row = self._db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
                 if row is None:
                     self._db.execute(
-                        "INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances) "
-                        "VALUES (?,?,'receiving',?,?,1)", (series_uid, study_uid, now, now))
+                        "INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances, "
+                        "in_transfer) VALUES (?,?,'receiving',?,?,1,1)", (series_uid, study_uid, now, now))
                     outcome = "new"
                 elif row[0] == "receiving":
-                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0 "
-                                     "WHERE series_uid=?", (now, series_uid))
+                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
+                                     "in_transfer=1 WHERE series_uid=?", (now, series_uid))
                     outcome = "new"
                 else:
                     self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
@@ -136,6 +139,12 @@ class JobTable:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def transfer_ended(self, series_uids) -> None:
+        """The sender released the association that carried these series (A-RELEASE, not an abort): what
+        it meant to send of them has arrived."""
+        with self._lock:
+            self._db.executemany("UPDATE series SET in_transfer=0 WHERE series_uid=?", [(s,) for s in series_uids])
 
     def new_instances(self, after_rowid: int, limit: int = 32) -> list[tuple[int, Path]]:
         """Instances stored after ``after_rowid`` whose series is still receiving (for prefetching)."""
@@ -154,12 +163,13 @@ class JobTable:
     def resume(self, now: float, grace_s: float = 0.0) -> dict[str, int]:
         """After a restart: series still receiving get a fresh completion wait, ``grace_s`` longer than
         the usual one (the scanner may resend what failed when we went down, later than its pauses
-        inside a series), and are marked interrupted until an instance of theirs comes in again (new or
-        resent): until then what is stored may be only part of the series (:meth:`interrupted`).
+        inside a series). One whose transfer was under way when the listener stopped (an association
+        carrying it open, not released) is marked interrupted until an instance of it comes in again
+        (new or resent): until then what is stored may be only part of it (:meth:`interrupted`).
         'sending' is retried like 'classified'."""
         with self._lock:
-            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=1 WHERE state='receiving'",
-                             (now + max(0.0, grace_s),))
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=MAX(interrupted, in_transfer), in_transfer=0 "
+                             "WHERE state='receiving'", (now + max(0.0, grace_s),))
             self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
         return self.counts()
 
@@ -192,8 +202,8 @@ class JobTable:
         return row[0], series
 
     def interrupted(self, series_uid: str) -> bool:
-        """True for a series that was receiving when the listener stopped and got no instance after the
-        restart: the sender's transfer may have been cut short with it."""
+        """True for a series whose transfer was under way when the listener stopped and that got no
+        instance after the restart: what is stored may be only part of it."""
         with self._lock:
             row = self._db.execute("SELECT interrupted FROM series WHERE series_uid=?", (series_uid,)).fetchone()
         return bool(row and row[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import ssl
+import threading
 import time
 from typing import Callable
 
@@ -79,6 +80,8 @@ class StorageSCP:
         self.server = None
         self.syntaxes = decodable_syntaxes()
         self._warned: set[str] = set()
+        self._carrying: dict[int, set[str]] = {}  # open association (id) -> the series it stored into
+        self._carrying_lock = threading.Lock()
 
     # -- handlers ---------------------------------------------------------------------------------------
     def disk_low(self) -> bool:
@@ -99,6 +102,24 @@ class StorageSCP:
     def handle_echo(self, event) -> int:
         return SUCCESS
 
+    def _carried(self, event, series_uid: str) -> None:
+        with self._carrying_lock:
+            self._carrying.setdefault(id(event.assoc), set()).add(series_uid)
+
+    def handle_released(self, event) -> None:
+        """The sender released the association: the series it carried have arrived as sent, unless
+        another open association still carries them (jobs.JobTable.transfer_ended)."""
+        with self._carrying_lock:
+            carried = self._carrying.pop(id(event.assoc), set())
+            still = set().union(*self._carrying.values())
+        self.jobs.transfer_ended(sorted(carried - still))
+
+    def handle_closed(self, event) -> None:
+        """Any end of a connection (after a release, or an abort): forget the association; an aborted
+        transfer stays under way in the job table."""
+        with self._carrying_lock:
+            self._carrying.pop(id(event.assoc), None)
+
     def handle_store(self, event) -> int | Dataset:
         try:
             return self._store(event)
@@ -117,7 +138,9 @@ class StorageSCP:
             log.warning("C-STORE refused: store below %.0f MB free", self.cfg.min_free_mb)
             return OUT_OF_RESOURCES
         sop_uid = str(event.request.AffectedSOPInstanceUID)
-        if self.jobs.seen_again(sop_uid, time.time()):
+        known = self.jobs.seen_again(sop_uid, time.time())
+        if known is not None:
+            self._carried(event, known)
             self.metrics.duplicates.inc()
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
@@ -132,6 +155,7 @@ class StorageSCP:
                         "(classified, no SR)", uid_key(series_uid))
         path = self.store.put_instance(series_uid, sop_uid, data)
         outcome = self.jobs.add_instance(sop_uid, series_uid, study_uid, path, time.time())
+        self._carried(event, series_uid)
         if outcome == "duplicate":
             self.metrics.duplicates.inc()
         else:
@@ -175,7 +199,8 @@ class StorageSCP:
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, self.syntaxes)
         handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
-                    (evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_REJECTED, self.handle_rejected)]
+                    (evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_REJECTED, self.handle_rejected),
+                    (evt.EVT_RELEASED, self.handle_released), (evt.EVT_CONN_CLOSE, self.handle_closed)]
         self.server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
                                       ssl_context=server_ssl_context(cfg))
         return self.server
