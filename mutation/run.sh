@@ -53,7 +53,9 @@ for group in "${groups[@]}"; do
             "edgekidney.dicomnet.service.x_backoff_s__*" "edgekidney.dicomnet.service.xǁListenerǁrecover__*"
             "edgekidney.dicomnet.service.xǁListenerǁprocess_study__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_store__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁ_store__*"
-            "edgekidney.dicomnet.scp.xǁStorageSCPǁ_over_limits__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁdisk_low__*")
+            "edgekidney.dicomnet.scp.xǁStorageSCPǁ_over_limits__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁdisk_low__*"
+            "edgekidney.dicomnet.scp.xǁStorageSCPǁ_carried__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_released__*"
+            "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_closed__*")
       tests=(tests/test_durability.py
              tests/test_listener.py::test_job_table_is_idempotent_and_resumes_sending
              tests/test_listener.py::test_backoff_and_destination_parsing
