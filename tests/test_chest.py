@@ -146,6 +146,19 @@ def test_split_share_is_the_smaller_of_the_two_largest_parts_of_the_body():
     assert split_share(trunk) == pytest.approx(1200 / 15600) and legs_reason(split_share(trunk)) is None
     assert measure(trunk)[2] == split_share(trunk) and split_share(np.full((32, 32), -1000.0)) == 0.0
     assert legs_reason(LEGS_SPLIT_SHARE) is not None and legs_reason(LEGS_SPLIT_SHARE - 1e-9) is None
+    trunk[80:120, 165:195] = -1000.0
+    trunk[170:174, 20:180] = 40.0  # the table under the patient, 4 px thick: opened away, not a part
+    assert split_share(trunk) == 0.0
+
+
+def test_a_slice_is_a_head_before_legs_and_legs_before_a_chest():
+    from edgekidney.data.anatomy import is_chest, region
+
+    cases = {(0.1, 0.0, 0.0): None, (0.3, 0.0, 0.0): "chest", (0.1, 0.6, 0.0): "head", (0.1, 0.0, 0.4): "legs",
+             (0.3, 0.6, 0.4): "head", (0.3, 0.0, 0.4): "legs", (0.19, 0.49, 0.29): None}
+    assert {shares: region(shares) for shares in cases} == cases
+    assert [is_chest(shares) for shares in cases] == [kind == "chest" for kind in cases.values()]
+    assert region(None) is None
 
 
 def test_leg_slices_below_an_abdomen_are_out_of_scope_and_leave_its_answer_alone(tmp_path):

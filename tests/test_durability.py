@@ -275,6 +275,86 @@ def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path,
         lst.jobs.close()
 
 
+def test_process_study_records_each_series_outcome_in_its_line_table_log_and_metrics(tmp_path, caplog):
+    """One study, three series: a result (its SR filed under the series), a refusal and a crash. The
+    line says which is which, the table moves each to its state at the clock's time, the log and the
+    metrics say it once, and the webhook gets the same line."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+
+    from edgekidney.dicomnet.config import Destination
+    from edgekidney.errors import InputError
+
+    sr = Dataset()
+    sr.SOPClassUID, sr.SOPInstanceUID = ComprehensiveSRStorage, "1.2.3.4.5"
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID, sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPClassUID, sr.SOPInstanceUID
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    def processor(paths, incomplete=None):
+        kind = paths[0].name.split("-")[0]
+        if kind == "bad":
+            raise InputError("no slice usable")
+        if kind == "bug":
+            raise RuntimeError("a bug")
+        return ProcessResult({"decision": "stone", "slices": len(paths)}, [sr])
+
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, min_free_mb=0.0, webhook="http://127.0.0.1:9/hook",
+                         destination=Destination("127.0.0.1", 9, "PACS"))
+    lst = Listener(cfg, processor, clock=lambda: 5000.0)
+    for kind in ("ok", "bad", "bug"):
+        for k in range(2):
+            lst.jobs.add_instance(f"{kind}.{k}", f"S-{kind}", "T", tmp_path / f"{kind}-{k}", 4000.0)
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+    try:
+        line = lst.process_study("T", ["S-ok", "S-bad", "S-bug"])
+        ok, bad, bug = line["series"]
+        assert set(line) == {"study_uid", "time", "series"} and line["study_uid"] == "T"
+        assert line["time"].endswith("+00:00") and line["time"][:4] >= "2026"  # UTC, to the second
+        assert bad == {"series_uid": "S-bad", "error": "no slice usable"}
+        assert bug == {"series_uid": "S-bug", "error": "internal error: RuntimeError"}
+        assert set(ok) == {"decision", "slices", "series_uid", "seconds"} and ok["series_uid"] == "S-ok"
+        assert ok["decision"] == "stone" and ok["slices"] == 2 and 0 <= ok["seconds"] < 5
+        assert ok["seconds"] == round(ok["seconds"], 3)
+        assert json.loads((tmp_path / "store" / "results.jsonl").read_text()) == line
+        assert lst._webhook_q.get_nowait() == line
+        result = lst.store.results / uid_key("S-ok") / f"{uid_key('1.2.3.4.5')}.dcm"
+        assert result.is_file()
+        db = sqlite3.connect(tmp_path / "store" / "jobs.sqlite")
+        row = dict(zip(("state", "classified_at", "result_json", "result_paths", "error"), db.execute(
+            "SELECT state, classified_at, result_json, result_paths, error FROM series WHERE series_uid='S-ok'").fetchone()))
+        assert row == {"state": "classified", "classified_at": 5000.0, "result_json": json.dumps(ok),
+                       "result_paths": json.dumps([str(result)]), "error": None}
+        assert db.execute("SELECT state, error, classified_at FROM series WHERE series_uid IN ('S-bad', 'S-bug') "
+                          "ORDER BY series_uid").fetchall() == [("failed", "no slice usable", 5000.0),
+                                                                ("failed", "internal error: RuntimeError", 5000.0)]
+        db.close()
+        assert metric_value(lst.metrics, "edgekidney_listener_series_classified_total") == 1
+        assert 'edgekidney_listener_failures_total{stage="classify"} 2.0' in lst.metrics.text()
+        said = messages(caplog)
+        assert said[0] == f"series {uid_key('S-bug')}: processor crashed"
+        assert said[1:] == [f"series {uid_key('S-ok')} classified: stone (2 slices)",
+                            f"series {uid_key('S-bad')} not classified: no slice usable",
+                            f"series {uid_key('S-bug')} not classified: internal error: RuntimeError"]
+    finally:
+        lst.jobs.close()
+
+
+def test_the_scp_forgets_an_association_that_stored_nothing(tmp_path):
+    """An echo-only association ends like any other: nothing to mark, nothing raised."""
+    from types import SimpleNamespace
+
+    scp, jobs, _ = scp_for(tmp_path)
+    try:
+        quiet = SimpleNamespace(assoc=object())
+        scp.handle_released(quiet)
+        scp.handle_closed(quiet)
+        scp.handle_closed(quiet)  # after a release, the connection closes too
+        assert scp._carrying == {}
+    finally:
+        jobs.close()
+
+
 def in_transfer(store: Path, series_uid: str) -> int:
     db = sqlite3.connect(store / "jobs.sqlite")
     try:
@@ -305,6 +385,8 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         time.sleep(0.3)
         assert in_transfer(tmp_path / "store", series_uid) == 1
         assert send(lst.port, files[4:5]) == [0]
+        fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
+        assert send(lst.port, files[:1]) == [0]  # a resend: in transfer again, until its release
         fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
         assert fixtures_wait_for(lambda: lst.scp._carrying == {})  # every association forgotten once closed
     finally:
