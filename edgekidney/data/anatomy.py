@@ -181,7 +181,7 @@ class MeasuredSlice(np.ndarray):
     """A windowed 0..1 slice that carries what its HU showed: ``anatomy`` = (lung, skull, split share).
     :func:`edgekidney.data.preprocess.preprocess_with_geometry` hands it on in the slice's Geometry."""
 
-    anatomy: tuple[float, float] | None = None
+    anatomy: tuple[float, float, float] | None = None
 
     def __array_finalize__(self, obj) -> None:
         self.anatomy = getattr(obj, "anatomy", None)

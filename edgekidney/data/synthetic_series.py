@@ -112,7 +112,8 @@ def _phantom(cfg: SeriesSynthConfig, rng: np.random.Generator):
     for ky, kx, kry, krx, _ in kidneys:
         ext = max(kry, krx) * 1.05
         boxes.append((int(ky - ext), int(np.ceil(ky + ext)), int(kx - ext), int(np.ceil(kx + ext))))
-    with_kidney = [k for k in range(nz) if abs((k - kz) / krz) < 1.0 and cfg.leg_slices <= k < nz - cfg.chest_slices]
+    with_kidney = [k for k in range(nz)
+                   if abs((k - kz) / krz) < 1.0 and cfg.leg_slices <= k < nz - cfg.chest_slices]
     kidney_range = (with_kidney[0], with_kidney[-1]) if with_kidney else (-1, -1)  # (-1, -1): a chest only
     return render, kidney_range, [s["slices"] for s in stones], boxes
 

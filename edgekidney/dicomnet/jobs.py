@@ -10,9 +10,10 @@ States of a series::
 Instances are keyed by SOP Instance UID: a resent instance changes nothing. A series is keyed by
 Series Instance UID; the results it produces have UIDs derived from it (see sr.py), so a retry after a
 crash sends the same objects again rather than new ones. Everything that changes state is one
-transaction, committed (and on disk) before the caller acts on it. A series that was still receiving
+transaction, committed (and on disk) before the caller acts on it. A series is in transfer from its
+instance's arrival until the sender releases the association (the SCP says so); one still in transfer
 when the listener stopped is marked interrupted until an instance of it comes in again after the
-restart; it is answered as possibly incomplete (docs/listener.md).
+restart, and is answered as possibly incomplete (docs/listener.md).
 """
 
 from __future__ import annotations
@@ -168,8 +169,8 @@ class JobTable:
         (new or resent): until then what is stored may be only part of it (:meth:`interrupted`).
         'sending' is retried like 'classified'."""
         with self._lock:
-            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=MAX(interrupted, in_transfer), in_transfer=0 "
-                             "WHERE state='receiving'", (now + max(0.0, grace_s),))
+            self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=MAX(interrupted, in_transfer), "
+                             "in_transfer=0 WHERE state='receiving'", (now + max(0.0, grace_s),))
             self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
         return self.counts()
 

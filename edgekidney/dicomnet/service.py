@@ -26,7 +26,7 @@ from edgekidney.dicomnet.config import ListenerConfig
 from edgekidney.dicomnet.filing import FILING_TAGS, filing_uids
 from edgekidney.dicomnet.jobs import JobTable
 from edgekidney.dicomnet.metrics import ListenerMetrics
-from edgekidney.dicomnet.processor import ProcessResult
+from edgekidney.dicomnet.processor import SeriesProcessor
 from edgekidney.dicomnet.scp import StorageSCP
 from edgekidney.dicomnet.sender import send_files
 from edgekidney.dicomnet.sr import encode
@@ -34,7 +34,7 @@ from edgekidney.dicomnet.store import InstanceStore, uid_key
 
 log = logging.getLogger("edgekidney.listener")
 
-Processor = Callable[[list[Path]], ProcessResult]
+Processor = SeriesProcessor  # paths (and why they may be part of a series only) -> ProcessResult
 
 
 # why a series that was arriving when the listener stopped, and got nothing after the restart, is

@@ -78,7 +78,8 @@ class BatchResult:
 def _shares(anatomy: tuple[float, float, float] | None) -> dict:
     if anatomy is None:
         return {}
-    return {"lung_share": shown(anatomy[0]), "skull_share": shown(anatomy[1]), "split_share": shown(anatomy[2])}
+    lung, skull, split = (shown(v) for v in anatomy)
+    return {"lung_share": lung, "skull_share": skull, "split_share": split}
 
 
 @dataclass

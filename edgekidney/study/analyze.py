@@ -30,9 +30,10 @@ from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
 UNREADABLE = "unreadable"  # the label of a series' slice whose file could not be read: not judged
+from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
+
 # what the warning on a series judged on few slices says of each region (data.anatomy.region)
 _ANATOMY_WHY = (("chest", "for their lung fields"), ("head", "for a skull"), ("legs", "for two legs"))
-from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
 
 
 @dataclass
