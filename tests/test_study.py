@@ -118,10 +118,31 @@ def test_synthetic_series_decisions_and_supporting_slices(synth):
         assert sorted((r.start, r.end) for r in res.supporting) == expected_ranges
         for r in res.supporting:
             assert r.start_mm == t.positions_mm[r.start] and r.n_slices == r.end - r.start + 1
+            assert (r.start_instance, r.end_instance) == (30 - r.start, 30 - r.end)  # numbered head to feet
+        assert [s.instance for s in res.slices] == list(range(30, 0, -1))  # the image numbers a viewer shows
         assert set(res.timings) >= {"decode_s", "classify_s", "total_s"}
     (res,) = analyze(oracle_for(truth["one"]), [root / "one"], rule=StudyRule(min_run=1))
     assert res.decision == "stone" and res.supporting[0].n_slices == 1
     assert res.peak.index == truth["one"].stone_slices[0][0]
+
+
+def test_the_table_names_slices_by_position_and_by_the_image_number_a_viewer_shows(synth, tmp_path):
+    from edgekidney.study.report import format_study
+
+    root, truth = synth
+    study = analyze_study(oracle_for(truth["two"]), [root / "two"])
+    (res,) = study.series
+    line = format_study(study).splitlines()[1]
+    for r in res.supporting:
+        assert f"{r.start}-{r.end} ({r.start_mm:.1f}..{r.end_mm:.1f} mm, images {30 - r.start}-{30 - r.end})" in line
+    assert f"#{res.peak.index} (image {30 - res.peak.index}) @ " in line
+    nib = pytest.importorskip("nibabel")
+    v = np.full((64, 64, 4), -1000.0, np.float32)
+    v[8:56, 8:56] = 40.0
+    nib.save(nib.Nifti1Image(v, np.diag([3.0, 3.0, 3.0, 1.0])), str(tmp_path / "v.nii.gz"))
+    (vol,) = analyze_study(Oracle([(0, 64, 0, 64)]), [tmp_path / "v.nii.gz"], rule=StudyRule(min_run=1)).series
+    assert all(s.instance is None for s in vol.slices) and "image" not in format_study(analyze_study(
+        Oracle([(0, 64, 0, 64)]), [tmp_path / "v.nii.gz"]))
 
 
 def test_a_stone_call_can_be_made_to_need_a_dense_focus_at_its_peak(synth):

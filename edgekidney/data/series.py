@@ -142,6 +142,10 @@ class Series:
         """The file (and frame) a slice was read from; None where the series is one file (``uid`` names it)."""
         return None
 
+    def instance_number(self, index: int) -> int | None:
+        """The slice's InstanceNumber, the image number a PACS viewer shows; None where there is none."""
+        return None
+
 
 @dataclass
 class DicomSeries(Series):
@@ -198,6 +202,9 @@ class DicomSeries(Series):
     def slice_source(self, index: int) -> str | None:
         ref = self.refs[index]
         return str(ref.path) + ("" if ref.frame is None else f"[frame {ref.frame_number}]")
+
+    def instance_number(self, index: int) -> int | None:
+        return self.refs[index].instance_number  # a multi-frame file's: its frames share it
 
 
 # -- finding files ----------------------------------------------------------------------------------

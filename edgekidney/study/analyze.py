@@ -50,6 +50,7 @@ class SliceRecord:
     # (axial slices with HU; None elsewhere): a calculus is dense, soft tissue is not (study.rule)
     focus_hu: float | None = None
     source: str | None = None  # the file (and frame) it was read from: only with keep_identifiers, DICOM slices
+    instance: int | None = None  # its InstanceNumber, the image number a PACS viewer shows (DICOM, as acquired)
     lung_share: float | None = None  # of the body's cross-section (data.anatomy); axial slices with HU only
     skull_share: float | None = None  # of the body's cross-section inside a ring of bone (data.anatomy); the same
     split_share: float | None = None  # the smaller of the body's two largest parts, of both (data.anatomy); the same
@@ -63,6 +64,8 @@ class SliceRange:
     end_mm: float
     n_slices: int
     max_probability: float
+    start_instance: int | None = None  # the InstanceNumbers of its first and last slice (DICOM, as acquired)
+    end_instance: int | None = None
 
 
 @dataclass
@@ -363,9 +366,11 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
                                          slice_in_scope(pred), _float_or_none(getattr(pred, "scope_distance", None)),
                                          getattr(pred, "scope_reason", None),
                                          None if getattr(pred, "cam_peak", None) is None else list(pred.cam_peak)))
-    if keep_identifiers and classified_plane == series.acquired_plane:
+    if classified_plane == series.acquired_plane:
         for record in result.slices:
-            record.source = series.slice_source(record.index)
+            record.instance = series.instance_number(record.index)
+            if keep_identifiers:
+                record.source = series.slice_source(record.index)
     kinds = mark_anatomy_out_of_scope(result.slices, shares) if shares else [None] * len(result.slices)
     chest = [k == "chest" for k in kinds]
     outside = sum(1 for r in result.slices if not r.in_scope and r.label != UNREADABLE)
@@ -386,7 +391,8 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         result.reason += f": {result.slices[decision.hole].scope_reason}"
     result.peak = None if decision.peak is None else result.slices[decision.peak]
     result.supporting = [SliceRange(r.start, r.end, result.slices[r.start].position_mm,
-                                    result.slices[r.end].position_mm, r.length, r.max_probability)
+                                    result.slices[r.end].position_mm, r.length, r.max_probability,
+                                    result.slices[r.start].instance, result.slices[r.end].instance)
                          for r in decision.supporting]
     timings["total_s"] = time.perf_counter() - t0
     result.timings = {k: round(v, 4) for k, v in timings.items()}
