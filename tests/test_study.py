@@ -136,6 +136,9 @@ def test_the_table_names_slices_by_position_and_by_the_image_number_a_viewer_sho
     for r in res.supporting:
         assert f"{r.start}-{r.end} ({r.start_mm:.1f}..{r.end_mm:.1f} mm, images {30 - r.start}-{30 - r.end})" in line
     assert f"#{res.peak.index} (image {30 - res.peak.index}) @ " in line
+    one = analyze_study(oracle_for(truth["one"]), [root / "one"], rule=StudyRule(min_run=1))
+    (r,) = one.series[0].supporting
+    assert f"{r.start}-{r.start} ({r.start_mm:.1f}..{r.start_mm:.1f} mm, image {30 - r.start})" in format_study(one)
     nib = pytest.importorskip("nibabel")
     v = np.full((64, 64, 4), -1000.0, np.float32)
     v[8:56, 8:56] = 40.0
