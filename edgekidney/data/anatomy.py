@@ -144,26 +144,26 @@ def legs_reason(share: float) -> str | None:
             f"the legs do below the pelvis; the model was trained on kidney-level slices")
 
 
-def region(shares: tuple[float, float, float] | None) -> str | None:
-    """"head", "legs" or "chest" for a slice with these (lung, skull, split) shares, in that order of
-    precedence, or None for a slice none of them rules out."""
+def ruling(shares: tuple[float, float, float] | None) -> tuple[str | None, str | None]:
+    """(region, reason) for a slice with these (lung, skull, split) shares: the first of "head", "legs"
+    and "chest", in that order of precedence, that rules it out and why; (None, None) for none."""
     if shares is None:
-        return None
-    if head_reason(shares[1]) is not None:
-        return "head"
-    if legs_reason(shares[2]) is not None:
-        return "legs"
-    return "chest" if chest_reason(shares[0]) is not None else None
+        return None, None
+    lung, skull, split = shares
+    for kind, why in (("head", head_reason(skull)), ("legs", legs_reason(split)), ("chest", chest_reason(lung))):
+        if why is not None:
+            return kind, why
+    return None, None
+
+
+def region(shares: tuple[float, float, float] | None) -> str | None:
+    """"head", "legs", "chest" or None (:func:`ruling`)."""
+    return ruling(shares)[0]
 
 
 def anatomy_reason(shares: tuple[float, float, float] | None) -> str | None:
-    """Why a slice with these (lung, skull, split) shares is out of scope, or None (:func:`region`)."""
-    kind = region(shares)
-    if kind == "head":
-        return head_reason(shares[1])
-    if kind == "legs":
-        return legs_reason(shares[2])
-    return chest_reason(shares[0]) if kind == "chest" else None
+    """Why a slice with these (lung, skull, split) shares is out of scope, or None (:func:`ruling`)."""
+    return ruling(shares)[1]
 
 
 def is_chest(shares: tuple[float, float, float]) -> bool:

@@ -25,7 +25,7 @@ from edgekidney.released import model_name
 from edgekidney.data.series import Series, Skipped, read_series
 from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
-from edgekidney.data.anatomy import anatomy_reason, measure, region, shown
+from edgekidney.data.anatomy import measure, ruling, shown
 from edgekidney.study.planes import CoronalReformat, check_plane
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
@@ -241,18 +241,18 @@ def _windowed(series: Series, center: float, width: float, keep_going: bool = Fa
 def mark_anatomy_out_of_scope(slices: list[SliceRecord], anatomy: list) -> list[str | None]:
     """Put the slices whose lungs, skull or legs show a chest, a head or the legs out of scope
     (docs/scope.md, "Chest slices"); returns per slice "chest", "head", "legs" or None
-    (:func:`edgekidney.data.anatomy.region`), whether or not the model had kept it. Unreadable slices
+    (:func:`edgekidney.data.anatomy.ruling`), whether or not the model had kept it. Unreadable slices
     stay unreadable."""
     kinds: list[str | None] = [None] * len(slices)
     for k, (record, shares) in enumerate(zip(slices, anatomy)):
         if shares is None:
             continue
         record.lung_share, record.skull_share, record.split_share = (shown(v) for v in shares)
-        why = anatomy_reason(shares)
+        kind, why = ruling(shares)
         if why is not None and record.label != UNREADABLE:
             if record.in_scope:  # one the model refused keeps its own reason, as for a single slice
                 record.label, record.in_scope, record.scope_reason = OUT_OF_SCOPE, False, why
-            kinds[k] = region(shares)
+            kinds[k] = kind
     return kinds
 
 
