@@ -399,6 +399,80 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         lst.stop()
 
 
+def test_a_series_answered_again_gets_new_uids_and_names_the_answer_it_replaces(tmp_path, series, caplog):
+    """More of a series after its answer: answered again, with SOP Instance UIDs of its own (derived,
+    so a retry makes the same), the result UIDs it replaces in its line, and its SR's Predecessor
+    Documents Sequence naming the SR before. A resend of what was answered whole changes nothing."""
+    from pydicom import dcmread
+
+    from edgekidney.dicomnet.sr import build_series_sr, result_uids, revised_uid
+
+    study_uid, series_uid, files = series
+    sops = [sop_of(f) for f in files]
+    now, told = [1000.0], []
+
+    def processor(paths, incomplete=None):
+        told.append(len(paths))
+        summary = {"decision": "no_stone", "slices": len(paths), "positive_slices": [], "note": "n"}
+        sr = build_series_sr([dcmread(p, stop_before_pixels=True) for p in paths], summary)
+        return ProcessResult(dict(summary, result_uids=[str(sr.SOPInstanceUID)]), [sr])
+
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, min_free_mb=0.0, series_timeout_s=5.0)
+    lst = Listener(cfg, processor, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+
+    def arrive(i):
+        path = lst.store.put_instance(series_uid, sops[i], files[i].read_bytes())
+        return lst.jobs.add_instance(sops[i], series_uid, study_uid, path, now[0])
+
+    def answer():
+        now[0] += 5.0
+        assert lst.pipeline_step()
+        return json.loads((tmp_path / "store" / "results.jsonl").read_text().splitlines()[-1])["series"][0]
+
+    def result_file(uid):
+        return dcmread(lst.store.results / uid_key(series_uid) / f"{uid_key(uid)}.dcm")
+
+    try:
+        first = result_uids(series_uid)[0]
+        for i in range(3):
+            arrive(i)
+        one = answer()
+        assert one["result_uids"] == [first] and "revision" not in one and "replaces" not in one
+        assert "PredecessorDocumentsSequence" not in result_file(first) and lst.jobs.revision(series_uid) == (0, [])
+        now[0] += 100.0
+        assert arrive(3) == "reopened" and lst.jobs.revision(series_uid) == (1, [first])
+        assert not lst.pipeline_step() and lst.jobs.series_state(series_uid) == "receiving"  # its own quiet time
+        two = answer()
+        second = revised_uid(first, 1)
+        assert second not in (first, revised_uid(first, 2))
+        assert (two["revision"], two["replaces"], two["result_uids"], two["slices"]) == (1, [first], [second], 4)
+        sr = result_file(second)
+        assert sr.SOPInstanceUID == sr.file_meta.MediaStorageSOPInstanceUID == second
+        assert sr.SeriesInstanceUID == result_uids(series_uid)[1] and sr.InstanceNumber == 2
+        (study,) = sr.PredecessorDocumentsSequence
+        assert study.StudyInstanceUID == study_uid
+        (ser,) = study.ReferencedSeriesSequence
+        assert ser.SeriesInstanceUID == result_uids(series_uid)[1]
+        assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in ser.ReferencedSOPSequence] == [
+            (sr.SOPClassUID, first)]
+        assert result_file(first).SOPInstanceUID == first  # the first answer's file is kept
+        assert f"series {uid_key(series_uid)} classified: no_stone (4 slices); answer 2, replaces the one before" \
+            in messages(caplog)
+        # a resend of what was answered whole: nothing to answer again
+        assert lst.jobs.seen_again(sops[0], now[0]) == (series_uid, "duplicate")
+        now[0] += 1000.0
+        assert not lst.pipeline_step() and lst.jobs.series_state(series_uid) == "done"
+        assert arrive(4) == "reopened"
+        three = answer()
+        assert (three["revision"], three["replaces"], three["result_uids"]) == (2, [second], [revised_uid(first, 2)])
+        (study,) = result_file(revised_uid(first, 2)).PredecessorDocumentsSequence
+        assert study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == second
+        assert told == [3, 4, 5]
+    finally:
+        lst.jobs.close()
+
+
 def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
@@ -414,6 +488,7 @@ def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     j = JobTable(path)
     try:
         assert not j.interrupted("S") and j.series_state("S") == "receiving"
+        assert j.revision("S") == (0, [])  # and before answers were made again
         j.resume(10.0)
         assert not j.interrupted("S")  # written before transfers were followed: not known to be cut short
         assert j.add_instance("1", "S", "T", tmp_path / "1", 11.0) == "new"
@@ -507,6 +582,66 @@ def test_job_table_transitions(tmp_path):
         j.close()
 
 
+def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tmp_path):
+    j = JobTable(tmp_path / "j.sqlite")
+
+    def answered(series, *, destination=False, result=None):
+        j.add_instance(f"{series}.1", series, f"T{series}", tmp_path / series, 10.0)
+        assert j.complete_quiet(100.0, 5.0) == [series]
+        j.set_classified(series, result or {"result_uids": [f"{series}-sr"]}, [tmp_path / "sr"], 100.0, destination)
+
+    try:
+        answered("D")  # done
+        assert j.revision("D") == (0, [])
+        assert j.seen_again("D.1", 200.0) == ("D", "duplicate") and j.series_state("D") == "done"
+        assert j.add_instance("D.2", "D", "TD", tmp_path / "d2", 200.0) == "reopened"
+        assert j.series_state("D") == "receiving" and j.revision("D") == (1, ["D-sr"])
+        assert j.instance_paths("D") == [tmp_path / "D", tmp_path / "d2"]
+        assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["D"]  # quiet from the new one
+        n, late = j._db.execute("SELECT n_instances, late_instances FROM series WHERE series_uid='D'").fetchone()
+        assert (n, late) == (2, 0)
+        j.set_classified("D", {"result_uids": ["D-sr-1"]}, [], 210.0, False)
+        assert j.add_instance("D.3", "D", "TD", tmp_path / "d3", 300.0) == "reopened"
+        assert j.revision("D") == (2, ["D-sr-1"])
+        # on its way to the destination: the old answer's delivery ends, its retry does not come back
+        answered("Q", destination=True)
+        j.mark_sending("Q")
+        assert j.add_instance("Q.2", "Q", "TQ", tmp_path / "q2", 200.0) == "reopened"
+        j.mark_sent("Q", 201.0)
+        assert j.send_failed("Q", "down", 999.0) == 0
+        assert j.series_state("Q") == "receiving" and j.due_for_sending(1e9) == []
+        err, nxt = j._db.execute("SELECT error, next_attempt_at FROM series WHERE series_uid='Q'").fetchone()
+        assert (err, nxt) == (None, 0)
+        answered("C", destination=True)  # classified, not yet sending
+        assert j.add_instance("C.2", "C", "TC", tmp_path / "c2", 200.0) == "reopened"
+        answered("F")
+        j.set_failed("F", "no slice usable", 100.0)
+        assert j.add_instance("F.2", "F", "TF", tmp_path / "f2", 200.0) == "reopened" and j.revision("F") == (1, ["F-sr"])
+        # its images deleted after the answer: the new instance alone would be answered; it stays late
+        answered("P")
+        j.mark_purged("P", 150.0)
+        assert j.add_instance("P.2", "P", "TP", tmp_path / "p2", 200.0) == "late" and j.series_state("P") == "done"
+        # an answer that said it may be cut short: a resend reopens it (the sender is sending it again)
+        j.add_instance("X.1", "X", "TX", tmp_path / "x", 10.0)
+        j.resume(20.0)
+        assert j.interrupted("X") and j.complete_quiet(100.0, 5.0) == ["X"]
+        j.set_classified("X", {"result_uids": ["X-sr"]}, [], 100.0, False)
+        assert j.seen_again("X.1", 200.0) == ("X", "reopened")
+        assert j.series_state("X") == "receiving" and not j.interrupted("X") and j.revision("X") == (1, ["X-sr"])
+        j.transfer_ended(["X"])
+        j.resume(210.0)
+        assert not j.interrupted("X")  # the resend's association was released: whole
+        assert j.seen_again("X.1", 300.0) == ("X", "duplicate") and j.revision("X") == (1, ["X-sr"])  # once
+        j.add_instance("Y.1", "Y", "TY", tmp_path / "y", 10.0)
+        j.resume(20.0)
+        assert j.complete_quiet(100.0, 5.0) == ["Y"]
+        j.set_classified("Y", {"result_uids": []}, [], 100.0, False)
+        j.mark_purged("Y", 150.0)
+        assert j.seen_again("Y.1", 200.0) == ("Y", "duplicate") and j.series_state("Y") == "done"
+    finally:
+        j.close()
+
+
 def test_job_table_hands_out_bounded_batches(tmp_path):
     j = JobTable(tmp_path / "j.sqlite")
     try:
@@ -529,7 +664,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
     j = JobTable(tmp_path / "j.sqlite")
     try:
         j.add_instance("1", "S", "T", tmp_path / "1", 100.0)
-        assert j.seen_again("1", 104.0) == "S" and j.seen_again("2", 104.0) is None
+        assert j.seen_again("1", 104.0) == ("S", "duplicate") and j.seen_again("2", 104.0) is None
         assert j.complete_quiet(108.0, 5.0) == []  # the resend at 104 counts as activity
         j.resume(200.0)
         assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
@@ -560,7 +695,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.resume(710.0)
         assert [j.interrupted(s) for s in "ACEGK"] == [True, True, True, False, False]  # G was complete: whole
         j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
-        assert j.seen_again("22", 711.0) == "E"  # the sender sends it again
+        assert j.seen_again("22", 711.0) == ("E", "duplicate")  # the sender sends it again
         assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
         assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "late" and not j.interrupted("G")
         j.resume(720.0)  # a second restart: A and E were in transfer again; C has had nothing since the first
@@ -640,6 +775,25 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
         assert messages(caplog) == [f"series {uid_key(series_uid)}: instance arrived after the series was complete; "
                                     "stored, not in its result"]
+        caplog.clear()
+        # once answered, a new instance reopens the series; a resend does not, unless the answer said
+        # the series may be cut short
+        monkeypatch.undo()  # the table's own seen_again again
+        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e12, has_destination=False)
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "done"
+        assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.999")) == SUCCESS and jobs.series_state(series_uid) == "receiving"
+        jobs.complete_quiet(1e13, 1.0)
+        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e13, has_destination=False)
+        jobs._db.execute("UPDATE series SET interrupted=1")  # as a restart that cut it short leaves it
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "receiving"
+        assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 2
+        assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
+        assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 4
+        assert messages(caplog) == [
+            f"series {uid_key(series_uid)}: a new instance arrived after its answer; receiving again, to be answered "
+            "again when complete",
+            f"series {uid_key(series_uid)}: sent again after an answer that said it may be cut short; receiving "
+            "again, to be answered again when complete"]
         caplog.clear()
         # without Study/Series Instance UID: filed under a substitute key, said once per series
         for f in files[2:5]:

@@ -215,10 +215,12 @@ def test_kill9_mid_series_and_after_last_instance_loses_nothing_and_sends_one_sr
 
 def test_kill9_mid_series_and_no_resend_answers_the_part_as_possibly_cut_short(model, pacs, tmp_path):
     """Nothing of the series comes in again after the restart: its answer, its JSON line, its SR and the
-    log say the slices may be only part of it, and it is never "no stone"."""
+    log say the slices may be only part of it, and it is never "no stone". The series sent again after
+    that answer is answered again, whole, by an SR that names the one it replaces."""
     from pydicom import dcmread
 
     from edgekidney.dicomnet.service import INTERRUPTED
+    from edgekidney.dicomnet.sr import revised_uid
 
     pacs_port, pacs_out = pacs
     _, series, _ = write_series(tmp_path / "series", 40, seed=9)
@@ -229,16 +231,28 @@ def test_kill9_mid_series_and_no_resend_answers_the_part_as_possibly_cut_short(m
     proc.kill9()
     scu.wait(60)
     proc = start_listener(model, store, port, pacs_port, log)
+    first = result_uids(series)[0]
     try:
         wait_for(lambda: sr_uids(pacs_out), timeout=30)
+        assert sr_uids(pacs_out) == {first}
+        r = storescu(port, tmp_path / "series")  # the operator sends the series again
+        assert len(acknowledged(r.stdout + r.stderr)) == 40
+        wait_for(lambda: len(sr_uids(pacs_out)) == 2, timeout=30)
     finally:
         proc.stop()
-    (entry,) = json.loads((store / "results.jsonl").read_text())["series"]
+    (entry,), (again,) = [json.loads(x)["series"] for x in (store / "results.jsonl").read_text().splitlines()]
     assert 10 <= entry["slices"] < 40 and entry["decision"] != "no_stone"
     assert INTERRUPTED in entry["warnings"] and INTERRUPTED in entry["reason"]
-    (sr,) = [dcmread(p) for p in pacs_out.iterdir() if dcmread(p, stop_before_pixels=True).get("Modality") == "SR"]
-    assert any(INTERRUPTED in str(e.value) for e in sr.iterall() if isinstance(e.value, str))
+    srs = {str(d.SOPInstanceUID): d for d in (dcmread(p) for p in pacs_out.iterdir()) if d.get("Modality") == "SR"}
+    assert any(INTERRUPTED in str(e.value) for e in srs[first].iterall() if isinstance(e.value, str))
     assert INTERRUPTED in log.read_text()
+    assert again["slices"] == 40 and INTERRUPTED not in again["warnings"] and INTERRUPTED not in again["reason"]
+    assert again["revision"] == 1 and again["replaces"] == entry["result_uids"] and entry["result_uids"][0] == first
+    assert again["result_uids"] == [revised_uid(u, 1) for u in entry["result_uids"]]  # its SR and Secondary Capture
+    sr = srs[revised_uid(first, 1)]
+    ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first
+    assert not any(INTERRUPTED in str(e.value) for e in sr.iterall() if isinstance(e.value, str))
 
 
 # in the default run: two listener starts and a PACS that answers after 2 s

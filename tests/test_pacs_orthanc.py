@@ -296,3 +296,51 @@ def test_secondary_capture_names_the_body_part_of_its_series_and_passes_dciodvfy
             assert sc[0].get("Laterality") == (None if copied else "")
     finally:
         close()
+
+
+def test_orthanc_sends_the_rest_of_a_series_after_its_answer_and_gets_a_second_answer_naming_the_first(
+        tmp_path, started):
+    """A series sent in two parts with its answer in between (a scanner that sends later images, an
+    operator who sends the rest): the second part reopens the series, and Orthanc ends with two SRs in
+    the study, the second of all the slices, naming the first as its predecessor; dciodvfy finds no
+    error in the second answer's SR and Secondary Capture."""
+    need_tools("Orthanc", "dciodvfy")
+    need_study_analysis()
+    from edgekidney.dicomnet.sr import revised_uid
+
+    model = tiny_model(tmp_path / "model")
+    study_uid, series_uid, files = ct_series("synthetic", tmp_path / "series")
+    (tmp_path / "orthanc").mkdir()
+    listener_port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
+    cfg = orthanc_config(tmp_path / "orthanc", free_port(), free_port(), listener_port)
+    orthanc = Orthanc(tmp_path / "orthanc", cfg).start()
+    started.append(orthanc)
+    ids = [orthanc.upload(f)["ID"] for f in files]
+    study_id = orthanc.get(f"/instances/{ids[0]}/study")["ID"]
+    listener = Listener(model, store, listener_port, f"127.0.0.1:{cfg['DicomPort']}:ORTHANC", log)
+    started.append(listener)
+    half = SLICES // 2
+    for part, count in ((ids[:half], 1), (ids[half:], 2)):
+        job = orthanc.post("/modalities/edgekidney/store", {"Resources": part, "Synchronous": True})
+        assert job["InstancesCount"] == len(part) and job["FailedInstancesCount"] == 0, job
+        wait_for(lambda: log.read_text().count("result object(s) delivered") == count, timeout=60, step=0.1)
+    time.sleep(2.0)  # room for anything more to arrive
+    lines = [json.loads(x)["series"][0] for x in (store / "results.jsonl").read_text().splitlines()]
+    assert [e["n_slices"] for e in lines] == [half, SLICES] and "revision" not in lines[0]
+    assert lines[1]["revision"] == 1 and lines[1]["replaces"] == lines[0]["result_uids"]
+    first, second = result_uids(series_uid, "sr")[0], revised_uid(result_uids(series_uid, "sr")[0], 1)
+    by_uid = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]: i
+              for m, found in orthanc.results(study_id).items() if m != "CT" for i in found}
+    assert set(by_uid) == {first, second, result_uids(series_uid, "sc0")[0],
+                           revised_uid(result_uids(series_uid, "sc0")[0], 1)}
+    report = {}
+    for name, uid in (("SR", second), ("SC", revised_uid(result_uids(series_uid, "sc0")[0], 1))):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(orthanc.request("GET", f"/instances/{by_uid[uid]}/file"))
+        report[name] = dciodvfy(path)
+    from pydicom import dcmread
+
+    sr = dcmread(tmp_path / "SR.dcm")
+    ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first and sr.StudyInstanceUID == study_uid
+    assert not errors(report["SR"]) and not errors(report["SC"]), report

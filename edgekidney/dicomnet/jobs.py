@@ -6,10 +6,14 @@ States of a series::
     classified --> sending --(C-STORE accepted)--> sent          (with a destination)
     classified --> done                                          (without one)
     complete --(processor refused the series)--> failed
+    classified, sending, sent, done, failed --(a new instance of it)--> receiving, revision + 1
 
-Instances are keyed by SOP Instance UID: a resent instance changes nothing. A series is keyed by
-Series Instance UID; the results it produces have UIDs derived from it (see sr.py), so a retry after a
-crash sends the same objects again rather than new ones. Everything that changes state is one
+Instances are keyed by SOP Instance UID: a resent instance changes nothing, except for a series that was
+answered as possibly cut short (below), which a resend reopens. A series is keyed by Series Instance
+UID; the results it produces have UIDs derived from it and from its revision (see sr.py), so a retry
+after a crash sends the same objects again rather than new ones, and an answer made again because more
+of the series arrived after it is a new object that names the one it replaces. A series whose images
+were deleted (retention) is never reopened: the answer would rest on the new instances alone. Everything that changes state is one
 transaction, committed (and on disk) before the caller acts on it. A series is in transfer from its
 instance's arrival until the sender releases the association (the SCP says so); one still in transfer
 when the listener stopped is marked interrupted until an instance of it comes in again after the
@@ -51,13 +55,19 @@ CREATE TABLE IF NOT EXISTS series(
     next_attempt_at REAL NOT NULL DEFAULT 0,
     error TEXT,
     in_transfer INTEGER NOT NULL DEFAULT 0,
-    interrupted INTEGER NOT NULL DEFAULT 0
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 """
 
 OPEN_STATES = ("receiving", "complete", "classified", "sending")  # not yet finished: the queue
 FINISHED_STATES = ("sent", "done", "failed")
+ANSWERED_STATES = ("classified", "sending") + FINISHED_STATES  # its result is made: more of it reopens it
+# a series back to receiving for another answer: its quiet time starts now, its delivery is over
+_REOPEN = ("UPDATE series SET state='receiving', revision=revision+1, last_at=?, n_instances=n_instances+?, "
+           "interrupted=0, in_transfer=1, completed_at=NULL, attempts=0, next_attempt_at=0, error=NULL "
+           "WHERE series_uid=?")
 
 
 @dataclass
@@ -86,7 +96,7 @@ class JobTable:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-        for column in ("in_transfer", "interrupted"):  # a table written by an earlier version lacks them
+        for column in ("in_transfer", "interrupted", "revision"):  # a table written by an earlier version lacks them
             if column not in columns:
                 self._db.execute(f"ALTER TABLE series ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
@@ -95,23 +105,42 @@ class JobTable:
             self._db.close()
 
     # -- receiving -----------------------------------------------------------------------------------
-    def seen_again(self, sop_uid: str, now: float) -> str | None:
-        """The instance's Series Instance UID when it is already stored, else None. A resend still counts
+    def seen_again(self, sop_uid: str, now: float) -> tuple[str, str] | None:
+        """``(series_uid, outcome)`` when the instance is already stored, else None. A resend still counts
         as the scanner being busy with the series: a series that is receiving gets its quiet time
-        restarted, and is in transfer again."""
+        restarted, and is in transfer again ('duplicate'). A series answered as possibly cut short
+        (:meth:`interrupted`) is reopened by it ('reopened'): the sender is sending it again, so the
+        next answer can be of all of it."""
         with self._lock:
-            row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
-            if row is None:
-                return None
-            # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance does,
-            # and says the sender is sending the series again: it is no longer known to be cut short
-            self._db.execute("UPDATE series SET last_at=?, interrupted=0, in_transfer=1 "
-                             "WHERE series_uid=? AND state='receiving'", (now, row[0]))
-            return str(row[0])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT i.series_uid, s.state, s.interrupted, s.purged_at FROM instances i "
+                    "JOIN series s ON s.series_uid=i.series_uid WHERE i.sop_uid=?", (sop_uid,)).fetchone()
+                if row is None:
+                    self._db.execute("COMMIT")
+                    return None
+                series_uid, state, interrupted, purged_at = row
+                outcome = "duplicate"
+                if state == "receiving":
+                    # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance
+                    # does, and says the sender is sending the series again: it is no longer known to be cut short
+                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, in_transfer=1 WHERE series_uid=?",
+                                     (now, series_uid))
+                elif state in ANSWERED_STATES and interrupted and purged_at is None:
+                    self._db.execute(_REOPEN, (now, 0, series_uid))
+                    outcome = "reopened"
+                self._db.execute("COMMIT")
+                return str(series_uid), outcome
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
-        """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID) or 'late'
-        (its series was already complete: kept on disk, not part of the result already made)."""
+        """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID), 'reopened' (its
+        series was answered: it is receiving again, for an answer of all it has now) or 'late' (its
+        series is complete and not answered yet, or its images were deleted: kept on disk, not part of
+        the result)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -121,7 +150,8 @@ class JobTable:
                 if cur.rowcount == 0:
                     self._db.execute("COMMIT")
                     return "duplicate"
-                row = self._db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+                row = self._db.execute("SELECT state, purged_at FROM series WHERE series_uid=?",
+                                       (series_uid,)).fetchone()
                 if row is None:
                     self._db.execute(
                         "INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances, "
@@ -131,6 +161,9 @@ class JobTable:
                     self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
                                      "in_transfer=1 WHERE series_uid=?", (now, series_uid))
                     outcome = "new"
+                elif row[0] in ANSWERED_STATES and row[1] is None:
+                    self._db.execute(_REOPEN, (now, 1, series_uid))
+                    outcome = "reopened"
                 else:
                     self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
                                      (series_uid,))
@@ -209,6 +242,17 @@ class JobTable:
             row = self._db.execute("SELECT interrupted FROM series WHERE series_uid=?", (series_uid,)).fetchone()
         return bool(row and row[0])
 
+    def revision(self, series_uid: str) -> tuple[int, list[str]]:
+        """How many times the series was reopened after an answer, and the result UIDs of the answer
+        before (empty for the first, or when the one before made none)."""
+        with self._lock:
+            row = self._db.execute("SELECT revision, result_json FROM series WHERE series_uid=?",
+                                   (series_uid,)).fetchone()
+        if row is None or not row[0]:
+            return 0, []
+        before = json.loads(row[1]) if row[1] else {}
+        return int(row[0]), [str(u) for u in before.get("result_uids", [])]
+
     def instance_paths(self, series_uid: str) -> list[Path]:
         with self._lock:
             return [Path(r[0]) for r in self._db.execute(
@@ -246,13 +290,15 @@ class JobTable:
                              (series_uid,))
 
     def mark_sent(self, series_uid: str, now: float) -> None:
+        """Only from 'sending': a series reopened while its answer was on the way stays receiving."""
         with self._lock:
-            self._db.execute("UPDATE series SET state='sent', sent_at=?, error=NULL WHERE series_uid=?",
-                             (now, series_uid))
+            self._db.execute("UPDATE series SET state='sent', sent_at=?, error=NULL "
+                             "WHERE series_uid=? AND state='sending'", (now, series_uid))
 
     def send_failed(self, series_uid: str, error: str, next_attempt_at: float) -> int:
         with self._lock:
-            self._db.execute("UPDATE series SET attempts=attempts+1, next_attempt_at=?, error=? WHERE series_uid=?",
+            self._db.execute("UPDATE series SET attempts=attempts+1, next_attempt_at=?, error=? "
+                             "WHERE series_uid=? AND state IN ('classified','sending')",
                              (next_attempt_at, error, series_uid))
             return self._db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
 

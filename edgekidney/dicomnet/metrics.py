@@ -16,8 +16,11 @@ class ListenerMetrics:
                                   "Instances received again (same SOP Instance UID), acknowledged, not stored twice",
                                   registry=r)
         self.late = Counter("edgekidney_listener_instances_late",
-                            "Instances that arrived after their series was complete (stored, not in its result)",
-                            registry=r)
+                            "Instances that arrived after their series was complete and before its answer, or "
+                            "after its images were deleted (stored, not in its result)", registry=r)
+        self.reopened = Counter("edgekidney_listener_series_reopened",
+                                "Answered series receiving again (a new instance, or a resend of one answered "
+                                "as possibly cut short): answered again when complete", registry=r)
         self.refused = Counter("edgekidney_listener_refused", "Associations or C-STOREs refused", ["reason"],
                                registry=r)
         self.series_completed = Counter("edgekidney_listener_series_completed", "Series complete (quiet)",

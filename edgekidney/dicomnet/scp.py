@@ -140,8 +140,10 @@ class StorageSCP:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         known = self.jobs.seen_again(sop_uid, time.time())
         if known is not None:
-            self._carried(event, known)
+            self._carried(event, known[0])
             self.metrics.duplicates.inc()
+            if known[1] == "reopened":
+                self._reopened(known[0], "sent again after an answer that said it may be cut short")
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
         head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS + DICOM_SIZE_TAGS)
@@ -160,12 +162,18 @@ class StorageSCP:
             self.metrics.duplicates.inc()
         else:
             self.metrics.instances.inc()
-            if outcome == "late":
+            if outcome == "reopened":
+                self._reopened(series_uid, "a new instance arrived after its answer")
+            elif outcome == "late":
                 self.metrics.late.inc()
                 log.warning("series %s: instance arrived after the series was complete; stored, not in its result",
                             uid_key(series_uid))
             self.on_instance()
         return SUCCESS
+
+    def _reopened(self, series_uid: str, why: str) -> None:
+        self.metrics.reopened.inc()
+        log.info("series %s: %s; receiving again, to be answered again when complete", uid_key(series_uid), why)
 
     def _over_limits(self, head, sop_uid: str) -> Dataset | None:
         """None when the declared image is within the limits; else the failure status to answer (0xC000

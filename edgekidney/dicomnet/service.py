@@ -29,7 +29,7 @@ from edgekidney.dicomnet.metrics import ListenerMetrics
 from edgekidney.dicomnet.processor import SeriesProcessor
 from edgekidney.dicomnet.scp import StorageSCP
 from edgekidney.dicomnet.sender import send_files
-from edgekidney.dicomnet.sr import encode
+from edgekidney.dicomnet.sr import encode, revise
 from edgekidney.dicomnet.store import InstanceStore, uid_key
 
 log = logging.getLogger("edgekidney.listener")
@@ -40,7 +40,7 @@ Processor = SeriesProcessor  # paths (and why they may be part of a series only)
 # why a series that was arriving when the listener stopped, and got nothing after the restart, is
 # answered as possibly incomplete (jobs.JobTable.interrupted; study.rule.decide)
 INTERRUPTED = ("the listener stopped while this series was arriving and none of it came in after the restart: "
-               "the slices stored may be only part of it")
+               "the slices stored may be only part of it (sent again, the series is answered again)")
 
 
 def append_line(path: Path, obj: dict, lock: threading.Lock) -> None:
@@ -54,6 +54,16 @@ def append_line(path: Path, obj: dict, lock: threading.Lock) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def renamed_uids(summary: dict, renamed: dict[str, str]) -> dict:
+    """The summary with its ``result_uids`` (its own, and each of its series') under their new names."""
+    out = dict(summary)
+    if "result_uids" in out:
+        out["result_uids"] = [renamed.get(u, u) for u in out["result_uids"]]
+    if isinstance(out.get("series"), list):
+        out["series"] = [renamed_uids(e, renamed) if isinstance(e, dict) else e for e in out["series"]]
+    return out
 
 
 def backoff_s(attempts: int, base: float, cap: float) -> float:
@@ -204,8 +214,12 @@ class Listener:
                 if incomplete:
                     log.warning("series %s: %s", uid_key(s), incomplete)
                 res = self.processor(self.jobs.instance_paths(s), incomplete=incomplete)
+                revision, before = self.jobs.revision(s)
+                renamed = revise(res.datasets, revision, before) if revision else {}
                 paths = [self.store.put_result(s, str(ds.SOPInstanceUID), encode(ds)) for ds in res.datasets]
                 summary = dict(res.summary, series_uid=s, seconds=round(time.perf_counter() - t0, 3))
+                if revision:  # more of the series came after its answer: this one replaces it
+                    summary = dict(renamed_uids(summary, renamed), revision=revision, replaces=before)
                 entries.append(summary)
                 outcomes.append((s, summary, paths, None))
             except EdgeKidneyError as exc:
@@ -227,8 +241,9 @@ class Listener:
             if err is None:
                 self.jobs.set_classified(s, summary, paths, now, self.cfg.destination is not None)
                 self.metrics.series_classified.inc()
-                log.info("series %s classified: %s (%d slices)", uid_key(s), summary.get("decision"),
-                         summary.get("slices", 0))
+                log.info("series %s classified: %s (%d slices)%s", uid_key(s), summary.get("decision"),
+                         summary.get("slices", 0),
+                         f"; answer {summary['revision'] + 1}, replaces the one before" if "revision" in summary else "")
             else:
                 self.jobs.set_failed(s, err, now)
                 self.metrics.failures.labels("classify").inc()

@@ -1,7 +1,9 @@
 """A provisional DICOM SR for one series: Comprehensive SR with the decision, made with pydicom alone.
 
 Its UIDs come from the series (``result_uids``): the same series always gives the same SR SOP
-Instance UID, so a retry after a crash re-sends the same object, which a PACS stores once. Patient and
+Instance UID, so a retry after a crash re-sends the same object, which a PACS stores once. A series
+answered again because more of it arrived after its answer gets new SOP Instance UIDs, derived from
+the first and the answer's number (``revise``), and its SR names the one it replaces. Patient and
 study attributes are copied from the series so the PACS files the SR beside the images.
 """
 
@@ -37,6 +39,41 @@ def derived_uid(*parts: str) -> str:
 def result_uids(series_uid: str, kind: str = "sr") -> tuple[str, str]:
     """(SOP Instance UID, Series Instance UID) of the result ``kind`` for a series: same input, same UIDs."""
     return derived_uid(kind, "instance", series_uid), derived_uid(kind, "series", series_uid)
+
+
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # the Structured Report Storage SOP Classes (PS3.4 B.5)
+
+
+def revised_uid(uid: str, revision: int) -> str:
+    """A result's SOP Instance UID in the series' answer number ``revision`` (0: the first, unchanged)."""
+    return uid if revision == 0 else derived_uid("revision", str(revision), uid)
+
+
+def revise(datasets: list[Dataset], revision: int, before: list[str]) -> dict[str, str]:
+    """Give the results of a series answered again (``revision`` > 0) their own SOP Instance UIDs, and
+    each SR the SR it replaces as its Predecessor Documents Sequence (PS3.3 C.17.2) when ``before``
+    (the result UIDs of the answer before) holds it. Result series stay the series': a viewer shows
+    both answers side by side. Returns {first answer's UID: this answer's}."""
+    mapping = {}
+    for ds in datasets:
+        first = str(ds.SOPInstanceUID)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = revised_uid(first, revision)
+        mapping[first] = str(ds.SOPInstanceUID)
+        if not (revision and str(ds.SOPClassUID).startswith(SR_CLASS_PREFIX)):
+            continue
+        ds.InstanceNumber = revision + 1
+        previous = revised_uid(first, revision - 1)
+        if previous in before:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, previous
+            series = Dataset()
+            series.SeriesInstanceUID = ds.SeriesInstanceUID
+            series.ReferencedSOPSequence = Sequence([ref])
+            study = Dataset()
+            study.StudyInstanceUID = ds.StudyInstanceUID
+            study.ReferencedSeriesSequence = Sequence([series])
+            ds.PredecessorDocumentsSequence = Sequence([study])
+    return mapping
 
 
 def sop_uids(ds: Dataset) -> tuple[str, str]:
