@@ -110,7 +110,8 @@ def test_series_to_sr_at_destination(make_listener, series_a, model, tmp_path):
     from edgekidney.study.rule import StudyRule, decide  # the study's rule, slices in Instance Number order
     ranked = [p for _, p in sorted(zip(numbers, preds), key=lambda np_: np_[0])]
     expected = decide([p.probability for p in ranked], [p.label != "out_of_scope" for p in ranked],
-                      StudyRule.from_card(clf.card), clf.threshold)
+                      StudyRule.from_card(clf.card), clf.threshold, images=sorted(numbers))
+    assert entry["decision"] != "stone" or "images " in entry["reason"]  # the numbers a viewer shows
     assert (entry["decision"], entry["reason"]) == (expected.decision, expected.reason)
     assert entry["decision"] in ("stone", "no_stone", "not_assessable")
     judged = [p.probability for p in preds if p.label != "out_of_scope"]

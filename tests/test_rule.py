@@ -70,7 +70,7 @@ def test_stone_needs_min_run_consecutive_in_scope_slices_at_or_above_the_thresho
     assert before.supporting == [Run(2, 3, 0.8)] and before.peak == 3  # not the likelier slice before the run
     d = decide(p, [True] * 6, StudyRule(min_run=1), 0.6)
     assert d.decision == "stone" and d.supporting == [Run(1, 2, 0.6), Run(4, 4, 0.9)] and d.peak == 4
-    assert d.reason.endswith("2 run(s) of >= 1 consecutive slices with p >= 0.6 (best: slices 4-4)")
+    assert d.reason.endswith("2 run(s) of >= 1 consecutive slices with p >= 0.6 (best: slice 4)")
     d = decide(p, [True] * 6, StudyRule(), 0.61)  # the model's threshold when the rule has none
     assert d == Decision("no_stone", "no 2 consecutive slices with p >= 0.61", 0.61, [], 4)
     d = decide(p, [True] * 6, StudyRule(threshold=0.55), 0.99)  # the rule's own threshold wins
@@ -224,3 +224,25 @@ def test_a_chest_series_is_not_answered_no_stone_and_a_stone_below_its_lungs_sta
     assert decide(quiet, scope, rule, 0.5).decision == "no_stone"  # nothing said of the lungs
     stone = [0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]
     assert decide(stone, scope, rule, 0.5, chest=chest).decision == "stone"
+
+
+def test_the_reason_names_the_image_numbers_a_viewer_shows_when_it_has_them():
+    """Images numbered head to feet (descending with position), one without a number."""
+    images = [40, 39, 38, None, 36, 35]
+    p = [0.1, 0.7, 0.8, 0.1, 0.9, 0.95]
+    d = decide(p, [True] * 6, StudyRule(), 0.6, images=images)
+    assert d.reason.endswith("(best: slices 4-5, images 36-35)")
+    assert decide([0.1, 0.7, 0.8, 0.1, 0.1, 0.1], [True] * 6, StudyRule(), 0.6,
+                  images=images).reason.endswith("(best: slices 1-2, images 39-38)")
+    assert decide(p, [True] * 6, StudyRule(), 0.6, images=[7] * 6).reason.endswith("(best: slices 4-5, image 7)")
+    assert decide([0.1] * 5 + [0.9], [True] * 6, StudyRule(min_run=1), 0.6,
+                  images=images).reason.endswith("(best: slice 5, image 35)")
+    assert decide([0.1, 0.9, 0.1, 0.1, 0.1, 0.1], [True] * 6, StudyRule(min_run=1), 0.6,
+                  images=images).reason.endswith("(best: slice 1, image 39)")
+    # an end without a number: the slices alone
+    assert decide([0.1, 0.1, 0.8, 0.9, 0.1, 0.1], [True] * 6, StudyRule(), 0.6,
+                  images=images).reason.endswith("(best: slices 2-3)")
+    assert decide(p, [True] * 6, StudyRule(), 0.6).reason.endswith("(best: slices 4-5)")
+    hole = decide([0.1] * 6, [True, True, False, True, True, True], StudyRule(), 0.6,
+                  unreadable=[False, False, True, False, False, False], images=images)
+    assert hole.reason.startswith("slice 2, image 38, inside the range the model judges, could not be read")

@@ -66,7 +66,8 @@ def _instance_number(ds: Dataset) -> int:
 OUT_OF_SCOPE = "out_of_scope"
 
 
-def series_decision(preds: list, unreadable: list[bool], card, threshold: float, incomplete: str | None = None):
+def series_decision(preds: list, unreadable: list[bool], card, threshold: float, incomplete: str | None = None,
+                    images: list[int | None] | None = None):
     """The study's rule (:func:`edgekidney.study.rule.decide`, the model's ``study_rule``) over slices in
     order: ``preds`` holds a Prediction or None (unreadable) per slice; ``incomplete``: why they may be
     only part of the series. Returns the Decision."""
@@ -78,7 +79,7 @@ def series_decision(preds: list, unreadable: list[bool], card, threshold: float,
     chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share, p.split_share))
              for p in preds]  # measured on axial DICOM slices
     return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest,
-                  incomplete=incomplete)
+                  incomplete=incomplete, images=images)
 
 
 class FallbackProcessor:
@@ -139,7 +140,8 @@ class FallbackProcessor:
         by_path = {p.path: p for p in preds}
         in_order = [by_path.get(str(p)) for p in ordered]  # None: the slice could not be read
         decided = series_decision(in_order, [p is None for p in in_order], card, self.classifier.threshold,
-                                  incomplete)
+                                  incomplete, [_instance_number(h) if h.get("InstanceNumber") not in (None, "")
+                                               else None for _, h in headers])
         pos = [numbers[p.path] for p in preds if p.label == positive]
         out_of_scope = [numbers[p.path] for p in preds if p.label == OUT_OF_SCOPE]
         series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")

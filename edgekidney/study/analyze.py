@@ -385,7 +385,7 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
                       [s.focus_hu for s in result.slices], [s.label == UNREADABLE for s in result.slices], chest,
-                      incomplete)
+                      incomplete, [s.instance for s in result.slices])
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
     if decision.hole is not None:  # the decoder's reason for that slice
         result.reason += f": {result.slices[decision.hole].scope_reason}"

@@ -121,10 +121,20 @@ def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | No
     return next((k for k, u in enumerate(unreadable) if u and scoped[0] - 1 <= k <= scoped[-1] + 1), None)
 
 
+def where(start: int, end: int, images: Sequence[int | None] | None = None) -> str:
+    """Slices ``start``-``end`` (0-based, in position order) as the reason names them, with the image
+    numbers a PACS viewer shows (InstanceNumber) when both ends have one: 'slices 77-81, images 210-214'."""
+    text = f"slice {start}" if start == end else f"slices {start}-{end}"
+    first, last = (images[start], images[end]) if images is not None else (None, None)
+    if first is None or last is None:
+        return text
+    return text + (f", image {first}" if first == last else f", images {first}-{last}")
+
+
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
            model_threshold: float, focus_hu: Sequence[float | None] | None = None,
            unreadable: Sequence[bool] | None = None, chest: Sequence[bool] | None = None,
-           incomplete: str | None = None) -> Decision:
+           incomplete: str | None = None, images: Sequence[int | None] | None = None) -> Decision:
     """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
     count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
@@ -135,7 +145,8 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     ``not_assessable`` (what was judged is the upper abdomen below it); a stone found stays ``stone``.
     ``incomplete``, when given, says why the slices may be only part of the series (a listener that
     stopped while receiving it): ``no_stone`` becomes ``not_assessable`` with that reason; a stone found
-    on the slices at hand stays ``stone``, its reason saying it too."""
+    on the slices at hand stays ``stone``, its reason saying it too. ``images`` (per slice, the
+    InstanceNumber or None) adds the image numbers to the slices the reason names (:func:`where`)."""
     threshold = rule_threshold(rule, model_threshold)
     n = len(probabilities)
     if n == 0:
@@ -167,12 +178,13 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
         best = max(supporting, key=lambda r: r.max_probability)
         evidence = max(range(best.start, best.end + 1), key=lambda k: probabilities[k])
         return Decision("stone", f"{len(supporting)} run(s) of >= {rule.min_run} consecutive slices with p >= "
-                                 f"{threshold:.3g} (best: slices {best.start}-{best.end}){gated}"
+                                 f"{threshold:.3g} (best: {where(best.start, best.end, images)}){gated}"
                                  + (f"; {incomplete}" if incomplete else ""), threshold, supporting, evidence)
     quiet = f"no {rule.min_run} consecutive slices with p >= {threshold:.3g}{gated}"
     hole = first_hole(unreadable, in_scope) if unreadable is not None else None
     if hole is not None:
-        return Decision("not_assessable", f"slice {hole}, inside the range the model judges, could not be read, so "
+        return Decision("not_assessable", f"{where(hole, hole, images)}, inside the range the model judges, "
+                                          "could not be read, so "
                                           f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
                         hole)
     if incomplete:
