@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# CI: a real PACS for tests/test_pacs_orthanc.py: Orthanc (the PACS) and dicom3tools (dciodvfy), from Debian.
+# CI: a real PACS for tests/test_pacs_orthanc.py: Orthanc (the PACS) and dicom3tools (dciodvfy), and DCMTK
+# (storescu, storescp, echoscu, dsrdump) for tests/test_dcmtk.py, from Debian.
 # Idempotent: does nothing when both are installed. The test starts its own Orthanc from its own
 # configuration on free loopback ports; the system service the package installs is not used (and is
 # stopped where systemd runs it). Without these packages the test skips.
 set -euo pipefail
-PKGS=(orthanc dicom3tools)
+PKGS=(orthanc dicom3tools dcmtk)
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 
@@ -36,5 +37,7 @@ fi
 
 ORTHANC="$(PATH="$PATH:/usr/sbin:/usr/local/sbin" command -v Orthanc)"
 "$ORTHANC" --version >/dev/null  # runs
+/usr/bin/dsrdump --version >/dev/null  # DCMTK's (pynetdicom has commands named storescu/storescp too)
 echo "pacs.sh: orthanc $(dpkg-query -W -f='${Version}' orthanc) ($ORTHANC)," \
-     "dicom3tools $(dpkg-query -W -f='${Version}' dicom3tools) ($(command -v dciodvfy))"
+     "dicom3tools $(dpkg-query -W -f='${Version}' dicom3tools) ($(command -v dciodvfy))," \
+     "dcmtk $(dpkg-query -W -f='${Version}' dcmtk)"
