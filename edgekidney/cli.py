@@ -687,6 +687,8 @@ def listen_cmd(
     restart_grace: float = typer.Option(120.0, min=0.0, help="After a restart, seconds more that a series still "
                                                                "arriving waits for the scanner's resend."),
     allow: List[str] = typer.Option([], "--allow", help="Calling AE title allowed to associate (repeat; default: any)."),
+    require_called_ae: bool = typer.Option(False, "--require-called-ae",
+                                           help="Reject associations addressed to another AE title than --ae-title."),
     max_associations: int = typer.Option(8, min=1, help="Concurrent associations; more are rejected."),
     timeout: float = typer.Option(60.0, min=1.0, help="DIMSE and network timeout, seconds."),
     results_file: Optional[Path] = typer.Option(None, help="JSON lines, one per study (default STORE/results.jsonl)."),
@@ -713,6 +715,7 @@ def listen_cmd(
         fail("--tls-cert and --tls-key go together")
     cfg = ListenerConfig(
         store=store, ae_title=ae_title, host=host, port=port, allowed_calling=tuple(allow),
+        require_called_ae=require_called_ae,
         max_associations=max_associations, dimse_timeout_s=timeout, network_timeout_s=timeout,
         series_timeout_s=series_timeout, restart_grace_s=restart_grace,
         destination=Destination.parse(destination) if destination else None,

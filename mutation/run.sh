@@ -48,9 +48,11 @@ for group in "${groups[@]}"; do
       tests=(tests/test_gates.py tests/test_cli.py::test_benchmark_scripts_exit_1_on_usage_errors) ;;
     listener)
       mutate=(edgekidney/dicomnet/store.py edgekidney/dicomnet/jobs.py edgekidney/dicomnet/service.py
-              edgekidney/dicomnet/scp.py)
+              edgekidney/dicomnet/scp.py edgekidney/dicomnet/sr.py)
       only=("edgekidney.dicomnet.store.*" "edgekidney.dicomnet.jobs.*" "edgekidney.dicomnet.service.x_append_line__*"
-            "edgekidney.dicomnet.service.x_backoff_s__*" "edgekidney.dicomnet.service.xǁListenerǁrecover__*"
+            "edgekidney.dicomnet.service.x_backoff_s__*" "edgekidney.dicomnet.service.x_renamed_uids__*"
+            "edgekidney.dicomnet.sr.x_revise__*" "edgekidney.dicomnet.sr.x_revised_uid__*"
+            "edgekidney.dicomnet.scp.xǁStorageSCPǁ_reopened__*" "edgekidney.dicomnet.service.xǁListenerǁrecover__*"
             "edgekidney.dicomnet.service.xǁListenerǁprocess_study__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_store__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁ_store__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁ_over_limits__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁdisk_low__*"

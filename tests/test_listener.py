@@ -7,6 +7,7 @@ the PACS. Everything runs on 127.0.0.1 with free ports and short timeouts.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -206,10 +207,11 @@ def test_jpeg2000_series_without_study_and_series_uids_is_kept_and_classified(ma
     assert "no Study/Series Instance UID" in entry["no_sr"]
 
 
-def test_associations_beyond_the_maximum_are_rejected(make_listener, series_a):
+def test_associations_beyond_the_maximum_are_rejected(make_listener, series_a, caplog):
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    caplog.set_level(logging.WARNING, logger="edgekidney.listener")
     lst = make_listener(max_associations=1)
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(Verification)
@@ -223,13 +225,39 @@ def test_associations_beyond_the_maximum_are_rejected(make_listener, series_a):
         ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")), timeout=5, step=0.2)
     third.release()
     assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="policy"}') >= 1
+    said = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert said and set(said) == {"association rejected: 1 associations already open (--max-associations); from "
+                                  "'SCANNER'"}
 
 
-def test_calling_ae_allow_list(make_listener, series_a):
+def test_calling_ae_allow_list(make_listener, series_a, caplog):
     _, _, files = series_a
+    caplog.set_level(logging.WARNING, logger="edgekidney.listener")
     lst = make_listener(allowed_calling=("CT01",))
     assert send(lst.port, files[:1], calling="INTRUDER") == [-2]
     assert send(lst.port, files[:1], calling="CT01") == [0]
+    assert send(lst.port, files[1:2], calling="CT01", called="ANY-SCP") == [0]  # the called AE title: any
+    said = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert said == ["association rejected: calling AE title 'INTRUDER' is not in --allow"]
+
+
+def test_called_ae_title_is_checked_when_asked(make_listener, series_a, caplog):
+    """A scanner set up with another AE title than ours is told so (rejected-permanent, called AE title
+    not recognised) with --require-called-ae, and the log says who it thought it called."""
+    _, _, files = series_a
+    caplog.set_level(logging.WARNING, logger="edgekidney.listener")
+    lst = make_listener(require_called_ae=True, allowed_calling=("CT01",))
+    assert send(lst.port, files[:1], calling="CT01", called="ANY-SCP") == [-2]
+    assert send(lst.port, files[:1], calling="CT02", called="EDGEKIDNEY") == [-2]
+    assert send(lst.port, files[:1], calling="CT01", called="EDGEKIDNEY") == [0]
+    said = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert said == ["association rejected: called AE title 'ANY-SCP' is not ours ('EDGEKIDNEY'; --require-called-ae)",
+                    "association rejected: calling AE title 'CT02' is not in --allow"]
+    assert metric(lst.metrics.text(), 'edgekidney_listener_refused_total{reason="policy"}') == 2
+    from edgekidney.dicomnet.scp import _shown_aet
+
+    # what a peer puts on the wire reaches the log printable and short
+    assert _shown_aet(b" CT\x0701\n ") == "CT?01" and _shown_aet("A" * 40) == "A" * 16 and _shown_aet(None) == ""
 
 
 def test_retention_deletes_images_after_the_result(make_listener, series_a, tmp_path):

@@ -316,7 +316,7 @@ def test_sr_round_trip_references_the_supporting_instances(synth, tmp_path):
     nums = [i for i in items if i.ValueType == "NUM"]
     assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.9)
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
-    assert f"model_sha256={'ab' * 32}" in texts
+    assert f"model_sha256={'ab' * 32}" in texts and f"threshold={res.threshold:g}" in texts
     refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"]
     supporting = {k for r in res.supporting for k in range(r.start, r.end + 1)}
     by_uid = {r.sop_instance_uid: k for k, r in enumerate(series.refs)}
@@ -338,6 +338,11 @@ def test_sr_of_a_no_stone_series_says_absent(synth, tmp_path):
     items = list(_walk(ds.ContentSequence))
     assert ("Renal stone", "Absent") in {(i.ConceptNameCodeSequence[0].CodeMeaning,
                                           i.ConceptCodeSequence[0].CodeMeaning) for i in items if i.ValueType == "CODE"}
+    res.decision, res.reason, res.threshold = "not_assessable", "refused before any slice was weighed", None
+    ds = pydicom.dcmread(write_sr(res, series, tmp_path / "refused"))
+    texts = [i.TextValue for i in _walk(ds.ContentSequence) if i.ValueType == "TEXT"]
+    assert not [t for t in texts if t.startswith("threshold=")]  # no "threshold=None" for a reader to puzzle over
+    assert "reason=not_assessable: refused before any slice was weighed" in texts
 
 
 def test_secondary_capture_of_the_peak_slice(synth, tmp_path):

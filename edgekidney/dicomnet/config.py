@@ -62,6 +62,7 @@ class ListenerConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling: tuple[str, ...] = ()  # empty: any calling AE title
+    require_called_ae: bool = False  # reject associations addressed to another AE title than ae_title
     max_associations: int = 8
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0

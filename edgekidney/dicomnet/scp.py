@@ -70,6 +70,15 @@ def server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def _shown_aet(value) -> str:
+    """An AE title from the wire as text for a log line: stripped, at most 16 characters, nothing
+    unprintable."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = str(value or "").strip()[:16]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class StorageSCP:
     """Handlers bound to one store, job table and metrics; ``start`` opens the port."""
 
@@ -97,7 +106,19 @@ class StorageSCP:
 
     def handle_rejected(self, event) -> None:
         self.metrics.refused.labels("policy").inc()
-        log.warning("association rejected (calling AE title not allowed, or too many associations)")
+        log.warning("association rejected: %s", self.why_rejected(event.assoc))
+
+    def why_rejected(self, assoc) -> str:
+        """Which of the listener's rules rejected the association (pynetdicom applies them in this
+        order: the calling AE title, the called one, the number of associations). AE titles name
+        devices, not patients; they are shown with anything unprintable escaped."""
+        rq = assoc.requestor.primitive
+        calling, called = (_shown_aet(getattr(rq, name, "")) for name in ("calling_ae_title", "called_ae_title"))
+        if self.cfg.require_called_ae and called != self.cfg.ae_title:
+            return f"called AE title {called!r} is not ours ({self.cfg.ae_title!r}; --require-called-ae)"
+        if self.cfg.allowed_calling and calling not in self.cfg.allowed_calling:
+            return f"calling AE title {calling!r} is not in --allow"
+        return f"{self.cfg.max_associations} associations already open (--max-associations); from {calling!r}"
 
     def handle_echo(self, event) -> int:
         return SUCCESS
@@ -203,6 +224,7 @@ class StorageSCP:
         ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the scanner
         if cfg.allowed_calling:
             ae.require_calling_aet = list(cfg.allowed_calling)
+        ae.require_called_aet = cfg.require_called_ae
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, self.syntaxes)

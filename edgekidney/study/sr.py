@@ -145,10 +145,11 @@ def build_sr(result: SeriesResult, series):
     model = result.model
     algorithm = hd.sr.AlgorithmIdentification(
         name="edgekidney", version=str(model.get("edgekidney_version", "")),
-        parameters=[f"model={model.get('name', '')}", f"model_sha256={model.get('sha256', '')}",
-                    f"threshold={result.threshold}", f"plane={result.plane}",
-                    f"study_rule={json.dumps(result.rule, sort_keys=True)}",
-                    f"reason={result.decision}: {result.reason}"[:1024]])  # UT: the SR reader's "why"
+        parameters=[f"model={model.get('name', '')}", f"model_sha256={model.get('sha256', '')}"]
+        # a series refused before any slice was weighed has no threshold applied: none is named
+        + ([f"threshold={result.threshold:g}"] if result.threshold is not None else [])
+        + [f"plane={result.plane}", f"study_rule={json.dumps(result.rule, sort_keys=True)}",
+           f"reason={result.decision}: {result.reason}"[:1024]])  # UT: the SR reader's "why"
     measurements = []
     if result.probability is not None:
         measurements.append(hd.sr.Measurement(
