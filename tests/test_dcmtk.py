@@ -153,3 +153,40 @@ def test_dcmtk_storescu_sends_a_jpeg2000_series_when_asked_to_propose_its_syntax
 
     (entry,) = json.loads((store / "results.jsonl").read_text().splitlines()[0])["series"]
     assert entry.get("n_slices", entry.get("slices")) == len(files) and "error" not in entry
+
+
+def test_a_series_dcmtk_stops_sending_after_a_refused_instance_is_never_answered_as_whole(tmp_path, started):
+    """storescu stops at the first instance the listener refuses (here one declaring a 60000 px side,
+    0xC000 with the reason as Error Comment) and releases the association as if done: the series is
+    answered from the slices that came, and its answer says one was refused and why; "no stone" is
+    never said of it."""
+    tools = need("storescu", "dcmodify")
+    import json
+
+    from edgekidney.dicomnet.service import refused_note
+
+    model = tiny_model(tmp_path / "model")
+    _, series_uid, files = write_series(tmp_path / "series", 8, seed=23)
+    huge = sorted(files)[4]
+    r = subprocess.run([tools["dcmodify"], "-nb", "-m", "(0028,0010)=60000", "-m", "(0028,0011)=60000", str(huge)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
+    with open(log, "ab") as fh:
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store), "--port", str(port),
+             "--series-timeout", "1", "--min-free-mb", "0"], stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+    started.append(listener)
+    wait_for(lambda: listener.poll() is not None or echo_ok(port), timeout=60, step=0.1)
+    sent = subprocess.run([tools["storescu"], "-aet", "SCANNER", "-aec", "EDGEKIDNEY", "127.0.0.1", str(port),
+                           *map(str, sorted(files))], capture_output=True, text=True, timeout=120)
+    assert sent.returncode != 0  # storescu says the store failed
+    assert "C-STORE refused (0xC000)" in log.read_text()
+    stored = len(list((store / "instances").glob("*/*.dcm")))
+    assert stored < 8  # the refused one is not stored, and storescu stopped there
+    results = store / "results.jsonl"
+    wait_for(lambda: results.is_file() and results.read_text(), timeout=60, step=0.2)
+    (entry,) = json.loads(results.read_text().splitlines()[0])["series"]
+    note = refused_note(1, "image declares 60000x60000 px; the largest side allowed is 2048 px")
+    assert entry["series_uid"] == series_uid and entry.get("n_slices", entry.get("slices")) == stored
+    assert note in entry["warnings"] and entry["reason"].endswith(note) and entry["decision"] != "no_stone"

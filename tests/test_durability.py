@@ -276,6 +276,51 @@ def test_a_series_a_crash_cut_short_is_answered_as_possibly_incomplete(tmp_path,
         lst.jobs.close()
 
 
+def test_a_series_its_sender_cut_short_or_with_refused_instances_is_answered_as_possibly_incomplete(tmp_path):
+    """What the processor is told, series by series: an association that ended without a release, an
+    instance refused at C-STORE, both with a restart; a series whose every instance was refused fails
+    with why; one whose refused instance was stored after all is whole."""
+    from edgekidney.dicomnet.service import ABORTED, INTERRUPTED, refused_note
+
+    told = {}
+
+    def processor(paths, incomplete=None):
+        told[paths[0].name[0]] = incomplete
+        return ProcessResult({"slices": len(paths), "decision": "no_stone"})
+
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, min_free_mb=0.0, series_timeout_s=5.0, restart_grace_s=0)
+    lst = Listener(cfg, processor, clock=lambda: 1000.0)
+    try:
+        for name in "ABCDE":
+            for k in range(2):
+                lst.jobs.add_instance(f"{name}.{k}", name, f"T{name}", tmp_path / f"{name}{k}", 900.0)
+        lst.jobs.add_refused("B.9", "B", "TB", "image declares 9000x9000 px", 901.0)
+        lst.jobs.add_refused("D.9", "D", "TD", "too many frames", 901.0)
+        lst.jobs.add_refused("E.1", "E", "TE", "too big", 901.0)  # refused once, then stored as sent again
+        lst.jobs.add_refused("F.0", "F", "TF", "image declares 9000x9000 px", 901.0)
+        lst.jobs.add_refused("F.1", "F", "TF", "image declares 9100x9100 px", 902.0)
+        lst.jobs.add_instance("G.0", "G", "TG", tmp_path / "G0", 900.0)
+        lst.jobs.transfer_ended(["B", "C", "E", "F"])  # their associations were released
+        lst.jobs.transfer_aborted(["A", "D"])  # after D's refused instance: its association was aborted
+        lst.jobs.resume(950.0)  # a restart: D and G were in transfer (D's abort already said so)
+        assert lst.jobs.gaps("G").interrupted and not lst.jobs.gaps("D").interrupted
+        lst.jobs.add_instance("D.5", "D", "TD", tmp_path / "D5", 951.0)  # more of D: not cut short after all
+        lst.jobs.transfer_aborted(["D"])  # cut short again
+        lst.jobs.resume(960.0)
+        assert lst.jobs.complete_quiet(1000.0, 5.0) and lst.pipeline_step()
+        while lst.pipeline_step():
+            pass
+        assert told == {"A": ABORTED, "B": refused_note(1, "image declares 9000x9000 px"), "C": None,
+                        "D": f"{ABORTED}; {refused_note(1, 'too many frames')}", "E": None, "G": INTERRUPTED}
+        assert lst.jobs.series_state("F") == "failed"
+        lines = [json.loads(x) for x in (tmp_path / "store" / "results.jsonl").read_text().splitlines()]
+        (f_entry,) = [e for line in lines for e in line["series"] if e["series_uid"] == "F"]
+        assert f_entry == {"series_uid": "F", "error": "all 2 instance(s) of this series were refused when received "
+                                                       "(image declares 9100x9100 px)"}
+    finally:
+        lst.jobs.close()
+
+
 def test_process_study_records_each_series_outcome_in_its_line_table_log_and_metrics(tmp_path, caplog):
     """One study, three series: a result (its SR filed under the series), a refusal and a crash. The
     line says which is which, the table moves each to its state at the clock's time, the log and the
@@ -361,16 +406,17 @@ def test_the_scp_forgets_an_association_that_stored_nothing(tmp_path):
         jobs.close()
 
 
-def in_transfer(store: Path, series_uid: str) -> int:
+def in_transfer(store: Path, series_uid: str, column: str = "in_transfer") -> int:
     db = sqlite3.connect(store / "jobs.sqlite")
     try:
-        return db.execute("SELECT in_transfer FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
+        return db.execute(f"SELECT {column} FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
     finally:
         db.close()
 
 
-def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(tmp_path, series):
-    """Released (A-RELEASE): all the sender meant to send is here. Aborted, or still open: not known."""
+def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(tmp_path, series, caplog):
+    """Released (A-RELEASE): all the sender meant to send is here. Still open: not known yet. Aborted:
+    possibly cut short, until more of the series arrives."""
     from pynetdicom import AE
 
     study_uid, series_uid, files = series
@@ -387,14 +433,29 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         two.release()  # the other association still carries the series
         time.sleep(0.3)
         assert in_transfer(tmp_path / "store", series_uid) == 1
+        assert not lst.jobs.gaps(series_uid)
+        caplog.set_level(logging.WARNING, logger="edgekidney.listener")
         one.abort()  # cut: what it meant to send is not known to be here
-        time.sleep(0.3)
-        assert in_transfer(tmp_path / "store", series_uid) == 1
-        assert send(lst.port, files[4:5]) == [0]
+        fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid, "aborted") == 1)
+        assert in_transfer(tmp_path / "store", series_uid) == 0 and lst.jobs.gaps(series_uid).aborted
+        assert messages(caplog) == [f"association from SCANNER ended without a release while carrying 1 series "
+                                    f"({uid_key(series_uid)}): answered as possibly incomplete unless more of them "
+                                    "arrives"]
+        assert metric_value(lst.metrics, "edgekidney_listener_transfers_aborted_total") == 1
+        assert send(lst.port, files[4:5]) == [0]  # the sender goes on: no longer known to be cut short
         fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
+        assert not lst.jobs.gaps(series_uid)
         assert send(lst.port, files[:1]) == [0]  # a resend: in transfer again, until its release
         fixtures_wait_for(lambda: in_transfer(tmp_path / "store", series_uid) == 0)
         assert fixtures_wait_for(lambda: lst.scp._carrying == {})  # every association forgotten once closed
+        # an association the listener itself closes when it stops is not the sender's abort
+        three = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+        assert three.send_c_store(ds[1]).Status == 0
+        lst.scp.stop()  # the listener stopping: its open associations end without a release
+        three.abort()
+        fixtures_wait_for(lambda: lst.scp._carrying == {})
+        assert in_transfer(tmp_path / "store", series_uid, "aborted") == 0
+        assert metric_value(lst.metrics, "edgekidney_listener_transfers_aborted_total") == 1
     finally:
         lst.stop()
 
@@ -489,6 +550,7 @@ def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     try:
         assert not j.interrupted("S") and j.series_state("S") == "receiving"
         assert j.revision("S") == (0, [])  # and before answers were made again
+        assert not j.gaps("S")  # and before aborts and refusals were followed
         j.resume(10.0)
         assert not j.interrupted("S")  # written before transfers were followed: not known to be cut short
         assert j.add_instance("1", "S", "T", tmp_path / "1", 11.0) == "new"
@@ -632,6 +694,13 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         j.resume(210.0)
         assert not j.interrupted("X")  # the resend's association was released: whole
         assert j.seen_again("X.1", 300.0) == ("X", "duplicate") and j.revision("X") == (1, ["X-sr"])  # once
+        j.add_instance("Z.1", "Z", "TZ", tmp_path / "z", 10.0)  # its sender aborted: the same for a resend
+        j.transfer_aborted(["Z"])
+        assert j.complete_quiet(100.0, 5.0) == ["Z"]
+        j.set_classified("Z", {"result_uids": ["Z-sr"]}, [], 100.0, False)
+        j.transfer_aborted(["Z"])  # an association ending after the answer marks nothing
+        assert j.gaps("Z").aborted and j.seen_again("Z.1", 200.0) == ("Z", "reopened")
+        assert not j.gaps("Z") and j.series_state("Z") == "receiving"
         j.add_instance("Y.1", "Y", "TY", tmp_path / "y", 10.0)
         j.resume(20.0)
         assert j.complete_quiet(100.0, 5.0) == ["Y"]
@@ -844,10 +913,25 @@ def test_handle_store_refuses_what_the_configured_limits_refuse(tmp_path, series
     finally:
         jobs.close()
     scp, jobs, _ = scp_for(tmp_path / "default")  # the default limits: a 10000 px side is refused
+    study_uid, series_uid, _ = series
     try:
+        assert scp.handle_store(FakeEvent(files[1])) == 0
         status = scp.handle_store(FakeEvent(files[0], Rows=10000, Columns=10000))
         # an Error Comment is LO, at most 64 characters: cut there, without the space the cut left
         assert status.ErrorComment == "image declares 10000x10000 px; the largest side allowed is 2048"
+        # its series is answered as missing it, as long as it is missing
+        gaps = jobs.gaps(series_uid)
+        assert (gaps.refused, gaps.refused_reason, gaps.aborted, gaps.interrupted) == (
+            1, "image declares 10000x10000 px; the largest side allowed is 2048 px", False, False)
+        assert scp.handle_store(FakeEvent(files[0], Rows=20000, Columns=20000)) != 0  # the same instance again
+        assert jobs.gaps(series_uid).refused == 1 and "20000x20000" in jobs.gaps(series_uid).refused_reason
+        assert jobs.series_state(series_uid) == "receiving" and jobs.instance_paths(series_uid) != []
+        assert scp.handle_store(FakeEvent(files[0])) == 0  # sent again as it should be: stored, no gap left
+        assert not jobs.gaps(series_uid) and jobs.gaps("unknown").refused == 0
+        # a series of which nothing was stored has a row, so that it is answered (as failed, with why)
+        assert scp.handle_store(FakeEvent(files[2], Rows=10000, Columns=10000, SeriesInstanceUID="1.2.3.77")) != 0
+        assert jobs.series_state("1.2.3.77") == "receiving" and jobs.instance_paths("1.2.3.77") == []
+        assert jobs.gaps("1.2.3.77").refused == 1
     finally:
         jobs.close()
 

@@ -16,8 +16,10 @@ of the series arrived after it is a new object that names the one it replaces. A
 were deleted (retention) is never reopened: the answer would rest on the new instances alone. Everything that changes state is one
 transaction, committed (and on disk) before the caller acts on it. A series is in transfer from its
 instance's arrival until the sender releases the association (the SCP says so); one still in transfer
-when the listener stopped is marked interrupted until an instance of it comes in again after the
-restart, and is answered as possibly incomplete (docs/listener.md).
+when the listener stopped is marked interrupted, one whose association ended without a release is
+marked aborted, each until an instance of it comes in again; an instance refused at C-STORE is
+remembered until it is stored. Any of them has the series answered as possibly incomplete
+(:meth:`JobTable.gaps`, docs/listener.md).
 """
 
 from __future__ import annotations
@@ -56,9 +58,17 @@ CREATE TABLE IF NOT EXISTS series(
     error TEXT,
     in_transfer INTEGER NOT NULL DEFAULT 0,
     interrupted INTEGER NOT NULL DEFAULT 0,
-    revision INTEGER NOT NULL DEFAULT 0
+    revision INTEGER NOT NULL DEFAULT 0,
+    aborted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE TABLE IF NOT EXISTS refused(
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    refused_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refused_series ON refused(series_uid);
 """
 
 OPEN_STATES = ("receiving", "complete", "classified", "sending")  # not yet finished: the queue
@@ -66,8 +76,21 @@ FINISHED_STATES = ("sent", "done", "failed")
 ANSWERED_STATES = ("classified", "sending") + FINISHED_STATES  # its result is made: more of it reopens it
 # a series back to receiving for another answer: its quiet time starts now, its delivery is over
 _REOPEN = ("UPDATE series SET state='receiving', revision=revision+1, last_at=?, n_instances=n_instances+?, "
-           "interrupted=0, in_transfer=1, completed_at=NULL, attempts=0, next_attempt_at=0, error=NULL "
+           "interrupted=0, aborted=0, in_transfer=1, completed_at=NULL, attempts=0, next_attempt_at=0, error=NULL "
            "WHERE series_uid=?")
+
+
+@dataclass
+class Gaps:
+    """Why the instances stored of a series may not be all of it (docs/listener.md, "Under failure")."""
+
+    interrupted: bool = False  # the listener stopped while it was arriving; nothing of it came after
+    aborted: bool = False  # the association carrying it ended without a release; nothing of it came after
+    refused: int = 0  # instances of it refused at C-STORE (and not stored since)
+    refused_reason: str | None = None  # the last refusal's reason
+
+    def __bool__(self) -> bool:
+        return self.interrupted or self.aborted or self.refused > 0
 
 
 @dataclass
@@ -96,7 +119,7 @@ class JobTable:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-        for column in ("in_transfer", "interrupted", "revision"):  # a table written by an earlier version lacks them
+        for column in ("in_transfer", "interrupted", "revision", "aborted"):  # an earlier version's table lacks them
             if column not in columns:
                 self._db.execute(f"ALTER TABLE series ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
@@ -115,7 +138,7 @@ class JobTable:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT i.series_uid, s.state, s.interrupted, s.purged_at FROM instances i "
+                    "SELECT i.series_uid, s.state, s.interrupted OR s.aborted, s.purged_at FROM instances i "
                     "JOIN series s ON s.series_uid=i.series_uid WHERE i.sop_uid=?", (sop_uid,)).fetchone()
                 if row is None:
                     self._db.execute("COMMIT")
@@ -125,8 +148,8 @@ class JobTable:
                 if state == "receiving":
                     # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance
                     # does, and says the sender is sending the series again: it is no longer known to be cut short
-                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, in_transfer=1 WHERE series_uid=?",
-                                     (now, series_uid))
+                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, aborted=0, in_transfer=1 "
+                                     "WHERE series_uid=?", (now, series_uid))
                 elif state in ANSWERED_STATES and interrupted and purged_at is None:
                     self._db.execute(_REOPEN, (now, 0, series_uid))
                     outcome = "reopened"
@@ -159,7 +182,7 @@ class JobTable:
                     outcome = "new"
                 elif row[0] == "receiving":
                     self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
-                                     "in_transfer=1 WHERE series_uid=?", (now, series_uid))
+                                     "aborted=0, in_transfer=1 WHERE series_uid=?", (now, series_uid))
                     outcome = "new"
                 elif row[0] in ANSWERED_STATES and row[1] is None:
                     self._db.execute(_REOPEN, (now, 1, series_uid))
@@ -173,6 +196,33 @@ class JobTable:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def add_refused(self, sop_uid: str, series_uid: str, study_uid: str, reason: str, now: float) -> None:
+        """An instance refused at C-STORE (not stored): its series, receiving, will be answered as
+        possibly incomplete while the instance is missing (:meth:`gaps`). A series none of whose
+        instances was stored gets its row here, and fails with the reason when it completes."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO refused(sop_uid, series_uid, reason, refused_at) "
+                                 "VALUES (?,?,?,?)", (sop_uid, series_uid, reason, now))
+                self._db.execute("INSERT OR IGNORE INTO series(series_uid, study_uid, state, first_at, last_at, "
+                                 "n_instances, in_transfer) VALUES (?,?,'receiving',?,?,0,1)",
+                                 (series_uid, study_uid, now, now))
+                self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), in_transfer=1 "
+                                 "WHERE series_uid=? AND state='receiving'", (now, series_uid))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def transfer_aborted(self, series_uids) -> None:
+        """The association that carried these series ended without a release (an A-ABORT from either
+        side, a dropped connection, a timeout): what was meant to arrive of them may not have. Marked
+        until an instance of them comes in again (:meth:`gaps`)."""
+        with self._lock:
+            self._db.executemany("UPDATE series SET aborted=1, in_transfer=0 WHERE series_uid=? AND state='receiving'",
+                                 [(s,) for s in series_uids])
 
     def transfer_ended(self, series_uids) -> None:
         """The sender released the association that carried these series (A-RELEASE, not an abort): what
@@ -238,9 +288,20 @@ class JobTable:
     def interrupted(self, series_uid: str) -> bool:
         """True for a series whose transfer was under way when the listener stopped and that got no
         instance after the restart: what is stored may be only part of it."""
+        return self.gaps(series_uid).interrupted
+
+    def gaps(self, series_uid: str) -> Gaps:
+        """Why what is stored of the series may be only part of it; false when nothing says so."""
         with self._lock:
-            row = self._db.execute("SELECT interrupted FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-        return bool(row and row[0])
+            row = self._db.execute("SELECT interrupted, aborted FROM series WHERE series_uid=?",
+                                   (series_uid,)).fetchone()
+            refused = self._db.execute(
+                "SELECT reason FROM refused r WHERE series_uid=? AND NOT EXISTS "
+                "(SELECT 1 FROM instances i WHERE i.sop_uid=r.sop_uid) ORDER BY refused_at, rowid",
+                (series_uid,)).fetchall()
+        if row is None:
+            return Gaps()
+        return Gaps(bool(row[0]), bool(row[1]), len(refused), refused[-1][0] if refused else None)
 
     def revision(self, series_uid: str) -> tuple[int, list[str]]:
         """How many times the series was reopened after an answer, and the result UIDs of the answer

@@ -91,6 +91,7 @@ class StorageSCP:
         self._warned: set[str] = set()
         self._carrying: dict[int, set[str]] = {}  # open association (id) -> the series it stored into
         self._carrying_lock = threading.Lock()
+        self.stopping = False  # set by stop(): associations the listener itself closes cut nothing short
 
     # -- handlers ---------------------------------------------------------------------------------------
     def disk_low(self) -> bool:
@@ -136,10 +137,23 @@ class StorageSCP:
         self.jobs.transfer_ended(sorted(carried - still))
 
     def handle_closed(self, event) -> None:
-        """Any end of a connection (after a release, or an abort): forget the association; an aborted
-        transfer stays under way in the job table."""
+        """Any end of a connection. After a release there is nothing left to do (handle_released); an
+        association that ends without one (an abort from either side, a dropped connection, a
+        timeout) leaves the series it carried possibly cut short, unless another open association
+        still carries them (jobs.JobTable.transfer_aborted). A listener stopping is not the sender's
+        doing: the restart says that (jobs.JobTable.resume)."""
         with self._carrying_lock:
-            self._carrying.pop(id(event.assoc), None)
+            carried = self._carrying.pop(id(event.assoc), None)
+            still = set().union(*self._carrying.values())
+        if carried and not self.stopping:
+            cut = sorted(carried - still)
+            if cut:
+                self.jobs.transfer_aborted(cut)
+                self.metrics.aborted.inc()
+                log.warning("association from %s ended without a release while carrying %d series (%s): "
+                            "answered as possibly incomplete unless more of them arrives",
+                            _shown_aet(getattr(event.assoc.requestor, "ae_title", "")), len(cut),
+                            ", ".join(uid_key(s) for s in cut))
 
     def handle_store(self, event) -> int | Dataset:
         try:
@@ -168,10 +182,11 @@ class StorageSCP:
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
         head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS + DICOM_SIZE_TAGS)
-        refused = self._over_limits(head, sop_uid)
-        if refused is not None:
-            return refused
         study_uid, series_uid, substituted = filing_uids(head)
+        refused = self._over_limits(head, sop_uid, series_uid, study_uid)
+        if refused is not None:
+            self._carried(event, series_uid)
+            return refused
         if substituted and series_uid not in self._warned:
             self._warned.add(series_uid)
             log.warning("series %s: instances without Study/Series Instance UID, filed under a substitute key "
@@ -196,13 +211,15 @@ class StorageSCP:
         self.metrics.reopened.inc()
         log.info("series %s: %s; receiving again, to be answered again when complete", uid_key(series_uid), why)
 
-    def _over_limits(self, head, sop_uid: str) -> Dataset | None:
+    def _over_limits(self, head, sop_uid: str, series_uid: str, study_uid: str) -> Dataset | None:
         """None when the declared image is within the limits; else the failure status to answer (0xC000
-        with the one-line reason as Error Comment), counted and logged. The instance is not stored."""
+        with the one-line reason as Error Comment), counted and logged. The instance is not stored, and
+        its series is answered as missing it (jobs.JobTable.add_refused)."""
         try:
             check_dicom_instance(head, "instance", self.cfg.limits)
         except EdgeKidneyError as exc:
             reason = str(exc).removeprefix("instance: ")
+            self.jobs.add_refused(sop_uid, series_uid, study_uid, reason, time.time())
             self.metrics.refused.labels("limits").inc()
             log.warning("C-STORE refused (0xC000): instance %s: %s", uid_key(sop_uid), reason)
             status = Dataset()
@@ -240,6 +257,7 @@ class StorageSCP:
         return self.server.server_address[1]
 
     def stop(self) -> None:
+        self.stopping = True
         if self.server is not None:
             self.server.shutdown()
             self.server = None

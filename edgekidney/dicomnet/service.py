@@ -21,7 +21,7 @@ from typing import Callable
 
 from pydicom import dcmread
 
-from edgekidney.errors import EdgeKidneyError
+from edgekidney.errors import EdgeKidneyError, InputError
 from edgekidney.dicomnet.config import ListenerConfig
 from edgekidney.dicomnet.filing import FILING_TAGS, filing_uids
 from edgekidney.dicomnet.jobs import JobTable
@@ -41,6 +41,24 @@ Processor = SeriesProcessor  # paths (and why they may be part of a series only)
 # answered as possibly incomplete (jobs.JobTable.interrupted; study.rule.decide)
 INTERRUPTED = ("the listener stopped while this series was arriving and none of it came in after the restart: "
                "the slices stored may be only part of it (sent again, the series is answered again)")
+# why a series whose association ended without a release (an abort, a dropped connection) is answered as
+# possibly incomplete (jobs.JobTable.transfer_aborted)
+ABORTED = ("the association carrying this series ended without a release (an abort or a dropped connection) "
+           "and none of it came in after that: the slices stored may be only part of it (sent again, the "
+           "series is answered again)")
+
+
+def refused_note(n: int, reason: str | None) -> str:
+    """Why a series some of whose instances were refused at C-STORE is not all there."""
+    return (f"{n} instance(s) of this series were refused when received ({reason}): the slices stored are "
+            "not all of it")
+
+
+def incompleteness(gaps) -> str | None:
+    """The warning a series' answer carries when what is stored may be only part of it (None: whole)."""
+    notes = ([INTERRUPTED] if gaps.interrupted else []) + ([ABORTED] if gaps.aborted else []) \
+        + ([refused_note(gaps.refused, gaps.refused_reason)] if gaps.refused else [])
+    return "; ".join(notes) or None
 
 
 def append_line(path: Path, obj: dict, lock: threading.Lock) -> None:
@@ -210,10 +228,15 @@ class Listener:
         for s in series_uids:
             t0 = time.perf_counter()
             try:
-                incomplete = INTERRUPTED if self.jobs.interrupted(s) else None
+                gaps = self.jobs.gaps(s)
+                incomplete = incompleteness(gaps)
                 if incomplete:
                     log.warning("series %s: %s", uid_key(s), incomplete)
-                res = self.processor(self.jobs.instance_paths(s), incomplete=incomplete)
+                stored = self.jobs.instance_paths(s)
+                if not stored and gaps.refused:
+                    raise InputError(f"all {gaps.refused} instance(s) of this series were refused when received "
+                                     f"({gaps.refused_reason})")
+                res = self.processor(stored, incomplete=incomplete)
                 revision, before = self.jobs.revision(s)
                 renamed = revise(res.datasets, revision, before) if revision else {}
                 paths = [self.store.put_result(s, str(ds.SOPInstanceUID), encode(ds)) for ds in res.datasets]
