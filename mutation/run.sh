@@ -57,13 +57,18 @@ for group in "${groups[@]}"; do
             "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_store__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁ_store__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁ_over_limits__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁdisk_low__*"
             "edgekidney.dicomnet.scp.xǁStorageSCPǁ_carried__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_released__*"
-            "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_closed__*")
+            "edgekidney.dicomnet.scp.xǁStorageSCPǁhandle_closed__*" "edgekidney.dicomnet.scp.xǁStorageSCPǁwhy_rejected__*"
+            "edgekidney.dicomnet.scp.x__shown_aet__*" "edgekidney.dicomnet.service.x_incompleteness__*"
+            "edgekidney.dicomnet.service.x_refused_note__*")
       tests=(tests/test_durability.py
              tests/test_listener.py::test_job_table_is_idempotent_and_resumes_sending
              tests/test_listener.py::test_backoff_and_destination_parsing
              tests/test_listener.py::test_full_disk_refuses_associations_and_stores
              tests/test_listener.py::test_an_instance_declaring_a_huge_image_is_refused_at_c_store_and_not_stored
-             tests/test_listener.py::test_restart_resumes_a_series_that_was_receiving) ;;
+             tests/test_listener.py::test_restart_resumes_a_series_that_was_receiving
+             tests/test_listener.py::test_calling_ae_allow_list
+             tests/test_listener.py::test_called_ae_title_is_checked_when_asked
+             tests/test_listener.py::test_associations_beyond_the_maximum_are_rejected) ;;
     limits)
       mutate=(edgekidney/data/limits.py)
       tests=(tests/test_limits.py tests/test_decode.py) ;;

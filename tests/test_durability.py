@@ -534,6 +534,47 @@ def test_a_series_answered_again_gets_new_uids_and_names_the_answer_it_replaces(
         lst.jobs.close()
 
 
+def test_revised_results_keep_their_uids_across_versions_and_name_only_the_sr_before():
+    """A retry after an upgrade must make the same objects: the derived UIDs are pinned. An SR is given
+    its predecessor wherever it sits among the results; a Secondary Capture gets a new UID only."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    from edgekidney.dicomnet.service import renamed_uids
+    from edgekidney.dicomnet.sr import result_uids, revise, revised_uid
+
+    assert result_uids("1.2.3") == ("2.25.131529590525608038839413292110782320846",
+                                    "2.25.300721276809911680070670379849418484870")
+    assert revised_uid("1.2.3", 0) == "1.2.3"
+    assert revised_uid("1.2.3", 1) == "2.25.338763886096684230781166081630288723367"
+    assert revised_uid("1.2.3", 2) == "2.25.325448905634850770029365681532295153218"
+
+    def made(cls, uid):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID = cls, uid, "9.9", "8.8"
+        ds.InstanceNumber = 1
+        ds.file_meta = FileMetaDataset()
+        return ds
+
+    sc, sr = made(SecondaryCaptureImageStorage, "5.1"), made(ComprehensiveSRStorage, "5.2")
+    mapping = revise([sc, sr], 2, [revised_uid("5.1", 1), revised_uid("5.2", 1)])
+    assert mapping == {"5.1": revised_uid("5.1", 2), "5.2": revised_uid("5.2", 2)}
+    assert sc.file_meta.MediaStorageSOPInstanceUID == sc.SOPInstanceUID == revised_uid("5.1", 2)
+    assert "PredecessorDocumentsSequence" not in sc and sc.InstanceNumber == 1
+    ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == revised_uid("5.2", 1) and sr.InstanceNumber == 3
+    lone = made(ComprehensiveSRStorage, "5.3")
+    revise([lone], 1, [])  # the answer before made no SR (it failed): nothing to name
+    assert "PredecessorDocumentsSequence" not in lone and lone.InstanceNumber == 2
+    # the line's UIDs follow, in a study of several series too; a UID not renamed stays
+    summary = {"decision": "several series", "result_uids": ["5.1", "7.7"],
+               "series": [{"result_uids": ["5.2"]}, "not a dict", {"decision": "stone"}]}
+    assert renamed_uids(summary, mapping) == {
+        "decision": "several series", "result_uids": [revised_uid("5.1", 2), "7.7"],
+        "series": [{"result_uids": [revised_uid("5.2", 2)]}, "not a dict", {"decision": "stone"}]}
+    assert summary["result_uids"] == ["5.1", "7.7"]  # the processor's summary is left as it was
+
+
 def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
@@ -676,6 +717,12 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         assert (err, nxt) == (None, 0)
         answered("C", destination=True)  # classified, not yet sending
         assert j.add_instance("C.2", "C", "TC", tmp_path / "c2", 200.0) == "reopened"
+        answered("N", result={"decision": "no_stone"})  # a summary without result UIDs
+        assert j.add_instance("N.2", "N", "TN", tmp_path / "n2", 200.0) == "reopened" and j.revision("N") == (1, [])
+        j.add_instance("M.1", "M", "TM", tmp_path / "m", 10.0)
+        assert j.complete_quiet(100.0, 5.0) == ["M"]
+        j.set_failed("M", "no slice usable", 100.0)  # failed before any result was recorded
+        assert j.add_instance("M.2", "M", "TM", tmp_path / "m2", 200.0) == "reopened" and j.revision("M") == (1, [])
         answered("F")
         j.set_failed("F", "no slice usable", 100.0)
         assert j.add_instance("F.2", "F", "TF", tmp_path / "f2", 200.0) == "reopened" and j.revision("F") == (1, ["F-sr"])
@@ -688,7 +735,9 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         j.resume(20.0)
         assert j.interrupted("X") and j.complete_quiet(100.0, 5.0) == ["X"]
         j.set_classified("X", {"result_uids": ["X-sr"]}, [], 100.0, False)
+        n = j._db.execute("SELECT n_instances FROM series WHERE series_uid='X'").fetchone()[0]
         assert j.seen_again("X.1", 200.0) == ("X", "reopened")
+        assert j._db.execute("SELECT n_instances FROM series WHERE series_uid='X'").fetchone()[0] == n  # no new one
         assert j.series_state("X") == "receiving" and not j.interrupted("X") and j.revision("X") == (1, ["X-sr"])
         j.transfer_ended(["X"])
         j.resume(210.0)
