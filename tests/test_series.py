@@ -291,6 +291,7 @@ def test_an_instance_declaring_too_much_is_skipped_with_the_reason_before_its_pi
         first = next(s.hu_slices())
     assert [(Path(k.path).name, k.reason) for k in skipped] == [("hostile.dcm", reason)]
     assert len(s) == 8 and s.refusal is None and first.shape == (64, 64)  # the series is read without it
+    assert skipped[0].series_uid == s.uid  # and knows it is not all there (study.analyze)
     assert m.seconds < 1.0 and m.peak_mb < 100, (m.seconds, m.peak_mb)
 
 

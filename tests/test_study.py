@@ -552,6 +552,32 @@ def test_a_compressed_series_declaring_huge_slices_asks_for_no_memory(tmp_path, 
     assert m.seconds < 1.0 and m.peak_mb < 100, (m.seconds, m.peak_mb)
 
 
+def test_a_series_with_a_slice_set_aside_is_never_answered_no_stone(synth, tmp_path):
+    """A CT slice of the series that declares more than the limits is set aside; the rest is read and
+    judged, but "no stone" would not cover the slice missing. A file of no series (not DICOM) or of
+    another kind (a localizer, an SR) changes nothing. The JSON names no UID for a file set aside."""
+    import shutil
+
+    from hostile import dicom_instance_declaring
+
+    root, truth = synth
+    folder = tmp_path / "none"
+    shutil.copytree(root / "none", folder)
+    first = sorted(folder.glob("*.dcm"))[0]
+    (folder / "notes.txt").write_text("not a slice")
+    whole = analyze_study(oracle_for(truth["none"]), [folder])
+    assert whole.series[0].decision == "no_stone" and len(whole.skipped) == 1  # the text file: not of the series
+    (folder / "hostile.dcm").write_bytes(dicom_instance_declaring(first.read_bytes(), 60000, 60000,
+                                                                  SOPInstanceUID="1.2.3.999"))
+    study = analyze_study(oracle_for(truth["none"]), [folder])
+    (res,) = study.series
+    note = ("1 file(s) of this series were set aside (image declares 60000x60000 px; the largest side allowed is "
+            "2048 px): the slices read are not all of it")
+    assert res.decision == "not_assessable" and res.reason.startswith(note) and note in res.warnings
+    assert res.n_slices == whole.series[0].n_slices
+    assert [set(k) for k in study.to_dict()["skipped"]] == [{"path", "reason"}] * 2
+
+
 def test_study_command_on_hostile_files_is_one_line_and_quick(tmp_path):
     import time
 

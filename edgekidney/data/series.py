@@ -69,6 +69,10 @@ def identity_hash(text: str) -> str:
 class Skipped:
     path: str
     reason: str
+    # the series a CT slice set aside belongs to, when its header says so (an instance over the limits,
+    # a malformed geometry value): that series is then not all there (study.analyze). Not reported:
+    # it is an identifier
+    series_uid: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -338,17 +342,19 @@ def scan_dicom(files: Iterable[Path], limits: DecodeLimits = DEFAULT_LIMITS
         if not looks_like_dicom(path):
             skipped.append(Skipped(str(path), "not a DICOM or NIfTI file"))
             continue
+        slice_of = None  # the series of a CT slice whose header read: one set aside now leaves it a gap
         try:
             ds = read_dicom(path, path.name, stop_before_pixels=True)
             reason = _skip_reason(ds)
             if reason is None:
+                slice_of = str(ds.get("SeriesInstanceUID", "") or f"{NO_SERIES_UID}{path.parent.resolve()}")
                 size = check_dicom_instance(ds, path.name, limits)  # docs/architecture.md rule 8
                 refs = _slice_refs(path, ds)
         except EdgeKidneyError as exc:
-            skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: ")))
+            skipped.append(Skipped(str(path), str(exc).removeprefix(f"{path.name}: "), slice_of))
             continue
         except MALFORMED as exc:  # pydicom converts a value when it is read: a bad one surfaces here
-            skipped.append(Skipped(str(path), malformed(exc)))
+            skipped.append(Skipped(str(path), malformed(exc), slice_of))
             continue
         if reason is not None:
             skipped.append(Skipped(str(path), reason))

@@ -106,7 +106,8 @@ class StudyResult:
     skipped: list[Skipped]
 
     def to_dict(self) -> dict:
-        return {"series": [s.to_dict() for s in self.series], "skipped": [asdict(s) for s in self.skipped]}
+        return {"series": [s.to_dict() for s in self.series],
+                "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped]}
 
 
 def model_info(classifier) -> dict:
@@ -410,9 +411,12 @@ def analyze_study(classifier, paths: Iterable[str | Path], plane: str = "axial",
     series_list, skipped = read_series(paths)
     results = []
     for series in series_list:
+        gaps = [s for s in skipped if s.series_uid is not None and s.series_uid == series.uid]
+        set_aside = (f"{len(gaps)} file(s) of this series were set aside ({gaps[-1].reason}): the slices read are "
+                     "not all of it") if gaps else None
         res = analyze_series(classifier, series, plane=plane, rule=rule, batch_size=batch_size,
                              keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing_mm,
-                             incomplete=incomplete)
+                             incomplete="; ".join(w for w in (incomplete, set_aside) if w) or None)
         if on_series is not None:
             on_series(res, series)
         results.append(res)
