@@ -573,3 +573,45 @@ def test_the_fallback_fails_a_series_over_the_series_limit_before_reading_it(mod
         with pytest.raises(InputError, match=r"^series too large: 12 instances; a series may have at most 5 slices$"):
             FallbackProcessor(clf, limits=DecodeLimits(max_series_slices=5))(files)
         assert FallbackProcessor(clf, limits=DecodeLimits(max_series_slices=12))(files).summary["slices"] == 12
+
+
+def test_a_peer_whose_storage_contexts_are_all_refused_is_told_in_the_log(make_listener, series_a, caplog):
+    """An MR image proposed alone, and a CT image only in a transfer syntax this listener cannot decode:
+    the association is set up (C-ECHO would work) but nothing could be stored, and the log says why in
+    one line. A peer that proposes many classes, some of them CT, is not reported."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    caplog.set_level(logging.WARNING, logger="edgekidney.listener")
+    lst = make_listener()
+    ae = AE(ae_title="MRSCANNER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.100"])  # MPEG-2: not an image we decode
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    ok = AE(ae_title="CT01")
+    ok.add_requested_context(MRImageStorage)
+    ok.add_requested_context(CTImageStorage)
+    assoc = ok.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assert assoc.is_established
+    assoc.release()
+    many = AE(ae_title="PETCT")
+    for cls in ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7",
+                "1.2.3.4.5.6"):
+        many.add_requested_context(cls)
+    assoc = many.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assoc.release()
+    echo = AE(ae_title="PROBE")  # an echo alone asks to store nothing
+    echo.add_requested_context(Verification)
+    assoc = echo.associate("127.0.0.1", lst.port, ae_title="EDGEKIDNEY")
+    assoc.release()
+    said = [r.getMessage() for r in caplog.records if r.name == "edgekidney.listener"]
+    assert said == ["association from MRSCANNER: none of its 2 storage presentation context(s) can be accepted "
+                    "(CT Image Storage, MR Image Storage); this listener stores CT Image Storage and Enhanced CT "
+                    "Image Storage in the transfer syntaxes it logged at start",
+                    "association from PETCT: none of its 4 storage presentation context(s) can be accepted "
+                    "(1.2.3.4.5.6, MR Image Storage, Positron Emission Tomography Image Storage and 1 more); this "
+                    "listener stores CT Image Storage and Enhanced CT Image Storage in the transfer syntaxes it "
+                    "logged at start"]

@@ -70,6 +70,17 @@ def server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _uid_name(uid) -> str:
+    """A SOP class by its name where pydicom knows it, else its UID."""
+    from pydicom.uid import UID
+
+    name = UID(str(uid)).name
+    return name if name and name != str(uid) else str(uid)
+
+
 def _shown_aet(value) -> str:
     """An AE title from the wire as text for a log line: stripped, at most 16 characters, nothing
     unprintable."""
@@ -120,6 +131,21 @@ class StorageSCP:
         if self.cfg.allowed_calling and calling not in self.cfg.allowed_calling:
             return f"calling AE title {calling!r} is not in --allow"
         return f"{self.cfg.max_associations} associations already open (--max-associations); from {calling!r}"
+
+    def handle_established(self, event) -> None:
+        """Say when a peer asked to store and nothing it proposed can be stored here (say, MR images, or
+        a transfer syntax this installation cannot decode): its C-STOREs would all be refused by the
+        DICOM layer before any handler sees them."""
+        assoc = event.assoc
+        proposed = [cx for cx in list(assoc.accepted_contexts) + list(assoc.rejected_contexts)
+                    if cx.abstract_syntax != VERIFICATION]
+        if not proposed or any(cx.abstract_syntax != VERIFICATION for cx in assoc.accepted_contexts):
+            return
+        classes = sorted({_uid_name(cx.abstract_syntax) for cx in proposed})
+        log.warning("association from %s: none of its %d storage presentation context(s) can be accepted "
+                    "(%s%s); this listener stores CT Image Storage and Enhanced CT Image Storage in the "
+                    "transfer syntaxes it logged at start", _shown_aet(getattr(assoc.requestor, "ae_title", "")),
+                    len(proposed), ", ".join(classes[:3]), f" and {len(classes) - 3} more" if len(classes) > 3 else "")
 
     def handle_echo(self, event) -> int:
         return SUCCESS
@@ -247,7 +273,8 @@ class StorageSCP:
             ae.add_supported_context(sop_class, self.syntaxes)
         handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
                     (evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_REJECTED, self.handle_rejected),
-                    (evt.EVT_RELEASED, self.handle_released), (evt.EVT_CONN_CLOSE, self.handle_closed)]
+                    (evt.EVT_RELEASED, self.handle_released), (evt.EVT_CONN_CLOSE, self.handle_closed),
+                    (evt.EVT_ESTABLISHED, self.handle_established)]
         self.server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
                                       ssl_context=server_ssl_context(cfg))
         return self.server
