@@ -460,6 +460,98 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         lst.stop()
 
 
+def test_a_connection_closed_before_its_release_is_reported_is_settled_by_what_the_association_recorded(
+        tmp_path, series, monkeypatch):
+    """pynetdicom reports the close of the connection and the release of the association from two
+    threads, in either order; a connection can also die with neither reported. The SCP waits a moment
+    and reads the association's own record: released is whole, anything else possibly cut short."""
+    from types import SimpleNamespace
+
+    study_uid, series_uid, files = series
+    scp, jobs, metrics = scp_for(tmp_path)
+    monkeypatch.setattr(scp, "close_settle_s", 0.05)
+    try:
+        for name, released in (("released", True), ("dropped", False)):
+            assoc = SimpleNamespace(is_released=False, requestor=SimpleNamespace(ae_title="CT01"))
+            assert scp.handle_store(FakeEvent(files[0], assoc=assoc)) == 0
+            assert in_transfer(tmp_path / "store", series_uid) == 1
+            scp.handle_closed(SimpleNamespace(assoc=assoc))  # the close comes first
+            assert id(assoc) in scp._carrying  # not settled yet: the release may be on its way
+            assoc.is_released = released
+            fixtures_wait_for(lambda: id(assoc) not in scp._carrying, timeout=5)
+            assert in_transfer(tmp_path / "store", series_uid) == 0
+            assert jobs.gaps(series_uid).aborted is (not released), name
+            scp.handle_released(SimpleNamespace(assoc=assoc))  # reported after the settling: nothing more
+            scp.handle_closed(SimpleNamespace(assoc=assoc))
+        assert metric_value(metrics, "edgekidney_listener_transfers_aborted_total") == 1
+    finally:
+        jobs.close()
+
+
+def test_an_answer_superseded_while_queued_for_sending_is_never_sent(tmp_path, series, monkeypatch, caplog):
+    """The sender works through a batch read earlier; a series in it reopened and answered again since.
+    The old row sends nothing (the new answer would be marked sent with the old files); the new one
+    goes. More of a series while it is being answered: that answer is recorded, not delivered, and the
+    series is answered again."""
+    from edgekidney.dicomnet import service
+    from edgekidney.dicomnet.config import Destination
+
+    study_uid, series_uid, files = series
+    sops = [sop_of(f) for f in files]
+    now, sent = [1000.0], []
+    monkeypatch.setattr(service, "send_files", lambda paths, *a, **k: sent.append(sorted(map(str, paths))) or 1)
+
+    def processor(paths, incomplete=None):
+        if len(paths) == 4:  # the scanner sends one more while this answer is being made
+            arrive(4)
+        from pydicom import dcmread
+
+        from edgekidney.dicomnet.sr import build_series_sr
+        summary = {"decision": "no_stone", "slices": len(paths), "positive_slices": [], "note": "n"}
+        sr = build_series_sr([dcmread(p, stop_before_pixels=True) for p in paths], summary)
+        return ProcessResult(dict(summary, result_uids=[str(sr.SOPInstanceUID)]), [sr])
+
+    cfg = ListenerConfig(store=tmp_path / "store", port=0, min_free_mb=0.0, series_timeout_s=5.0,
+                         destination=Destination("127.0.0.1", 9, "PACS"))
+    lst = Listener(cfg, processor, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+
+    def arrive(i):
+        path = lst.store.put_instance(series_uid, sops[i], files[i].read_bytes())
+        return lst.jobs.add_instance(sops[i], series_uid, study_uid, path, now[0])
+
+    try:
+        for i in range(3):
+            arrive(i)
+        now[0] += 5.0
+        assert lst.pipeline_step() and lst.jobs.series_state(series_uid) == "classified"
+        stale = lst.jobs.due_for_sending(now[0])
+        assert [r.revision for r in stale] == [0]
+        assert arrive(3) == "reopened"
+        now[0] += 5.0
+        assert lst.pipeline_step()  # answer 2 (4 slices), during which a fifth instance came
+        assert lst.jobs.series_state(series_uid) == "receiving" and lst.jobs.revision(series_uid)[0] == 2
+        assert f"series {uid_key(series_uid)} changed while it was being answered; receiving again, to be answered " \
+            "again when complete (that answer is not delivered)" in messages(caplog)
+        now[0] += 5.0
+        assert lst.pipeline_step() and lst.jobs.series_state(series_uid) == "classified"  # answer 3, 5 slices
+        monkeypatch.setattr(lst.jobs, "due_for_sending", lambda *a, **k: stale)
+        assert lst.send_due() == 0 and sent == []  # the batch read before: answer 1's files are not sent
+        assert lst.jobs.series_state(series_uid) == "classified"
+        monkeypatch.undo()
+        monkeypatch.setattr(service, "send_files", lambda paths, *a, **k: sent.append(sorted(map(str, paths))) or 1)
+        assert lst.send_due() == 1 and lst.jobs.series_state(series_uid) == "sent"
+        (delivered,) = sent
+        lines = [json.loads(x)["series"][0] for x in (tmp_path / "store" / "results.jsonl").read_text().splitlines()]
+        assert [(e["slices"], e.get("revision", 0)) for e in lines] == [(3, 0), (4, 1), (5, 2)]
+        assert lines[2]["replaces"] == lines[1]["result_uids"]  # on record, never delivered
+        assert delivered == sorted(str(lst.store.results / uid_key(series_uid) / f"{uid_key(u)}.dcm")
+                                   for u in lines[2]["result_uids"])
+        assert metric_value(lst.metrics, "edgekidney_listener_series_reopened_total") == 1  # the service's count
+    finally:
+        lst.jobs.close()
+
+
 def test_a_series_answered_again_gets_new_uids_and_names_the_answer_it_replaces(tmp_path, series, caplog):
     """More of a series after its answer: answered again, with SOP Instance UIDs of its own (derived,
     so a retry makes the same), the result UIDs it replaces in its line, and its SR's Predecessor
@@ -652,14 +744,17 @@ def test_job_table_transitions(tmp_path):
         assert j.complete_quiet(18.9, 5.0) == []
         assert sorted(j.complete_quiet(19.0, 5.0)) == ["S1", "S2"]
         assert j.new_instances(0) == []  # nothing is receiving now
-        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 20.0) == "late"
+        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 20.0) == "reopened"  # once its answer is in
         assert j.add_instance("5", "S1", "T1", tmp_path / "5", 21.0) == "duplicate"
         assert j.instance_paths("S1") == [tmp_path / "1", tmp_path / "2", tmp_path / "5"]
         assert j.next_complete_study() == ("T2", ["S3"])  # completed first
         j.set_classified("S3", {"d": 1}, [tmp_path / "sr3"], 30.0, has_destination=True)
         assert j.next_complete_study() == ("T1", ["S1", "S2"])
-        j.set_classified("S1", {"d": 2}, [], 31.0, has_destination=True)  # nothing to send: done
-        j.set_failed("S2", "bad", 31.0)
+        assert j.set_classified("S1", {"d": 2}, [], 31.0, has_destination=True)  # "5" came while it was answered
+        assert not j.set_failed("S2", "bad", 31.0)
+        assert j.series_state("S1") == "receiving" and j.complete_quiet(31.0, 5.0) == ["S1"]
+        assert j.next_complete_study() == ("T1", ["S1"])
+        assert not j.set_classified("S1", {"d": 2}, [], 31.0, has_destination=True)  # nothing to send: done
         assert j.next_complete_study() is None
         assert (j.series_state("S1"), j.series_state("S2"), j.series_state("S3")) == ("done", "failed", "classified")
         assert j.queue_depth() == 1 and j.counts() == {"done": 1, "failed": 1, "classified": 1}
@@ -726,6 +821,20 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         answered("F")
         j.set_failed("F", "no slice usable", 100.0)
         assert j.add_instance("F.2", "F", "TF", tmp_path / "f2", 200.0) == "reopened" and j.revision("F") == (1, ["F-sr"])
+        # retention: due, but reopened before its files go: they stay
+        answered("R")
+        assert "R" in j.due_for_purge(1e9, 0.0)
+        assert j.add_instance("R.2", "R", "TR", tmp_path / "r2", 200.0) == "reopened"
+        assert not j.claim_purge("R", 300.0) and j.instance_paths("R") == [tmp_path / "R", tmp_path / "r2"]
+        # claimed first: an instance from then on is late (it would be answered alone); a deletion that a
+        # crash cut short is due again
+        answered("V")
+        assert j.claim_purge("V", 150.0)
+        assert j.add_instance("V.2", "V", "TV", tmp_path / "v2", 151.0) == "late" and j.series_state("V") == "done"
+        assert "V" in j.due_for_purge(1e9, 0.0)
+        j.mark_purged("V", 152.0)
+        assert "V" not in j.due_for_purge(1e9, 0.0) and j.instance_paths("V") == []
+        assert j._db.execute("SELECT purged_at FROM series WHERE series_uid='V'").fetchone()[0] == 150.0
         # its images deleted after the answer: the new instance alone would be answered; it stays late
         answered("P")
         j.mark_purged("P", 150.0)
@@ -786,8 +895,9 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         assert j.complete_quiet(108.0, 5.0) == []  # the resend at 104 counts as activity
         j.resume(200.0)
         assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
-        assert j.seen_again("1", 300.0)  # a resend after completion changes nothing
-        assert j.series_state("S") == "complete"
+        # a resend of a series a restart cut short, while it is complete: answered again after, as whole
+        assert j.seen_again("1", 300.0) == ("S", "reopened")
+        assert j.series_state("S") == "complete" and not j.interrupted("S")
         assert j.resume(0.0) == {"complete": 1}
         j.add_instance("7", "U", "V", tmp_path / "7", 400.0)
         j.resume(400.0, 60.0)  # a restart's grace: 60 s more than the quiet time
@@ -802,7 +912,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         assert j.complete_quiet(607.0, 5.0) == ["Y"]
         # which series a restart may have cut short: in transfer when it stopped, nothing of them since
         assert not j.interrupted("Y") and not j.interrupted("unknown")  # an instance came after the restart
-        assert j.interrupted("S")  # in transfer at the restart at 200, nothing after (the resend at 300 came late)
+        assert not j.interrupted("S")  # in transfer at the restart at 200, resent at 300
         j.add_instance("20", "A", "B", tmp_path / "20", 702.0)
         j.add_instance("21", "C", "B", tmp_path / "21", 702.0)
         j.add_instance("22", "E", "F", tmp_path / "22", 702.0)
@@ -815,7 +925,8 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
         assert j.seen_again("22", 711.0) == ("E", "duplicate")  # the sender sends it again
         assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
-        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "late" and not j.interrupted("G")
+        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "reopened" and not j.interrupted("G")
+        assert j.series_state("G") == "complete"  # being answered: answered again once that answer is in
         j.resume(720.0)  # a second restart: A and E were in transfer again; C has had nothing since the first
         assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
         j.resume(730.0)  # a third, with nothing in between: the marks stay until an instance comes
@@ -887,31 +998,47 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 2
         assert metric_value(metrics, "edgekidney_listener_instances_received_total") == 1
         assert messages(caplog) == []  # nothing to say about any of that
-        # an instance of a series already complete: kept, counted late, said once per instance
+        # an instance of a series already complete, while it is being answered: that answer is recorded,
+        # and the series is answered again with the instance
+        monkeypatch.undo()  # the table's own seen_again again
         jobs.complete_quiet(1e12, 1.0)
-        assert scp.handle_store(FakeEvent(files[1])) == SUCCESS
-        assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
-        assert messages(caplog) == [f"series {uid_key(series_uid)}: instance arrived after the series was complete; "
-                                    "stored, not in its result"]
-        caplog.clear()
+        assert scp.handle_store(FakeEvent(files[1])) == SUCCESS and jobs.series_state(series_uid) == "complete"
+        assert jobs.set_classified(series_uid, {"result_uids": []}, [], 2e12, has_destination=False)
+        assert jobs.series_state(series_uid) == "receiving" and jobs.revision(series_uid) == (1, [])
         # once answered, a new instance reopens the series; a resend does not, unless the answer said
         # the series may be cut short
-        monkeypatch.undo()  # the table's own seen_again again
-        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e12, has_destination=False)
-        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "done"
-        assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.999")) == SUCCESS and jobs.series_state(series_uid) == "receiving"
         jobs.complete_quiet(1e13, 1.0)
-        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e13, has_destination=False)
+        assert not jobs.set_classified(series_uid, {"result_uids": []}, [], 2e13, has_destination=False)
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "done"
+        assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.999")) == SUCCESS
+        assert jobs.series_state(series_uid) == "receiving"
+        jobs.complete_quiet(1e14, 1.0)
+        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e14, has_destination=False)
         jobs._db.execute("UPDATE series SET interrupted=1")  # as a restart that cut it short leaves it
         assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "receiving"
-        assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 2
+        # a refused instance after the answer: answered again, without it and saying so
+        jobs.complete_quiet(1e15, 1.0)
+        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e15, has_destination=False)
+        assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.998", Rows=9000)) != SUCCESS
+        assert jobs.series_state(series_uid) == "receiving" and jobs.gaps(series_uid).refused == 1
+        # its images deleted after the answer: a new instance is kept, counted late, in no answer
+        jobs.complete_quiet(1e16, 1.0)
+        jobs.set_classified(series_uid, {"result_uids": []}, [], 2e16, has_destination=False)
+        jobs.mark_purged(series_uid, 3e16)
+        assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.997")) == SUCCESS
+        assert jobs.series_state(series_uid) == "done"
+        assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 4
         assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 4
-        assert messages(caplog) == [
-            f"series {uid_key(series_uid)}: a new instance arrived after its answer; receiving again, to be answered "
-            "again when complete",
-            f"series {uid_key(series_uid)}: sent again after an answer that said it may be cut short; receiving "
-            "again, to be answered again when complete"]
+        key = uid_key(series_uid)
+        assert [m for m in messages(caplog) if not m.startswith("C-STORE refused")] == [
+            f"series {key}: a new instance arrived after the series was complete; receiving again, to be answered "
+            "again when complete"] * 2 + [
+            f"series {key}: sent again after it was found possibly cut short; receiving again, to be answered again "
+            "when complete",
+            f"series {key}: an instance of it was refused after the series was complete; receiving again, to be "
+            "answered again when complete",
+            f"series {key}: instance arrived after the series' images were deleted (retention); stored, in no answer"]
         caplog.clear()
         # without Study/Series Instance UID: filed under a substitute key, said once per series
         for f in files[2:5]:

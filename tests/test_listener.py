@@ -298,9 +298,8 @@ def test_job_table_is_idempotent_and_resumes_sending(tmp_path):
     assert jobs.seen_again("1.1", 103.0) and not jobs.seen_again("1.9", 103.0)  # a resend is activity
     assert jobs.complete_quiet(107.5, 5.0) == []
     assert jobs.complete_quiet(108.0, 5.0) == ["9.1"]
-    assert jobs.add_instance("1.3", "9.1", "8.1", tmp_path / "c", 109.0) == "late"
-    jobs.set_classified("9.1", {"decision": "Normal"}, [tmp_path / "sr.dcm"], 110.0, has_destination=True)
-    jobs.mark_sending("9.1")
+    assert not jobs.set_classified("9.1", {"decision": "Normal"}, [tmp_path / "sr.dcm"], 110.0, has_destination=True)
+    assert jobs.mark_sending("9.1") and not jobs.mark_sending("9.1", revision=1)  # that answer is not there
     jobs.close()
     jobs = JobTable(tmp_path / "j.sqlite")  # a crash while sending: the same result goes again
     jobs.resume(200.0)

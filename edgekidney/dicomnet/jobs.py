@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS series(
     in_transfer INTEGER NOT NULL DEFAULT 0,
     interrupted INTEGER NOT NULL DEFAULT 0,
     revision INTEGER NOT NULL DEFAULT 0,
-    aborted INTEGER NOT NULL DEFAULT 0
+    aborted INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE TABLE IF NOT EXISTS refused(
@@ -76,8 +77,14 @@ FINISHED_STATES = ("sent", "done", "failed")
 ANSWERED_STATES = ("classified", "sending") + FINISHED_STATES  # its result is made: more of it reopens it
 # a series back to receiving for another answer: its quiet time starts now, its delivery is over
 _REOPEN = ("UPDATE series SET state='receiving', revision=revision+1, last_at=?, n_instances=n_instances+?, "
-           "interrupted=0, aborted=0, in_transfer=1, completed_at=NULL, attempts=0, next_attempt_at=0, error=NULL "
-           "WHERE series_uid=?")
+           "interrupted=0, aborted=0, in_transfer=1, completed_at=NULL, attempts=0, next_attempt_at=0, error=NULL, "
+           "changed=0 WHERE series_uid=?")
+# the same, only for a series answered and still holding its images
+_REOPEN_ANSWERED = _REOPEN + " AND state IN ('" + "','".join(ANSWERED_STATES) + "') AND purged_at IS NULL"
+# the same for a series that changed while it was being answered ('complete'): its flags and quiet time
+# are what the change left them
+_REOPEN_CHANGED = ("UPDATE series SET state='receiving', revision=revision+1, completed_at=NULL, attempts=0, "
+                   "next_attempt_at=0, error=NULL, changed=0 WHERE series_uid=? AND changed=1")
 
 
 @dataclass
@@ -103,6 +110,7 @@ class SeriesRow:
     attempts: int
     result_paths: list[str]
     result_json: dict | None
+    revision: int = 0  # which answer of the series these result files are
 
 
 class JobTable:
@@ -119,7 +127,7 @@ class JobTable:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-        for column in ("in_transfer", "interrupted", "revision", "aborted"):  # an earlier version's table lacks them
+        for column in ("in_transfer", "interrupted", "revision", "aborted", "changed"):  # an earlier table lacks them
             if column not in columns:
                 self._db.execute(f"ALTER TABLE series ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
@@ -131,9 +139,9 @@ class JobTable:
     def seen_again(self, sop_uid: str, now: float) -> tuple[str, str] | None:
         """``(series_uid, outcome)`` when the instance is already stored, else None. A resend still counts
         as the scanner being busy with the series: a series that is receiving gets its quiet time
-        restarted, and is in transfer again ('duplicate'). A series answered as possibly cut short
-        (:meth:`interrupted`) is reopened by it ('reopened'): the sender is sending it again, so the
-        next answer can be of all of it."""
+        restarted, and is in transfer again ('duplicate'). A series answered, or being answered, as
+        possibly cut short (:meth:`gaps`) is reopened by it ('reopened'; one being answered once that
+        answer is recorded): the sender is sending it again, so the next answer can be of all of it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -153,6 +161,10 @@ class JobTable:
                 elif state in ANSWERED_STATES and interrupted and purged_at is None:
                     self._db.execute(_REOPEN, (now, 0, series_uid))
                     outcome = "reopened"
+                elif state == "complete" and interrupted:  # being answered: answered again after
+                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, aborted=0, in_transfer=1, "
+                                     "changed=1 WHERE series_uid=?", (now, series_uid))
+                    outcome = "reopened"
                 self._db.execute("COMMIT")
                 return str(series_uid), outcome
             except BaseException:
@@ -161,9 +173,9 @@ class JobTable:
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
         """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID), 'reopened' (its
-        series was answered: it is receiving again, for an answer of all it has now) or 'late' (its
-        series is complete and not answered yet, or its images were deleted: kept on disk, not part of
-        the result)."""
+        series was answered, or is being answered: it is receiving again, for an answer of all it has
+        now; one being answered once that answer is recorded) or 'late' (its series' images were
+        deleted after its answer: kept on disk, in no answer)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -187,6 +199,10 @@ class JobTable:
                 elif row[0] in ANSWERED_STATES and row[1] is None:
                     self._db.execute(_REOPEN, (now, 1, series_uid))
                     outcome = "reopened"
+                elif row[0] == "complete":  # being answered from what came before it: answered again after
+                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
+                                     "aborted=0, in_transfer=1, changed=1 WHERE series_uid=?", (now, series_uid))
+                    outcome = "reopened"
                 else:
                     self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
                                      (series_uid,))
@@ -197,10 +213,11 @@ class JobTable:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def add_refused(self, sop_uid: str, series_uid: str, study_uid: str, reason: str, now: float) -> None:
-        """An instance refused at C-STORE (not stored): its series, receiving, will be answered as
-        possibly incomplete while the instance is missing (:meth:`gaps`). A series none of whose
-        instances was stored gets its row here, and fails with the reason when it completes."""
+    def add_refused(self, sop_uid: str, series_uid: str, study_uid: str, reason: str, now: float) -> bool:
+        """An instance refused at C-STORE (not stored): its series will be answered as possibly
+        incomplete while the instance is missing (:meth:`gaps`); one being answered or answered already
+        is answered again. A series none of whose instances was stored gets its row here, and fails
+        with the reason when it completes. Returns whether an answered series was reopened."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -211,7 +228,11 @@ class JobTable:
                                  (series_uid, study_uid, now, now))
                 self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), in_transfer=1 "
                                  "WHERE series_uid=? AND state='receiving'", (now, series_uid))
+                self._db.execute("UPDATE series SET changed=1, in_transfer=1 WHERE series_uid=? AND state='complete'",
+                                 (series_uid,))
+                reopened = self._db.execute(_REOPEN_ANSWERED, (now, 0, series_uid)).rowcount > 0
                 self._db.execute("COMMIT")
+                return reopened
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -219,9 +240,12 @@ class JobTable:
     def transfer_aborted(self, series_uids) -> None:
         """The association that carried these series ended without a release (an A-ABORT from either
         side, a dropped connection, a timeout): what was meant to arrive of them may not have. Marked
-        until an instance of them comes in again (:meth:`gaps`)."""
+        until an instance of them comes in again (:meth:`gaps`); a series being answered is answered
+        again with the mark. A series already answered is left as it is: an association kept open idle
+        after its series and timed out is no news about them."""
         with self._lock:
-            self._db.executemany("UPDATE series SET aborted=1, in_transfer=0 WHERE series_uid=? AND state='receiving'",
+            self._db.executemany("UPDATE series SET aborted=1, in_transfer=0, changed=(state='complete') "
+                                 "WHERE series_uid=? AND state IN ('receiving','complete')",
                                  [(s,) for s in series_uids])
 
     def transfer_ended(self, series_uids) -> None:
@@ -321,59 +345,95 @@ class JobTable:
                 (series_uid,))]
 
     def set_classified(self, series_uid: str, result: dict, result_paths: list[Path], now: float,
-                       has_destination: bool) -> None:
+                       has_destination: bool) -> bool:
+        """Record the answer. True when the series changed while it was being answered (an instance, a
+        resend after a gap, a refusal, an abort): the answer stays on record (the JSON line has it) and
+        the series is receiving again, for an answer that takes the change in; this one is not delivered."""
         state = "classified" if has_destination and result_paths else "done"
         with self._lock:
-            self._db.execute(
-                "UPDATE series SET state=?, classified_at=?, result_json=?, result_paths=?, next_attempt_at=0, "
-                "error=NULL WHERE series_uid=?",
-                (state, now, json.dumps(result), json.dumps([str(p) for p in result_paths]), series_uid))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE series SET state=?, classified_at=?, result_json=?, result_paths=?, next_attempt_at=0, "
+                    "error=NULL WHERE series_uid=?",
+                    (state, now, json.dumps(result), json.dumps([str(p) for p in result_paths]), series_uid))
+                again = self._db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
+                self._db.execute("COMMIT")
+                return again
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def set_failed(self, series_uid: str, error: str, now: float) -> None:
+    def set_failed(self, series_uid: str, error: str, now: float) -> bool:
+        """Record that the series could not be answered; True as for :meth:`set_classified`."""
         with self._lock:
-            self._db.execute("UPDATE series SET state='failed', classified_at=?, error=? WHERE series_uid=?",
-                             (now, error, series_uid))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("UPDATE series SET state='failed', classified_at=?, error=? WHERE series_uid=?",
+                                 (now, error, series_uid))
+                again = self._db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
+                self._db.execute("COMMIT")
+                return again
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     # -- sending ---------------------------------------------------------------------------------------
     def due_for_sending(self, now: float, limit: int = 16) -> list[SeriesRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT series_uid, study_uid, state, n_instances, last_at, attempts, result_paths, result_json "
-                "FROM series WHERE state IN ('classified','sending') AND next_attempt_at <= ? "
+                "SELECT series_uid, study_uid, state, n_instances, last_at, attempts, result_paths, result_json, "
+                "revision FROM series WHERE state IN ('classified','sending') AND next_attempt_at <= ? "
                 "ORDER BY classified_at, rowid LIMIT ?", (now, limit)).fetchall()
         return [SeriesRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "[]"),
-                          json.loads(r[7]) if r[7] else None) for r in rows]
+                          json.loads(r[7]) if r[7] else None, r[8]) for r in rows]
 
-    def mark_sending(self, series_uid: str) -> None:
-        """Recorded before the first C-STORE: after a crash the same (deterministic) objects go again."""
+    def mark_sending(self, series_uid: str, revision: int = 0) -> bool:
+        """Recorded before the first C-STORE: after a crash the same (deterministic) objects go again.
+        False when the row handed out is no longer the series' current answer to send (it reopened, or
+        another answer took its place while the sender was busy): nothing is sent then."""
         with self._lock:
-            self._db.execute("UPDATE series SET state='sending' WHERE series_uid=? AND state='classified'",
-                             (series_uid,))
+            return self._db.execute(
+                "UPDATE series SET state='sending' WHERE series_uid=? AND revision=? AND state IN "
+                "('classified','sending')", (series_uid, revision)).rowcount > 0
 
-    def mark_sent(self, series_uid: str, now: float) -> None:
-        """Only from 'sending': a series reopened while its answer was on the way stays receiving."""
+    def mark_sent(self, series_uid: str, now: float, revision: int = 0) -> None:
+        """Only from 'sending' and for the answer sent: a series reopened while its answer was on the way
+        stays receiving."""
         with self._lock:
             self._db.execute("UPDATE series SET state='sent', sent_at=?, error=NULL "
-                             "WHERE series_uid=? AND state='sending'", (now, series_uid))
+                             "WHERE series_uid=? AND state='sending' AND revision=?", (now, series_uid, revision))
 
-    def send_failed(self, series_uid: str, error: str, next_attempt_at: float) -> int:
+    def send_failed(self, series_uid: str, error: str, next_attempt_at: float, revision: int = 0) -> int:
         with self._lock:
             self._db.execute("UPDATE series SET attempts=attempts+1, next_attempt_at=?, error=? "
-                             "WHERE series_uid=? AND state IN ('classified','sending')",
-                             (next_attempt_at, error, series_uid))
+                             "WHERE series_uid=? AND state IN ('classified','sending') AND revision=?",
+                             (next_attempt_at, error, series_uid, revision))
             return self._db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
 
     # -- retention -------------------------------------------------------------------------------------
     def due_for_purge(self, now: float, retention_s: float) -> list[str]:
+        """Answered series whose answer went out ``retention_s`` ago and whose images are still on disk
+        (one whose deletion a crash interrupted included)."""
         with self._lock:
             return [r[0] for r in self._db.execute(
-                "SELECT series_uid FROM series WHERE state IN ('sent','done') AND purged_at IS NULL "
+                "SELECT series_uid FROM series s WHERE state IN ('sent','done') AND (purged_at IS NULL OR EXISTS "
+                "(SELECT 1 FROM instances i WHERE i.series_uid=s.series_uid AND i.purged=0)) "
                 "AND COALESCE(sent_at, classified_at) <= ?", (now - retention_s,))]
 
+    def claim_purge(self, series_uid: str, now: float) -> bool:
+        """Before its files are deleted: the series is marked purged, so that an instance arriving from
+        now on no longer reopens it (it would be answered from that instance alone). False when the
+        series reopened since it was found due: keep everything."""
+        with self._lock:
+            return self._db.execute("UPDATE series SET purged_at=COALESCE(purged_at, ?) WHERE series_uid=? AND "
+                                    "state IN ('sent','done')", (now, series_uid)).rowcount > 0
+
     def mark_purged(self, series_uid: str, now: float) -> None:
+        """After its files are deleted (:meth:`claim_purge` first)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE series SET purged_at=? WHERE series_uid=?", (now, series_uid))
+            self._db.execute("UPDATE series SET purged_at=COALESCE(purged_at, ?) WHERE series_uid=?", (now, series_uid))
             self._db.execute("UPDATE instances SET purged=1 WHERE series_uid=?", (series_uid,))
             self._db.execute("COMMIT")
 

@@ -157,29 +157,44 @@ class StorageSCP:
     def handle_released(self, event) -> None:
         """The sender released the association: the series it carried have arrived as sent, unless
         another open association still carries them (jobs.JobTable.transfer_ended)."""
-        with self._carrying_lock:
-            carried = self._carrying.pop(id(event.assoc), set())
-            still = set().union(*self._carrying.values())
-        self.jobs.transfer_ended(sorted(carried - still))
+        self._ended(event.assoc, released=True)
+
+    def handle_aborted(self, event) -> None:
+        """The association ended without a release (an A-ABORT from either side, a dropped connection,
+        our network timeout): the series it carried may be cut short (jobs.JobTable.transfer_aborted)."""
+        self._ended(event.assoc, released=False)
 
     def handle_closed(self, event) -> None:
-        """Any end of a connection. After a release there is nothing left to do (handle_released); an
-        association that ends without one (an abort from either side, a dropped connection, a
-        timeout) leaves the series it carried possibly cut short, unless another open association
-        still carries them (jobs.JobTable.transfer_aborted). A listener stopping is not the sender's
-        doing: the restart says that (jobs.JobTable.resume)."""
+        """The connection closed. Usually after the release or the abort (nothing left to do). The
+        connection's thread can report the close before the association's thread reports its
+        release, and a connection can die without either: an association still known is settled a
+        moment later from what the association itself recorded."""
         with self._carrying_lock:
-            carried = self._carrying.pop(id(event.assoc), None)
+            known = id(event.assoc) in self._carrying
+        if known:
+            timer = threading.Timer(self.close_settle_s, self._settle, (event.assoc,))
+            timer.daemon = True
+            timer.start()
+
+    close_settle_s = 2.0  # how long a closed connection's association may take to report its end
+
+    def _settle(self, assoc) -> None:
+        self._ended(assoc, released=bool(getattr(assoc, "is_released", False)))
+
+    def _ended(self, assoc, released: bool) -> None:
+        with self._carrying_lock:
+            carried = self._carrying.pop(id(assoc), None)
             still = set().union(*self._carrying.values())
-        if carried and not self.stopping:
-            cut = sorted(carried - still)
-            if cut:
-                self.jobs.transfer_aborted(cut)
-                self.metrics.aborted.inc()
-                log.warning("association from %s ended without a release while carrying %d series (%s): "
-                            "answered as possibly incomplete unless more of them arrives",
-                            _shown_aet(getattr(event.assoc.requestor, "ae_title", "")), len(cut),
-                            ", ".join(uid_key(s) for s in cut))
+        cut = sorted((carried or set()) - still)
+        if released:
+            self.jobs.transfer_ended(cut)
+        elif cut and not self.stopping:  # a listener stopping is not the sender's doing: the restart says it
+            self.jobs.transfer_aborted(cut)
+            self.metrics.aborted.inc()
+            log.warning("association from %s ended without a release while carrying %d series (%s): "
+                        "answered as possibly incomplete unless more of them arrives",
+                        _shown_aet(getattr(assoc.requestor, "ae_title", "")), len(cut),
+                        ", ".join(uid_key(s) for s in cut))
 
     def handle_store(self, event) -> int | Dataset:
         try:
@@ -204,7 +219,7 @@ class StorageSCP:
             self._carried(event, known[0])
             self.metrics.duplicates.inc()
             if known[1] == "reopened":
-                self._reopened(known[0], "sent again after an answer that said it may be cut short")
+                self._reopened(known[0], "sent again after it was found possibly cut short")
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
         head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS + DICOM_SIZE_TAGS)
@@ -225,10 +240,11 @@ class StorageSCP:
         else:
             self.metrics.instances.inc()
             if outcome == "reopened":
-                self._reopened(series_uid, "a new instance arrived after its answer")
+                self._reopened(series_uid, "a new instance arrived after the series was complete")
             elif outcome == "late":
                 self.metrics.late.inc()
-                log.warning("series %s: instance arrived after the series was complete; stored, not in its result",
+                log.warning("series %s: instance arrived after the series' images were deleted (retention); "
+                            "stored, in no answer",
                             uid_key(series_uid))
             self.on_instance()
         return SUCCESS
@@ -245,7 +261,8 @@ class StorageSCP:
             check_dicom_instance(head, "instance", self.cfg.limits)
         except EdgeKidneyError as exc:
             reason = str(exc).removeprefix("instance: ")
-            self.jobs.add_refused(sop_uid, series_uid, study_uid, reason, time.time())
+            if self.jobs.add_refused(sop_uid, series_uid, study_uid, reason, time.time()):
+                self._reopened(series_uid, "an instance of it was refused after the series was complete")
             self.metrics.refused.labels("limits").inc()
             log.warning("C-STORE refused (0xC000): instance %s: %s", uid_key(sop_uid), reason)
             status = Dataset()
@@ -273,7 +290,8 @@ class StorageSCP:
             ae.add_supported_context(sop_class, self.syntaxes)
         handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
                     (evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_REJECTED, self.handle_rejected),
-                    (evt.EVT_RELEASED, self.handle_released), (evt.EVT_CONN_CLOSE, self.handle_closed),
+                    (evt.EVT_RELEASED, self.handle_released), (evt.EVT_ABORTED, self.handle_aborted),
+                    (evt.EVT_CONN_CLOSE, self.handle_closed),
                     (evt.EVT_ESTABLISHED, self.handle_established)]
         self.server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
                                       ssl_context=server_ssl_context(cfg))

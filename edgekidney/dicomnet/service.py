@@ -262,15 +262,19 @@ class Listener:
         now = self.clock()
         for s, summary, paths, err in outcomes:
             if err is None:
-                self.jobs.set_classified(s, summary, paths, now, self.cfg.destination is not None)
+                again = self.jobs.set_classified(s, summary, paths, now, self.cfg.destination is not None)
                 self.metrics.series_classified.inc()
                 log.info("series %s classified: %s (%d slices)%s", uid_key(s), summary.get("decision"),
                          summary.get("slices", 0),
                          f"; answer {summary['revision'] + 1}, replaces the one before" if "revision" in summary else "")
             else:
-                self.jobs.set_failed(s, err, now)
+                again = self.jobs.set_failed(s, err, now)
                 self.metrics.failures.labels("classify").inc()
                 log.warning("series %s not classified: %s", uid_key(s), err)
+            if again:
+                self.metrics.reopened.inc()
+                log.info("series %s changed while it was being answered; receiving again, to be answered again "
+                         "when complete (that answer is not delivered)", uid_key(s))
         if self.cfg.webhook:
             self._webhook_q.put(line)
         self._send_wake.set()
@@ -279,6 +283,8 @@ class Listener:
     def purge(self, now: float) -> int:
         n = 0
         for s in self.jobs.due_for_purge(now, self.cfg.retention_s):
+            if not self.jobs.claim_purge(s, now):  # reopened since: its images are needed again
+                continue
             n += self.store.remove_series(s)
             self.jobs.mark_purged(s, now)
             log.info("series %s: received images and result files deleted (retention)", uid_key(s))
@@ -302,7 +308,8 @@ class Listener:
         for row in self.jobs.due_for_sending(self.clock()):
             if self._stop.is_set():
                 break
-            self.jobs.mark_sending(row.series_uid)
+            if not self.jobs.mark_sending(row.series_uid, row.revision):
+                continue  # reopened, or answered again, since the batch was read: this answer is not sent
             try:
                 n = send_files([Path(p) for p in row.result_paths], dest,
                                self.cfg.calling_ae_title or self.cfg.ae_title,
@@ -310,12 +317,12 @@ class Listener:
             except Exception as exc:
                 attempts = row.attempts + 1
                 delay = backoff_s(attempts, self.cfg.retry_base_s, self.cfg.retry_max_s)
-                self.jobs.send_failed(row.series_uid, str(exc), self.clock() + delay)
+                self.jobs.send_failed(row.series_uid, str(exc), self.clock() + delay, row.revision)
                 self.metrics.failures.labels("send").inc()
                 log.warning("series %s: result not delivered (attempt %d: %s); retry in %.1f s",
                             uid_key(row.series_uid), attempts, exc, delay)
                 continue
-            self.jobs.mark_sent(row.series_uid, self.clock())
+            self.jobs.mark_sent(row.series_uid, self.clock(), row.revision)
             self.metrics.results_sent.inc(n)
             sent += n
             log.info("series %s: %d result object(s) delivered to %s", uid_key(row.series_uid), n, dest.ae_title)

@@ -52,7 +52,7 @@ def revised_uid(uid: str, revision: int) -> str:
 def revise(datasets: list[Dataset], revision: int, before: list[str]) -> dict[str, str]:
     """Give the results of a series answered again (``revision`` > 0) their own SOP Instance UIDs, and
     each SR the SR it replaces as its Predecessor Documents Sequence (PS3.3 C.17.2) when ``before``
-    (the result UIDs of the answer before) holds it. Result series stay the series': a viewer shows
+    (the result UIDs of the latest answer that made results) holds it. Result series stay the series': a viewer shows
     both answers side by side. Returns {first answer's UID: this answer's}."""
     mapping = {}
     for ds in datasets:
@@ -62,8 +62,9 @@ def revise(datasets: list[Dataset], revision: int, before: list[str]) -> dict[st
         if not (revision and str(ds.SOPClassUID).startswith(SR_CLASS_PREFIX)):
             continue
         ds.InstanceNumber = revision + 1
-        previous = revised_uid(first, revision - 1)
-        if previous in before:
+        # the SR of the latest answer before that made one (an answer that failed made none)
+        previous = next((u for r in range(revision - 1, -1, -1) if (u := revised_uid(first, r)) in before), None)
+        if previous is not None:
             ref = Dataset()
             ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, previous
             series = Dataset()
