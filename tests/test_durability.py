@@ -744,7 +744,7 @@ def test_job_table_transitions(tmp_path):
         assert j.complete_quiet(18.9, 5.0) == []
         assert sorted(j.complete_quiet(19.0, 5.0)) == ["S1", "S2"]
         assert j.new_instances(0) == []  # nothing is receiving now
-        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 20.0) == "reopened"  # once its answer is in
+        assert j.add_instance("5", "S1", "T1", tmp_path / "5", 20.0) == "changed"  # answered again after
         assert j.add_instance("5", "S1", "T1", tmp_path / "5", 21.0) == "duplicate"
         assert j.instance_paths("S1") == [tmp_path / "1", tmp_path / "2", tmp_path / "5"]
         assert j.next_complete_study() == ("T2", ["S3"])  # completed first
@@ -830,10 +830,12 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         # crash cut short is due again
         answered("V")
         assert j.claim_purge("V", 150.0)
-        assert j.add_instance("V.2", "V", "TV", tmp_path / "v2", 151.0) == "late" and j.series_state("V") == "done"
-        assert "V" in j.due_for_purge(1e9, 0.0)
+        assert "V" in j.due_for_purge(1e9, 0.0)  # a crash here: due again
         j.mark_purged("V", 152.0)
         assert "V" not in j.due_for_purge(1e9, 0.0) and j.instance_paths("V") == []
+        assert j.add_instance("V.2", "V", "TV", tmp_path / "v2", 153.0) == "late" and j.series_state("V") == "done"
+        assert "V" not in j.due_for_purge(1e9, 0.0)  # kept: an instance after the deletion is not deleted at once
+        assert j.instance_paths("V") == [tmp_path / "v2"]
         assert j._db.execute("SELECT purged_at FROM series WHERE series_uid='V'").fetchone()[0] == 150.0
         # its images deleted after the answer: the new instance alone would be answered; it stays late
         answered("P")
@@ -896,7 +898,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.resume(200.0)
         assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
         # a resend of a series a restart cut short, while it is complete: answered again after, as whole
-        assert j.seen_again("1", 300.0) == ("S", "reopened")
+        assert j.seen_again("1", 300.0) == ("S", "changed")
         assert j.series_state("S") == "complete" and not j.interrupted("S")
         assert j.resume(0.0) == {"complete": 1}
         j.add_instance("7", "U", "V", tmp_path / "7", 400.0)
@@ -912,7 +914,8 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         assert j.complete_quiet(607.0, 5.0) == ["Y"]
         # which series a restart may have cut short: in transfer when it stopped, nothing of them since
         assert not j.interrupted("Y") and not j.interrupted("unknown")  # an instance came after the restart
-        assert not j.interrupted("S")  # in transfer at the restart at 200, resent at 300
+        assert j.interrupted("S")  # resent at 300 (answered again after), and that resend was cut by the restart
+        assert j._db.execute("SELECT last_at FROM series WHERE series_uid='S'").fetchone()[0] == 660.0  # the last restart's grace
         j.add_instance("20", "A", "B", tmp_path / "20", 702.0)
         j.add_instance("21", "C", "B", tmp_path / "21", 702.0)
         j.add_instance("22", "E", "F", tmp_path / "22", 702.0)
@@ -925,10 +928,15 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
         assert j.seen_again("22", 711.0) == ("E", "duplicate")  # the sender sends it again
         assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
-        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "reopened" and not j.interrupted("G")
+        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "changed" and not j.interrupted("G")
         assert j.series_state("G") == "complete"  # being answered: answered again once that answer is in
         j.resume(720.0)  # a second restart: A and E were in transfer again; C has had nothing since the first
         assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
+        # G, complete, was getting more when it stopped: once its answer is in, it is receiving again, with
+        # the mark and the restart's wait
+        assert j.interrupted("G") and j.series_state("G") == "complete"
+        assert j.set_classified("G", {}, [], 721.0, False) and j.series_state("G") == "receiving"
+        assert j.complete_quiet(724.0, 5.0) == [] and "G" in j.complete_quiet(725.0, 5.0) and j.interrupted("G")
         j.resume(730.0)  # a third, with nothing in between: the marks stay until an instance comes
         assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
     finally:
@@ -1027,13 +1035,15 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         jobs.mark_purged(series_uid, 3e16)
         assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.997")) == SUCCESS
         assert jobs.series_state(series_uid) == "done"
-        assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 4
+        assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 3  # the first: when answered
         assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
         assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 4
         key = uid_key(series_uid)
         assert [m for m in messages(caplog) if not m.startswith("C-STORE refused")] == [
+            f"series {key}: a new instance arrived after the series was complete, while it waits for its answer; "
+            "to be answered again after it",
             f"series {key}: a new instance arrived after the series was complete; receiving again, to be answered "
-            "again when complete"] * 2 + [
+            "again when complete",
             f"series {key}: sent again after it was found possibly cut short; receiving again, to be answered again "
             "when complete",
             f"series {key}: an instance of it was refused after the series was complete; receiving again, to be "

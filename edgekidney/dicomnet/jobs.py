@@ -139,9 +139,10 @@ class JobTable:
     def seen_again(self, sop_uid: str, now: float) -> tuple[str, str] | None:
         """``(series_uid, outcome)`` when the instance is already stored, else None. A resend still counts
         as the scanner being busy with the series: a series that is receiving gets its quiet time
-        restarted, and is in transfer again ('duplicate'). A series answered, or being answered, as
-        possibly cut short (:meth:`gaps`) is reopened by it ('reopened'; one being answered once that
-        answer is recorded): the sender is sending it again, so the next answer can be of all of it."""
+        restarted, and is in transfer again ('duplicate'). A series answered as possibly cut short
+        (:meth:`gaps`) is reopened by it ('reopened'), one waiting for or being given its answer is
+        answered again once that answer is recorded ('changed'): the sender is sending it again, so the
+        next answer can be of all of it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -164,7 +165,7 @@ class JobTable:
                 elif state == "complete" and interrupted:  # being answered: answered again after
                     self._db.execute("UPDATE series SET last_at=?, interrupted=0, aborted=0, in_transfer=1, "
                                      "changed=1 WHERE series_uid=?", (now, series_uid))
-                    outcome = "reopened"
+                    outcome = "changed"
                 self._db.execute("COMMIT")
                 return str(series_uid), outcome
             except BaseException:
@@ -173,9 +174,9 @@ class JobTable:
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
         """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID), 'reopened' (its
-        series was answered, or is being answered: it is receiving again, for an answer of all it has
-        now; one being answered once that answer is recorded) or 'late' (its series' images were
-        deleted after its answer: kept on disk, in no answer)."""
+        series was answered: it is receiving again, for an answer of all it has now), 'changed' (its
+        series is waiting for or being given its answer: answered again once that answer is recorded)
+        or 'late' (its series' images were deleted after its answer: kept on disk, in no answer)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -202,7 +203,7 @@ class JobTable:
                 elif row[0] == "complete":  # being answered from what came before it: answered again after
                     self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
                                      "aborted=0, in_transfer=1, changed=1 WHERE series_uid=?", (now, series_uid))
-                    outcome = "reopened"
+                    outcome = "changed"
                 else:
                     self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
                                      (series_uid,))
@@ -228,8 +229,8 @@ class JobTable:
                                  (series_uid, study_uid, now, now))
                 self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), in_transfer=1 "
                                  "WHERE series_uid=? AND state='receiving'", (now, series_uid))
-                self._db.execute("UPDATE series SET changed=1, in_transfer=1 WHERE series_uid=? AND state='complete'",
-                                 (series_uid,))
+                self._db.execute("UPDATE series SET changed=1, in_transfer=1, last_at=MAX(last_at, ?) "
+                                 "WHERE series_uid=? AND state='complete'", (now, series_uid))
                 reopened = self._db.execute(_REOPEN_ANSWERED, (now, 0, series_uid)).rowcount > 0
                 self._db.execute("COMMIT")
                 return reopened
@@ -276,8 +277,11 @@ class JobTable:
         (new or resent): until then what is stored may be only part of it (:meth:`interrupted`).
         'sending' is retried like 'classified'."""
         with self._lock:
+            # a complete series that changed while waiting for its answer is receiving again once that
+            # answer is recorded (_REOPEN_CHANGED keeps these flags and this wait)
             self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), interrupted=MAX(interrupted, in_transfer), "
-                             "in_transfer=0 WHERE state='receiving'", (now + max(0.0, grace_s),))
+                             "in_transfer=0 WHERE state='receiving' OR (state='complete' AND changed=1)",
+                             (now + max(0.0, grace_s),))
             self._db.execute("UPDATE series SET next_attempt_at=0 WHERE state IN ('classified','sending')")
         return self.counts()
 
@@ -414,11 +418,13 @@ class JobTable:
     # -- retention -------------------------------------------------------------------------------------
     def due_for_purge(self, now: float, retention_s: float) -> list[str]:
         """Answered series whose answer went out ``retention_s`` ago and whose images are still on disk
-        (one whose deletion a crash interrupted included)."""
+        (one whose deletion a crash interrupted included; instances that came after the deletion are
+        kept, as "late")."""
         with self._lock:
             return [r[0] for r in self._db.execute(
                 "SELECT series_uid FROM series s WHERE state IN ('sent','done') AND (purged_at IS NULL OR EXISTS "
-                "(SELECT 1 FROM instances i WHERE i.series_uid=s.series_uid AND i.purged=0)) "
+                "(SELECT 1 FROM instances i WHERE i.series_uid=s.series_uid AND i.purged=0 "
+                "AND i.received_at <= s.purged_at)) "
                 "AND COALESCE(sent_at, classified_at) <= ?", (now - retention_s,))]
 
     def claim_purge(self, series_uid: str, now: float) -> bool:
@@ -430,11 +436,12 @@ class JobTable:
                                     "state IN ('sent','done')", (now, series_uid)).rowcount > 0
 
     def mark_purged(self, series_uid: str, now: float) -> None:
-        """After its files are deleted (:meth:`claim_purge` first)."""
+        """After its files are deleted (:meth:`claim_purge` first): the instances it had when claimed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE series SET purged_at=COALESCE(purged_at, ?) WHERE series_uid=?", (now, series_uid))
-            self._db.execute("UPDATE instances SET purged=1 WHERE series_uid=?", (series_uid,))
+            self._db.execute("UPDATE instances SET purged=1 WHERE series_uid=? AND received_at <= "
+                             "(SELECT purged_at FROM series WHERE series_uid=?)", (series_uid, series_uid))
             self._db.execute("COMMIT")
 
     # -- observation -----------------------------------------------------------------------------------

@@ -186,9 +186,11 @@ class StorageSCP:
             carried = self._carrying.pop(id(assoc), None)
             still = set().union(*self._carrying.values())
         cut = sorted((carried or set()) - still)
+        if not cut or self.stopping:  # a listener stopping is not the sender's doing: the restart says it
+            return
         if released:
             self.jobs.transfer_ended(cut)
-        elif cut and not self.stopping:  # a listener stopping is not the sender's doing: the restart says it
+        else:
             self.jobs.transfer_aborted(cut)
             self.metrics.aborted.inc()
             log.warning("association from %s ended without a release while carrying %d series (%s): "
@@ -218,8 +220,8 @@ class StorageSCP:
         if known is not None:
             self._carried(event, known[0])
             self.metrics.duplicates.inc()
-            if known[1] == "reopened":
-                self._reopened(known[0], "sent again after it was found possibly cut short")
+            if known[1] in ("reopened", "changed"):
+                self._reopened(known[0], "sent again after it was found possibly cut short", known[1])
             return SUCCESS
         data = event.encoded_dataset(include_meta=True)
         head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=FILING_TAGS + DICOM_SIZE_TAGS)
@@ -239,8 +241,8 @@ class StorageSCP:
             self.metrics.duplicates.inc()
         else:
             self.metrics.instances.inc()
-            if outcome == "reopened":
-                self._reopened(series_uid, "a new instance arrived after the series was complete")
+            if outcome in ("reopened", "changed"):
+                self._reopened(series_uid, "a new instance arrived after the series was complete", outcome)
             elif outcome == "late":
                 self.metrics.late.inc()
                 log.warning("series %s: instance arrived after the series' images were deleted (retention); "
@@ -249,9 +251,13 @@ class StorageSCP:
             self.on_instance()
         return SUCCESS
 
-    def _reopened(self, series_uid: str, why: str) -> None:
-        self.metrics.reopened.inc()
-        log.info("series %s: %s; receiving again, to be answered again when complete", uid_key(series_uid), why)
+    def _reopened(self, series_uid: str, why: str, outcome: str = "reopened") -> None:
+        if outcome == "reopened":
+            self.metrics.reopened.inc()  # a 'changed' series is counted when its answer is in (service)
+            log.info("series %s: %s; receiving again, to be answered again when complete", uid_key(series_uid), why)
+        else:
+            log.info("series %s: %s, while it waits for its answer; to be answered again after it",
+                     uid_key(series_uid), why)
 
     def _over_limits(self, head, sop_uid: str, series_uid: str, study_uid: str) -> Dataset | None:
         """None when the declared image is within the limits; else the failure status to answer (0xC000
