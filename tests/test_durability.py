@@ -460,6 +460,13 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         lst.stop()
 
 
+def test_gaps_are_true_when_any_part_may_be_missing():
+    from edgekidney.dicomnet.jobs import Gaps
+
+    assert [bool(g) for g in (Gaps(), Gaps(interrupted=True), Gaps(aborted=True), Gaps(refused=1))] == [
+        False, True, True, True]
+
+
 def test_a_connection_closed_before_its_release_is_reported_is_settled_by_what_the_association_recorded(
         tmp_path, series, monkeypatch):
     """pynetdicom reports the close of the connection and the release of the association from two
@@ -484,6 +491,12 @@ def test_a_connection_closed_before_its_release_is_reported_is_settled_by_what_t
             scp.handle_released(SimpleNamespace(assoc=assoc))  # reported after the settling: nothing more
             scp.handle_closed(SimpleNamespace(assoc=assoc))
         assert metric_value(metrics, "edgekidney_listener_transfers_aborted_total") == 1
+        # an association whose only instance of a series was refused carries that series all the same
+        assoc = SimpleNamespace(is_released=False, requestor=SimpleNamespace(ae_title="CT01"))
+        assert scp.handle_store(FakeEvent(files[1], assoc=assoc, Rows=9000, SeriesInstanceUID="1.2.3.55")) != 0
+        scp.handle_aborted(SimpleNamespace(assoc=assoc))
+        gaps = jobs.gaps("1.2.3.55")
+        assert gaps.aborted and gaps.refused == 1
     finally:
         jobs.close()
 
@@ -655,6 +668,10 @@ def test_revised_results_keep_their_uids_across_versions_and_name_only_the_sr_be
     assert "PredecessorDocumentsSequence" not in sc and sc.InstanceNumber == 1
     ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == revised_uid("5.2", 1) and sr.InstanceNumber == 3
+    after_failure = made(ComprehensiveSRStorage, "5.2")  # answer 2 failed: answer 3 names answer 1's SR
+    revise([after_failure], 2, ["5.2"])
+    ref = after_failure.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == "5.2"
     lone = made(ComprehensiveSRStorage, "5.3")
     revise([lone], 1, [])  # the answer before made no SR (it failed): nothing to name
     assert "PredecessorDocumentsSequence" not in lone and lone.InstanceNumber == 2
@@ -818,6 +835,9 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         assert j.complete_quiet(100.0, 5.0) == ["M"]
         j.set_failed("M", "no slice usable", 100.0)  # failed before any result was recorded
         assert j.add_instance("M.2", "M", "TM", tmp_path / "m2", 200.0) == "reopened" and j.revision("M") == (1, [])
+        j.add_instance("H.1", "H", "TH", tmp_path / "h", 10.0)  # failing while more of it came: answered again
+        assert j.complete_quiet(100.0, 5.0) == ["H"] and j.add_instance("H.2", "H", "TH", tmp_path / "h2", 101.0)
+        assert j.set_failed("H", "no slice usable", 102.0) is True and j.series_state("H") == "receiving"
         answered("F")
         j.set_failed("F", "no slice usable", 100.0)
         assert j.add_instance("F.2", "F", "TF", tmp_path / "f2", 200.0) == "reopened" and j.revision("F") == (1, ["F-sr"])
@@ -1027,8 +1047,11 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         # a refused instance after the answer: answered again, without it and saying so
         jobs.complete_quiet(1e15, 1.0)
         jobs.set_classified(series_uid, {"result_uids": []}, [], 2e15, has_destination=False)
+        n = jobs._db.execute("SELECT n_instances FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
         assert scp.handle_store(FakeEvent(files[5], SOPInstanceUID="1.2.3.998", Rows=9000)) != SUCCESS
         assert jobs.series_state(series_uid) == "receiving" and jobs.gaps(series_uid).refused == 1
+        assert jobs._db.execute("SELECT n_instances FROM series WHERE series_uid=?",
+                                (series_uid,)).fetchone()[0] == n  # the refused one is not counted
         # its images deleted after the answer: a new instance is kept, counted late, in no answer
         jobs.complete_quiet(1e16, 1.0)
         jobs.set_classified(series_uid, {"result_uids": []}, [], 2e16, has_destination=False)

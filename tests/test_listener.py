@@ -258,6 +258,7 @@ def test_called_ae_title_is_checked_when_asked(make_listener, series_a, caplog):
 
     # what a peer puts on the wire reaches the log printable and short
     assert _shown_aet(b" CT\x0701\n ") == "CT?01" and _shown_aet("A" * 40) == "A" * 16 and _shown_aet(None) == ""
+    assert _shown_aet(b"CT\xff1") == "CT\ufffd1"  # not ASCII: replaced, never an exception in a handler
 
 
 def test_retention_deletes_images_after_the_result(make_listener, series_a, tmp_path):
