@@ -65,6 +65,19 @@ def started():
                 p.wait(10)
 
 
+def start_listener(started: list, model: Path, store: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """``edgekidney listen`` as its own process, up and answering C-ECHO; its log goes to ``log``."""
+    with open(log, "ab") as fh:
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store), "--port", str(port),
+             "--series-timeout", "1", "--min-free-mb", "0", *extra], stdout=fh, stderr=subprocess.STDOUT, env=ENV,
+            cwd=REPO)
+    started.append(listener)
+    wait_for(lambda: listener.poll() is not None or echo_ok(port), timeout=60, step=0.1)
+    assert listener.poll() is None, log.read_text()[-3000:]
+    return listener
+
+
 def results(out: Path) -> dict[str, list[Path]]:
     """Modality -> files storescp wrote (a file it is still writing is left for the next look)."""
     from pydicom import dcmread
@@ -90,15 +103,8 @@ def test_dcmtk_scanner_and_pacs_exchange_a_series_and_its_sr_which_dsrdump_reads
     out.mkdir()
     started.append(subprocess.Popen([tools["storescp"], "-aet", "PACS", "-od", str(out), str(pacs_port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    log = tmp_path / "listener.log"
-    with open(log, "ab") as fh:
-        listener = subprocess.Popen(
-            [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(tmp_path / "store"),
-             "--port", str(port), "--series-timeout", "1", "--destination", f"127.0.0.1:{pacs_port}:PACS",
-             "--min-free-mb", "0"], stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-    started.append(listener)
-    wait_for(lambda: listener.poll() is not None or echo_ok(port), timeout=60, step=0.1)
-    assert listener.poll() is None, log.read_text()[-3000:]
+    start_listener(started, model, tmp_path / "store", port, tmp_path / "listener.log",
+                   "--destination", f"127.0.0.1:{pacs_port}:PACS")
 
     scanner = ["-aet", "SCANNER", "-aec", "EDGEKIDNEY"]
     echo = subprocess.run([tools["echoscu"], *scanner, "127.0.0.1", str(port)], capture_output=True, text=True,
@@ -133,12 +139,7 @@ def test_dcmtk_storescu_sends_a_jpeg2000_series_when_asked_to_propose_its_syntax
     files = jpeg2000_series(tmp_path / "series")  # skips where the test data lack it
     model = tiny_model(tmp_path / "model")
     port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
-    with open(log, "ab") as fh:
-        listener = subprocess.Popen(
-            [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store), "--port", str(port),
-             "--series-timeout", "1", "--min-free-mb", "0"], stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-    started.append(listener)
-    wait_for(lambda: listener.poll() is not None or echo_ok(port), timeout=60, step=0.1)
+    start_listener(started, model, store, port, log)
     sent = subprocess.run([tools["storescu"], "-xv", "-aet", "SCANNER", "-aec", "EDGEKIDNEY", "+sd", "+r",
                            "127.0.0.1", str(port), str(tmp_path / "series")], capture_output=True, text=True, timeout=120)
     assert sent.returncode == 0 and "E:" not in sent.stderr, sent.stderr
@@ -172,12 +173,7 @@ def test_a_series_dcmtk_stops_sending_after_a_refused_instance_is_never_answered
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     port, store, log = free_port(), tmp_path / "store", tmp_path / "listener.log"
-    with open(log, "ab") as fh:
-        listener = subprocess.Popen(
-            [sys.executable, "-m", "edgekidney.cli", "listen", str(model), "--store", str(store), "--port", str(port),
-             "--series-timeout", "1", "--min-free-mb", "0"], stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-    started.append(listener)
-    wait_for(lambda: listener.poll() is not None or echo_ok(port), timeout=60, step=0.1)
+    start_listener(started, model, store, port, log)
     sent = subprocess.run([tools["storescu"], "-aet", "SCANNER", "-aec", "EDGEKIDNEY", "127.0.0.1", str(port),
                            *map(str, sorted(files))], capture_output=True, text=True, timeout=120)
     assert sent.returncode != 0  # storescu says the store failed

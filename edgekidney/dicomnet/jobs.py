@@ -354,27 +354,22 @@ class JobTable:
         resend after a gap, a refusal, an abort): the answer stays on record (the JSON line has it) and
         the series is receiving again, for an answer that takes the change in; this one is not delivered."""
         state = "classified" if has_destination and result_paths else "done"
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE series SET state=?, classified_at=?, result_json=?, result_paths=?, next_attempt_at=0, "
-                    "error=NULL WHERE series_uid=?",
-                    (state, now, json.dumps(result), json.dumps([str(p) for p in result_paths]), series_uid))
-                again = self._db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
-                self._db.execute("COMMIT")
-                return again
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        return self._answered(
+            "UPDATE series SET state=?, classified_at=?, result_json=?, result_paths=?, next_attempt_at=0, "
+            "error=NULL WHERE series_uid=?",
+            (state, now, json.dumps(result), json.dumps([str(p) for p in result_paths]), series_uid), series_uid)
 
     def set_failed(self, series_uid: str, error: str, now: float) -> bool:
         """Record that the series could not be answered; True as for :meth:`set_classified`."""
+        return self._answered("UPDATE series SET state='failed', classified_at=?, error=? WHERE series_uid=?",
+                              (now, error, series_uid), series_uid)
+
+    def _answered(self, sql: str, params: tuple, series_uid: str) -> bool:
+        """The answer's UPDATE, and the series receiving again if it changed meanwhile, in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("UPDATE series SET state='failed', classified_at=?, error=? WHERE series_uid=?",
-                                 (now, error, series_uid))
+                self._db.execute(sql, params)
                 again = self._db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
                 self._db.execute("COMMIT")
                 return again
