@@ -310,6 +310,8 @@ def test_a_series_its_sender_cut_short_or_with_refused_instances_is_answered_as_
         assert lst.jobs.complete_quiet(1000.0, 5.0) and lst.pipeline_step()
         while lst.pipeline_step():
             pass
+        assert refused_note(2, "r") == ("2 instance(s) of this series were refused when received (r): the slices "
+                                        "stored are not all of it")
         assert told == {"A": ABORTED, "B": refused_note(1, "image declares 9000x9000 px"), "C": None,
                         "D": f"{ABORTED}; {refused_note(1, 'too many frames')}", "E": None, "G": INTERRUPTED}
         assert lst.jobs.series_state("F") == "failed"
@@ -1044,6 +1046,11 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         jobs.set_classified(series_uid, {"result_uids": []}, [], 2e14, has_destination=False)
         jobs._db.execute("UPDATE series SET interrupted=1")  # as a restart that cut it short leaves it
         assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "receiving"
+        # a resend while it waits for its answer, found cut short: answered again after that answer
+        jobs.complete_quiet(1e14 + 1, 1.0)
+        jobs._db.execute("UPDATE series SET interrupted=1")
+        assert scp.handle_store(FakeEvent(files[0])) == SUCCESS and jobs.series_state(series_uid) == "complete"
+        assert jobs.set_classified(series_uid, {"result_uids": []}, [], 2e14 + 1, has_destination=False)
         # a refused instance after the answer: answered again, without it and saying so
         jobs.complete_quiet(1e15, 1.0)
         jobs.set_classified(series_uid, {"result_uids": []}, [], 2e15, has_destination=False)
@@ -1060,7 +1067,7 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
         assert jobs.series_state(series_uid) == "done"
         assert metric_value(metrics, "edgekidney_listener_series_reopened_total") == 3  # the first: when answered
         assert metric_value(metrics, "edgekidney_listener_instances_late_total") == 1
-        assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 4
+        assert metric_value(metrics, "edgekidney_listener_instances_duplicate_total") == 5
         key = uid_key(series_uid)
         assert [m for m in messages(caplog) if not m.startswith("C-STORE refused")] == [
             f"series {key}: a new instance arrived after the series was complete, while it waits for its answer; "
@@ -1069,6 +1076,8 @@ def test_handle_store_outcomes_their_statuses_counters_and_log_lines(tmp_path, s
             "again when complete",
             f"series {key}: sent again after it was found possibly cut short; receiving again, to be answered again "
             "when complete",
+            f"series {key}: sent again after it was found possibly cut short, while it waits for its answer; to be "
+            "answered again after it",
             f"series {key}: an instance of it was refused after the series was complete; receiving again, to be "
             "answered again when complete",
             f"series {key}: instance arrived after the series' images were deleted (retention); stored, in no answer"]
