@@ -700,14 +700,14 @@ def test_a_job_table_from_before_the_interrupted_column_is_carried_on(tmp_path):
     old.close()
     j = JobTable(path)
     try:
-        assert not j.interrupted("S") and j.series_state("S") == "receiving"
+        assert not j.gaps("S").interrupted and j.series_state("S") == "receiving"
         assert j.revision("S") == (0, [])  # and before answers were made again
         assert not j.gaps("S")  # and before aborts and refusals were followed
         j.resume(10.0)
-        assert not j.interrupted("S")  # written before transfers were followed: not known to be cut short
+        assert not j.gaps("S").interrupted  # written before transfers were followed: not known to be cut short
         assert j.add_instance("1", "S", "T", tmp_path / "1", 11.0) == "new"
         j.resume(20.0)
-        assert j.interrupted("S")
+        assert j.gaps("S").interrupted
     finally:
         j.close()
 
@@ -866,15 +866,15 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         # an answer that said it may be cut short: a resend reopens it (the sender is sending it again)
         j.add_instance("X.1", "X", "TX", tmp_path / "x", 10.0)
         j.resume(20.0)
-        assert j.interrupted("X") and j.complete_quiet(100.0, 5.0) == ["X"]
+        assert j.gaps("X").interrupted and j.complete_quiet(100.0, 5.0) == ["X"]
         j.set_classified("X", {"result_uids": ["X-sr"]}, [], 100.0, False)
         n = j._db.execute("SELECT n_instances FROM series WHERE series_uid='X'").fetchone()[0]
         assert j.seen_again("X.1", 200.0) == ("X", "reopened")
         assert j._db.execute("SELECT n_instances FROM series WHERE series_uid='X'").fetchone()[0] == n  # no new one
-        assert j.series_state("X") == "receiving" and not j.interrupted("X") and j.revision("X") == (1, ["X-sr"])
+        assert j.series_state("X") == "receiving" and not j.gaps("X").interrupted and j.revision("X") == (1, ["X-sr"])
         j.transfer_ended(["X"])
         j.resume(210.0)
-        assert not j.interrupted("X")  # the resend's association was released: whole
+        assert not j.gaps("X").interrupted  # the resend's association was released: whole
         assert j.seen_again("X.1", 300.0) == ("X", "duplicate") and j.revision("X") == (1, ["X-sr"])  # once
         j.add_instance("Z.1", "Z", "TZ", tmp_path / "z", 10.0)  # its sender aborted: the same for a resend
         j.transfer_aborted(["Z"])
@@ -921,7 +921,7 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         assert j.complete_quiet(204.0, 5.0) == [] and j.complete_quiet(205.0, 5.0) == ["S"]
         # a resend of a series a restart cut short, while it is complete: answered again after, as whole
         assert j.seen_again("1", 300.0) == ("S", "changed")
-        assert j.series_state("S") == "complete" and not j.interrupted("S")
+        assert j.series_state("S") == "complete" and not j.gaps("S").interrupted
         assert j.resume(0.0) == {"complete": 1}
         j.add_instance("7", "U", "V", tmp_path / "7", 400.0)
         j.resume(400.0, 60.0)  # a restart's grace: 60 s more than the quiet time
@@ -935,8 +935,8 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.add_instance("10", "Y", "Z", tmp_path / "10", 602.0)  # so does a new instance
         assert j.complete_quiet(607.0, 5.0) == ["Y"]
         # which series a restart may have cut short: in transfer when it stopped, nothing of them since
-        assert not j.interrupted("Y") and not j.interrupted("unknown")  # an instance came after the restart
-        assert j.interrupted("S")  # resent at 300 (answered again after), and that resend was cut by the restart
+        assert not j.gaps("Y").interrupted and not j.gaps("unknown").interrupted  # an instance came after the restart
+        assert j.gaps("S").interrupted  # resent at 300 (answered again after), and that resend was cut by the restart
         assert j._db.execute("SELECT last_at FROM series WHERE series_uid='S'").fetchone()[0] == 660.0  # the last restart's grace
         j.add_instance("20", "A", "B", tmp_path / "20", 702.0)
         j.add_instance("21", "C", "B", tmp_path / "21", 702.0)
@@ -944,23 +944,23 @@ def test_job_table_resends_and_restarts_keep_a_receiving_series_open(tmp_path):
         j.add_instance("23", "G", "H", tmp_path / "23", 700.0)
         j.add_instance("26", "K", "L", tmp_path / "26", 702.0)
         j.transfer_ended(["K"])  # its sender released the association: all it meant to send is here
-        assert not j.interrupted("A") and j.complete_quiet(705.0, 5.0) == ["G"]
+        assert not j.gaps("A").interrupted and j.complete_quiet(705.0, 5.0) == ["G"]
         j.resume(710.0)
-        assert [j.interrupted(s) for s in "ACEGK"] == [True, True, True, False, False]  # G was complete: whole
+        assert [j.gaps(s).interrupted for s in "ACEGK"] == [True, True, True, False, False]  # G was complete: whole
         j.add_instance("24", "A", "B", tmp_path / "24", 711.0)  # the sender goes on
         assert j.seen_again("22", 711.0) == ("E", "duplicate")  # the sender sends it again
-        assert [j.interrupted(s) for s in "ACE"] == [False, True, False]
-        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "changed" and not j.interrupted("G")
+        assert [j.gaps(s).interrupted for s in "ACE"] == [False, True, False]
+        assert j.add_instance("25", "G", "H", tmp_path / "25", 712.0) == "changed" and not j.gaps("G").interrupted
         assert j.series_state("G") == "complete"  # being answered: answered again once that answer is in
         j.resume(720.0)  # a second restart: A and E were in transfer again; C has had nothing since the first
-        assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
+        assert [j.gaps(s).interrupted for s in "ACEK"] == [True, True, True, False]
         # G, complete, was getting more when it stopped: once its answer is in, it is receiving again, with
         # the mark and the restart's wait
-        assert j.interrupted("G") and j.series_state("G") == "complete"
+        assert j.gaps("G").interrupted and j.series_state("G") == "complete"
         assert j.set_classified("G", {}, [], 721.0, False) and j.series_state("G") == "receiving"
-        assert j.complete_quiet(724.0, 5.0) == [] and "G" in j.complete_quiet(725.0, 5.0) and j.interrupted("G")
+        assert j.complete_quiet(724.0, 5.0) == [] and "G" in j.complete_quiet(725.0, 5.0) and j.gaps("G").interrupted
         j.resume(730.0)  # a third, with nothing in between: the marks stay until an instance comes
-        assert [j.interrupted(s) for s in "ACEK"] == [True, True, True, False]
+        assert [j.gaps(s).interrupted for s in "ACEK"] == [True, True, True, False]
     finally:
         j.close()
 

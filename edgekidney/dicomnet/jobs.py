@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,10 @@ _REOPEN = ("UPDATE series SET state='receiving', revision=revision+1, last_at=?,
            "changed=0 WHERE series_uid=?")
 # the same, only for a series answered and still holding its images
 _REOPEN_ANSWERED = _REOPEN + " AND state IN ('" + "','".join(ANSWERED_STATES) + "') AND purged_at IS NULL"
+# more of a series that is receiving (changed=0) or waiting for its answer (changed=1: answered again
+# after): its quiet time restarts, it is in transfer, and no longer known to be cut short
+_MORE = ("UPDATE series SET last_at=?, n_instances=n_instances+?, interrupted=0, aborted=0, in_transfer=1, "
+         "changed=? WHERE series_uid=?")
 # the same for a series that changed while it was being answered ('complete'): its flags and quiet time
 # are what the change left them
 _REOPEN_CHANGED = ("UPDATE series SET state='receiving', revision=revision+1, completed_at=NULL, attempts=0, "
@@ -135,6 +140,19 @@ class JobTable:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _transaction(self):
+        """One write transaction under the table's lock: committed when the block ends, rolled back
+        when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     # -- receiving -----------------------------------------------------------------------------------
     def seen_again(self, sop_uid: str, now: float) -> tuple[str, str] | None:
         """``(series_uid, outcome)`` when the instance is already stored, else None. A resend still counts
@@ -143,100 +161,67 @@ class JobTable:
         (:meth:`gaps`) is reopened by it ('reopened'), one waiting for or being given its answer is
         answered again once that answer is recorded ('changed'): the sender is sending it again, so the
         next answer can be of all of it."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT i.series_uid, s.state, s.interrupted OR s.aborted, s.purged_at FROM instances i "
-                    "JOIN series s ON s.series_uid=i.series_uid WHERE i.sop_uid=?", (sop_uid,)).fetchone()
-                if row is None:
-                    self._db.execute("COMMIT")
-                    return None
-                series_uid, state, interrupted, purged_at = row
-                outcome = "duplicate"
-                if state == "receiving":
-                    # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance
-                    # does, and says the sender is sending the series again: it is no longer known to be cut short
-                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, aborted=0, in_transfer=1 "
-                                     "WHERE series_uid=?", (now, series_uid))
-                elif state in ANSWERED_STATES and interrupted and purged_at is None:
-                    self._db.execute(_REOPEN, (now, 0, series_uid))
-                    outcome = "reopened"
-                elif state == "complete" and interrupted:  # being answered: answered again after
-                    self._db.execute("UPDATE series SET last_at=?, interrupted=0, aborted=0, in_transfer=1, "
-                                     "changed=1 WHERE series_uid=?", (now, series_uid))
-                    outcome = "changed"
-                self._db.execute("COMMIT")
-                return str(series_uid), outcome
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT i.series_uid, s.state, s.interrupted OR s.aborted, s.purged_at FROM instances i "
+                "JOIN series s ON s.series_uid=i.series_uid WHERE i.sop_uid=?", (sop_uid,)).fetchone()
+            if row is None:
+                return None
+            series_uid, state, interrupted, purged_at = row
+            outcome = "duplicate"
+            if state == "receiving":
+                # now, not MAX(last_at, now): a resend ends a restart's grace (resume) as a new instance
+                # does, and says the sender is sending the series again: it is no longer known to be cut short
+                db.execute(_MORE, (now, 0, 0, series_uid))
+            elif state in ANSWERED_STATES and interrupted and purged_at is None:
+                db.execute(_REOPEN, (now, 0, series_uid))
+                outcome = "reopened"
+            elif state == "complete" and interrupted:  # being answered: answered again after
+                db.execute(_MORE, (now, 0, 1, series_uid))
+                outcome = "changed"
+            return str(series_uid), outcome
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, now: float) -> str:
         """Record a stored instance. Returns 'new', 'duplicate' (known SOP Instance UID), 'reopened' (its
         series was answered: it is receiving again, for an answer of all it has now), 'changed' (its
         series is waiting for or being given its answer: answered again once that answer is recorded)
         or 'late' (its series' images were deleted after its answer: kept on disk, in no answer)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO instances(sop_uid, series_uid, path, received_at) VALUES (?,?,?,?)",
-                    (sop_uid, series_uid, str(path), now))
-                if cur.rowcount == 0:
-                    self._db.execute("COMMIT")
-                    return "duplicate"
-                row = self._db.execute("SELECT state, purged_at FROM series WHERE series_uid=?",
-                                       (series_uid,)).fetchone()
-                if row is None:
-                    self._db.execute(
-                        "INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances, "
-                        "in_transfer) VALUES (?,?,'receiving',?,?,1,1)", (series_uid, study_uid, now, now))
-                    outcome = "new"
-                elif row[0] == "receiving":
-                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
-                                     "aborted=0, in_transfer=1 WHERE series_uid=?", (now, series_uid))
-                    outcome = "new"
-                elif row[0] in ANSWERED_STATES and row[1] is None:
-                    self._db.execute(_REOPEN, (now, 1, series_uid))
-                    outcome = "reopened"
-                elif row[0] == "complete":  # being answered from what came before it: answered again after
-                    self._db.execute("UPDATE series SET last_at=?, n_instances=n_instances+1, interrupted=0, "
-                                     "aborted=0, in_transfer=1, changed=1 WHERE series_uid=?", (now, series_uid))
-                    outcome = "changed"
-                else:
-                    self._db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?",
-                                     (series_uid,))
-                    outcome = "late"
-                self._db.execute("COMMIT")
-                return outcome
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances(sop_uid, series_uid, path, received_at) VALUES (?,?,?,?)",
+                (sop_uid, series_uid, str(path), now))
+            if cur.rowcount == 0:
+                return "duplicate"
+            row = db.execute("SELECT state, purged_at FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO series(series_uid, study_uid, state, first_at, last_at, n_instances, "
+                           "in_transfer) VALUES (?,?,'receiving',?,?,1,1)", (series_uid, study_uid, now, now))
+                return "new"
+            if row[0] == "receiving":
+                db.execute(_MORE, (now, 1, 0, series_uid))
+                return "new"
+            if row[0] in ANSWERED_STATES and row[1] is None:
+                db.execute(_REOPEN, (now, 1, series_uid))
+                return "reopened"
+            if row[0] == "complete":  # being answered from what came before it: answered again after
+                db.execute(_MORE, (now, 1, 1, series_uid))
+                return "changed"
+            db.execute("UPDATE series SET late_instances=late_instances+1 WHERE series_uid=?", (series_uid,))
+            return "late"
 
     def add_refused(self, sop_uid: str, series_uid: str, study_uid: str, reason: str, now: float) -> bool:
         """An instance refused at C-STORE (not stored): its series will be answered as possibly
         incomplete while the instance is missing (:meth:`gaps`); one being answered or answered already
         is answered again. A series none of whose instances was stored gets its row here, and fails
         with the reason when it completes. Returns whether an answered series was reopened."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT OR REPLACE INTO refused(sop_uid, series_uid, reason, refused_at) "
-                                 "VALUES (?,?,?,?)", (sop_uid, series_uid, reason, now))
-                self._db.execute("INSERT OR IGNORE INTO series(series_uid, study_uid, state, first_at, last_at, "
-                                 "n_instances, in_transfer) VALUES (?,?,'receiving',?,?,0,1)",
-                                 (series_uid, study_uid, now, now))
-                self._db.execute("UPDATE series SET last_at=MAX(last_at, ?), in_transfer=1 "
-                                 "WHERE series_uid=? AND state='receiving'", (now, series_uid))
-                self._db.execute("UPDATE series SET changed=1, in_transfer=1, last_at=MAX(last_at, ?) "
-                                 "WHERE series_uid=? AND state='complete'", (now, series_uid))
-                reopened = self._db.execute(_REOPEN_ANSWERED, (now, 0, series_uid)).rowcount > 0
-                self._db.execute("COMMIT")
-                return reopened
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO refused(sop_uid, series_uid, reason, refused_at) VALUES (?,?,?,?)",
+                       (sop_uid, series_uid, reason, now))
+            db.execute("INSERT OR IGNORE INTO series(series_uid, study_uid, state, first_at, last_at, n_instances, "
+                       "in_transfer) VALUES (?,?,'receiving',?,?,0,1)", (series_uid, study_uid, now, now))
+            db.execute("UPDATE series SET last_at=MAX(last_at, ?), in_transfer=1, changed=(state='complete') "
+                       "WHERE series_uid=? AND state IN ('receiving','complete')", (now, series_uid))
+            return db.execute(_REOPEN_ANSWERED, (now, 0, series_uid)).rowcount > 0
 
     def transfer_aborted(self, series_uids) -> None:
         """The association that carried these series ended without a release (an A-ABORT from either
@@ -274,7 +259,7 @@ class JobTable:
         the usual one (the scanner may resend what failed when we went down, later than its pauses
         inside a series). One whose transfer was under way when the listener stopped (an association
         carrying it open, not released) is marked interrupted until an instance of it comes in again
-        (new or resent): until then what is stored may be only part of it (:meth:`interrupted`).
+        (new or resent): until then what is stored may be only part of it (:meth:`gaps`).
         'sending' is retried like 'classified'."""
         with self._lock:
             # a complete series that changed while waiting for its answer is receiving again once that
@@ -290,15 +275,13 @@ class JobTable:
 
         The study is the unit of quiet: a scanner sends a study's series back to back, and one JSON line
         per study needs all of them."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            rows = self._db.execute(
+        with self._transaction() as db:
+            rows = db.execute(
                 "SELECT series_uid FROM series WHERE state='receiving' AND study_uid IN "
                 "(SELECT study_uid FROM series WHERE state='receiving' GROUP BY study_uid HAVING MAX(last_at) <= ?)",
                 (now - timeout_s,)).fetchall()
-            self._db.executemany("UPDATE series SET state='complete', completed_at=? WHERE series_uid=?",
-                                 [(now, r[0]) for r in rows])
-            self._db.execute("COMMIT")
+            db.executemany("UPDATE series SET state='complete', completed_at=? WHERE series_uid=?",
+                           [(now, r[0]) for r in rows])
         return [r[0] for r in rows]
 
     def next_complete_study(self) -> tuple[str, list[str]] | None:
@@ -312,11 +295,6 @@ class JobTable:
                 "SELECT series_uid FROM series WHERE state='complete' AND study_uid=? ORDER BY first_at, rowid",
                 (row[0],))]
         return row[0], series
-
-    def interrupted(self, series_uid: str) -> bool:
-        """True for a series whose transfer was under way when the listener stopped and that got no
-        instance after the restart: what is stored may be only part of it."""
-        return self.gaps(series_uid).interrupted
 
     def gaps(self, series_uid: str) -> Gaps:
         """Why what is stored of the series may be only part of it; false when nothing says so."""
@@ -366,16 +344,9 @@ class JobTable:
 
     def _answered(self, sql: str, params: tuple, series_uid: str) -> bool:
         """The answer's UPDATE, and the series receiving again if it changed meanwhile, in one transaction."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(sql, params)
-                again = self._db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
-                self._db.execute("COMMIT")
-                return again
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.execute(sql, params)
+            return db.execute(_REOPEN_CHANGED, (series_uid,)).rowcount > 0
 
     # -- sending ---------------------------------------------------------------------------------------
     def due_for_sending(self, now: float, limit: int = 16) -> list[SeriesRow]:
@@ -432,12 +403,10 @@ class JobTable:
 
     def mark_purged(self, series_uid: str, now: float) -> None:
         """After its files are deleted (:meth:`claim_purge` first): the instances it had when claimed."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE series SET purged_at=COALESCE(purged_at, ?) WHERE series_uid=?", (now, series_uid))
-            self._db.execute("UPDATE instances SET purged=1 WHERE series_uid=? AND received_at <= "
-                             "(SELECT purged_at FROM series WHERE series_uid=?)", (series_uid, series_uid))
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            db.execute("UPDATE series SET purged_at=COALESCE(purged_at, ?) WHERE series_uid=?", (now, series_uid))
+            db.execute("UPDATE instances SET purged=1 WHERE series_uid=? AND received_at <= "
+                       "(SELECT purged_at FROM series WHERE series_uid=?)", (series_uid, series_uid))
 
     # -- observation -----------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
