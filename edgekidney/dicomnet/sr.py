@@ -65,16 +65,27 @@ def revise(datasets: list[Dataset], revision: int, before: list[str]) -> dict[st
         # the SR of the latest answer before that made one (an answer that failed made none)
         previous = next((u for r in range(revision - 1, -1, -1) if (u := revised_uid(first, r)) in before), None)
         if previous is not None:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, previous
-            series = Dataset()
-            series.SeriesInstanceUID = ds.SeriesInstanceUID
-            series.ReferencedSOPSequence = Sequence([ref])
-            study = Dataset()
-            study.StudyInstanceUID = ds.StudyInstanceUID
-            study.ReferencedSeriesSequence = Sequence([series])
-            ds.PredecessorDocumentsSequence = Sequence([study])
+            ds.PredecessorDocumentsSequence = Sequence([
+                referenced_study(ds.StudyInstanceUID, [(str(ds.SeriesInstanceUID), str(ds.SOPClassUID), previous)])])
     return mapping
+
+
+def referenced_study(study_uid: str, refs: list[tuple[str, str, str]]) -> Dataset:
+    """A study's item of a hierarchical SOP instance reference (PS3.3 C.17.2.1): its series, each with
+    its instances, from (series UID, SOP class UID, SOP instance UID) in the order given."""
+    by_series: dict[str, Dataset] = {}
+    for series_uid, cls, inst in refs:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = cls, inst
+        if series_uid not in by_series:
+            by_series[series_uid] = Dataset()
+            by_series[series_uid].SeriesInstanceUID = series_uid
+            by_series[series_uid].ReferencedSOPSequence = Sequence()
+        by_series[series_uid].ReferencedSOPSequence.append(ref)
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = Sequence(list(by_series.values()))
+    return study
 
 
 def sop_uids(ds: Dataset) -> tuple[str, str]:
@@ -137,21 +148,8 @@ def build_series_sr(headers: list[Dataset], summary: dict, now: _dt.datetime | N
     ds.VerificationFlag = "UNVERIFIED"
     ds.PerformedProcedureCodeSequence = Sequence()
 
-    by_series: dict[str, Dataset] = {}
-    for h in headers:
-        cls, inst = sop_uids(h)
-        ref = Dataset()
-        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = cls, inst
-        s_uid = str(h.SeriesInstanceUID)
-        if s_uid not in by_series:
-            by_series[s_uid] = Dataset()
-            by_series[s_uid].SeriesInstanceUID = s_uid
-            by_series[s_uid].ReferencedSOPSequence = Sequence()
-        by_series[s_uid].ReferencedSOPSequence.append(ref)
-    evidence = Dataset()
-    evidence.StudyInstanceUID = first.StudyInstanceUID
-    evidence.ReferencedSeriesSequence = Sequence(list(by_series.values()))
-    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([referenced_study(
+        first.StudyInstanceUID, [(str(h.SeriesInstanceUID), *sop_uids(h)) for h in headers])])
 
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = Sequence([_code("KSCLS", CODING_SCHEME, "Kidney stone classification")])
