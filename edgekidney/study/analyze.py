@@ -27,11 +27,10 @@ from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import preprocess_batch_with_geometry, window_hu
 from edgekidney.data.anatomy import measure, ruling, shown
 from edgekidney.study.planes import CoronalReformat, check_plane
+from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
 UNREADABLE = "unreadable"  # the label of a series' slice whose file could not be read: not judged
-from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
-
 # what the warning on a series judged on few slices says of each region (data.anatomy.region)
 _ANATOMY_WHY = (("chest", "for their lung fields"), ("head", "for a skull"), ("legs", "for two legs"))
 

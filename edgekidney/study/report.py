@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekidney.study.analyze import SeriesResult, StudyResult
+from edgekidney.study.rule import image_numbers
 
 
 def _ranges(result: SeriesResult) -> str:
@@ -15,10 +16,8 @@ def _ranges(result: SeriesResult) -> str:
 
 def _images(r) -> str:
     """The range as a PACS viewer numbers it (InstanceNumber), where the slices have one."""
-    if r.start_instance is None or r.end_instance is None:
-        return ""
-    return f", image {r.start_instance}" if r.start_instance == r.end_instance else \
-        f", images {r.start_instance}-{r.end_instance}"
+    shown = image_numbers(r.start_instance, r.end_instance)
+    return f", {shown}" if shown else ""
 
 
 def _peak(result: SeriesResult) -> str:

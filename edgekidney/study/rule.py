@@ -121,14 +121,20 @@ def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | No
     return next((k for k, u in enumerate(unreadable) if u and scoped[0] - 1 <= k <= scoped[-1] + 1), None)
 
 
+def image_numbers(first: int | None, last: int | None) -> str:
+    """A run's ends as a PACS viewer numbers them (InstanceNumber): 'images 210-214', 'image 7', or ''
+    when an end has none."""
+    if first is None or last is None:
+        return ""
+    return f"image {first}" if first == last else f"images {first}-{last}"
+
+
 def where(start: int, end: int, images: Sequence[int | None] | None = None) -> str:
     """Slices ``start``-``end`` (0-based, in position order) as the reason names them, with the image
     numbers a PACS viewer shows (InstanceNumber) when both ends have one: 'slices 77-81, images 210-214'."""
     text = f"slice {start}" if start == end else f"slices {start}-{end}"
-    first, last = (images[start], images[end]) if images is not None else (None, None)
-    if first is None or last is None:
-        return text
-    return text + (f", image {first}" if first == last else f", images {first}-{last}")
+    shown = image_numbers(images[start], images[end]) if images is not None else ""
+    return f"{text}, {shown}" if shown else text
 
 
 def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: StudyRule,
