@@ -140,8 +140,8 @@ class FallbackProcessor:
         by_path = {p.path: p for p in preds}
         in_order = [by_path.get(str(p)) for p in ordered]  # None: the slice could not be read
         decided = series_decision(in_order, [p is None for p in in_order], card, self.classifier.threshold,
-                                  incomplete, [_instance_number(h) if h.get("InstanceNumber") not in (None, "")
-                                               else None for _, h in headers])
+                                  incomplete, [numbers[str(p)] if h.get("InstanceNumber") not in (None, "")
+                                               else None for p, h in headers])
         pos = [numbers[p.path] for p in preds if p.label == positive]
         out_of_scope = [numbers[p.path] for p in preds if p.label == OUT_OF_SCOPE]
         series_uid = str(headers[0][1].get("SeriesInstanceUID", "") or "")
