@@ -462,6 +462,29 @@ def test_a_series_is_in_transfer_until_the_association_carrying_it_is_released(t
         lst.stop()
 
 
+def test_an_association_timed_out_idle_after_its_study_was_complete_marks_nothing(tmp_path, series, caplog):
+    """A sender that keeps its association open after the study, until the network timeout aborts it:
+    the study was quiet for the series timeout, so its series are complete and their answer must not
+    depend on whether a backlog has let them be answered yet."""
+    from types import SimpleNamespace
+
+    study_uid, series_uid, files = series
+    scp, jobs, metrics = scp_for(tmp_path)
+    caplog.set_level(logging.INFO, logger="edgekidney.listener")
+    try:
+        assoc = SimpleNamespace(is_released=False, requestor=SimpleNamespace(ae_title="PACS"))
+        assert scp.handle_store(FakeEvent(files[0], assoc=assoc)) == 0
+        assert jobs.complete_quiet(time.time() + 60, 10.0) == [series_uid]
+        caplog.clear()
+        scp.handle_aborted(SimpleNamespace(assoc=assoc))
+        assert not jobs.gaps(series_uid) and jobs.series_state(series_uid) == "complete"
+        assert metric_value(metrics, "edgekidney_listener_transfers_aborted_total") == 0
+        assert messages(caplog) == ["association from PACS ended without a release after its 1 series were complete"]
+        assert id(assoc) not in scp._carrying
+    finally:
+        jobs.close()
+
+
 def test_gaps_are_true_when_any_part_may_be_missing():
     from edgekidney.dicomnet.jobs import Gaps
 
@@ -878,10 +901,19 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         assert not j.gaps("X").interrupted  # the resend's association was released: whole
         assert j.seen_again("X.1", 300.0) == ("X", "duplicate") and j.revision("X") == (1, ["X-sr"])  # once
         j.add_instance("Z.1", "Z", "TZ", tmp_path / "z", 10.0)  # its sender aborted: the same for a resend
-        j.transfer_aborted(["Z"])
-        assert j.complete_quiet(100.0, 5.0) == ["Z"]
+        j.add_instance("W.1", "W", "TW", tmp_path / "w", 10.0)
+        assert j.transfer_aborted(["Z", "W"]) == ["Z", "W"]
+        assert j.complete_quiet(100.0, 5.0) == ["Z", "W"]
         j.set_classified("Z", {"result_uids": ["Z-sr"]}, [], 100.0, False)
-        j.transfer_aborted(["Z"])  # an association ending after the answer marks nothing
+        assert j.transfer_aborted(["Z"]) == []  # an association ending after the answer marks nothing
+        # nor one ending while the series waits for its answer: its study was quiet, so it is complete
+        # whatever the backlog, and an association held open idle until the timeout is no news of it
+        j.add_instance("K.1", "K", "TK", tmp_path / "k1", 10.0)
+        j.transfer_ended(["K"])
+        assert j.complete_quiet(100.0, 5.0) == ["K"] and j.transfer_aborted(["K"]) == []
+        assert not j.gaps("K") and j.series_state("K") == "complete"
+        assert j.set_classified("K", {"result_uids": ["K-sr"]}, [], 110.0, False) is False
+        assert j.series_state("K") == "done" and j.revision("K")[0] == 0
         assert j.gaps("Z").aborted and j.seen_again("Z.1", 200.0) == ("Z", "reopened")
         assert not j.gaps("Z") and j.series_state("Z") == "receiving"
         j.add_instance("Y.1", "Y", "TY", tmp_path / "y", 10.0)

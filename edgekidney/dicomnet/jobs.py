@@ -223,16 +223,18 @@ class JobTable:
                        "WHERE series_uid=? AND state IN ('receiving','complete')", (now, series_uid))
             return db.execute(_REOPEN_ANSWERED, (now, 0, series_uid)).rowcount > 0
 
-    def transfer_aborted(self, series_uids) -> None:
+    def transfer_aborted(self, series_uids) -> list[str]:
         """The association that carried these series ended without a release (an A-ABORT from either
-        side, a dropped connection, a timeout): what was meant to arrive of them may not have. Marked
-        until an instance of them comes in again (:meth:`gaps`); a series being answered is answered
-        again with the mark. A series already answered is left as it is: an association kept open idle
-        after its series and timed out is no news about them."""
-        with self._lock:
-            self._db.executemany("UPDATE series SET aborted=1, in_transfer=0, changed=(state='complete') "
-                                 "WHERE series_uid=? AND state IN ('receiving','complete')",
-                                 [(s,) for s in series_uids])
+        side, a dropped connection, a timeout): what was meant to arrive of them may not have. A series
+        still receiving is marked until an instance of it comes in again (:meth:`gaps`). One already
+        complete (its study quiet for the series timeout) or answered is left as it is, so that its
+        answer does not depend on how long it waited behind other studies: an association kept open,
+        idle, after its series and timed out is no news about them. Returns the series marked."""
+        with self._transaction() as db:
+            marked = [s for s in series_uids if db.execute(
+                "UPDATE series SET aborted=1, in_transfer=0 WHERE series_uid=? AND state='receiving'",
+                (s,)).rowcount]
+        return marked
 
     def transfer_ended(self, series_uids) -> None:
         """The sender released the association that carried these series (A-RELEASE, not an abort): what

@@ -22,8 +22,8 @@ class ListenerMetrics:
                                 "Answered series receiving again (a new instance, or a resend of one answered "
                                 "as possibly cut short): answered again when complete", registry=r)
         self.aborted = Counter("edgekidney_listener_transfers_aborted",
-                               "Associations that ended without a release while carrying series (answered as "
-                               "possibly incomplete unless more of them arrives)", registry=r)
+                               "Associations that ended without a release while series they carried were still "
+                               "receiving (answered as possibly incomplete unless more of them arrives)", registry=r)
         self.refused = Counter("edgekidney_listener_refused", "Associations or C-STOREs refused", ["reason"],
                                registry=r)
         self.series_completed = Counter("edgekidney_listener_series_completed", "Series complete (quiet)",

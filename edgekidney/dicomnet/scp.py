@@ -191,12 +191,16 @@ class StorageSCP:
         if released:
             self.jobs.transfer_ended(cut)
         else:
-            self.jobs.transfer_aborted(cut)
+            marked = self.jobs.transfer_aborted(cut)
+            aet = _shown_aet(getattr(assoc.requestor, "ae_title", ""))
+            if not marked:  # its series were complete already: an idle association timed out, say
+                log.info("association from %s ended without a release after its %d series were complete",
+                         aet, len(cut))
+                return
             self.metrics.aborted.inc()
             log.warning("association from %s ended without a release while carrying %d series (%s): "
                         "answered as possibly incomplete unless more of them arrives",
-                        _shown_aet(getattr(assoc.requestor, "ae_title", "")), len(cut),
-                        ", ".join(uid_key(s) for s in cut))
+                        aet, len(marked), ", ".join(uid_key(s) for s in marked))
 
     def handle_store(self, event) -> int | Dataset:
         try:
