@@ -478,6 +478,7 @@ def test_an_association_timed_out_idle_after_its_study_was_complete_marks_nothin
         caplog.clear()
         scp.handle_aborted(SimpleNamespace(assoc=assoc))
         assert not jobs.gaps(series_uid) and jobs.series_state(series_uid) == "complete"
+        assert in_transfer(tmp_path / "store", series_uid) == 0  # no association carries it any more
         assert metric_value(metrics, "edgekidney_listener_transfers_aborted_total") == 0
         assert messages(caplog) == ["association from PACS ended without a release after its 1 series were complete"]
         assert id(assoc) not in scp._carrying

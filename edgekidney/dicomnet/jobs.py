@@ -231,9 +231,9 @@ class JobTable:
         answer does not depend on how long it waited behind other studies: an association kept open,
         idle, after its series and timed out is no news about them. Returns the series marked."""
         with self._transaction() as db:
+            db.executemany("UPDATE series SET in_transfer=0 WHERE series_uid=?", [(s,) for s in series_uids])
             marked = [s for s in series_uids if db.execute(
-                "UPDATE series SET aborted=1, in_transfer=0 WHERE series_uid=? AND state='receiving'",
-                (s,)).rowcount]
+                "UPDATE series SET aborted=1 WHERE series_uid=? AND state='receiving'", (s,)).rowcount]
         return marked
 
     def transfer_ended(self, series_uids) -> None:
