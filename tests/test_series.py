@@ -206,12 +206,33 @@ def test_uneven_spacing_and_gantry_tilt_are_warned_not_refused(tmp_path, small_s
 def test_without_positions_instance_number_orders_and_says_so(tmp_path, small_series):
     files = copy_series(small_series[0], tmp_path / "s")
     for f in files:
-        edit(f, ImagePositionPatient=None)
+        edit(f, ImagePositionPatient=None, SliceLocation=None)
     (s,), _ = read_series([tmp_path / "s"])
     assert [r.instance_number for r in s.refs] == list(range(1, 9))
     assert "no usable ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from the slice " \
-           "spacing" in s.warnings
+           "spacing; which end is the feet is not known" in s.warnings
     assert s.orientation_known and s.acquired_plane == "axial"
+
+
+def test_without_positions_slice_location_orders_feet_to_head_whatever_the_instance_numbers(tmp_path, small_series):
+    """Many exports number a series from the head down; SliceLocation, where there is one, still says
+    where each slice lies, so the order and the positions in mm are those ImagePositionPatient gives."""
+    (whole,), _ = read_series([small_series[0]])
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        edit(f, ImagePositionPatient=None, InstanceNumber=9 - int(ds.InstanceNumber))
+    (s,), _ = read_series([tmp_path / "s"])
+    assert [r.sop_instance_uid for r in s.refs] == [r.sop_instance_uid for r in whole.refs]
+    assert [r.instance_number for r in s.refs] == [9 - r.instance_number for r in whole.refs]  # reversed
+    np.testing.assert_allclose(s.positions, whole.positions)
+    assert "no usable ImagePositionPatient: slices ordered by SliceLocation, positions in mm from it" in s.warnings
+    for a, b in zip(whole.hu_slices(), s.hu_slices()):
+        np.testing.assert_array_equal(a, b)
+    edit(files[3], SliceLocation=str(pydicom.dcmread(files[4]).SliceLocation))  # two alike: not an order
+    (s,), _ = read_series([tmp_path / "s"])
+    assert [r.instance_number for r in s.refs] == list(range(1, 9)) and s.positions[0] == 0.0
+    assert any("ordered by InstanceNumber" in w for w in s.warnings)
 
 
 def test_without_orientation_the_plane_is_assumed_axial_and_says_so(tmp_path, small_series):
@@ -222,8 +243,7 @@ def test_without_orientation_the_plane_is_assumed_axial_and_says_so(tmp_path, sm
         edit(f, ImageOrientationPatient=None)
     (s,), _ = read_series([tmp_path / "s"])
     assert s.acquired_plane == "axial" and not s.orientation_known
-    assert "no usable ImageOrientationPatient: slices ordered by InstanceNumber, positions estimated from the " \
-           "slice spacing" in s.warnings
+    assert "no usable ImageOrientationPatient: slices ordered by SliceLocation, positions in mm from it" in s.warnings
     assert "no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are not measured)" \
         in s.warnings
 
@@ -237,6 +257,27 @@ def test_display_transform_turns_any_axis_aligned_slice_to_radiological_view():
     np.testing.assert_array_equal(t.apply(img), img.T[::-1])
     assert display_transform([1, 0, 0], [0, 0, -1], "coronal") == DisplayTransform()
     assert display_transform([0.7, 0.7, 0], [-0.7, 0.7, 0], "axial") is None
+
+
+@pytest.mark.parametrize("little_endian,implicit", [(True, True), (True, False), (False, False)])
+def test_files_without_file_meta_decode_in_the_encoding_they_were_read_in(tmp_path, small_series, little_endian,
+                                                                          implicit):
+    """No preamble, no File Meta Information (an ACR-NEMA style export): the dataset's own encoding is
+    its transfer syntax, and the slices are the same as the full files'."""
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if not little_endian:  # pydicom writes the pixel bytes as they are: swap them for big endian
+            ds.PixelData = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder(">")).tobytes()
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(f, ds, implicit_vr=implicit, little_endian=little_endian, enforce_file_format=False)
+    assert f.read_bytes()[128:132] != b"DICM"
+    (plain,), _ = read_series([small_series[0]])
+    (bare,), skipped = read_series([tmp_path / "s"])
+    assert skipped == [] and bare.positions == plain.positions
+    for a, b in zip(plain.hu_slices(), bare.hu_slices()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless"])

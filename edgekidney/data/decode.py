@@ -160,7 +160,27 @@ def read_dicom(src, name: str, stop_before_pixels: bool = False):
     # dataset, which would read as "no Rows/Columns"; say what happened instead.
     if any("End of file reached before delimiter" in str(w.message) for w in caught):
         raise InputError(f"{name}: DICOM pixel data is truncated (the file ends inside its compressed frames)")
+    _syntax_from_encoding(ds)
     return ds
+
+
+def _syntax_from_encoding(ds) -> None:
+    """A file without a File Meta Information header (no preamble: an ACR-NEMA style export, or a bare
+    dataset) names no transfer syntax, and pydicom then decodes no pixel. When its pixel data is native
+    (not encapsulated), the encoding pydicom read the dataset in is its transfer syntax: record it."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if "PixelData" not in ds or ds["PixelData"].is_undefined_length or implicit is None or (implicit and not little):
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def dicom_pixels(ds, name: str, index: int | None = None) -> np.ndarray:

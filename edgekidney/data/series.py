@@ -13,7 +13,8 @@
   from Rows/Columns/NumberOfFrames/BitsAllocated/SamplesPerPixel before any pixel is read.
 - Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
   the ImageOrientationPatient cosines, signed to point +z for axial), never by file name;
-  InstanceNumber only when positions are missing (then a warning says so).
+  SliceLocation, then InstanceNumber only when positions are missing (then a warning says so; from
+  InstanceNumber, which end is the feet is not known).
 - Enhanced CT (multi-frame) files are expanded frame by frame, with per-frame positions and
   per-frame or shared rescale (functional groups).
 - Geometry checks. *Refused* (the series gets ``not_assessable`` with this one line, nothing is
@@ -92,6 +93,7 @@ class SliceRef:
     intercept: float
     rescale_type: str = ""  # RescaleType when given; "HU" or absent means Hounsfield units
     image_type: str = ""  # ImageType, or FrameType of a multi-frame image's frame
+    slice_location: float | None = None  # SliceLocation (mm): orders slices that have no position
 
     @property
     def frame_number(self) -> int | None:
@@ -302,7 +304,8 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
         return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
                          finite_floats(ds.get("ImageOrientationPatient"), 6), _spacing(ds.get("PixelSpacing")),
-                         shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")))]
+                         shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")),
+                         _number(ds.get("SliceLocation")))]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) != frames:
         raise InputError(f"{path.name}: multi-frame image without per-frame positions")
@@ -410,7 +413,16 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
     else:
         row_cos = col_cos = None
         plane = "axial" if iop is None else orientation_plane(iop)
-        if any(r.instance_number is None for r in refs):
+        locations = [r.slice_location for r in refs]
+        missing = [tag for tag, gone in (("ImageOrientationPatient", len(orientations) != len(refs)),
+                                         ("ImagePositionPatient", any(r.position is None for r in refs))) if gone]
+        if None not in locations and len(set(locations)) == len(refs):
+            # SliceLocation is the slice's position along the patient's axis (feet to head for axial slices)
+            refs.sort(key=lambda r: r.slice_location)
+            positions = sorted(locations)
+            warnings.append(f"no usable {' or '.join(missing)}: slices ordered by SliceLocation, positions in mm "
+                            "from it")
+        elif any(r.instance_number is None for r in refs):
             refusal = refusal or "slices have neither ImagePositionPatient nor InstanceNumber: their order is unknown"
             positions = [float(k) for k in range(len(refs))]
         else:
@@ -418,10 +430,8 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             spacing = (_number(header.get("SpacingBetweenSlices"), 0.0) or _number(header.get("SliceThickness"), 0.0)
                        or 1.0)
             positions = [k * spacing for k in range(len(refs))]
-            missing = [tag for tag, gone in (("ImageOrientationPatient", len(orientations) != len(refs)),
-                                             ("ImagePositionPatient", any(r.position is None for r in refs))) if gone]
             warnings.append(f"no usable {' or '.join(missing)}: slices ordered by InstanceNumber, positions "
-                            "estimated from the slice spacing")
+                            "estimated from the slice spacing; which end is the feet is not known")
         if iop is None:
             warnings.append("no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are "
                             "not measured)")
