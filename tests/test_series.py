@@ -530,3 +530,32 @@ def test_an_absurd_rescale_slope_is_refused_not_clipped_to_white(tmp_path, small
         load_slice(files[0], Preprocessing())
     (s,), _ = read_series([tmp_path / "s"])
     assert sum(isinstance(x, InputError) for x in s.hu_slices_or_errors()) == 1
+
+
+def test_pixels_that_are_not_square_are_refused_not_judged_stretched(tmp_path, small_series):
+    """The slice is cropped and resized as an array: 3 x 2 mm pixels would reach the network as anatomy
+    stretched 1.5 times, and its answers on such a series changed with no warning. Refused with the
+    reason, in a series, a NIfTI volume and a single slice; a few per cent off square is judged."""
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        edit(f, PixelSpacing=[1.5, 1.0])
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal == ("pixels are not square (1.5 x 1 mm, row x column spacing): the model would see the anatomy "
+                         "stretched 1.50 times; resample the slices to square pixels")
+    for f in files:
+        edit(f, PixelSpacing=[1.05, 1.0])
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.refusal is None
+    from edgekidney.data.decode import load_slice
+    from edgekidney.data.preprocess import Preprocessing
+
+    assert load_slice(files[0], Preprocessing()).shape == (64, 64)
+    edit(files[0], PixelSpacing=[0.7, 0.9])
+    with pytest.raises(InputError, match=r"IM0000\.dcm: pixels are not square \(0\.7 x 0\.9 mm, row x column spacing\)"
+                       r": the model would see the anatomy stretched 1\.29 times"):
+        load_slice(files[0], Preprocessing())
+    v = np.full((40, 40, 6), -1000, np.int16)
+    v[10:30, 10:30] = 40
+    assert read_nifti(_nifti(tmp_path / "square.nii.gz", v)).refusal is None
+    s = read_nifti(_nifti(tmp_path / "wide.nii.gz", v, np.diag([1.0, 2.0, 3.0, 1.0])))
+    assert s.refusal.startswith("pixels are not square (2 x 1 mm")

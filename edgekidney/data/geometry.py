@@ -24,6 +24,21 @@ PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the axis the plane's n
 # (column axis, column sign), (row axis, row sign) of the display orientation
 DISPLAY = {"axial": ((0, 1), (1, 1)), "coronal": ((0, 1), (2, -1)), "sagittal": ((1, 1), (2, -1))}
 AXIS_ALIGNED = 0.8
+MAX_PIXEL_ASPECT = 1.1  # row spacing over column spacing, or the inverse: above it a slice is refused
+
+
+def non_square_reason(spacing) -> str | None:
+    """Why a slice of this pixel spacing (row, column; mm) is not judged, or None. The slice is cropped
+    and resized as an array, so pixels that are not square reach the network as stretched anatomy: a
+    kidney and a calculus of another shape than any it was trained on."""
+    if spacing is None:
+        return None
+    rows, cols = float(spacing[0]), float(spacing[1])
+    aspect = max(rows, cols) / min(rows, cols)
+    if aspect <= MAX_PIXEL_ASPECT:
+        return None
+    return (f"pixels are not square ({rows:.3g} x {cols:.3g} mm, row x column spacing): the model would see the "
+            f"anatomy stretched {aspect:.2f} times; resample the slices to square pixels")
 
 
 def finite_floats(value, n: int) -> tuple[float, ...] | None:

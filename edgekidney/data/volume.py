@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, InputError
+from edgekidney.data.geometry import non_square_reason
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.data.series import Series, is_nifti
 
@@ -153,6 +154,6 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         else "unknown", acquired_plane="axial", positions=positions,
         pixel_spacing=(float(zooms[1]), float(zooms[0])), shape=(int(data.shape[1]), int(data.shape[0])),
         origin=origin, row_direction=np.array([0.0, 1.0, 0.0]), col_direction=np.array([1.0, 0.0, 0.0]),
-        warnings=warnings, refusal=reason, allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
+        warnings=warnings, refusal=reason or non_square_reason((zooms[1], zooms[0])), allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
     series.volume = data
     return series
