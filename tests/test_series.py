@@ -559,3 +559,23 @@ def test_pixels_that_are_not_square_are_refused_not_judged_stretched(tmp_path, s
     assert read_nifti(_nifti(tmp_path / "square.nii.gz", v)).refusal is None
     s = read_nifti(_nifti(tmp_path / "wide.nii.gz", v, np.diag([1.0, 2.0, 3.0, 1.0])))
     assert s.refusal.startswith("pixels are not square (2 x 1 mm")
+
+
+def test_an_oblique_series_is_classified_as_acquired_and_never_reformatted(tmp_path, small_series):
+    """Slices tilted 20 degrees about the patient's left-right axis, positions along their normal: turned
+    as if aligned and classified, with a warning; a coronal reformat would shear them, so it is refused,
+    as for an oblique NIfTI affine. A tilt under a degree changes nothing."""
+    from edgekidney.data.geometry import obliquity
+
+    assert obliquity([1, 0, 0], [0, 1, 0]) == 0.0 and obliquity([1, 0, 0], [0, 0.8, 0.6]) == pytest.approx(36.87, 1e-3)
+    for degrees, warned in ((20.0, True), (0.5, False)):
+        t = np.radians(degrees)
+        col, normal = np.array([0.0, np.cos(t), -np.sin(t)]), np.array([0.0, np.sin(t), np.cos(t)])
+        files = copy_series(small_series[0], tmp_path / f"s{degrees}")
+        for k, f in enumerate(sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))):
+            edit(f, ImageOrientationPatient=[1.0, 0.0, 0.0, *col], ImagePositionPatient=list(3.0 * k * normal))
+        (s,), _ = read_series([tmp_path / f"s{degrees}"])
+        assert s.refusal is None and s.acquired_plane == "axial"
+        assert (f"slices oblique by {degrees:.1f} deg to the patient axes: classified as acquired, no coronal "
+                "reformat" in s.warnings) is warned
+        assert s.allows_reformat is not warned

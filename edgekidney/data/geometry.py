@@ -27,6 +27,13 @@ AXIS_ALIGNED = 0.8
 MAX_PIXEL_ASPECT = 1.1  # row spacing over column spacing, or the inverse: above it a slice is refused
 
 
+def obliquity(row_cos, col_cos) -> float:
+    """Degrees between the image's row or column direction and the patient axis nearest it (the larger)."""
+    largest = min(float(np.max(np.abs(np.asarray(v, float)))) / (float(np.linalg.norm(v)) or 1.0)
+                  for v in (row_cos, col_cos))
+    return float(np.degrees(np.arccos(np.clip(largest, -1.0, 1.0))))
+
+
 def non_square_reason(spacing) -> str | None:
     """Why a slice of this pixel spacing (row, column; mm) is not judged, or None. The slice is cropped
     and resized as an array, so pixels that are not square reach the network as stretched anatomy: a

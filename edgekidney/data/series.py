@@ -47,13 +47,14 @@ from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_re
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import (DisplayTransform, canonical_normal, display_transform, finite_floats,
-                                      non_square_reason, orientation_plane, plane_of)
+                                      non_square_reason, obliquity, orientation_plane, plane_of)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NO_SERIES_UID = "no-series-uid:"
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-3
 TILT_WARN_DEGREES = 0.5
+OBLIQUE_WARN_DEGREES = 1.0  # the image plane's largest angle to the patient axes, as for a NIfTI affine
 SPACING_WARN_RATIO = 1.1  # largest / smallest gap between neighbouring slices
 
 
@@ -468,6 +469,11 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             warnings.append(f"{plane} slices not aligned with the patient axes: classified as acquired")
         else:
             transform = found
+            oblique = obliquity(row_cos, col_cos)
+            if oblique > OBLIQUE_WARN_DEGREES and allows_reformat:  # turned as if aligned (a tilt says so already)
+                allows_reformat = False
+                warnings.append(f"slices oblique by {oblique:.1f} deg to the patient axes: classified as acquired, "
+                                "no coronal reformat")
             if transform.transpose:
                 spacing, display_shape = (spacing[1], spacing[0]), display_shape[::-1]
             r0, c0 = transform.source_index(0, 0, refs[0].shape)
