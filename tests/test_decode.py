@@ -360,3 +360,39 @@ def test_one_slice_without_modality_is_refused_as_a_series_skips_it():
     ds.save_as(buf)
     with pytest.raises(InputError, match=r"x\.dcm: DICOM has no Modality"):
         decode_slice(buf.getvalue(), "x.dcm", CFG)
+
+
+def test_a_header_nesting_sequences_thousands_deep_is_a_one_line_error_not_a_recursion(tmp_path):
+    """2,000 sequences inside each other (48 KB) overflowed pydicom's reader: a traceback from `infer`,
+    a 500 from the server, and a whole study stopped by one file. 40 deep reads, but is refused all the
+    same: every later recursive walk of the header (copying it into an SR) would overflow nearer."""
+    import struct
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    end_of_meta = 144 + struct.unpack("<I", data[140:144])[0]
+    opened = b"\x40\x00\x30\xa7SQ\0\0\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff" * 2000
+    closed = b"\xfe\xff\x0d\xe0\0\0\0\0\xfe\xff\xdd\xe0\0\0\0\0" * 2000
+    with pytest.raises(InputError, match=r"^deep\.dcm: DICOM header nests sequences too deeply to read$"):
+        decode_slice(data[:end_of_meta] + opened + closed + data[end_of_meta:], "deep.dcm", CFG)
+    inner = Dataset()
+    for _ in range(40):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([inner])
+        inner = outer
+    ds.ContentSequence = inner.ContentSequence
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(InputError, match=r"^forty\.dcm: DICOM header nests sequences more than 32 deep$"):
+        decode_slice(buf.getvalue(), "forty.dcm", CFG)
+    del ds.ContentSequence
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert decode_slice(buf.getvalue(), "plain.dcm", CFG).shape == (128, 128)

@@ -169,6 +169,12 @@ def read_dicom(src, name: str, stop_before_pixels: bool = False):
             ds = pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         raise InputError(f"{name}: not a readable DICOM file ({_one_line(exc)})") from None
+    except RecursionError:
+        raise InputError(f"{name}: DICOM header nests sequences too deeply to read") from None
+    from edgekidney.data.limits import MAX_SEQUENCE_DEPTH, sequence_depth
+
+    if sequence_depth(ds) > MAX_SEQUENCE_DEPTH:
+        raise InputError(f"{name}: DICOM header nests sequences more than {MAX_SEQUENCE_DEPTH} deep")
     # A file cut inside compressed (encapsulated) pixel data: pydicom warns and, forced, returns an empty
     # dataset, which would read as "no Rows/Columns"; say what happened instead.
     if any("End of file reached before delimiter" in str(w.message) for w in caught):

@@ -98,6 +98,32 @@ class DicomSize(NamedTuple):
         return (self.pixels * self.samples * self.bits + 7) // 8
 
 
+MAX_SEQUENCE_DEPTH = 32  # sequences within sequences in one DICOM header; a CT image needs a handful
+
+
+def sequence_depth(ds, cap: int = MAX_SEQUENCE_DEPTH) -> int:
+    """How deep a dataset's sequences nest, counted without recursion and no further than ``cap + 1``:
+    a header nesting thousands deep would overflow every recursive walk of it (copying, writing)."""
+    deepest, stack = 0, [(ds, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > cap:
+            break
+        for raw in item.elements() if hasattr(item, "elements") else ():
+            # a sequence of defined length stays raw bytes until asked for, one level at a time; an
+            # implicit VR header names no VR until then
+            if raw.VR not in ("SQ", None) and not getattr(raw, "is_undefined_length", False):
+                continue
+            try:
+                element = item[raw.tag]
+            except Exception:  # a value that does not convert is the decoder's to report
+                continue
+            if element.VR == "SQ":
+                stack.extend((child, depth + 1) for child in element.value)
+    return deepest
+
+
 DICOM_SIZE_TAGS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]  # what dicom_size reads
 
 
