@@ -17,6 +17,7 @@ import typer
 from edgekidney.released import resolve_model
 from edgekidney.errors import EdgeKidneyError
 from edgekidney.jsonio import write_json
+from edgekidney.outputs import check_outputs
 from edgekidney.progress import echo, stage
 
 # Plain help (click's layout): typer's rich panels print flags as `--help <bool>`.
@@ -65,6 +66,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except EdgeKidneyError as exc:
             fail(str(exc))
+        except OSError as exc:  # writing a result (a full disk, a path we may not write): one line, not a traceback
+            what = exc.strerror or str(exc) or type(exc).__name__
+            fail(f"{exc.filename}: {what}" if exc.filename else f"cannot write the results: {what}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -310,6 +314,8 @@ def infer_cmd(
     api_key: Optional[str] = typer.Option(None, envvar="EDGEKIDNEY_API_KEY", help="With --server: its API key."),
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
+    check_outputs([*(paths or []), *([model] if server else [])], files={"--json": json_out, "--csv": csv_out},
+                  folders={"--cam": cam})
     model = model if server else resolve_model(model)
     from edgekidney.runtime.predict import Classifier, expand_inputs, write_cams
     from edgekidney.data.provenance import mismatch_warning
@@ -393,6 +399,7 @@ def study_cmd(
     batch_size: int = typer.Option(8, min=1),
 ):
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
+    check_outputs(paths, files={"--json": json_out}, folders={"--sr-out": sr_out, "--sc-out": sc_out})
     model = resolve_model(model)
     from dataclasses import replace
 

@@ -123,6 +123,15 @@ def cases(tmp_path, tiny_onnx):
     (["train", "{d}/nothere", "--out", "{d}/run"], ["nothere: no such folder"]),
     (["evaluate", "{model}", "{d}/oneclass"], ["needs at least two class folders"]),
     (["export", "{d}/norun", "--out", "{d}/m.onnx"], ["no such checkpoint"]),
+    # where results go: checked before the model is loaded, never over an input, never a traceback
+    (["infer", "{model}", "{d}/tiny.png", "--json", "{d}"], ["--json", "is a folder; give a file name"]),
+    (["infer", "{model}", "{d}/tiny.png", "--csv", "{d}/tiny.png"], ["--csv", "would write over an input (the file"]),
+    (["infer", "{model}", "{d}/oneclass", "--json", "{d}/oneclass/Stone/a.png"], ["--json", "would write over an input (in"]),
+    (["infer", "{model}", "{d}/tiny.png", "--json", "{d}/text.png/out.json"], ["text.png is not a folder"]),
+    (["infer", "{model}", "{d}/tiny.png", "--cam", "{d}/text.png"], ["--cam", "is a file; give a folder"]),
+    (["study", "{model}", "{d}/empty", "--sr-out", "{d}/text.png"], ["--sr-out", "is a file; give a folder"]),
+    (["study", "{model}", "{d}/empty", "--sc-out", "{d}/tiny.png/sc"], ["tiny.png is not a folder"]),
+    (["study", "{model}", "{d}", "--json", "{d}/text.png"], ["--json", "would write over an input (in"]),
 ])
 def test_bad_input_gives_one_line_error(cases, tiny_onnx, argv, fragments):
     subst = {"model": tiny_onnx, "d": cases, "truncated": shipped_file("MR_truncated.dcm"),
@@ -203,3 +212,10 @@ def test_benchmarks_and_triton_take_a_released_model_by_name(tiny_onnx, tiny_run
         json.loads(tiny_onnx.with_suffix(".json").read_text())["sha256"]
     r = runner.invoke(app, ["export-triton", "no-such-release", "--repo", "triton2"])
     assert r.exit_code == 1 and "no released model of that name" in r.output
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_result_that_cannot_be_written_is_one_line_not_a_traceback(tiny_onnx, small_real):
+    for flag in ("--json", "--csv"):
+        r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", flag, "/dev/full")
+        assert_one_line_error(r, "cannot write the results: No space left on device")
