@@ -57,6 +57,22 @@ def warn(message: str) -> None:
     echo(f"warning: {message}", err=True)
 
 
+# the extra that brings each optional package (pyproject.toml); prometheus_client comes with two
+EXTRAS = {"torch": "train", "torchvision": "train", "onnxscript": "train", "matplotlib": "train",
+          "pylibjpeg": "dicom", "openjpeg": "dicom", "libjpeg": "dicom", "fastapi": "serve", "starlette": "serve",
+          "anyio": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+          "nibabel": "nifti", "highdicom": "sr", "pynetdicom": "net", "tensorrt": "trt", "pycuda": "trt",
+          "tritonclient": "triton", "prometheus_client": "serve"}
+
+
+def missing_extra(module: str | None, command: str) -> str | None:
+    """The extra to install for a missing module (None: not an optional package: a broken install)."""
+    top = (module or "").split(".")[0]
+    if top == "prometheus_client" and command.startswith("listen"):
+        return "net"
+    return EXTRAS.get(top)
+
+
 def user_errors(fn):
     """Turn an EdgeKidneyError into one line on stderr and exit code 1."""
 
@@ -66,6 +82,11 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except EdgeKidneyError as exc:
             fail(str(exc))
+        except ModuleNotFoundError as exc:  # an optional package imported where the command first needs it
+            extra = missing_extra(exc.name, fn.__name__)
+            if extra is None:
+                raise
+            fail(f"this command needs {exc.name}: pip install 'edgekidney[{extra}]'")
         except OSError as exc:  # writing a result (a full disk, a path we may not write): one line, not a traceback
             what = exc.strerror or str(exc) or type(exc).__name__
             fail(f"{exc.filename}: {what}" if exc.filename else f"cannot write the results: {what}")
@@ -263,13 +284,15 @@ def evaluate_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
-    model = model if (model.is_dir() and (model / 'model.pt').exists()) or model.suffix == '.pt' else resolve_model(model)
+    checkpoint = (model.is_dir() and (model / 'model.pt').exists()) or model.suffix == '.pt'
+    model = model if checkpoint else resolve_model(model)
     from edgekidney.data.dataset import parse_classes
     from edgekidney.model.evaluate import evaluate, format_confounders
     from edgekidney.metrics import format_report
     from edgekidney.runtime.predict import default_backend_for
 
-    options = {"threads": threads} if (backend or default_backend_for(model)) == "ort" else {}
+    # a checkpoint runs in PyTorch (which takes --threads too); an artifact on the backend its sidecar names
+    options = {"threads": threads} if checkpoint or (backend or default_backend_for(model)) == "ort" else {}
     result = evaluate(model, data, split=split, classes=parse_classes(classes), batch_size=batch_size,
                       target_sensitivity=target_sensitivity, store_threshold=store_threshold, backend=backend,
                       bootstrap_resamples=bootstrap, seed=seed, plot_dir=plots, **options)

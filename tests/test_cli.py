@@ -219,3 +219,34 @@ def test_a_result_that_cannot_be_written_is_one_line_not_a_traceback(tiny_onnx, 
     for flag in ("--json", "--csv"):
         r = run("infer", tiny_onnx, small_real / "Normal" / "Normal- (2).jpg", flag, "/dev/full")
         assert_one_line_error(r, "cannot write the results: No space left on device")
+
+
+def test_evaluate_takes_a_checkpoint_as_its_help_says_and_agrees_with_its_export(tiny_run, tiny_onnx, small_real):
+    """`evaluate RUN` read RUN's sidecar as if it were an ONNX model's and stopped on "sidecar run.json
+    not found"; a checkpoint is evaluated in PyTorch, and its numbers are its export's."""
+    split = tiny_run / "split.csv"
+    reports = [json.loads(run("evaluate", m, split, "--split", "val", "--json", "-", "--threads", "1",
+                              "--bootstrap", "100").stdout) for m in (tiny_run, tiny_run / "model.pt", tiny_onnx)]
+    assert [r["backend"] for r in reports] == ["torch", "torch", "ort"]
+    assert len({r["n"] for r in reports}) == 1 and reports[0]["n"] > 0
+    for r in reports[1:]:
+        assert r["at_model_threshold"]["confusion_matrix"] == reports[0]["at_model_threshold"]["confusion_matrix"]
+
+
+def test_a_missing_extra_is_named_in_one_line_whichever_command_meets_it(monkeypatch, tmp_path, tiny_run):
+    """A plain `pip install .` has neither prometheus_client nor torch: `listen` and `export` met them
+    in a module import and printed a traceback; every command now names the extra to install."""
+    import sys
+
+    from edgekidney.cli import missing_extra
+
+    for name in [m for m in sys.modules if m.startswith("edgekidney.dicomnet")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "torch", None)
+    r = run("listen", "kidney-stone-ct-v3", "--store", tmp_path / "store")
+    assert_one_line_error(r, "this command needs prometheus_client: pip install 'edgekidney[net]'")
+    r = run("export", tiny_run, "--out", tmp_path / "m.onnx")
+    assert_one_line_error(r, "this command needs torch: pip install 'edgekidney[train]'")
+    assert (missing_extra("prometheus_client", "serve_cmd"), missing_extra("tritonclient.http", "infer_cmd"),
+            missing_extra("numpy", "infer_cmd")) == ("serve", "triton", None)
