@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "ct-kidney-axial"
+DEFAULT_DATA = Path(os.environ.get("EDGEKIDNEY_DATA", REPO.parent / "shared" / "data" / "ct-kidney-axial"))
 MODES = {"batched": [], "unbatched": ["--no-batching"]}
 
 

@@ -211,6 +211,22 @@ def test_single_image_matches_in_process_prediction(client, images, reference, n
     assert len(item["model_sha256"]) == 64 and item["latency_ms"] > 0
 
 
+def test_an_axial_dicom_slice_gets_its_anatomy_shares_as_infer_gives_them(client, images, reference):
+    """The lung, skull and split shares of an axial slice in HU (a slice out of scope for them says so
+    only through them): the server returns what `infer --json` returns for the same file."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(images["dicom"]))
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    item = post(client, buf.getvalue(), "application/dicom").json()
+    ref = reference(buf.getvalue())
+    assert ref.lung_share is not None
+    assert (item["lung_share"], item["skull_share"], item["split_share"]) == (ref.lung_share, ref.skull_share,
+                                                                            ref.split_share)
+
+
 def test_multipart_returns_one_result_per_part_in_order(client, images, reference):
     names = ["jpeg3", "dicom", "png", "jpeg4"]
     files = [("image", (f"x{i}", images[n], ctype)) for i, (n, ctype) in

@@ -15,6 +15,7 @@ patient's left on the image's right); the head CT is an enhanced multi-frame DIC
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import numpy as np
 from edgekidney.data.calculus import CalculusSpec, draw_calculus, kidney_sites
 from edgekidney.data.preprocess import window_hu
 
-VOLUMES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct-volumes"
+# where the public CT volumes are ($EDGEKIDNEY_VOLUMES, as the tests read it; README, "Real data")
+VOLUMES = Path(os.environ.get("EDGEKIDNEY_VOLUMES",
+                              Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct-volumes"))
 
 
 def nifti_axial_slices(path: Path) -> tuple[list[np.ndarray], float]:

@@ -71,11 +71,14 @@ class BatchResult:
             scope_distance=None if self.distances is None else float(self.distances[i]),
             scope_threshold=thr, scope_reason=self.reasons[i], cam=self.cams[i],
             cam_peak=self.peaks[i] if self.peaks else None,
-            **_shares(getattr(self.geometries[i], "anatomy", None) if self.geometries else None))
+            **anatomy_shares(self.geometries[i] if self.geometries else None))
             for i, name in enumerate(names)]
 
 
-def _shares(anatomy: tuple[float, float, float] | None) -> dict:
+def anatomy_shares(geometry) -> dict:
+    """``lung_share``, ``skull_share``, ``split_share`` of an axial DICOM slice measured in HU (a slice's
+    preprocessing geometry carries them); {} for any other slice."""
+    anatomy = getattr(geometry, "anatomy", None)
     if anatomy is None:
         return {}
     lung, skull, split = (shown(v) for v in anatomy)

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edgekidney import __version__
-from edgekidney.runtime.predict import decide_outputs
+from edgekidney.runtime.predict import anatomy_shares, decide_outputs
 from edgekidney.server.batching import BatcherError, MicroBatcher
 from edgekidney.server.config import ServeConfig
 from edgekidney.server.inputs import (MULTIPART_TYPE, ClientError, check_content_type, check_declared_length, decode_uploads,
@@ -192,6 +192,7 @@ class Service:
                     "model_sha256": self.model["sha256"],
                     "precision": self.model["precision"], "backend": self.model["backend"],
                     "batch_size": result.batch_size, "latency_ms": latency_ms}
+            item.update(anatomy_shares(decided.geometries[i] if decided.geometries else None))
             peak = decided.peaks[i] if decided.peaks else None
             if peak is not None:
                 item["cam_peak"] = list(peak)  # (row, col) of the map's maximum within the body, on the upload
