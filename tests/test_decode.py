@@ -396,3 +396,25 @@ def test_a_header_nesting_sequences_thousands_deep_is_a_one_line_error_not_a_rec
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     assert decode_slice(buf.getvalue(), "plain.dcm", CFG).shape == (128, 128)
+
+
+def test_a_palette_colour_dicom_is_refused_not_read_as_densities(tmp_path):
+    """One sample per pixel, but PALETTE COLOR: the values index a colour table. It was classified as a
+    CT slice (and a series of them answered no_stone); the series reader skips it with the same reason."""
+    from edgekidney.data.series import read_series
+
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    for value, refused in (("PALETTE COLOR", True), ("MONOCHROME1", False), ("MONOCHROME2", False)):
+        ds.PhotometricInterpretation = value
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        if refused:
+            with pytest.raises(InputError, match=r"^p\.dcm: PhotometricInterpretation PALETTE COLOR: a colour image"):
+                decode_slice(buf.getvalue(), "p.dcm", CFG)
+        else:
+            assert decode_slice(buf.getvalue(), "p.dcm", CFG).shape == (128, 128)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.save_as(tmp_path / "p.dcm")
+    with pytest.raises(InputError) as err:
+        read_series([tmp_path])
+    assert "PhotometricInterpretation PALETTE COLOR: a colour image, not a grayscale CT slice" in str(err.value)

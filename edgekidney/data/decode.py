@@ -284,6 +284,9 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
                              f"{frames} frame(s) at {bits} bits, {expected} expected)")
     if samples != 1:
         raise InputError(f"{name}: DICOM has {samples} samples per pixel; expected a grayscale CT slice")
+    colour = photometric_reason(ds)
+    if colour:
+        raise InputError(f"{name}: {colour}")
     if frames > 1:
         raise InputError(f"{name}: multi-frame DICOM ({frames} frames); export single slices")
     modality = str(ds.get("Modality", "") or "").upper()
@@ -301,6 +304,15 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
     if rescale_type and rescale_type.upper() != "HU":
         raise InputError(f"{name}: DICOM pixel values are not Hounsfield units (RescaleType {rescale_type})")
     return frames, samples
+
+
+def photometric_reason(ds) -> str | None:
+    """Why a one-sample image is not a grayscale slice (PALETTE COLOR indexes a colour table: its
+    values are not densities), or None. An absent value is taken as MONOCHROME2."""
+    value = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if value and value not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"PhotometricInterpretation {value}: a colour image, not a grayscale CT slice"
+    return None
 
 
 def file_meta_value(ds, attr: str) -> str:

@@ -43,7 +43,8 @@ import numpy as np
 
 from edgekidney.errors import DependencyError, EdgeKidneyError, InputError
 from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_rescale, file_meta_value,
-                                    looks_like_dicom, read_dicom, sop_class_of, sop_name, stored_to_hu)
+                                    looks_like_dicom, photometric_reason, read_dicom, sop_class_of, sop_name,
+                                    stored_to_hu)
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import (DisplayTransform, canonical_normal, display_transform, finite_floats,
@@ -290,7 +291,7 @@ def _skip_reason(ds) -> str | None:
         return "no Modality"
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return "colour image, not a CT slice"
-    return None
+    return photometric_reason(ds)
 
 
 def _slice_refs(path: Path, ds) -> list[SliceRef]:
