@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgekidney.runtime.predict import Prediction
-from edgekidney.data.preprocess import Preprocessing
+from edgekidney.data.preprocess import NO_BODY_REASON, Preprocessing
 from edgekidney.sidecar import ModelCard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,8 @@ class Oracle:
                 pred.cam_peak = (max(0, self.boxes[0][0] - 12), self.boxes[0][2])
             if self.seen in self.out_of_scope:
                 pred.label = "out_of_scope"
+            if float(np.ptp(s)) == 0.0:  # one flat value: no body, out of scope as the real models say
+                pred.label, pred.in_scope, pred.scope_reason = "out_of_scope", False, NO_BODY_REASON
             self.seen += 1
             out.append(pred)
         return out

@@ -195,7 +195,7 @@ def test_an_unreadable_slice_in_or_beside_the_judged_range_keeps_no_stone_from_b
         assert d.decision == expected, (k, d)
         assert d.hole == (k if expected == "not_assessable" else None)
         if d.hole is not None:
-            assert d == Decision("not_assessable", f"slice {k}, inside the range the model judges, could not be read, "
+            assert d == Decision("not_assessable", f"slice {k}, inside the range the model judges, could not be judged, "
                                  "so 'no stone' would not cover it (no 2 consecutive slices with p >= 0.5 on the "
                                  "others)", 0.5, [], 2 if k != 2 else 3, k)
     # a stone found on the slices that were read stays a stone, whatever is missing
@@ -245,4 +245,4 @@ def test_the_reason_names_the_image_numbers_a_viewer_shows_when_it_has_them():
     assert decide(p, [True] * 6, StudyRule(), 0.6).reason.endswith("(best: slices 4-5)")
     hole = decide([0.1] * 6, [True, True, False, True, True, True], StudyRule(), 0.6,
                   unreadable=[False, False, True, False, False, False], images=images)
-    assert hole.reason.startswith("slice 2, image 38, inside the range the model judges, could not be read")
+    assert hole.reason.startswith("slice 2, image 38, inside the range the model judges, could not be judged")

@@ -19,6 +19,7 @@ from edgekidney.study.planes import CoronalReformat
 from edgekidney.study.rule import runs_above, run_score
 
 from study_fixtures import Oracle, volumes_or_skip
+from edgekidney.data.preprocess import NO_BODY_REASON
 
 runner = CliRunner()
 
@@ -491,6 +492,39 @@ def test_a_truncated_slice_is_not_judged_and_no_stone_cannot_be_said_over_it(syn
     assert any("1 slice(s) could not be read" in w for w in fine.warnings)
     stone_slices = sorted(k for span in truth["two"].stone_slices for k in span)
     assert [k for r in fine.supporting for k in range(r.start, r.end + 1)] == stone_slices
+
+
+def _blanked_copy(root, name, tmp_path, ks):
+    """A copy of one synthetic series with the slices at positions ``ks`` made all air (-1000 HU)."""
+    import shutil
+
+    shutil.copytree(root / name, tmp_path / name)
+    (series,), _ = read_series(sorted((tmp_path / name).glob("*.dcm")))
+    for k in ks:
+        ds = pydicom.dcmread(series.refs[k].path)
+        air = (-1000 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)
+        ds.PixelData = np.full((ds.Rows, ds.Columns), air, ds.pixel_array.dtype).tobytes()
+        ds.save_as(series.refs[k].path)
+    return tmp_path / name
+
+
+def test_a_blank_slice_between_judged_ones_keeps_no_stone_from_being_said(synth, tmp_path):
+    """A slice with no body inside a body series is a corrupt or missing slice: blanking one slice of each
+    stone broke both runs and the answer was no_stone. A blank slice beyond the judged range is not."""
+    root, truth = synth
+    stone_slices = [sorted(span) for span in truth["two"].stone_slices]
+    cut = analyze_study(oracle_for(truth["two"]), [_blanked_copy(root, "two", tmp_path / "a",
+                                                                 [span[1] for span in stone_slices])]).series[0]
+    assert not cut.supporting and cut.decision == "not_assessable", cut.reason
+    k = stone_slices[0][1]
+    assert cut.reason.startswith(f"slice {k}, image ") and cut.reason.endswith(
+        ", inside the range the model judges, could not be judged, so 'no stone' would not cover it (no 2 consecutive "
+        f"slices with p >= 0.5 on the others): {NO_BODY_REASON}"[-80:])
+    edge = analyze_study(oracle_for(truth["none"]), [_blanked_copy(root, "none", tmp_path / "b", [0, 29])]).series[0]
+    assert [edge.slices[k].scope_reason for k in (0, 29)] == [NO_BODY_REASON] * 2
+    assert edge.decision == "no_stone", edge.reason
+    mid = analyze_study(oracle_for(truth["none"]), [_blanked_copy(root, "none", tmp_path / "c", [14])]).series[0]
+    assert mid.decision == "not_assessable" and mid.reason.startswith("slice 14, image 16, inside the range")
 
 
 def test_a_truncated_slice_outside_the_judged_range_changes_nothing(synth, tmp_path):

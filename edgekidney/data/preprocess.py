@@ -102,6 +102,10 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img, "F").resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
+# why a slice in which the body crop finds no body is out of scope whatever the network says
+NO_BODY_REASON = "no patient outline (or no anatomy, one flat value) found in the image"
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where the network's input grid lies on the original slice (for maps back onto the image).

@@ -16,7 +16,7 @@ from edgekidney.data.dataset import expand_paths
 from edgekidney.data.decode import decode_slice, load_slice
 from edgekidney.errors import EdgeKidneyError, InputError
 from edgekidney.metrics import decide, softmax
-from edgekidney.data.preprocess import preprocess_batch_with_geometry
+from edgekidney.data.preprocess import NO_BODY_REASON, preprocess_batch_with_geometry
 from edgekidney.runtime.cam import peak_of
 from edgekidney.scope import OUT_OF_SCOPE
 from edgekidney.runtime import backend_for, open_backend
@@ -113,7 +113,7 @@ def scope_of(card, distances: np.ndarray | None, geometries: list) -> tuple[np.n
     for i, (ok, g) in enumerate(zip(inside, geometries)):
         if card.preprocessing.body_crop and not g.body_found:
             inside[i] = False
-            reasons[i] = "no patient outline (or no anatomy, one flat value) found in the image"
+            reasons[i] = NO_BODY_REASON
         elif not ok:
             reasons[i] = f"unlike the training slices (feature distance {float(distances[i]):.3g} > {thr:.3g})"
         elif (why := anatomy_reason(getattr(g, "anatomy", None))) is not None:

@@ -144,7 +144,8 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     """Apply the rule to one series' slices, in position order. ``focus_hu`` (per slice, None where not
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
     count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
-    whose file could not be read, given as not in scope: one inside or next to the judged range turns
+    that could not be judged (a file that could not be read; a slice without a body between judged
+    ones: study.analyze.holes), given as not in scope: one inside or next to the judged range turns
     ``no_stone`` into ``not_assessable`` (a stone there would have gone unseen); a stone found on the
     other slices stays ``stone``. ``chest`` (per slice) marks slices put out of scope for their lung
     fields: when they outnumber the slices in scope, the series is a chest scan and ``no_stone`` becomes
@@ -190,7 +191,7 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     hole = first_hole(unreadable, in_scope) if unreadable is not None else None
     if hole is not None:
         return Decision("not_assessable", f"{where(hole, hole, images)}, inside the range the model judges, "
-                                          "could not be read, so "
+                                          "could not be judged, so "
                                           f"'no stone' would not cover it ({quiet} on the others)", threshold, [], peak,
                         hole)
     if incomplete:
