@@ -579,3 +579,27 @@ def test_an_oblique_series_is_classified_as_acquired_and_never_reformatted(tmp_p
         assert (f"slices oblique by {degrees:.1f} deg to the patient axes: classified as acquired, no coronal "
                 "reformat" in s.warnings) is warned
         assert s.allows_reformat is not warned
+
+
+def test_pixel_spacing_no_ct_slice_has_is_refused_and_nifti_units_are_read(tmp_path, small_series):
+    """30 mm or 0.0001 mm pixels are a header in other units: the positions, the distances the answer
+    gives and the density searched within 10 mm of a peak would all be wrong. A NIfTI that says its
+    units are metres is read in millimetres."""
+    files = copy_series(small_series[0], tmp_path / "s")
+    for spacing in ([30.0, 30.0], [1e-4, 1e-4]):
+        for f in files:
+            edit(f, PixelSpacing=spacing)
+        (s,), _ = read_series([tmp_path / "s"])
+        assert s.refusal == (f"pixel spacing {spacing[0]:.3g} x {spacing[1]:.3g} mm is outside what a CT slice has "
+                             "(0.05-10 mm): check the header's units")
+    nib = pytest.importorskip("nibabel")
+    v = np.full((40, 40, 6), -1000, np.int16)
+    v[10:30, 10:30] = 40
+    img = nib.Nifti1Image(v, np.diag([0.003, 0.003, 0.003, 1.0]))
+    img.header.set_xyzt_units("meter")
+    nib.save(img, str(tmp_path / "metres.nii.gz"))
+    s = read_nifti(tmp_path / "metres.nii.gz")
+    assert s.refusal is None and s.pixel_spacing == pytest.approx((3.0, 3.0))
+    assert np.diff(s.positions) == pytest.approx([3.0] * 5)
+    assert read_nifti(_nifti(tmp_path / "big.nii.gz", v, np.diag([30.0, 30.0, 3.0, 1.0]))).refusal.startswith(
+        "pixel spacing 30 x 30 mm is outside what a CT slice has")

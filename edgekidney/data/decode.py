@@ -118,7 +118,7 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
     file_meta = getattr(ds, "file_meta", None)
     syntax = getattr(file_meta, "TransferSyntaxUID", None) if file_meta is not None else None
     _check_dicom_header(ds, name, syntax, config, limits)  # before any pixel is decoded
-    _check_square_pixels(ds, name)
+    _check_pixel_spacing(ds, name)
     pixels = dicom_pixels(ds, name)
     if pixels.ndim != 2:
         raise InputError(f"{name}: DICOM pixel data has shape {pixels.shape}; expected one grayscale slice")
@@ -134,14 +134,14 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
     return windowed
 
 
-def _check_square_pixels(ds, name: str) -> None:
-    from edgekidney.data.geometry import finite_floats, non_square_reason
+def _check_pixel_spacing(ds, name: str) -> None:
+    from edgekidney.data.geometry import finite_floats, pixel_spacing_reason
 
     try:
         spacing = finite_floats(ds.get("PixelSpacing"), 2)
     except (TypeError, ValueError):
         return  # unreadable: treated as absent, as a series does
-    reason = non_square_reason(spacing) if spacing is not None and min(spacing) > 0 else None
+    reason = pixel_spacing_reason(spacing) if spacing is not None and min(spacing) > 0 else None
     if reason:
         raise InputError(f"{name}: {reason}")
 

@@ -25,6 +25,7 @@ PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the axis the plane's n
 DISPLAY = {"axial": ((0, 1), (1, 1)), "coronal": ((0, 1), (2, -1)), "sagittal": ((1, 1), (2, -1))}
 AXIS_ALIGNED = 0.8
 MAX_PIXEL_ASPECT = 1.1  # row spacing over column spacing, or the inverse: above it a slice is refused
+PIXEL_MM = (0.05, 10.0)  # a CT slice's pixel spacing; outside it the header's units are wrong
 
 
 def obliquity(row_cos, col_cos) -> float:
@@ -32,6 +33,19 @@ def obliquity(row_cos, col_cos) -> float:
     largest = min(float(np.max(np.abs(np.asarray(v, float)))) / (float(np.linalg.norm(v)) or 1.0)
                   for v in (row_cos, col_cos))
     return float(np.degrees(np.arccos(np.clip(largest, -1.0, 1.0))))
+
+
+def pixel_spacing_reason(spacing) -> str | None:
+    """Why a slice of this pixel spacing (row, column; mm) is not judged, or None: spacing no CT slice
+    has (millimetres read from a header in other units: the distances the answer gives, and the
+    density searched around a peak, would be wrong), or pixels that are not square."""
+    if spacing is None:
+        return None
+    low, high = PIXEL_MM
+    if not all(low <= float(d) <= high for d in spacing):
+        return (f"pixel spacing {float(spacing[0]):.3g} x {float(spacing[1]):.3g} mm is outside what a CT slice has "
+                f"({low:g}-{high:g} mm): check the header's units")
+    return non_square_reason(spacing)
 
 
 def non_square_reason(spacing) -> str | None:

@@ -48,7 +48,7 @@ from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_re
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import (DisplayTransform, canonical_normal, display_transform, finite_floats,
-                                      non_square_reason, obliquity, orientation_plane, plane_of)
+                                      obliquity, pixel_spacing_reason, orientation_plane, plane_of)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NO_SERIES_UID = "no-series-uid:"
@@ -486,7 +486,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             col_dir = (c2 - c0) * row_cos + (r2 - r0) * col_cos
     if refs[0].pixel_spacing is None:
         warnings.append("no PixelSpacing (or not two positive numbers): 1 mm assumed")
-    refusal = refusal or non_square_reason(refs[0].pixel_spacing)
+    refusal = refusal or pixel_spacing_reason(refs[0].pixel_spacing)
     description = str(header.get("SeriesDescription", "") or "")
     thickness = header.get("SliceThickness") or _first(
         header.SharedFunctionalGroupsSequence[0] if header.get("SharedFunctionalGroupsSequence") else None,

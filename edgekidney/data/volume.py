@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, InputError
-from edgekidney.data.geometry import non_square_reason
+from edgekidney.data.geometry import pixel_spacing_reason
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.data.series import Series, is_nifti
 
@@ -36,6 +36,7 @@ MIN_AIR_FRACTION = 0.02
 MAX_HU = 4000.0
 MAX_ABOVE_FRACTION = 0.005
 NIFTI_HINT = "pip install 'edgekidney[nifti]' (nibabel)"
+UNITS_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # the header's xyz units, in millimetres
 
 
 def not_ct_reason(values: np.ndarray) -> str | None:
@@ -137,6 +138,8 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         data = data[..., 0]
     data = nib.orientations.apply_orientation(data, to_lps)
     affine = affine @ nib.orientations.inv_ornt_aff(to_lps, img.shape[:3])
+    to_mm = UNITS_MM.get(img.header.get_xyzt_units()[0], 1.0)  # NIfTI may say metres or microns; unknown: mm
+    affine = np.diag([to_mm, to_mm, to_mm, 1.0]) @ affine
     warnings: list[str] = []
     axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     obliquity = float(np.degrees(np.arccos(np.clip(np.min(np.abs(np.diag(axes))), -1, 1))))
@@ -154,6 +157,6 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         else "unknown", acquired_plane="axial", positions=positions,
         pixel_spacing=(float(zooms[1]), float(zooms[0])), shape=(int(data.shape[1]), int(data.shape[0])),
         origin=origin, row_direction=np.array([0.0, 1.0, 0.0]), col_direction=np.array([1.0, 0.0, 0.0]),
-        warnings=warnings, refusal=reason or non_square_reason((zooms[1], zooms[0])), allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
+        warnings=warnings, refusal=reason or pixel_spacing_reason((zooms[1], zooms[0])), allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
     series.volume = data
     return series
