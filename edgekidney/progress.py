@@ -19,6 +19,14 @@ import time
 from typing import TextIO
 
 CLEAR_LINE = "\r\x1b[2K"
+# control characters a file name may carry into a line (an escape sequence would drive the terminal):
+# shown as \x.. escapes; newlines and tabs of the message itself stay
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if c not in (0x09, 0x0a)}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (ESC, CR, ...) escaped, for a terminal or a log."""
+    return text.translate(_CONTROLS)
 
 
 def is_terminal(out: TextIO, err: TextIO) -> bool:
@@ -118,7 +126,7 @@ class Display:
         if live:
             self._erase()
         stream = self.err if err else self.out
-        stream.write(f"{message}\n")
+        stream.write(f"{printable(message)}\n")
         stream.flush()
         if live and self._stage is not None:
             self._draw()

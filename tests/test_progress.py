@@ -101,3 +101,12 @@ def test_infer_over_a_folder_prints_one_table(where, tiny_onnx, small_real):
     rows = [l for l in lines if "Stone- (" in l]
     assert len(rows) == 24 and len(set(rows)) == 24
     assert lines[0].startswith("label = Stone when p(Stone) >= ")
+
+
+def test_a_line_cannot_drive_the_terminal_with_control_characters_from_a_file_name():
+    """A file named with ESC sequences or a carriage return, printed in the infer table or an error, would
+    recolour, rewrite or hide lines on the reader's terminal; they are shown escaped, newlines and tabs
+    of the line itself kept."""
+    out = io.StringIO()
+    Display(out=out, err=io.StringIO()).log("evil\x1b[2J\x1b]0;title\x07.png\rok\x9b\tp 0.1\nnext")
+    assert out.getvalue() == "evil\\x1b[2J\\x1b]0;title\\x07.png\\x0dok\\x9b\tp 0.1\nnext\n"
