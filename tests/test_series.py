@@ -405,7 +405,9 @@ def test_slices_of_different_sizes_are_refused_and_the_study_says_not_assessable
     ds.Rows, ds.Columns = 48, 40
     ds.save_as(files[3])
     (s,), skipped = read_series([tmp_path / "s"])
-    assert skipped == [] and s.refusal == "slices of different sizes in one series: [(48, 40), (64, 64)]"
+    assert skipped == [] and s.refusal == ("slices of different sizes in one series: 1 of 40x48 px, 7 of 64x64 px (a "
+                                           "scout or a reformat sent in the series? a localizer's ImageType says "
+                                           "LOCALIZER, and such slices are skipped)")
     r = CliRunner().invoke(app, ["study", str(tiny_model(tmp_path / "m")), str(tmp_path / "s"),
                                  "--json", str(tmp_path / "study.json")])
     assert r.exit_code == 0, r.output

@@ -391,7 +391,10 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
 
     shapes = {r.shape for r in refs}
     if len(shapes) > 1:
-        refusal = f"slices of different sizes in one series: {sorted(shapes)}"
+        counts = {shape: sum(r.shape == shape for r in refs) for shape in sorted(shapes)}
+        sizes = ", ".join(f"{n} of {shape[1]}x{shape[0]} px" for shape, n in counts.items())
+        refusal = (f"slices of different sizes in one series: {sizes} (a scout or a reformat sent in the series? "
+                   "a localizer's ImageType says LOCALIZER, and such slices are skipped)")
     not_hu = sorted({r.rescale_type for r in refs if r.rescale_type and r.rescale_type.upper() != "HU"})
     if not_hu:
         kinds = sorted({r.image_type for r in refs if r.image_type})
