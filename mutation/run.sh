@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the decision-critical modules with mutmut 3; see docs/mutation.md.
 #
-#   mutation/run.sh [GROUP ...]      GROUP: scope rule gates listener limits (default: all five)
+#   mutation/run.sh [GROUP ...]      GROUP: scope rule gates listener limits inputs (default: all six)
 #   TESTS_REV=REV mutation/run.sh ...   the tests as they were at git REV (the "before" column of
 #                                       docs/mutation.md), each group with the test files of that time
 #   SAMPLE=N mutation/run.sh ...        only N mutants per group, drawn at random (seeded): an estimate
@@ -20,7 +20,7 @@ export EDGEKIDNEY_DATA=${EDGEKIDNEY_DATA:-$SHARED/data/ct-kidney-axial}
 export EDGEKIDNEY_TINY_CACHE=${EDGEKIDNEY_TINY_CACHE:-$WORK/tiny-cache}  # the tiny trained run, made once
 TESTS_REV=${TESTS_REV:-}
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(scope rule gates listener limits)
+[ ${#groups[@]} -gt 0 ] || groups=(scope rule gates listener limits inputs)
 
 lines() { printf '\n    %s' "$@"; }
 
@@ -72,7 +72,19 @@ for group in "${groups[@]}"; do
     limits)
       mutate=(edgekidney/data/limits.py)
       tests=(tests/test_limits.py tests/test_decode.py) ;;
-    *) echo "unknown group '$group' (scope rule gates listener limits)" >&2; exit 2 ;;
+    inputs)  # what a series or slice from another hospital is refused or warned for, and where results go
+      mutate=(edgekidney/outputs.py edgekidney/data/geometry.py edgekidney/data/decode.py edgekidney/data/series.py
+              edgekidney/study/analyze.py)
+      only=("edgekidney.outputs.*" "edgekidney.data.geometry.x_obliquity__*"
+            "edgekidney.data.geometry.x_non_square_reason__*" "edgekidney.data.geometry.x_pixel_spacing_reason__*"
+            "edgekidney.data.decode.x_photometric_reason__*" "edgekidney.data.decode.x__syntax_from_encoding__*"
+            "edgekidney.data.decode.x__check_pixel_spacing__*" "edgekidney.data.series.x_build_series__*"
+            "edgekidney.study.analyze.x_holes__*")
+      tests=(tests/test_series.py tests/test_decode.py
+             tests/test_study.py::test_a_blank_slice_between_judged_ones_keeps_no_stone_from_being_said
+             tests/test_cli.py::test_bad_input_gives_one_line_error
+             tests/test_cli.py::test_a_result_that_cannot_be_written_is_one_line_not_a_traceback) ;;
+    *) echo "unknown group '$group' (scope rule gates listener limits inputs)" >&2; exit 2 ;;
   esac
   if [ -n "$TESTS_REV" ]; then  # the tests as of REV (the "before" column), for the same modules
     case "$group" in
