@@ -915,6 +915,13 @@ def test_an_answered_series_reopens_for_more_of_it_unless_its_images_are_gone(tm
         assert not j.gaps("K") and j.series_state("K") == "complete"
         assert j.set_classified("K", {"result_uids": ["K-sr"]}, [], 110.0, False) is False
         assert j.series_state("K") == "done" and j.revision("K")[0] == 0
+        # but more of a waiting series, then its association aborted: that burst may be cut short
+        j.add_instance("L.1", "L", "TL", tmp_path / "l1", 10.0)
+        assert j.complete_quiet(100.0, 5.0) == ["L"]
+        assert j.add_instance("L.2", "L", "TL", tmp_path / "l2", 101.0) == "changed"
+        assert j.transfer_aborted(["L"]) == ["L"]
+        assert j.set_classified("L", {"result_uids": ["L-sr"]}, [], 110.0, False) is True  # answered again
+        assert j.series_state("L") == "receiving" and j.gaps("L").aborted
         assert j.gaps("Z").aborted and j.seen_again("Z.1", 200.0) == ("Z", "reopened")
         assert not j.gaps("Z") and j.series_state("Z") == "receiving"
         j.add_instance("Y.1", "Y", "TY", tmp_path / "y", 10.0)

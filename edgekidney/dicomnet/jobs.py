@@ -226,14 +226,17 @@ class JobTable:
     def transfer_aborted(self, series_uids) -> list[str]:
         """The association that carried these series ended without a release (an A-ABORT from either
         side, a dropped connection, a timeout): what was meant to arrive of them may not have. A series
-        still receiving is marked until an instance of it comes in again (:meth:`gaps`). One already
-        complete (its study quiet for the series timeout) or answered is left as it is, so that its
-        answer does not depend on how long it waited behind other studies: an association kept open,
-        idle, after its series and timed out is no news about them. Returns the series marked."""
+        still receiving is marked until an instance of it comes in again (:meth:`gaps`), and so is one
+        complete that received more while it waited (``changed``: it is receiving again once its answer
+        is recorded). One complete and unchanged (its study quiet for the series timeout) or answered is
+        left as it is, so that its answer does not depend on how long it waited behind other studies:
+        an association kept open, idle, after its series and timed out is no news about them. Returns
+        the series marked."""
         with self._transaction() as db:
             db.executemany("UPDATE series SET in_transfer=0 WHERE series_uid=?", [(s,) for s in series_uids])
             marked = [s for s in series_uids if db.execute(
-                "UPDATE series SET aborted=1 WHERE series_uid=? AND state='receiving'", (s,)).rowcount]
+                "UPDATE series SET aborted=1 WHERE series_uid=? AND (state='receiving' OR (state='complete' AND "
+                "changed=1))", (s,)).rowcount]
         return marked
 
     def transfer_ended(self, series_uids) -> None:
