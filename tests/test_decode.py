@@ -382,6 +382,11 @@ def test_a_header_nesting_sequences_thousands_deep_is_a_one_line_error_not_a_rec
     closed = b"\xfe\xff\x0d\xe0\0\0\0\0\xfe\xff\xdd\xe0\0\0\0\0" * 2000
     with pytest.raises(InputError, match=r"^deep\.dcm: DICOM header nests sequences too deeply to read$"):
         decode_slice(data[:end_of_meta] + opened + closed + data[end_of_meta:], "deep.dcm", CFG)
+    # the same inside a sequence of defined length: read as raw bytes, deep only when asked for
+    item = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(opened + closed)) + opened + closed
+    outer = b"\x40\x00\x30\xa7SQ\0\0" + struct.pack("<I", len(item)) + item
+    with pytest.raises(InputError, match=r"^raw\.dcm: DICOM header nests sequences more than 32 deep$"):
+        decode_slice(data[:end_of_meta] + outer + data[end_of_meta:], "raw.dcm", CFG)
     inner = Dataset()
     for _ in range(40):
         outer = Dataset()

@@ -117,6 +117,8 @@ def sequence_depth(ds, cap: int = MAX_SEQUENCE_DEPTH) -> int:
                 continue
             try:
                 element = item[raw.tag]
+            except RecursionError:  # a raw sequence nesting thousands deep inside: over any cap
+                return cap + 1
             except Exception:  # a value that does not convert is the decoder's to report
                 continue
             if element.VR == "SQ":
