@@ -18,7 +18,7 @@ from edgekidney.released import resolve_model
 from edgekidney.errors import EdgeKidneyError
 from edgekidney.jsonio import write_json
 from edgekidney.outputs import check_outputs
-from edgekidney.progress import echo, stage
+from edgekidney.progress import echo, one_line, stage
 
 # Plain help (click's layout): typer's rich panels print flags as `--help <bool>`.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -68,6 +68,14 @@ EXTRAS = {"torch": "train", "torchvision": "train", "onnxscript": "train", "matp
 def missing_extra(module: str | None, command: str) -> str | None:
     """The extra to install for a missing module (None: not an optional package: a broken install)."""
     top = (module or "").split(".")[0]
+    import importlib.util
+
+    try:
+        installed = bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a module set to None, or a broken package: not importable
+        installed = False
+    if not top or installed:  # installed, and a part of it is missing (versions that do not match?)
+        return None
     if top == "prometheus_client" and command.startswith("listen"):
         return "net"
     return EXTRAS.get(top)
@@ -89,7 +97,7 @@ def user_errors(fn):
             fail(f"this command needs {exc.name}: pip install 'edgekidney[{extra}]'")
         except OSError as exc:  # writing a result (a full disk, a path we may not write): one line, not a traceback
             what = exc.strerror or str(exc) or type(exc).__name__
-            fail(f"{exc.filename}: {what}" if exc.filename else f"cannot write the results: {what}")
+            fail(f"{exc.filename}: {what}" if exc.filename else what)
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -284,10 +292,11 @@ def evaluate_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
 ):
     """Sensitivity, specificity, AUC, confusion matrix, confounders and intervals on labelled slices."""
-    checkpoint = (model.is_dir() and (model / 'model.pt').exists()) or model.suffix == '.pt'
-    model = model if checkpoint else resolve_model(model)
     from edgekidney.data.dataset import parse_classes
-    from edgekidney.model.evaluate import evaluate, format_confounders
+    from edgekidney.model.evaluate import evaluate, format_confounders, is_checkpoint
+
+    checkpoint = is_checkpoint(model)
+    model = model if checkpoint else resolve_model(model)
     from edgekidney.metrics import format_report
     from edgekidney.runtime.predict import default_backend_for
 
@@ -394,7 +403,7 @@ def infer_cmd(
         if fh is not sys.stdout:
             fh.close()
     for f in failures:
-        typer.echo(f"skipped: {f.error}", err=True)
+        echo(f"skipped: {f.error}", err=True)
     if failures:
         fail(f"{len(failures)} of {len(files)} file(s) could not be classified")
 
@@ -465,7 +474,7 @@ def study_cmd(
                               keep_identifiers=keep_identifiers, coronal_spacing_mm=coronal_spacing,
                               on_series=file_back)
     if str(json_out) != "-":
-        typer.echo(format_study(study))
+        echo(format_study(study))
         for w in written:
             typer.echo(f"wrote {w}")
     if json_out is not None:
@@ -474,14 +483,14 @@ def study_cmd(
 
 def format_predictions(rows: list[dict], positive: str, threshold: float, source: str) -> str:
     """The infer table, with the threshold in use and where it came from."""
-    width = max([len(r["path"]) for r in rows] + [4])
+    width = max([len(one_line(r["path"])) for r in rows] + [4])
     head = f"p({positive})"
     lines = [f"label = {positive} when p({positive}) >= {threshold:.4f} (threshold from {source}), "
              "out_of_scope when the slice is unlike the training data",
              f"{'path':<{width}}  {head:>10}  {'threshold':>9}  {'in scope':>8}  label"]
     for r in rows:
         scope = "-" if r.get("in_scope") is None else ("yes" if r["in_scope"] else "NO")
-        lines.append(f"{r['path']:<{width}}  {r['probability']:>10.4f}  {r['threshold']:>9.4f}  {scope:>8}  {r['label']}")
+        lines.append(f"{one_line(r['path']):<{width}}  {r['probability']:>10.4f}  {r['threshold']:>9.4f}  {scope:>8}  {r['label']}")
     return "\n".join(lines)
 
 

@@ -29,6 +29,12 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def one_line(text: str) -> str:
+    """A value for one field of a table row: its newlines and tabs escaped too (a file name may hold
+    them, and would add a row of its own)."""
+    return printable(text).replace("\n", "\\x0a").replace("\t", "\\x09")
+
+
 def is_terminal(out: TextIO, err: TextIO) -> bool:
     def tty(s: TextIO) -> bool:
         try:

@@ -110,3 +110,14 @@ def test_a_line_cannot_drive_the_terminal_with_control_characters_from_a_file_na
     out = io.StringIO()
     Display(out=out, err=io.StringIO()).log("evil\x1b[2J\x1b]0;title\x07.png\rok\x9b\tp 0.1\nnext")
     assert out.getvalue() == "evil\\x1b[2J\\x1b]0;title\\x07.png\\x0dok\\x9b\tp 0.1\nnext\n"
+
+
+def test_a_table_field_stays_on_its_row_whatever_the_file_name_or_series_description_holds():
+    from edgekidney.cli import format_predictions
+    from edgekidney.progress import one_line
+
+    assert one_line("a\nb\tc\x1b[1m") == "a\\x0ab\\x09c\\x1b[1m"
+    rows = [{"path": "fake\nStone  0.9999  yes  Stone.png", "probability": 0.1, "threshold": 0.5, "in_scope": True,
+             "label": "Normal"}]
+    table = format_predictions(rows, "Stone", 0.5, "the model's sidecar").splitlines()
+    assert len(table) == 3 and table[2].startswith("fake\\x0aStone") and table[2].endswith("Normal")

@@ -476,8 +476,8 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             oblique = obliquity(row_cos, col_cos)
             if oblique > OBLIQUE_WARN_DEGREES and allows_reformat:  # turned as if aligned (a tilt says so already)
                 allows_reformat = False
-                warnings.append(f"slices oblique by {oblique:.1f} deg to the patient axes: classified as acquired, "
-                                "no coronal reformat")
+                warnings.append(f"slices oblique by {oblique:.1f} deg to the patient axes: classified as acquired"
+                                + (", no coronal reformat" if plane == "axial" else ""))
             if transform.transpose:
                 spacing, display_shape = (spacing[1], spacing[0]), display_shape[::-1]
             r0, c0 = transform.source_index(0, 0, refs[0].shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekidney.progress import one_line
 from edgekidney.study.analyze import SeriesResult, StudyResult
 from edgekidney.study.rule import image_numbers
 
@@ -34,7 +35,7 @@ def format_study(study: StudyResult, max_skipped: int = 10) -> str:
     header = f"{'series':<16}  {'what':<28} {'plane':<8} {'slices':>6}  {'decision':<14} {'peak':<44} {'s':>6}  supporting slices"
     lines.append(header)
     for r in study.series:
-        what = (r.description or r.kind)[:28]
+        what = one_line(r.description or r.kind)[:28]
         seconds = r.timings.get("total_s")
         lines.append(f"{r.series_id:<16}  {what:<28} {r.plane:<8} {r.n_slices:>6}  {r.decision:<14} {_peak(r):<44} "
                      f"{'-' if seconds is None else f'{seconds:.2f}':>6}  {_ranges(r)}")
@@ -45,7 +46,7 @@ def format_study(study: StudyResult, max_skipped: int = 10) -> str:
     if study.skipped:
         lines.append(f"skipped {len(study.skipped)} file(s):")
         for s in study.skipped[:max_skipped]:
-            lines.append(f"  {Path(s.path).name}: {s.reason}")
+            lines.append(f"  {one_line(Path(s.path).name)}: {s.reason}")
         if len(study.skipped) > max_skipped:
             lines.append(f"  ... and {len(study.skipped) - max_skipped} more (all listed in --json)")
     return "\n".join(lines)
