@@ -226,7 +226,8 @@ def test_without_positions_slice_location_orders_feet_to_head_whatever_the_insta
     assert [r.sop_instance_uid for r in s.refs] == [r.sop_instance_uid for r in whole.refs]
     assert [r.instance_number for r in s.refs] == [9 - r.instance_number for r in whole.refs]  # reversed
     np.testing.assert_allclose(s.positions, whole.positions)
-    assert "no usable ImagePositionPatient: slices ordered by SliceLocation, positions in mm from it" in s.warnings
+    assert ("no usable ImagePositionPatient: slices ordered by SliceLocation, positions in mm from it (its sign is the "
+            "scanner's: most run feet to head)") in s.warnings and not s.allows_reformat
     for a, b in zip(whole.hu_slices(), s.hu_slices()):
         np.testing.assert_array_equal(a, b)
     edit(files[3], SliceLocation=str(pydicom.dcmread(files[4]).SliceLocation))  # two alike: not an order
@@ -243,7 +244,7 @@ def test_without_orientation_the_plane_is_assumed_axial_and_says_so(tmp_path, sm
         edit(f, ImageOrientationPatient=None)
     (s,), _ = read_series([tmp_path / "s"])
     assert s.acquired_plane == "axial" and not s.orientation_known
-    assert "no usable ImageOrientationPatient: slices ordered by SliceLocation, positions in mm from it" in s.warnings
+    assert "no usable ImageOrientationPatient: slices ordered by ImagePositionPatient's z" in s.warnings
     assert "no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are not measured)" \
         in s.warnings
 

@@ -419,14 +419,21 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
         row_cos = col_cos = None
         plane = "axial" if iop is None else orientation_plane(iop)
         locations = [r.slice_location for r in refs]
+        heights = [None if r.position is None else float(r.position[2]) for r in refs]
         missing = [tag for tag, gone in (("ImageOrientationPatient", len(orientations) != len(refs)),
                                          ("ImagePositionPatient", any(r.position is None for r in refs))) if gone]
-        if None not in locations and len(set(locations)) == len(refs):
-            # SliceLocation is the slice's position along the patient's axis (feet to head for axial slices)
+        if iop is None and None not in heights and len(set(heights)) == len(refs):
+            # positions without an orientation: taken as axial (below), so the patient's z orders them
+            order = sorted(range(len(refs)), key=lambda k: heights[k])
+            refs, positions = [refs[k] for k in order], [heights[k] for k in order]
+            warnings.append("no usable ImageOrientationPatient: slices ordered by ImagePositionPatient's z")
+        elif None not in locations and len(set(locations)) == len(refs):
+            # SliceLocation: the slice's position along the patient's axis, its origin and sign the scanner's
+            # (most give the patient z: feet to head for axial slices)
             refs.sort(key=lambda r: r.slice_location)
             positions = sorted(locations)
             warnings.append(f"no usable {' or '.join(missing)}: slices ordered by SliceLocation, positions in mm "
-                            "from it")
+                            "from it (its sign is the scanner's: most run feet to head)")
         elif any(r.instance_number is None for r in refs):
             refusal = refusal or "slices have neither ImagePositionPatient nor InstanceNumber: their order is unknown"
             positions = [float(k) for k in range(len(refs))]
@@ -441,7 +448,7 @@ def build_series(uid: str, members: list[tuple[SliceRef, object]]) -> DicomSerie
             warnings.append("no usable ImageOrientationPatient: the plane is taken as axial (lungs and skull are "
                             "not measured)")
 
-    allows_reformat = True
+    allows_reformat = have_positions  # a coronal reformat needs the slices' true geometry
     if have_positions and len(refs) > 1:
         gaps = np.diff(positions)
         if np.any(gaps < POSITION_TOLERANCE_MM):
