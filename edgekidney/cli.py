@@ -347,7 +347,7 @@ def infer_cmd(
 ):
     """Classify CT slices: stone probability, label and whether each slice is in scope."""
     check_outputs([*(paths or []), *([model] if server else [])], files={"--json": json_out, "--csv": csv_out},
-                  folders={"--cam": cam})
+                  folders={"--cam": cam}, model=None if server else model)
     model = model if server else resolve_model(model)
     from edgekidney.runtime.predict import Classifier, expand_inputs, write_cams
     from edgekidney.data.provenance import mismatch_warning
@@ -431,7 +431,7 @@ def study_cmd(
     batch_size: int = typer.Option(8, min=1),
 ):
     """A whole CT study: one decision per series (stone | no_stone | not_assessable) with the slices behind it."""
-    check_outputs(paths, files={"--json": json_out}, folders={"--sr-out": sr_out, "--sc-out": sc_out})
+    check_outputs(paths, files={"--json": json_out}, folders={"--sr-out": sr_out, "--sc-out": sc_out}, model=model)
     model = resolve_model(model)
     from dataclasses import replace
 

@@ -131,10 +131,12 @@ def cases(tmp_path, tiny_onnx):
     (["infer", "{model}", "{d}/tiny.png", "--cam", "{d}/text.png"], ["--cam", "is a file; give a folder"]),
     (["study", "{model}", "{d}/empty", "--sr-out", "{d}/text.png"], ["--sr-out", "is a file; give a folder"]),
     (["study", "{model}", "{d}/empty", "--sc-out", "{d}/tiny.png/sc"], ["tiny.png is not a folder"]),
-    (["study", "{model}", "{d}", "--json", "{d}/text.png"], ["--json", "would write over an input (in"]),
+    (["study", "{model}", "{d}", "--json", "{d}/tiny.png"], ["--json", "would write over an input (in"]),
+    (["infer", "{model}", "{d}/tiny.png", "--json", "{model_json}"], ["--json", "would write over the model"]),
 ])
 def test_bad_input_gives_one_line_error(cases, tiny_onnx, argv, fragments):
-    subst = {"model": tiny_onnx, "d": cases, "truncated": shipped_file("MR_truncated.dcm"),
+    subst = {"model": tiny_onnx, "model_json": tiny_onnx.with_suffix(".json"), "d": cases,
+             "truncated": shipped_file("MR_truncated.dcm"),
              "nopixels": shipped_file("rtplan.dcm")}
     r = run(*[a.format(**subst) for a in argv])
     assert_one_line_error(r, *fragments)
@@ -255,3 +257,19 @@ def test_a_missing_extra_is_named_in_one_line_whichever_command_meets_it(monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # none of them installed
     assert (missing_extra("prometheus_client", "serve_cmd"), missing_extra("tritonclient.http", "infer_cmd"),
             missing_extra("numpy", "infer_cmd")) == ("serve", "triton", None)
+
+
+def test_a_rerun_writes_over_its_own_report_in_the_input_folder_and_never_over_a_slice(tiny_onnx, small_real,
+                                                                                       tmp_path):
+    import shutil
+
+    folder = tmp_path / "scans"
+    shutil.copytree(small_real / "Normal", folder)
+    for _ in range(2):  # the second run finds its own JSON among the inputs: not an input, written over
+        r = run("infer", tiny_onnx, folder, "--json", folder / "out.json", "--csv", folder / "out.csv")
+        assert r.exit_code == 0, r.output
+    assert json.loads((folder / "out.json").read_text())["predictions"]
+    jpeg = sorted(folder.glob("*.jpg"))[0]
+    before = jpeg.read_bytes()
+    assert_one_line_error(run("infer", tiny_onnx, folder, "--csv", jpeg), "--csv", "would write over an input (in")
+    assert jpeg.read_bytes() == before
