@@ -74,12 +74,12 @@ for group in "${groups[@]}"; do
       tests=(tests/test_limits.py tests/test_decode.py) ;;
     inputs)  # what a series or slice from another hospital is refused or warned for, and where results go
       mutate=(edgekidney/outputs.py edgekidney/data/geometry.py edgekidney/data/decode.py edgekidney/data/series.py
-              edgekidney/study/analyze.py)
+              edgekidney/study/rule.py)
       only=("edgekidney.outputs.*" "edgekidney.data.geometry.x_obliquity__*"
             "edgekidney.data.geometry.x_non_square_reason__*" "edgekidney.data.geometry.x_pixel_spacing_reason__*"
             "edgekidney.data.decode.x_photometric_reason__*" "edgekidney.data.decode.x__syntax_from_encoding__*"
             "edgekidney.data.decode.x__check_pixel_spacing__*" "edgekidney.data.series.x_build_series__*"
-            "edgekidney.study.analyze.x_holes__*")
+            "edgekidney.study.rule.x_holes__*")
       tests=(tests/test_series.py tests/test_decode.py
              tests/test_study.py::test_a_blank_slice_between_judged_ones_keeps_no_stone_from_being_said
              tests/test_cli.py::test_bad_input_gives_one_line_error

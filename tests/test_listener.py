@@ -330,6 +330,12 @@ def test_fallback_series_decision_is_the_study_rule():
     assert broken.decision == "no_stone" and broken.supporting == []  # an out-of-scope slice breaks the run
     hole = series_decision(preds((0.1, "Normal"), None, (0.1, "Normal")), [False, True, False], card, 0.5)
     assert hole.decision == "not_assessable" and "could not be judged" in hole.reason
+    from edgekidney.data.preprocess import NO_BODY_REASON
+
+    blank = preds((0.9, "Stone"), (0.9, "out_of_scope"), (0.9, "Stone"))
+    blank[1].scope_reason = NO_BODY_REASON  # a blank slice inside the run, not anatomy out of scope
+    cut = series_decision(blank, [False] * 3, card, 0.5)
+    assert cut.decision == "not_assessable" and cut.reason.startswith("slice 1, inside the range the model judges")
     card.extra = {"study_rule": {"min_run": 1}}  # the model's own rule, as study reads it
     assert series_decision(lone, [False] * 3, card, 0.5).decision == "stone"
     card.extra = {}

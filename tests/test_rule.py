@@ -246,3 +246,13 @@ def test_the_reason_names_the_image_numbers_a_viewer_shows_when_it_has_them():
     hole = decide([0.1] * 6, [True, True, False, True, True, True], StudyRule(), 0.6,
                   unreadable=[False, False, True, False, False, False], images=images)
     assert hole.reason.startswith("slice 2, image 38, inside the range the model judges, could not be judged")
+
+
+def test_holes_are_unreadable_slices_and_slices_without_a_body_between_judged_ones():
+    from edgekidney.study.rule import holes
+
+    unreadable = [True, False, False, False, False, False]
+    in_scope = [False, False, True, False, True, False]
+    no_body = [False, True, False, True, False, True]  # before, between and after the judged slices 2 and 4
+    assert holes(unreadable, in_scope, no_body) == [True, False, False, True, False, False]
+    assert holes([False] * 3, [False] * 3, [True] * 3) == [False] * 3  # nothing judged: no range to be inside

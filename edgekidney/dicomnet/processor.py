@@ -72,10 +72,12 @@ def series_decision(preds: list, unreadable: list[bool], card, threshold: float,
     order: ``preds`` holds a Prediction or None (unreadable) per slice; ``incomplete``: why they may be
     only part of the series. Returns the Decision."""
     from edgekidney.data.anatomy import is_chest
-    from edgekidney.study.rule import StudyRule, decide
+    from edgekidney.data.preprocess import NO_BODY_REASON
+    from edgekidney.study.rule import StudyRule, decide, holes
 
     probs = [0.0 if p is None else float(p.probability) for p in preds]
     in_scope = [p is not None and p.label != OUT_OF_SCOPE and p.in_scope is not False for p in preds]
+    unreadable = holes(unreadable, in_scope, [p is not None and p.scope_reason == NO_BODY_REASON for p in preds])
     chest = [p is not None and p.lung_share is not None and is_chest((p.lung_share, p.skull_share, p.split_share))
              for p in preds]  # measured on axial DICOM slices
     return decide(probs, in_scope, StudyRule.from_card(card), float(threshold), unreadable=unreadable, chest=chest,

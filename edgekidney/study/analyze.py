@@ -27,7 +27,7 @@ from edgekidney.errors import DependencyError, InputError
 from edgekidney.data.preprocess import NO_BODY_REASON, preprocess_batch_with_geometry, window_hu
 from edgekidney.data.anatomy import measure, ruling, shown
 from edgekidney.study.planes import CoronalReformat, check_plane
-from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, rule_threshold
+from edgekidney.study.rule import FOCUS_RADIUS_MM, StudyRule, decide, holes, rule_threshold
 
 OUT_OF_SCOPE = "out_of_scope"  # the label edgekidney.scope gives a slice the model should not judge
 UNREADABLE = "unreadable"  # the label of a series' slice whose file could not be read: not judged
@@ -256,15 +256,6 @@ def mark_anatomy_out_of_scope(slices: list[SliceRecord], anatomy: list) -> list[
     return kinds
 
 
-def holes(slices: Sequence[SliceRecord]) -> list[bool]:
-    """The slices the rule must not take as looked at: unreadable ones, and slices without a body between
-    two the model judged (a blank or flat image inside the body is a corrupt or missing slice, not
-    anatomy: a stone there would go unseen, and it breaks the run a stone crosses)."""
-    scoped = [k for k, s in enumerate(slices) if s.in_scope]
-    return [s.label == UNREADABLE or (bool(scoped) and scoped[0] < k < scoped[-1] and s.scope_reason == NO_BODY_REASON)
-            for k, s in enumerate(slices)]
-
-
 def focus_at(hu: np.ndarray, peak: Sequence[int], spacing_mm: Sequence[float],
              radius_mm: float = FOCUS_RADIUS_MM) -> float:
     """The highest HU within ``radius_mm`` of ``peak`` [row, col] on one slice (pixel spacing (row, col) in mm)."""
@@ -393,7 +384,9 @@ def analyze_series(classifier, series: Series, plane: str = "axial", rule: Study
     if classified_plane == series.acquired_plane:
         measure_focus(series, result.slices, rule_threshold(rule, float(classifier.threshold)))
     decision = decide(probs, [s.in_scope for s in result.slices], rule, float(classifier.threshold),
-                      [s.focus_hu for s in result.slices], holes(result.slices), chest,
+                      [s.focus_hu for s in result.slices],
+                      holes([s.label == UNREADABLE for s in result.slices], [s.in_scope for s in result.slices],
+                            [s.scope_reason == NO_BODY_REASON for s in result.slices]), chest,
                       incomplete, [s.instance for s in result.slices])
     result.decision, result.reason, result.threshold = decision.decision, decision.reason, decision.threshold
     if decision.hole is not None:  # the decoder's reason for that slice

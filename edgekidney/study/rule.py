@@ -112,6 +112,16 @@ def rule_threshold(rule: StudyRule, model_threshold: float) -> float:
     return float(model_threshold if rule.threshold is None else rule.threshold)
 
 
+def holes(unreadable: Sequence[bool], in_scope: Sequence[bool], no_body: Sequence[bool]) -> list[bool]:
+    """The slices the rule must not take as looked at: unreadable ones, and slices without a body
+    (``no_body``: blank, one flat value) between two in scope. Inside a body such a slice is corrupt or
+    missing, not anatomy: a stone there would go unseen, and it breaks the run a stone crosses.
+    Beyond the judged range (a volume padded with air) it is nothing."""
+    scoped = [k for k, ok in enumerate(in_scope) if ok]
+    return [bool(u) or (bool(scoped) and scoped[0] < k < scoped[-1] and bool(b))
+            for k, (u, b) in enumerate(zip(unreadable, no_body))]
+
+
 def first_hole(unreadable: Sequence[bool], in_scope: Sequence[bool]) -> int | None:
     """The first unreadable slice inside, or next to, the range from the first to the last in-scope slice:
     there it may have held what the others do not show. Outside it (lungs, pelvis) it changes nothing."""
