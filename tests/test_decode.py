@@ -423,3 +423,41 @@ def test_a_palette_colour_dicom_is_refused_not_read_as_densities(tmp_path):
     with pytest.raises(InputError) as err:
         read_series([tmp_path])
     assert "PhotometricInterpretation PALETTE COLOR: a colour image, not a grayscale CT slice" in str(err.value)
+
+
+def test_compressed_frames_without_file_meta_name_the_missing_syntax(tmp_path):
+    """Without a File Meta Information header, native pixels are read in the dataset's own encoding;
+    compressed frames cannot be, as nothing names their codec: one line that says so."""
+    from pathlib import Path
+
+    src = sorted((Path(__file__).parents[1] / "examples" / "abdomen-jpeg2000-series").iterdir())[0]
+    ds = pydicom.dcmread(src)
+    assert ds["PixelData"].is_undefined_length
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    with pytest.raises(InputError, match=r"^bare\.dcm: compressed DICOM pixel data without a File Meta Information "
+                                         r"header: no transfer syntax names its codec$"):
+        decode_slice(buf.getvalue(), "bare.dcm", CFG, dicom_hint=True)
+
+
+def test_slice_headers_that_are_absent_or_at_their_limits_still_decode():
+    """No PixelSpacing or a zero one (unknown, as a series reads it), spacing at the ends of what a CT
+    slice has and pixels 1.1 apart: all judged."""
+    from edgekidney.data.geometry import non_square_reason, pixel_spacing_reason
+
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    for edits in ({"PixelSpacing": None}, {"PixelSpacing": [0, 0]},
+                  {"PixelSpacing": [0.05, 0.05]}, {"PixelSpacing": [10, 10]}, {"PixelSpacing": [1.1, 1.0]}):
+        for key, value in edits.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        assert decode_slice(buf.getvalue(), "s.dcm", CFG).shape == (128, 128), edits
+    assert pixel_spacing_reason((20.0, 30.0)).startswith("pixel spacing 20 x 30 mm is outside")
+    assert non_square_reason((2.0, 1.0)).startswith("pixels are not square (2 x 1 mm, row x column spacing)")
+    assert pixel_spacing_reason(None) is None and non_square_reason(None) is None

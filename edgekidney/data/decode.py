@@ -187,19 +187,15 @@ def _syntax_from_encoding(ds) -> None:
     """A file without a File Meta Information header (no preamble: an ACR-NEMA style export, or a bare
     dataset) names no transfer syntax, and pydicom then decodes no pixel. When its pixel data is native
     (not encapsulated), the encoding pydicom read the dataset in is its transfer syntax: record it."""
-    from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
+    if "TransferSyntaxUID" in ds.file_meta:  # dcmread gives every dataset a file_meta, empty without a header
         return
-    implicit, little = getattr(ds, "original_encoding", (None, None))
-    if "PixelData" not in ds or ds["PixelData"].is_undefined_length or implicit is None or (implicit and not little):
-        return
-    if meta is None:
-        ds.file_meta = meta = FileMetaDataset()
-    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    implicit, little = ds.original_encoding
+    if "PixelData" not in ds or _encapsulated(ds) or implicit is None:
+        return  # compressed frames: their syntax is not known
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def dicom_pixels(ds, name: str, index: int | None = None) -> np.ndarray:
@@ -273,6 +269,9 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
     rows, cols, frames, samples, bits = size
     limits.check(cols, rows, name, frames, config.min_input_size)  # one slice: all frames count
     compressed = getattr(syntax, "is_compressed", False)
+    if syntax is None and _encapsulated(ds):
+        raise InputError(f"{name}: compressed DICOM pixel data without a File Meta Information header: no transfer "
+                         "syntax names its codec")
     if not compressed:  # native pixel data: its length is known before decoding
         expected = size.pixel_bytes
         try:
@@ -306,9 +305,16 @@ def _check_dicom_header(ds, name: str, syntax, config: Preprocessing, limits: De
     return frames, samples
 
 
+def _encapsulated(ds) -> bool:
+    try:
+        return "PixelData" in ds and bool(ds["PixelData"].is_undefined_length)
+    except Exception:  # an unreadable element: the decoder will say what is wrong
+        return False
+
+
 def photometric_reason(ds) -> str | None:
     """Why a one-sample image is not a grayscale slice (PALETTE COLOR indexes a colour table: its
-    values are not densities), or None. An absent value is taken as MONOCHROME2."""
+    values are not densities), or None. An absent value is left to the decoder, which refuses it."""
     value = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if value and value not in ("MONOCHROME1", "MONOCHROME2"):
         return f"PhotometricInterpretation {value}: a colour image, not a grayscale CT slice"
