@@ -571,6 +571,9 @@ def test_an_oblique_series_is_classified_as_acquired_and_never_reformatted(tmp_p
     from edgekidney.data.geometry import obliquity
 
     assert obliquity([1, 0, 0], [0, 1, 0]) == 0.0 and obliquity([1, 0, 0], [0, 0.8, 0.6]) == pytest.approx(36.87, 1e-3)
+    # cosines a header wrote unnormalised, or rounded a hair above 1: the angle is the direction's
+    assert obliquity([2, 0, 0], [0, 0, -3]) == 0.0 and obliquity([0, 4, 3], [1, 0, 0]) == pytest.approx(36.87, 1e-3)
+    assert obliquity([1.0000001, 0, 0], [0, 1, 0]) == 0.0
     for degrees, warned in ((20.0, True), (0.5, False)):
         t = np.radians(degrees)
         col, normal = np.array([0.0, np.cos(t), -np.sin(t)]), np.array([0.0, np.sin(t), np.cos(t)])
@@ -606,3 +609,34 @@ def test_pixel_spacing_no_ct_slice_has_is_refused_and_nifti_units_are_read(tmp_p
     assert np.diff(s.positions) == pytest.approx([3.0] * 5)
     assert read_nifti(_nifti(tmp_path / "big.nii.gz", v, np.diag([30.0, 30.0, 3.0, 1.0]))).refusal.startswith(
         "pixel spacing 30 x 30 mm is outside what a CT slice has")
+
+
+def test_the_warnings_a_series_from_elsewhere_gets_say_exactly_what_was_assumed(tmp_path, small_series):
+    """Each assumption made for a header that lacks something is named as such, with its numbers: a
+    radiology IT engineer reads these lines to find which export setting to fix."""
+    files = copy_series(small_series[0], tmp_path / "s")
+    shutil.copy(files[0], tmp_path / "s" / "copy-a.dcm")
+    shutil.copy(files[1], tmp_path / "s" / "copy-b.dcm")
+    for f in files:
+        edit(f, SeriesInstanceUID=None, PixelSpacing=None, GantryDetectorTilt=7.5)
+    for name in ("copy-a.dcm", "copy-b.dcm"):
+        edit(tmp_path / "s" / name, SeriesInstanceUID=None, PixelSpacing=None, GantryDetectorTilt=7.5)
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.warnings[:2] == ["2 duplicate instance(s) (same SOP Instance UID) dropped",
+                              "no SeriesInstanceUID: the slices of one folder are taken as one series"]
+    assert "no PixelSpacing (or not two positive numbers): 1 mm assumed" in s.warnings
+    assert "gantry tilt 7.5 deg: slices are sheared; classified as acquired, no coronal reformat" in s.warnings
+    assert s.pixel_spacing == (1.0, 1.0) and s.kind == "dicom" and s.modality == "CT" and len(s) == 8
+    # no positions, no SliceLocation: InstanceNumber orders them, positions counted at the slice thickness
+    for f in files:
+        edit(f, ImagePositionPatient=None, SliceLocation=None, SliceThickness=2.5)
+    for name in ("copy-a.dcm", "copy-b.dcm"):
+        (tmp_path / "s" / name).unlink()
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.positions == [2.5 * k for k in range(8)]
+    for f in files:
+        edit(f, SpacingBetweenSlices=2.0)
+    (s,), _ = read_series([tmp_path / "s"])
+    assert s.positions == [2.0 * k for k in range(8)]
+    assert ("no usable ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from the slice "
+            "spacing; which end is the feet is not known") in s.warnings
