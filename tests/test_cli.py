@@ -133,6 +133,7 @@ def cases(tmp_path, tiny_onnx):
     (["study", "{model}", "{d}/empty", "--sc-out", "{d}/tiny.png/sc"], ["tiny.png is not a folder"]),
     (["study", "{model}", "{d}", "--json", "{d}/tiny.png"], ["--json", "would write over an input (in"]),
     (["infer", "{model}", "{d}/tiny.png", "--json", "{model_json}"], ["--json", "would write over the model"]),
+    (["infer", "{model}", "{d}/tiny.png", "--json", "{d}/new.json", "--csv", "{d}"], ["--csv", "is a folder"]),
 ])
 def test_bad_input_gives_one_line_error(cases, tiny_onnx, argv, fragments):
     subst = {"model": tiny_onnx, "model_json": tiny_onnx.with_suffix(".json"), "d": cases,
@@ -273,3 +274,6 @@ def test_a_rerun_writes_over_its_own_report_in_the_input_folder_and_never_over_a
     before = jpeg.read_bytes()
     assert_one_line_error(run("infer", tiny_onnx, folder, "--csv", jpeg), "--csv", "would write over an input (in")
     assert jpeg.read_bytes() == before
+    (folder / "volume.nii.gz").write_bytes(b"not read: a volume by its name")  # study reads NIfTI volumes
+    assert_one_line_error(run("study", tiny_onnx, folder, "--json", folder / "volume.nii.gz"),
+                          "--json", "would write over an input (in")

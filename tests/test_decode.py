@@ -418,6 +418,12 @@ def test_a_palette_colour_dicom_is_refused_not_read_as_densities(tmp_path):
                 decode_slice(buf.getvalue(), "p.dcm", CFG)
         else:
             assert decode_slice(buf.getvalue(), "p.dcm", CFG).shape == (128, 128)
+    from edgekidney.data.decode import photometric_reason
+
+    del ds.PhotometricInterpretation
+    assert photometric_reason(ds) is None  # absent: left to the decoder, which says it is missing
+    ds.PhotometricInterpretation = " monochrome2 "
+    assert photometric_reason(ds) is None
     ds.PhotometricInterpretation = "PALETTE COLOR"
     ds.save_as(tmp_path / "p.dcm")
     with pytest.raises(InputError) as err:
