@@ -640,3 +640,37 @@ def test_the_warnings_a_series_from_elsewhere_gets_say_exactly_what_was_assumed(
     assert s.positions == [2.0 * k for k in range(8)]
     assert ("no usable ImagePositionPatient: slices ordered by InstanceNumber, positions estimated from the slice "
             "spacing; which end is the feet is not known") in s.warnings
+
+
+@pytest.mark.parametrize("stored", ["flipped", "transposed"])
+def test_a_series_stored_in_another_orientation_has_the_same_anatomy_where_it_was(tmp_path, small_series, stored):
+    """Rows and columns stored the other way round (IOP -1,0,0 / 0,-1,0), or transposed (0,1,0 / 1,0,0):
+    turned to the display orientation, each slice is the same picture, and its first display pixel
+    lies at the same patient position with the same directions (what the SR, the Secondary Capture
+    and the coronal reformat place things by)."""
+    (plain,), _ = read_series([small_series[0]])
+    files = copy_series(small_series[0], tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        px, (x0, y0, z) = ds.pixel_array, (float(v) for v in ds.ImagePositionPatient)
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        rows, cols = px.shape
+        if stored == "flipped":  # first stored pixel: the patient's left and posterior corner
+            ds.PixelData = np.ascontiguousarray(px[::-1, ::-1]).tobytes()
+            ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+            ds.ImagePositionPatient = [x0 + (cols - 1) * dx, y0 + (rows - 1) * dy, z]
+        else:  # stored column by column: rows run to the patient's left, columns posterior
+            ds.PixelData = np.ascontiguousarray(px.T).tobytes()
+            ds.Rows, ds.Columns = cols, rows
+            ds.PixelSpacing = [dx, dy]
+            ds.ImageOrientationPatient = [0, 1, 0, 1, 0, 0]
+        ds.save_as(f)
+    (turned,), _ = read_series([tmp_path / "s"])
+    assert turned.refusal is None and turned.shape == plain.shape and turned.pixel_spacing == plain.pixel_spacing
+    np.testing.assert_allclose(turned.origin, plain.origin)
+    np.testing.assert_allclose(turned.row_direction, plain.row_direction)
+    np.testing.assert_allclose(turned.col_direction, plain.col_direction)
+    assert turned.positions == plain.positions and turned.description == plain.description == "SYNTHETIC abdomen 3 mm"
+    assert turned.slice_thickness == plain.slice_thickness == 3.0
+    for a, b in zip(plain.hu_slices(), turned.hu_slices()):
+        np.testing.assert_array_equal(a, b)
