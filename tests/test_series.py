@@ -674,3 +674,29 @@ def test_a_series_stored_in_another_orientation_has_the_same_anatomy_where_it_wa
     assert turned.slice_thickness == plain.slice_thickness == 3.0
     for a, b in zip(plain.hu_slices(), turned.hu_slices()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_nifti_is_held_as_stored_and_scaled_one_slice_at_a_time(tmp_path):
+    """nibabel's own scaling makes a float64 copy of the whole volume (8 bytes a voxel: a 3 MB .nii.gz
+    declaring 512 x 512 x 2900 took 6 GB). The volume stays in its stored dtype, each slice is scaled to
+    HU as it is read, and a header declaring more bytes than int16 at the series limit is refused."""
+    nib = pytest.importorskip("nibabel")
+    v = np.full((48, 40, 6), -1000, np.int16)
+    v[8:40, 8:32] = 40
+    v[20, 20, 3] = 1200
+    img = nib.Nifti1Image(((v + 1024) // 2).astype(np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, str(tmp_path / "scaled.nii.gz"))
+    plain, scaled = read_nifti(_nifti(tmp_path / "plain.nii.gz", v, np.diag([2.0, 2.0, 3.0, 1.0]))), read_nifti(
+        tmp_path / "scaled.nii.gz")
+    assert scaled.volume.dtype == np.int16 and scaled.scale == (2.0, -1024.0) and plain.scale == (1.0, 0.0)
+    assert scaled.refusal is None and plain.refusal is None
+    for a, b in zip(plain.hu_slices(), scaled.hu_slices()):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    path = nifti_declaring(tmp_path / "float.nii.gz", (512, 512, 2900), dtype=np.float32)
+    with Measured() as m:
+        with pytest.raises(InputError, match=r"^float\.nii\.gz: NIfTI declares 3\.04 GB of float32 voxels; at most "
+                                             r"1\.57 GB is read into memory"):
+            read_nifti(path)
+    assert m.peak_mb < 10

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgekidney.errors import DependencyError, InputError
+from edgekidney.errors import DependencyError, ImageTooLargeError, InputError
 from edgekidney.data.geometry import pixel_spacing_reason
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.data.series import Series, is_nifti
@@ -39,11 +39,14 @@ NIFTI_HINT = "pip install 'edgekidney[nifti]' (nibabel)"
 UNITS_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # the header's xyz units, in millimetres
 
 
-def not_ct_reason(values: np.ndarray) -> str | None:
-    """None when the intensities look like CT in HU; else a one-line reason."""
-    v = np.asarray(values).ravel()
+def not_ct_reason(values: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> str | None:
+    """None when the intensities look like CT in HU; else a one-line reason. ``values`` may be stored
+    values that ``slope`` and ``inter`` map to HU: a sample is scaled, never the whole volume."""
+    v = np.ravel(np.asarray(values), order="K")  # a view of a contiguous volume, in its memory order
     if v.size > 2_000_000:
         v = v[:: v.size // 1_000_000]
+    if (slope, inter) != (1.0, 0.0):
+        v = v.astype(np.float64) * slope + inter
     if v.size == 0:
         return "empty volume"
     air = float(np.mean(v <= AIR_HU))
@@ -60,7 +63,8 @@ def not_ct_reason(values: np.ndarray) -> str | None:
 class VolumeSeries(Series):
     """An in-memory volume in L-P-S voxel order; axial slices are ``volume[:, :, k].T``."""
 
-    volume: np.ndarray
+    volume: np.ndarray  # as stored in the file (its dtype, unscaled), turned to L-P-S without a copy
+    scale: tuple[float, float] = (1.0, 0.0)  # the header's scl_slope, scl_inter: stored value -> HU
 
     def hu_slices(self) -> Iterator[np.ndarray]:
         for k in range(self.volume.shape[2]):
@@ -68,7 +72,9 @@ class VolumeSeries(Series):
 
     def hu_slice(self, index: int) -> np.ndarray:
         """One axial slice (by position index) in HU, display orientation."""
-        return np.ascontiguousarray(self.volume[:, :, index].T, dtype=np.float32)
+        hu = np.ascontiguousarray(self.volume[:, :, index].T, dtype=np.float32)
+        slope, inter = self.scale
+        return hu if (slope, inter) == (1.0, 0.0) else hu * np.float32(slope) + np.float32(inter)
 
 
 def _file_hash(path: Path) -> str:
@@ -100,6 +106,10 @@ def check_declared_volume(img, path: Path, to_lps: np.ndarray, limits: DecodeLim
     nx, ny, nz = lps
     limits.check(nx, ny, path.name)
     limits.check_series(nz, nx * ny * nz, path.name)
+    stored, cap = nx * ny * nz * img.get_data_dtype().itemsize, 2 * limits.max_series_pixels
+    if stored > cap:  # the volume is held as stored: int16 at the series limit is what a device must hold
+        raise ImageTooLargeError(f"{path.name}: NIfTI declares {stored / 1e9:.2f} GB of {img.get_data_dtype()} voxels; "
+                                 f"at most {cap / 1e9:.2f} GB is read into memory (int16 at the series limit)")
     if not path.name.lower().endswith(".gz"):  # uncompressed: the file must hold what the header declares
         declared = int(img.dataobj.offset) + nx * ny * nz * img.get_data_dtype().itemsize
         size = path.stat().st_size
@@ -130,10 +140,15 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
     if dtype.fields is not None or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise InputError(f"{path.name}: NIfTI voxels are {dtype} (colour or complex), not CT values")
     check_declared_volume(img, path, to_lps, limits)  # docs/architecture.md rule 8
-    try:
-        data = np.asanyarray(img.dataobj)
+    proxy = img.dataobj
+    try:  # as stored: nibabel's scaling would make a float64 copy (8 bytes a voxel); it is applied per slice
+        data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
     except Exception as exc:
         raise _unreadable(path, exc) from None
+    if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0.0:
+        slope, inter = 1.0, 0.0  # NIfTI: a zero or missing scl_slope means the values are as stored
+    checked = data
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     data = nib.orientations.apply_orientation(data, to_lps)
@@ -146,8 +161,8 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
     if obliquity > 1.0:
         warnings.append(f"affine is oblique by {obliquity:.1f} deg: slices taken along the nearest axis")
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    reason = ("voxels hold NaN or infinity: not CT in Hounsfield units"
-              if data.dtype.kind == "f" and not np.isfinite(data).all() else not_ct_reason(data))
+    reason = ("voxels hold NaN or infinity: not CT in Hounsfield units" if data.dtype.kind == "f" and not all(
+        np.isfinite(data[:, :, k:k + 32]).all() for k in range(0, data.shape[2], 32)) else not_ct_reason(checked, slope, inter))
     positions = [float((affine @ np.array([0.0, 0.0, k, 1.0]))[2]) for k in range(data.shape[2])]
     # RAS world -> LPS: negate x and y
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
@@ -158,5 +173,5 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         pixel_spacing=(float(zooms[1]), float(zooms[0])), shape=(int(data.shape[1]), int(data.shape[0])),
         origin=origin, row_direction=np.array([0.0, 1.0, 0.0]), col_direction=np.array([1.0, 0.0, 0.0]),
         warnings=warnings, refusal=reason or pixel_spacing_reason((zooms[1], zooms[0])), allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
-    series.volume = data
+    series.volume, series.scale = data, (slope, inter)
     return series
