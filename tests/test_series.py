@@ -496,11 +496,21 @@ def test_nifti_that_holds_no_ct_values_is_skipped_with_one_line(tmp_path, name, 
         read_nifti(_nifti(tmp_path / name, make()))
 
 
-def test_a_nifti_affine_that_is_not_finite_is_refused(tmp_path):
-    affine = np.diag([3.0, 3.0, 3.0, 1.0])
-    affine[2, 3] = np.inf
-    with pytest.raises(InputError, match="affine is not finite"):
-        read_nifti(_nifti(tmp_path / "inf.nii.gz", np.full((40, 40, 4), -1000, np.int16), affine))
+@pytest.mark.parametrize("row,col,value", [(2, 3, np.inf), (0, 0, np.nan), (1, 1, 0.0)])
+def test_a_nifti_affine_that_is_not_finite_is_refused(tmp_path, row, col, value):
+    """In the translation or in the axes (where nibabel's orientation said "SVD did not converge" or lost
+    an axis): the same one line. The header's sform is written as bytes: nibabel will not save such an
+    affine itself."""
+    import struct
+
+    path = _nifti(tmp_path / "bad.nii", np.full((40, 40, 4), -1000, np.int16))
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1: the sform is the affine
+    raw[280 + 16 * row + 4 * col:284 + 16 * row + 4 * col] = struct.pack("<f", value)  # srow_x, srow_y, srow_z
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"^bad\.nii: NIfTI affine is not finite or has a zero voxel size: "
+                                         r"positions unknown$"):
+        read_nifti(path)
 
 
 def test_zero_pixel_spacing_is_taken_as_absent(tmp_path, small_series):

@@ -130,12 +130,16 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
     try:
         img = nib.load(str(path))  # the header; the voxels stay in the file until dataobj is read
         affine = img.affine
-        ornt = nib.orientations.io_orientation(affine)
-        to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
         raise _unreadable(path, exc) from None
+    # before the orientation is worked out from it (NaN: "SVD did not converge"; a zero column: an axis lost)
     if not np.isfinite(np.asarray(affine, dtype=float)).all() or np.any(np.linalg.norm(affine[:3, :3], axis=0) <= 0):
         raise InputError(f"{path.name}: NIfTI affine is not finite or has a zero voxel size: positions unknown")
+    try:
+        ornt = nib.orientations.io_orientation(affine)
+        to_lps = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("L", "P", "S")))
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
     dtype = img.get_data_dtype()
     if dtype.fields is not None or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise InputError(f"{path.name}: NIfTI voxels are {dtype} (colour or complex), not CT values")
