@@ -467,3 +467,16 @@ def test_slice_headers_that_are_absent_or_at_their_limits_still_decode():
     assert pixel_spacing_reason((20.0, 30.0)).startswith("pixel spacing 20 x 30 mm is outside")
     assert non_square_reason((2.0, 1.0)).startswith("pixels are not square (2 x 1 mm, row x column spacing)")
     assert pixel_spacing_reason(None) is None and non_square_reason(None) is None
+
+
+def test_a_png_or_jpeg_named_or_sent_as_dicom_is_read_as_what_it_is():
+    """A slice exported as PNG but named `.dcm` (or posted as application/dicom) was "DICOM file has no
+    pixel data": its bytes say PNG, and it is read as one, to the same slice."""
+    arr = (np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)
+    png = png_bytes(arr)
+    np.testing.assert_array_equal(decode_slice(png, "slice.dcm", CFG, dicom_hint=True), decode_slice(png, "s.png", CFG))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    assert decode_slice(buf.getvalue(), "slice.dcm", CFG, dicom_hint=True).shape == (64, 64)
+    with pytest.raises(InputError, match=r"^text\.dcm: "):  # neither: still read as DICOM, and refused
+        decode_slice(b"plain text, not an image" * 10, "text.dcm", CFG, dicom_hint=True)

@@ -34,6 +34,7 @@ from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, dicom_size  # n
 from edgekidney.data.preprocess import Preprocessing, window_hu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: what the bytes are, whatever the name says
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 DICOM_DECODER_HINT = "pip install 'edgekidney[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or python-gdcm"
 
@@ -91,7 +92,7 @@ def decode_slice(data: bytes, name: str, config: Preprocessing, dicom_hint: bool
     if not data:
         raise InputError(f"{name}: empty file")
     try:
-        if dicom_hint or is_dicom_bytes(data[:132]):
+        if is_dicom_bytes(data[:132]) or (dicom_hint and not data.startswith(IMAGE_MAGIC)):
             gray = _decode_dicom(data, name, config, limits)
         else:
             gray = _decode_image(data, name, config, limits)
