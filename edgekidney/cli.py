@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -68,8 +69,6 @@ EXTRAS = {"torch": "train", "torchvision": "train", "onnxscript": "train", "matp
 def missing_extra(module: str | None, command: str) -> str | None:
     """The extra to install for a missing module (None: not an optional package: a broken install)."""
     top = (module or "").split(".")[0]
-    import importlib.util
-
     try:
         installed = bool(top) and importlib.util.find_spec(top) is not None
     except (ImportError, ValueError):  # a module set to None, or a broken package: not importable

@@ -21,7 +21,8 @@ from typing import TextIO
 CLEAR_LINE = "\r\x1b[2K"
 # control characters a file name may carry into a line (an escape sequence would drive the terminal):
 # shown as \x.. escapes; newlines and tabs of the message itself stay
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if c not in (0x09, 0x0a)}
+_FIELD = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)]}  # one field of a table row
+_CONTROLS = {c: text for c, text in _FIELD.items() if c not in (0x09, 0x0a)}
 
 
 def printable(text: str) -> str:
@@ -32,7 +33,7 @@ def printable(text: str) -> str:
 def one_line(text: str) -> str:
     """A value for one field of a table row: its newlines and tabs escaped too (a file name may hold
     them, and would add a row of its own)."""
-    return printable(text).replace("\n", "\\x0a").replace("\t", "\\x09")
+    return text.translate(_FIELD)
 
 
 def is_terminal(out: TextIO, err: TextIO) -> bool:

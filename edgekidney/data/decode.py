@@ -136,13 +136,13 @@ def _decode_dicom(data: bytes, name: str, config: Preprocessing, limits: DecodeL
 
 
 def _check_pixel_spacing(ds, name: str) -> None:
-    from edgekidney.data.geometry import finite_floats, pixel_spacing_reason
+    from edgekidney.data.geometry import pixel_spacing, pixel_spacing_reason
 
-    try:
-        spacing = finite_floats(ds.get("PixelSpacing"), 2)
+    try:  # pydicom converts the value when it is read: text in a DS fails here
+        spacing = pixel_spacing(ds.get("PixelSpacing"))
     except (TypeError, ValueError):
         return  # unreadable: treated as absent, as a series does
-    reason = pixel_spacing_reason(spacing) if spacing is not None and min(spacing) > 0 else None
+    reason = pixel_spacing_reason(spacing)
     if reason:
         raise InputError(f"{name}: {reason}")
 

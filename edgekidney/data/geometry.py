@@ -28,10 +28,11 @@ MAX_PIXEL_ASPECT = 1.1  # row spacing over column spacing, or the inverse: above
 PIXEL_MM = (0.05, 10.0)  # a CT slice's pixel spacing; outside it the header's units are wrong
 
 
-def obliquity(row_cos, col_cos) -> float:
-    """Degrees between the image's row or column direction and the patient axis nearest it (the larger)."""
+def obliquity(*directions) -> float:
+    """Degrees between each direction (an image's row and column cosines, a volume's axes) and the
+    patient axis nearest it: the largest of these angles."""
     largest = min(float(np.max(np.abs(np.asarray(v, float)))) / (float(np.linalg.norm(v)) or 1.0)
-                  for v in (row_cos, col_cos))
+                  for v in directions)
     return float(np.degrees(np.arccos(np.clip(largest, -1.0, 1.0))))
 
 
@@ -60,6 +61,12 @@ def non_square_reason(spacing) -> str | None:
         return None
     return (f"pixels are not square ({rows:.3g} x {cols:.3g} mm, row x column spacing): the model would see the "
             f"anatomy stretched {aspect:.2f} times; resample the slices to square pixels")
+
+
+def pixel_spacing(value) -> tuple[float, ...] | None:
+    """PixelSpacing (row, column) in mm; None where absent or not two positive numbers."""
+    pair = finite_floats(value, 2)
+    return pair if pair is not None and min(pair) > 0 else None
 
 
 def finite_floats(value, n: int) -> tuple[float, ...] | None:

@@ -48,7 +48,8 @@ from edgekidney.data.decode import (CT_IMAGE_SOP_CLASSES, dicom_pixels, dicom_re
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits, check_dicom_instance, dicom_size
 from edgekidney.data.dataset import expand_paths as dataset_expand_paths
 from edgekidney.data.geometry import (DisplayTransform, canonical_normal, display_transform, finite_floats,
-                                      obliquity, pixel_spacing_reason, orientation_plane, plane_of)
+                                      obliquity, orientation_plane, pixel_spacing, pixel_spacing_reason,
+                                      plane_of)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NO_SERIES_UID = "no-series-uid:"
@@ -251,12 +252,6 @@ def _number(value, default: float | None = None) -> float | None:
     return number if np.isfinite(number) else default
 
 
-def _spacing(value) -> tuple[float, ...] | None:
-    """PixelSpacing (row, column) in mm; None where absent or not two positive numbers."""
-    pair = finite_floats(value, 2)
-    return pair if pair is not None and min(pair) > 0 else None
-
-
 def _joined(value) -> str:
     if value is None:
         return ""
@@ -305,7 +300,7 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         slope, intercept = dicom_rescale(ds)
         ipp = finite_floats(ds.get("ImagePositionPatient"), 3)
         return [SliceRef(path, None, sop_class, sop_uid, instance, None if ipp is None else np.array(ipp),
-                         finite_floats(ds.get("ImageOrientationPatient"), 6), _spacing(ds.get("PixelSpacing")),
+                         finite_floats(ds.get("ImageOrientationPatient"), 6), pixel_spacing(ds.get("PixelSpacing")),
                          shape, slope, intercept, str(ds.get("RescaleType", "") or ""), _joined(ds.get("ImageType")),
                          _number(ds.get("SliceLocation")))]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -317,7 +312,7 @@ def _slice_refs(path: Path, ds) -> list[SliceRef]:
         ipp = finite_floats(_first(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
         iop = finite_floats(_first(item, "PlaneOrientationSequence", "ImageOrientationPatient")
                             or _first(shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-        spacing = _spacing(_first(item, "PixelMeasuresSequence", "PixelSpacing")
+        spacing = pixel_spacing(_first(item, "PixelMeasuresSequence", "PixelSpacing")
                            or _first(shared, "PixelMeasuresSequence", "PixelSpacing"))
         slope, intercept = dicom_rescale(ds, frame=k)
         rescale_type = (_first(item, "PixelValueTransformationSequence", "RescaleType")

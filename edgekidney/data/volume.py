@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekidney.errors import DependencyError, ImageTooLargeError, InputError
-from edgekidney.data.geometry import pixel_spacing_reason
+from edgekidney.data.geometry import obliquity, pixel_spacing_reason
 from edgekidney.data.limits import DEFAULT_LIMITS, DecodeLimits
 from edgekidney.data.series import Series, is_nifti
 
@@ -160,10 +160,9 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
     to_mm = UNITS_MM.get(img.header.get_xyzt_units()[0], 1.0)  # NIfTI may say metres or microns; unknown: mm
     affine = np.diag([to_mm, to_mm, to_mm, 1.0]) @ affine
     warnings: list[str] = []
-    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    obliquity = float(np.degrees(np.arccos(np.clip(np.min(np.abs(np.diag(axes))), -1, 1))))
-    if obliquity > 1.0:
-        warnings.append(f"affine is oblique by {obliquity:.1f} deg: slices taken along the nearest axis")
+    oblique = obliquity(*affine[:3, :3].T)
+    if oblique > 1.0:
+        warnings.append(f"affine is oblique by {oblique:.1f} deg: slices taken along the nearest axis")
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     reason = ("voxels hold NaN or infinity: not CT in Hounsfield units" if data.dtype.kind == "f" and not all(
         np.isfinite(data[:, :, k:k + 32]).all() for k in range(0, data.shape[2], 32)) else not_ct_reason(checked, slope, inter))
@@ -176,6 +175,6 @@ def read_nifti(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Volum
         else "unknown", acquired_plane="axial", positions=positions,
         pixel_spacing=(float(zooms[1]), float(zooms[0])), shape=(int(data.shape[1]), int(data.shape[0])),
         origin=origin, row_direction=np.array([0.0, 1.0, 0.0]), col_direction=np.array([1.0, 0.0, 0.0]),
-        warnings=warnings, refusal=reason or pixel_spacing_reason((zooms[1], zooms[0])), allows_reformat=obliquity <= 1.0, slice_thickness=float(zooms[2]))
+        warnings=warnings, refusal=reason or pixel_spacing_reason((zooms[1], zooms[0])), allows_reformat=oblique <= 1.0, slice_thickness=float(zooms[2]))
     series.volume, series.scale = data, (slope, inter)
     return series

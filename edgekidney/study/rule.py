@@ -155,7 +155,7 @@ def decide(probabilities: Sequence[float], in_scope: Sequence[bool], rule: Study
     measured) is read only when ``rule.min_focus_hu`` is set: a slice whose focus is less dense does not
     count towards a run; a slice without a measurement counts. ``unreadable`` (per slice) marks slices
     that could not be judged (a file that could not be read; a slice without a body between judged
-    ones: study.analyze.holes), given as not in scope: one inside or next to the judged range turns
+    ones: :func:`holes`), given as not in scope: one inside or next to the judged range turns
     ``no_stone`` into ``not_assessable`` (a stone there would have gone unseen); a stone found on the
     other slices stays ``stone``. ``chest`` (per slice) marks slices put out of scope for their lung
     fields: when they outnumber the slices in scope, the series is a chest scan and ``no_stone`` becomes
